@@ -1,0 +1,34 @@
+"""gradprune: gradient-informed pruning for PyTorch.
+
+Score the weights of a network (magnitude, gradient, SNIP, Taylor, Fisher, movement…), remove the
+least important ones in a chosen unit (entries, blocks, N:M groups, channels, kernels) to an exact
+target, one-shot or gradually inside your training loop, and keep them at zero.
+
+    >>> import gradprune as gp
+    >>> sorted(gp.list_criteria())[:3]
+    ['fisher', 'gradient', 'magnitude']
+"""
+
+from .config import PruneConfig
+from .masks import MaskSet, SparsityReport
+from .patterns import get_pattern
+from .prune import PruneResult, prune
+from .pruner import Pruner
+from .schedules import SparsitySchedule, sparsity_at
+from .scores import (
+    Criterion,
+    GradientStatistics,
+    get_criterion,
+    list_criteria,
+    register_criterion,
+    stream_gradients,
+)
+from .targets import find_targets
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PruneConfig", "MaskSet", "SparsityReport", "get_pattern", "prune", "PruneResult", "Pruner",
+    "SparsitySchedule", "sparsity_at", "Criterion", "GradientStatistics", "get_criterion",
+    "list_criteria", "register_criterion", "stream_gradients", "find_targets", "__version__",
+]

@@ -1,0 +1,95 @@
+"""Small validation helpers shared by every layer.
+
+Every public entry point validates its input *before* doing any work, and every error names the
+field and the value it received, e.g. ``TypeError: n_batches must be int, got str`` or
+``ValueError: scope must be one of global, local; got 'globl'``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+__all__ = [
+    "check_int",
+    "check_float",
+    "check_choice",
+    "check_str_list",
+    "round_half_up",
+]
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def check_int(name: str, value: Any, *, min_value: int | None = None, allow_none: bool = False):
+    """Return ``value`` if it is an int (never a bool) not below ``min_value``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be int, got {_type_name(value)}")
+    if min_value is not None and value < min_value:
+        raise ValueError(f"{name} must be >= {min_value}, got {value!r}")
+    return value
+
+
+def check_float(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_none: bool = False,
+):
+    """Return ``float(value)`` for an int or float (never a bool) in the given interval."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be float, got {_type_name(value)}")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN, got {value!r}")
+    bad_low = low is not None and (value <= low if low_open else value < low)
+    bad_high = high is not None and (value >= high if high_open else value > high)
+    if bad_low or bad_high:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        interval = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]):
+    """Return ``value`` if it is one of ``choices`` (strings)."""
+    choices = list(choices)
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be str, got {_type_name(value)}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def check_str_list(name: str, value: Any, *, allow_none: bool = False):
+    """Return a tuple of strings from a string or a list/tuple of strings."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list of str, got {_type_name(value)}")
+    for item in value:
+        if not isinstance(item, str):
+            raise TypeError(f"{name} must be a list of str, got an item of type {_type_name(item)}")
+    return tuple(value)
+
+
+def round_half_up(x: float) -> int:
+    """The one rounding rule for counts: nearest integer, halves up (``2.5 -> 3``).
+
+    ``x`` is first rounded to 9 decimals so that float noise (``0.9 * 10 = 9.000000000000002``)
+    never moves a count.
+    """
+    return int(math.floor(round(x, 9) + 0.5))

@@ -1,0 +1,360 @@
+"""``MaskSet``: bool masks over a model's prunable parameters, and keeping pruned weights at zero.
+
+A ``MaskSet`` maps a parameter's qualified name to a ``torch.bool`` mask of its shape (``True`` =
+kept). ``apply()`` zeroes pruned weights in place (and, given an optimizer, its per-parameter state:
+SGD ``momentum_buffer``, Adam/AdamW ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``, any state tensor
+shaped like the parameter). ``attach(optimizer)`` registers a removable post-step hook that does it
+after every ``optimizer.step()``, so pruned weights stay exactly ``0.0`` through momentum and weight
+decay.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> import gradprune as gp
+    >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> masks = gp.MaskSet(model)                      # all-True masks on the default targets
+    >>> masks["0.weight"][0] = False                   # prune the first output row
+    >>> masks.apply()
+    >>> float(model[0].weight.detach()[0].abs().sum())
+    0.0
+    >>> round(masks.sparsity(), 2)
+    0.25
+    >>> fresh = gp.MaskSet(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)))
+    >>> fresh.load_state_dict(masks.state_dict())
+    >>> bool((fresh["0.weight"] == masks["0.weight"]).all())
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .patterns import NMPattern
+from .targets import find_targets
+
+__all__ = ["MaskSet"]
+
+
+class MaskSet(Mapping):
+    """Bool masks keyed by qualified parameter name, bound to a model.
+
+    Args:
+        model: the model whose parameters the masks cover.
+        names: which parameters; default: :func:`gradprune.targets.find_targets` defaults.
+        masks: optional initial ``{name: bool tensor}``; missing names start all-True.
+    """
+
+    def __init__(self, model: nn.Module, names: Iterable[str] | None = None,
+                 masks: Mapping[str, torch.Tensor] | None = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        params = dict(model.named_parameters(remove_duplicate=False))
+        if names is None:
+            names = list(find_targets(model))
+        else:
+            names = list(names)
+            if not names:
+                raise ValueError("names must list at least one parameter, got []")
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise ValueError(f"names not in the model's parameters: {missing}")
+        self._params = {n: params[n] for n in names}
+        self._masks: dict[str, torch.Tensor] = {}
+        self._pruned: dict[str, torch.Tensor] = {}
+        for n, p in self._params.items():
+            self._masks[n] = torch.ones(p.shape, dtype=torch.bool, device=p.device)
+        for n, m in (masks or {}).items():
+            self[n] = m
+
+    # -- mapping ------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._masks[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._masks)
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    def __setitem__(self, name: str, mask: torch.Tensor) -> None:
+        if name not in self._params:
+            raise KeyError(f"{name!r} is not one of this MaskSet's parameters: {list(self._params)}")
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask for {name!r} must be a torch.Tensor, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask for {name!r} must have dtype torch.bool, got {mask.dtype}")
+        p = self._params[name]
+        if mask.shape != p.shape:
+            raise ValueError(f"mask for {name!r} must have shape {tuple(p.shape)}, got {tuple(mask.shape)}")
+        self._masks[name] = mask.to(p.device).clone()
+        self._pruned.pop(name, None)
+
+    def __repr__(self) -> str:
+        return f"MaskSet({len(self)} parameters, sparsity={self.sparsity():.4f})"
+
+    def params(self) -> dict[str, nn.Parameter]:
+        return dict(self._params)
+
+    def _pruned_of(self, name: str) -> torch.Tensor:
+        mask = self._masks[name]
+        cached = self._pruned.get(name)
+        if cached is None or cached[0] != mask._version:  # masks may be edited in place
+            cached = (mask._version, ~mask)
+            self._pruned[name] = cached
+        return cached[1]
+
+    # -- enforcement --------------------------------------------------------------------
+    @torch.no_grad()
+    def apply(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Zero pruned weights (and ``optimizer``'s state for them) in place."""
+        for n, p in self._params.items():
+            p.masked_fill_(self._pruned_of(n), 0.0)
+        if optimizer is not None:
+            self.apply_to_optimizer(optimizer)
+
+    @torch.no_grad()
+    def apply_to_grads(self) -> None:
+        """Zero the gradients of pruned weights in place."""
+        for n, p in self._params.items():
+            if p.grad is not None:
+                p.grad.masked_fill_(self._pruned_of(n), 0.0)
+
+    @torch.no_grad()
+    def apply_to_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero every per-parameter state tensor shaped like a masked parameter."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        for n, p in self._params.items():
+            state = optimizer.state.get(p)
+            if not state:
+                continue
+            for v in state.values():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape:
+                    v.masked_fill_(self._pruned_of(n), 0)
+
+    def attach(self, optimizer: torch.optim.Optimizer):
+        """Apply the masks (weights and state) after every ``optimizer.step()``.
+
+        Returns the hook handle; ``handle.remove()`` detaches it.
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.apply(optimizer)
+        return optimizer.register_step_post_hook(lambda opt, args, kwargs: self.apply(opt))
+
+    # -- reporting ----------------------------------------------------------------------
+    def sparsity(self, per_layer: bool = False):
+        """Fraction of masked-out entries: overall (float), or ``{name: fraction}`` per layer."""
+        if per_layer:
+            return {n: 1.0 - float(m.sum()) / m.numel() for n, m in self._masks.items()}
+        total = sum(m.numel() for m in self._masks.values())
+        kept = sum(int(m.sum()) for m in self._masks.values())
+        return 1.0 - kept / total
+
+    def count(self) -> tuple[int, int]:
+        """``(kept, total)`` entries over all masks."""
+        return (sum(int(m.sum()) for m in self._masks.values()),
+                sum(m.numel() for m in self._masks.values()))
+
+    # -- state --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """``{name: bool mask}`` (CPU copies): save with ``torch.save`` or safetensors."""
+        return {n: m.detach().cpu().clone() for n, m in self._masks.items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+        """Load masks saved by :meth:`state_dict`, validating names, shapes and dtype first."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping of name -> bool tensor, got {type(state).__name__}")
+        if strict:
+            missing = sorted(set(self._masks) - set(state))
+            unexpected = sorted(set(state) - set(self._masks))
+            if missing or unexpected:
+                raise ValueError(f"mask state does not match: missing {missing}, unexpected {unexpected}")
+        staged = {}
+        for n, m in state.items():
+            if n not in self._params:
+                continue
+            if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+                raise TypeError(f"mask for {n!r} must be a bool tensor, got "
+                                f"{m.dtype if isinstance(m, torch.Tensor) else type(m).__name__}")
+            if m.shape != self._params[n].shape:
+                raise ValueError(f"mask for {n!r} must have shape {tuple(self._params[n].shape)}, "
+                                 f"got {tuple(m.shape)}")
+            staged[n] = m
+        for n, m in staged.items():  # nothing changes unless everything validated
+            self[n] = m
+
+    # -- torch.nn.utils.prune interop ---------------------------------------------------
+    def _module_and_attr(self, name: str):
+        mod_name, _, attr = name.rpartition(".")
+        return (self.model.get_submodule(mod_name) if mod_name else self.model), attr
+
+    def to_torch_prune(self) -> None:
+        """Reparametrize the model with ``torch.nn.utils.prune`` (``weight_orig``/``weight_mask``)."""
+        from torch.nn.utils import prune as tprune
+
+        for n, m in self._masks.items():
+            module, attr = self._module_and_attr(n)
+            if tprune.is_pruned(module) and hasattr(module, f"{attr}_mask"):
+                tprune.remove(module, attr)
+            tprune.custom_from_mask(module, attr, m)
+
+    @classmethod
+    def from_torch_prune(cls, model: nn.Module, remove: bool = True) -> "MaskSet":
+        """Read the masks of a model pruned with ``torch.nn.utils.prune``.
+
+        With ``remove=True`` the reparametrization is folded back into a plain parameter, so the
+        returned ``MaskSet`` can keep enforcing the masks on the ordinary ``weight``.
+        """
+        from torch.nn.utils import prune as tprune
+
+        found = {}
+        for mod_name, module in model.named_modules():
+            for buf_name, buf in list(module.named_buffers(recurse=False)):
+                if buf_name.endswith("_mask") and hasattr(module, buf_name[:-5] + "_orig"):
+                    attr = buf_name[:-5]
+                    qual = f"{mod_name}.{attr}" if mod_name else attr
+                    found[qual] = buf.detach().to(torch.bool).clone()
+                    if remove:
+                        tprune.remove(module, attr)
+        if not found:
+            raise ValueError("model has no torch.nn.utils.prune masks (no *_orig/*_mask pairs)")
+        return cls(model, names=list(found), masks=found)
+
+    @staticmethod
+    def state_dict_from_torch_prune(state: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
+        """Split a ``torch.nn.utils.prune`` state dict into ``(plain model state, mask state)``.
+
+        ``x.weight_orig`` and ``x.weight_mask`` become ``x.weight`` (masked) and a bool mask.
+        """
+        plain, masks = {}, {}
+        for k, v in state.items():
+            if k.endswith("_orig") and k[:-5] + "_mask" in state:
+                base = k[:-5]
+                mask = state[base + "_mask"].to(torch.bool)
+                plain[base] = v * mask
+                masks[base] = mask
+            elif k.endswith("_mask") and k[:-5] + "_orig" in state:
+                continue
+            else:
+                plain[k] = v
+        return plain, masks
+
+
+# ---------------------------------------------------------------------------------------------
+# scores -> masks (shared by one-shot and gradual pruning)
+
+def fitting_targets(names_shapes: Mapping[str, torch.Size], pattern) -> tuple[list[str], dict[str, str]]:
+    """Split parameter names into those that fit ``pattern`` and ``{skipped name: reason}``.
+
+    Warns once per skipped layer, naming it.
+    """
+    import warnings
+
+    fit, skipped = [], {}
+    for n, shape in names_shapes.items():
+        why = pattern.misfit(shape)
+        if why is None:
+            fit.append(n)
+        else:
+            skipped[n] = why
+            warnings.warn(f"gradprune: skipping {n}: {why}", UserWarning, stacklevel=3)
+    if not fit:
+        raise ValueError(f"no prunable layer fits pattern {pattern.spec!r}: {skipped}")
+    return fit, skipped
+
+
+@torch.no_grad()
+def build_masks(
+    params: Mapping[str, torch.Tensor],
+    scores: Mapping[str, torch.Tensor],
+    pattern,
+    *,
+    previous: Mapping[str, torch.Tensor] | None = None,
+    signed: bool = False,
+    reduce: str = "mean",
+    allocation: str = "uniform",
+    **selection,
+) -> dict[str, torch.Tensor]:
+    """Bool masks (shaped like each parameter) from entry scores, a pattern and a selection.
+
+    ``selection`` holds :func:`gradprune.select.select`'s keywords (``sparsity``/``topk``/
+    ``threshold``, ``scope``, ``min_sparsity``, ``max_sparsity``). Entries pruned in ``previous``
+    stay pruned and count toward the target.
+    """
+    from .select import Units, raw_density, select
+
+    layers, eff_scores = [], {}
+    for n, p in params.items():
+        s = scores[n]
+        if s.shape != p.shape:
+            raise ValueError(f"scores for {n!r} must have shape {tuple(p.shape)}, got {tuple(s.shape)}")
+        prev = None if previous is None else previous.get(n)
+        layer_signed = signed
+        if prev is not None and not bool(prev.all()):
+            s = (s if signed else s.abs()).float().masked_fill(~prev, float("-inf"))
+            layer_signed = True
+        eff_scores[n] = (s, layer_signed)
+        unit_scores = pattern.unit_scores(s, reduce, layer_signed)
+        unit_pruned = None
+        if prev is not None and not bool(prev.all()):
+            unit_pruned = _units_pruned(pattern, prev)
+        layers.append(Units(n, unit_scores, pattern.unit_weight(p.shape), p.numel(), unit_pruned,
+                            raw_density(p.shape, allocation)))
+    keep = select(layers, allocation=allocation, **selection)
+    out = {}
+    for n, p in params.items():
+        s, layer_signed = eff_scores[n]
+        m = pattern.expand(keep[n], s, layer_signed)
+        if previous is not None and n in previous:
+            m = m & previous[n]
+        out[n] = m
+    return out
+
+
+def _units_pruned(pattern, prev: torch.Tensor) -> torch.Tensor:
+    """Units that an earlier weight mask removed entirely (N:M: groups with >= M-N pruned)."""
+    pruned = (~prev).float()
+    if isinstance(pattern, NMPattern):  # count pruned entries per group
+        per_group = pruned.reshape(prev.shape[0], -1, pattern.m).sum(-1).reshape(-1)
+        return per_group >= (pattern.m - pattern.n)
+    per_unit = pattern.unit_scores(pruned, "mean", True)
+    return per_unit >= 1.0
+
+
+class SparsityReport:
+    """Per-layer table of what a mask set removed (``str(report)`` prints it).
+
+    ``rows`` is a list of dicts with ``name``, ``shape``, ``numel``, ``kept``, ``sparsity`` and
+    ``note`` (why a layer was skipped); ``overall`` is the sparsity over the masked layers.
+    """
+
+    columns = ("name", "shape", "numel", "kept", "sparsity", "note")
+
+    def __init__(self, masks: "MaskSet", skipped: Mapping[str, str] | None = None,
+                 shapes: Mapping[str, torch.Size] | None = None):
+        self.rows = []
+        for n, m in masks.items():
+            kept = int(m.sum())
+            self.rows.append({"name": n, "shape": tuple(m.shape), "numel": m.numel(), "kept": kept,
+                              "sparsity": 1.0 - kept / m.numel(), "note": ""})
+        for n, why in (skipped or {}).items():
+            shape = tuple((shapes or {}).get(n, ()))
+            numel = int(torch.Size(shape).numel()) if shape else 0
+            self.rows.append({"name": n, "shape": shape, "numel": numel, "kept": numel,
+                              "sparsity": 0.0, "note": f"skipped: {why}"})
+        self.overall = masks.sparsity()
+
+    def to_dict(self) -> dict:
+        return {"overall": self.overall, "layers": [dict(r, shape=list(r["shape"])) for r in self.rows]}
+
+    def __str__(self) -> str:
+        from ._table import format_table
+
+        return format_table(self.rows, self.columns) + f"\noverall sparsity: {self.overall:.4f}"
+
+    __repr__ = __str__

@@ -1,0 +1,193 @@
+"""Gradual pruning inside your own training loop.
+
+The pruner follows Neural Compressor's hooks. Its clock is the number of *optimizer steps* taken
+(a micro-batch of gradient accumulation is not a step), counted from 0; at the end of every step
+listed by the schedule (see :mod:`gradprune.schedules`) it recomputes the masks from the
+criterion's scores, to the schedule's sparsity; after every step it re-applies the masks, so pruned
+weights stay exactly zero.
+
+A step whose gradients (of the prunable weights) hold inf or NaN is treated as skipped — exactly the
+steps that ``torch.amp.GradScaler`` skips: it neither updates the scores nor advances the schedule.
+With a ``GradScaler``, call ``scaler.unscale_(optimizer)`` before ``on_before_optimizer_step()`` (as
+for gradient clipping) so the scores see true gradients.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> import gradprune as gp
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    >>> pruner = gp.Pruner(model, gp.PruneConfig(criterion="snip_momentum", pattern="4x1",
+    ...                    target_sparsity=0.5, schedule="cubic", start_step=0, end_step=20,
+    ...                    frequency=5), optimizer=opt)
+    >>> for step in range(30):
+    ...     x, y = torch.randn(16, 8), torch.randint(0, 2, (16,))
+    ...     pruner.on_step_begin()
+    ...     loss = nn.functional.cross_entropy(model(x), y)
+    ...     opt.zero_grad(); loss.backward()
+    ...     pruner.on_before_optimizer_step()
+    ...     opt.step()
+    ...     pruner.on_after_optimizer_step()
+    >>> pruner.masks.sparsity(), pruner.step
+    (0.5, 30)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import PruneConfig
+from .masks import MaskSet, SparsityReport, build_masks, fitting_targets
+from .patterns import get_pattern
+from .prune import make_config
+from .schedules import SparsitySchedule
+from .scores import get_criterion
+from .targets import find_targets
+
+__all__ = ["Pruner"]
+
+
+class Pruner:
+    """Gradual pruning driven by three hooks called from your training loop.
+
+    Args:
+        model: the model to prune in place.
+        config: a :class:`PruneConfig` (keyword ``fields`` override or build it); it needs a
+            ``target_sparsity`` (or an N:M pattern, whose ratio is the target).
+        optimizer: optional; when given, its per-parameter state (momentum, Adam moments) is
+            zeroed for pruned entries at every prune event.
+
+    Loop (gradient accumulation: call ``on_before_optimizer_step``/``on_after_optimizer_step``
+    once per optimizer step, not per micro-batch)::
+
+        pruner.on_step_begin()
+        loss.backward()
+        pruner.on_before_optimizer_step()
+        optimizer.step()
+        pruner.on_after_optimizer_step()
+    """
+
+    def __init__(self, model: nn.Module, config: PruneConfig | None = None, *,
+                 optimizer: torch.optim.Optimizer | None = None, **fields):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        cfg = make_config(config, fields)
+        target = cfg.effective_target()
+        if target is None:
+            raise ValueError("Pruner needs target_sparsity (topk/threshold are for one-shot prune())")
+        self.config = cfg
+        self.model = model
+        self.optimizer = optimizer
+        targets = find_targets(model, cfg.include, cfg.exclude, cfg.module_types, cfg.include_classifier)
+        self.pattern = get_pattern(cfg.pattern)
+        fit, self.skipped = fitting_targets({n: t.shape for n, t in targets.items()}, self.pattern)
+        self._skipped_shapes = {n: targets[n].shape for n in self.skipped}
+        self.params = {n: targets[n].param for n in fit}
+        self.criterion = get_criterion(cfg, self.params)
+        self.schedule = SparsitySchedule(cfg.schedule, cfg.initial_sparsity, target,
+                                         start_step=cfg.start_step, end_step=cfg.end_step,
+                                         frequency=cfg.frequency)
+        self.masks = MaskSet(model, names=fit)
+        self.step = 0
+        self.skipped_steps = 0
+        self.history: list[tuple[int, float]] = []
+        self._skip_this_step = False
+        self._last_event = self.schedule.events[-1]
+
+    # -- hooks ----------------------------------------------------------------------------
+    def on_step_begin(self, step: Any = None) -> None:
+        """Call before the forward pass. ``step`` is accepted for Neural Compressor-style loops and
+        not used: the schedule follows the pruner's own count of optimizer steps (``self.step``)."""
+        if self.step <= self._last_event:
+            self.criterion.on_step_begin()
+
+    @torch.no_grad()
+    def on_before_optimizer_step(self) -> None:
+        """Call after ``backward()`` (and ``scaler.unscale_``), before ``optimizer.step()``."""
+        if self.step <= self._last_event:
+            grads = [p.grad for p in self.params.values() if p.grad is not None]
+            if grads:
+                norms = torch._foreach_norm(grads)
+                if not bool(torch.stack(norms).isfinite().all()):
+                    self._skip_this_step = True
+            if not self._skip_this_step:
+                self.criterion.on_before_optimizer_step()
+        self.masks.apply_to_grads()
+
+    @torch.no_grad()
+    def on_after_optimizer_step(self) -> None:
+        """Call after ``optimizer.step()``: advances the clock, prunes on event steps, re-masks."""
+        if self._skip_this_step:
+            self._skip_this_step = False
+            self.skipped_steps += 1
+            self.masks.apply()
+            return
+        if self.step <= self._last_event:
+            self.criterion.on_after_optimizer_step()
+            sparsity = self.schedule.sparsity_for_step(self.step)
+            if sparsity is not None:
+                self._prune_to(sparsity)
+        self.step += 1
+        self.masks.apply()
+
+    def _prune_to(self, sparsity: float) -> None:
+        cfg = self.config
+        if not self.criterion.ready():
+            raise RuntimeError(
+                f"prune event at step {self.step}: criterion {cfg.criterion!r} has no scores "
+                "(no finite gradients reached on_before_optimizer_step since the last event)"
+            )
+        new = build_masks(self.params, self.criterion.scores, self.pattern, previous=dict(self.masks),
+                          signed=self.criterion.signed, reduce=cfg.reduce, allocation=cfg.allocation,
+                          sparsity=sparsity, scope=cfg.scope, min_sparsity=cfg.min_sparsity,
+                          max_sparsity=cfg.max_sparsity)
+        for n, m in new.items():
+            self.masks[n] = m
+        if self.optimizer is not None:
+            self.masks.apply_to_optimizer(self.optimizer)
+        self.criterion.reset()
+        self.history.append((self.step, self.masks.sparsity()))
+
+    # -- reporting and state --------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        """Whether every prune event has happened."""
+        return self.step > self._last_event
+
+    def report(self) -> SparsityReport:
+        """Per-layer sparsity table of the current masks."""
+        return SparsityReport(self.masks, self.skipped, self._skipped_shapes)
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume mid-schedule (tensors and plain values only)."""
+        return {
+            "config": self.config.to_dict(),
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "history": [list(h) for h in self.history],
+            "masks": self.masks.state_dict(),
+            "criterion": self.criterion.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict` (into a new pruner of a new model is fine)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict, got {type(state).__name__}")
+        missing = {"config", "step", "masks", "criterion"} - set(state)
+        if missing:
+            raise ValueError(f"pruner state is missing {sorted(missing)}")
+        saved = PruneConfig.from_dict(state["config"])
+        if saved != self.config:
+            diff = [k for k, v in saved.to_dict().items() if self.config.to_dict()[k] != v]
+            raise ValueError(f"pruner state was saved with a different config (fields {diff})")
+        self.masks.load_state_dict(state["masks"])
+        self.criterion.load_state_dict(state["criterion"])
+        self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.history = [tuple(h) for h in state.get("history", [])]
+        self.masks.apply(self.optimizer)

@@ -1,0 +1,318 @@
+"""From unit scores to masks: exact counts, deterministic ties.
+
+Every layer is a :class:`Units`: one float score per unit (1-D), how many weight entries a unit
+removes, the layer's number of weights, and optionally the units an earlier mask already pruned
+(those stay pruned and count toward the target).
+
+Rules, all exact:
+
+- **Counts.** A layer of ``n`` weights whose units remove ``w`` entries each, at sparsity ``s``,
+  prunes ``round_half_up(s * n / w)`` units (for every pattern but N:M that is ``round(s * units)``).
+  Global scope prunes ``round_half_up(s * N / w)`` units over all layers when every unit removes the
+  same ``w`` entries; otherwise the number whose removed-weight total is closest to ``s * N``.
+- **Ties.** Among equal scores, the unit that comes later (higher flat index; in global scope, the
+  later layer first) is pruned first, so the lowest flat index is kept.
+- **Global scope** finds one threshold by bisection over the float32 order, counting per layer, so
+  no tensor holding every score is ever built.
+- **Bounds.** ``min_sparsity``/``max_sparsity`` per layer: a layer at a bound is frozen there and
+  the rest of the target goes to the others; an infeasible target raises ``ValueError`` first.
+- **Allocation** (local scope): ``uniform``, ``er`` (``(n_in + n_out) / (n_in * n_out)``) or ``erk``
+  (``sum(shape) / prod(shape)``) raw densities scaled by one factor so the total matches, clipped to
+  the bounds (so density never exceeds 1).
+- **topk / threshold**: after an existing mask, keep units with ``score >= threshold``, then the
+  ``topk`` best of what remains (int: a count, capped; float in (0, 1]: ``ceil(topk * remaining)``).
+
+Example:
+    >>> import torch
+    >>> from gradprune.select import Units, select
+    >>> u = Units("w", torch.tensor([0.5, 0.1, 0.1, 0.9]), weight=1, numel=4)
+    >>> select([u], sparsity=0.5)["w"]        # keep-mask; the tie at 0.1 prunes index 2 first
+    tensor([ True, False, False,  True])
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ._checks import round_half_up
+
+__all__ = ["Units", "select", "allocate_densities", "raw_density"]
+
+_NEG_INF = float("-inf")
+
+
+@dataclass
+class Units:
+    """One layer's units for selection."""
+
+    name: str
+    scores: torch.Tensor          # 1-D float scores, one per unit
+    weight: int                   # weight entries removed per unit
+    numel: int                    # weights in the layer
+    pruned: torch.Tensor | None = None   # 1-D bool: already pruned by an earlier mask
+    raw: float = 1.0              # raw density for er/erk allocation
+
+    @property
+    def n(self) -> int:
+        return self.scores.numel()
+
+    @property
+    def scale(self) -> float:
+        """Units that would remove every weight (``numel / weight``; > n for N:M)."""
+        return self.numel / self.weight
+
+    def n_forced(self) -> int:
+        return 0 if self.pruned is None else int(self.pruned.sum())
+
+    def masked_scores(self) -> torch.Tensor:
+        if self.pruned is None:
+            return self.scores
+        return self.scores.masked_fill(self.pruned, _NEG_INF)
+
+
+def raw_density(shape: Sequence[int], allocation: str) -> float:
+    """Un-normalised density of a layer for ``er``/``erk`` (``uniform``: 1)."""
+    if allocation == "uniform":
+        return 1.0
+    if allocation == "er":
+        n_out, n_in = shape[0], shape[1]
+        return (n_in + n_out) / (n_in * n_out)
+    if allocation == "erk":
+        return sum(shape) / math.prod(shape)
+    raise ValueError(f"allocation must be one of uniform, er, erk; got {allocation!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# exact k-lowest in one tensor
+
+def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the ``k`` lowest entries; among ties the higher index goes first."""
+    n = scores.numel()
+    out = torch.zeros(n, dtype=torch.bool, device=scores.device)
+    if k <= 0:
+        return out
+    if k >= n:
+        return ~out
+    t = torch.kthvalue(scores.cpu() if scores.device.type == "mps" else scores, k).values.item()
+    out = scores < t
+    need = k - int(out.sum())
+    if need > 0:
+        ties = torch.nonzero(scores == t).flatten()
+        out[ties[-need:]] = True
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# global threshold by bisection over float32 keys
+
+def _key(f: float) -> int:
+    b = struct.unpack("<I", struct.pack("<f", f))[0]
+    return (~b & 0xFFFFFFFF) if b & 0x80000000 else b | 0x80000000
+
+
+def _unkey(k: int) -> float:
+    b = k & 0x7FFFFFFF if k & 0x80000000 else ~k & 0xFFFFFFFF
+    return struct.unpack("<f", struct.pack("<I", b))[0]
+
+
+def _global_lowest(layers: list[Units], target: float, unit_weights: list[int]) -> dict[str, torch.Tensor]:
+    """Prune the globally lowest units until the removed weight is (closest to) ``target``."""
+    scores = [u.masked_scores().float() for u in layers]
+    total = sum(w * s.numel() for w, s in zip(unit_weights, scores))
+    if target <= 0:
+        return {u.name: torch.zeros(u.n, dtype=torch.bool, device=u.scores.device) for u in layers}
+    if target >= total:
+        return {u.name: torch.ones(u.n, dtype=torch.bool, device=u.scores.device) for u in layers}
+    finite_min = min(float(s.min()) for s in scores if s.numel())
+    finite_max = max(float(s.max()) for s in scores if s.numel())
+
+    def weight_at_most(t: float) -> int:
+        return sum(w * int((s <= t).sum()) for w, s in zip(unit_weights, scores))
+
+    # keys of -inf/+inf bound every real float32; NaN keys lie outside [key(min), key(max)]
+    lo, hi = _key(finite_min), _key(finite_max)
+    while lo < hi:  # the smallest score whose cumulative removed weight reaches the target
+        mid = (lo + hi) // 2
+        if weight_at_most(_unkey(mid)) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    t = _unkey(hi)
+    out = {u.name: s < t for u, s in zip(layers, scores)}
+    removed = sum(w * int(out[u.name].sum()) for u, w in zip(layers, unit_weights))
+    # ties at t: later layers first, higher index first, until the target is reached (closest)
+    for u, s, w in reversed(list(zip(layers, scores, unit_weights))):
+        if removed >= target:
+            break
+        ties = torch.nonzero(s == t).flatten().flip(0)
+        for idx in ties.tolist():
+            if removed >= target:
+                break
+            if (removed + w) - target > target - removed:  # stopping here is closer
+                removed = target
+                break
+            out[u.name][idx] = True
+            removed += w
+    return out
+
+
+def _global_with_bounds(layers, target_units_weight, unit_weights, lo_k, hi_k):
+    """Global selection where layer ``i`` must prune between ``lo_k[i]`` and ``hi_k[i]`` units."""
+    fixed: dict[int, int] = {}
+    while True:
+        free = [i for i in range(len(layers)) if i not in fixed]
+        rem = target_units_weight - sum(unit_weights[i] * k for i, k in fixed.items())
+        result = _global_lowest([layers[i] for i in free], rem, [unit_weights[i] for i in free]) if free else {}
+        violators = {}
+        for i in free:
+            k = int(result[layers[i].name].sum())
+            if k > hi_k[i]:
+                violators[i] = hi_k[i]
+            elif k < lo_k[i]:
+                violators[i] = lo_k[i]
+        if not violators:
+            break
+        fixed.update(violators)
+    out = {}
+    for i, u in enumerate(layers):
+        if i in fixed:
+            out[u.name] = _prune_lowest(u.masked_scores(), fixed[i])
+        else:
+            out[u.name] = result[u.name]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# allocation of per-layer densities (local scope)
+
+def allocate_densities(numels, raws, density, lo, hi) -> list[float]:
+    """Densities ``d_i = clip(eps * raw_i, lo_i, hi_i)`` with ``sum d_i * n_i = density * sum n_i``."""
+    total = sum(numels)
+    want = density * total
+    low = sum(l * n for l, n in zip(lo, numels))
+    high = sum(h * n for h, n in zip(hi, numels))
+    if want < low - 1e-9 * total or want > high + 1e-9 * total:
+        raise ValueError(
+            f"sparsity {1 - density:g} is not reachable with the per-layer bounds "
+            f"(reachable sparsity: {1 - high / total:g} to {1 - low / total:g})"
+        )
+
+    def f(eps):
+        return sum(min(max(eps * r, l), h) * n for r, l, h, n in zip(raws, lo, hi, numels))
+
+    a, b = 0.0, max(h / r for h, r in zip(hi, raws))
+    for _ in range(200):
+        mid = (a + b) / 2
+        if f(mid) < want:
+            a = mid
+        else:
+            b = mid
+    return [min(max(b * r, l), h) for r, l, h in zip(raws, lo, hi)]
+
+
+# ---------------------------------------------------------------------------------------------
+
+def select(
+    layers: Sequence[Units],
+    *,
+    sparsity: float | None = None,
+    topk: int | float | None = None,
+    threshold: float | None = None,
+    scope: str = "local",
+    allocation: str = "uniform",
+    min_sparsity: float = 0.0,
+    max_sparsity: float = 0.98,
+) -> dict[str, torch.Tensor]:
+    """Per layer, a 1-D bool *keep* mask over its units. See the module docstring for the rules."""
+    layers = list(layers)
+    if not layers:
+        raise ValueError("select needs at least one layer, got none")
+    if scope not in ("local", "global"):
+        raise ValueError(f"scope must be one of global, local; got {scope!r}")
+    if sparsity is None and topk is None and threshold is None:
+        raise ValueError("one of sparsity, topk or threshold must be set")
+    for u in layers:
+        if torch.isnan(u.scores).any():
+            raise ValueError(f"scores of {u.name!r} contain NaN")
+    if sparsity is not None:
+        pruned = _select_sparsity(layers, sparsity, scope, allocation, min_sparsity, max_sparsity)
+    else:
+        pruned = _select_topk_threshold(layers, topk, threshold, scope)
+    out = {}
+    for u in layers:
+        p = pruned[u.name]
+        if u.pruned is not None:
+            p = p | u.pruned
+        out[u.name] = ~p
+    return out
+
+
+def _select_sparsity(layers, sparsity, scope, allocation, min_s, max_s):
+    caps = [min(max_s, u.n / u.scale) for u in layers]
+    floors = [min(min_s, c) for c in caps]
+    if scope == "local":
+        numels = [u.numel for u in layers]
+        if allocation == "uniform" and all(f <= sparsity <= c for f, c in zip(floors, caps)):
+            per_layer = [sparsity] * len(layers)
+        else:
+            raws = [u.raw for u in layers]
+            dens = allocate_densities(numels, raws, 1.0 - sparsity,
+                                      [1.0 - c for c in caps], [1.0 - f for f in floors])
+            per_layer = [1.0 - d for d in dens]
+        out = {}
+        for u, s in zip(layers, per_layer):
+            k = min(u.n, max(u.n_forced(), round_half_up(s * u.scale)))
+            out[u.name] = _prune_lowest(u.masked_scores(), k)
+        return out
+    # global
+    weights = [u.weight for u in layers]
+    total_numel = sum(u.numel for u in layers)
+    same = len(set(weights)) == 1
+    target = round_half_up(sparsity * total_numel / weights[0]) * weights[0] if same \
+        else sparsity * total_numel
+    lo_k = [max(u.n_forced(), round_half_up(f * u.scale)) for u, f in zip(layers, floors)]
+    hi_k = [max(u.n_forced(), min(u.n, round_half_up(c * u.scale))) for u, c in zip(layers, caps)]
+    low = sum(w * k for w, k in zip(weights, lo_k))
+    high = sum(w * k for w, k in zip(weights, hi_k))
+    if target > high or target < low:
+        raise ValueError(
+            f"sparsity {sparsity:g} is not reachable with min_sparsity={min_s:g}, "
+            f"max_sparsity={max_s:g} and this pattern (reachable: {low / total_numel:g} to "
+            f"{high / total_numel:g})"
+        )
+    return _global_with_bounds(layers, target, weights, lo_k, hi_k)
+
+
+def _select_topk_threshold(layers, topk, threshold, scope):
+    # after an existing mask: threshold removes what scores below it, then topk keeps the best
+    removed = {}
+    for u in layers:
+        r = torch.zeros(u.n, dtype=torch.bool, device=u.scores.device) if u.pruned is None else u.pruned.clone()
+        if threshold is not None:
+            r |= u.scores < threshold
+        removed[u.name] = r
+    if topk is None:
+        return removed
+
+    def keep_count(remaining: int) -> int:
+        if isinstance(topk, int):
+            return min(topk, remaining)
+        return min(remaining, math.ceil(round(topk * remaining, 9)))
+
+    if scope == "local":
+        out = {}
+        for u in layers:
+            r = removed[u.name]
+            remaining = u.n - int(r.sum())
+            s = u.scores.float().masked_fill(r, _NEG_INF)
+            out[u.name] = _prune_lowest(s, u.n - keep_count(remaining))
+        return out
+    remaining = sum(u.n - int(removed[u.name].sum()) for u in layers)
+    k_prune = sum(u.n for u in layers) - keep_count(remaining)
+    tmp = [Units(u.name, u.scores.float(), 1, u.n, removed[u.name]) for u in layers]
+    return _global_lowest(tmp, k_prune, [1] * len(tmp))
