@@ -12,7 +12,7 @@ Example:
     ...                data=data, loss_fn=loss_fn, n_batches=4)
     >>> res.masks.sparsity()
     0.75
-    >>> float(model[0].weight[~res.masks["0.weight"]].abs().sum())
+    >>> float(model[0].weight.detach()[~res.masks["0.weight"]].abs().sum())
     0.0
 """
 

@@ -40,6 +40,7 @@ from typing import Sequence
 import torch
 
 from ._checks import round_half_up
+from .config import PruneConfig
 
 __all__ = ["Units", "select", "allocate_densities", "raw_density"]
 
@@ -90,8 +91,17 @@ def raw_density(shape: Sequence[int], allocation: str) -> float:
 # ---------------------------------------------------------------------------------------------
 # exact k-lowest in one tensor
 
-def _prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of the ``k`` lowest entries; among ties the higher index goes first."""
+def _prune_lowest(scores: torch.Tensor, k: int, forced: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool mask of the ``k`` lowest entries; among ties the higher index goes first.
+
+    ``forced`` entries (an earlier mask) come first and count toward ``k``, even against free
+    entries that score ``-inf``.
+    """
+    if forced is not None and bool(forced.any()):
+        free = torch.nonzero(~forced).flatten()
+        out = forced.clone()
+        out[free[_prune_lowest(scores[free], k - int(forced.sum()))]] = True
+        return out
     n = scores.numel()
     out = torch.zeros(n, dtype=torch.bool, device=scores.device)
     if k <= 0:
@@ -121,7 +131,23 @@ def _unkey(k: int) -> float:
 
 
 def _global_lowest(layers: list[Units], target: float, unit_weights: list[int]) -> dict[str, torch.Tensor]:
-    """Prune the globally lowest units until the removed weight is (closest to) ``target``."""
+    """Prune the globally lowest units until the removed weight is (closest to) ``target``.
+
+    Units an earlier mask pruned come first and count toward ``target`` (also against free units
+    that score ``-inf``): the rest is selected among the free units only.
+    """
+    if any(u.pruned is not None and bool(u.pruned.any()) for u in layers):
+        frees = [torch.ones(u.n, dtype=torch.bool, device=u.scores.device) if u.pruned is None
+                 else ~u.pruned for u in layers]
+        done = sum(w * (u.n - int(f.sum())) for u, f, w in zip(layers, frees, unit_weights))
+        sub = _global_lowest([Units(u.name, u.scores[f], u.weight, u.numel) for u, f in zip(layers, frees)],
+                             target - done, unit_weights)
+        out = {}
+        for u, f in zip(layers, frees):
+            o = ~f
+            o[f] = sub[u.name]
+            out[u.name] = o
+        return out
     scores = [u.masked_scores().float() for u in layers]
     total = sum(w * s.numel() for w, s in zip(unit_weights, scores))
     if target <= 0:
@@ -168,20 +194,25 @@ def _global_with_bounds(layers, target_units_weight, unit_weights, lo_k, hi_k):
         free = [i for i in range(len(layers)) if i not in fixed]
         rem = target_units_weight - sum(unit_weights[i] * k for i, k in fixed.items())
         result = _global_lowest([layers[i] for i in free], rem, [unit_weights[i] for i in free]) if free else {}
-        violators = {}
+        over, under, excess, deficit = {}, {}, 0, 0
         for i in free:
             k = int(result[layers[i].name].sum())
             if k > hi_k[i]:
-                violators[i] = hi_k[i]
+                over[i] = hi_k[i]
+                excess += unit_weights[i] * (k - hi_k[i])
             elif k < lo_k[i]:
-                violators[i] = lo_k[i]
-        if not violators:
+                under[i] = lo_k[i]
+                deficit += unit_weights[i] * (lo_k[i] - k)
+        if not over and not under:
             break
-        fixed.update(violators)
+        # Fix one side only: with excess >= deficit the final threshold is not lower, so the
+        # layers over their cap stay there (and vice versa). Fixing both sides at once could
+        # leave the total off the target.
+        fixed.update(over if excess >= deficit else under)
     out = {}
     for i, u in enumerate(layers):
         if i in fixed:
-            out[u.name] = _prune_lowest(u.masked_scores(), fixed[i])
+            out[u.name] = _prune_lowest(u.scores, fixed[i], u.pruned)
         else:
             out[u.name] = result[u.name]
     return out
@@ -236,6 +267,8 @@ def select(
         raise ValueError(f"scope must be one of global, local; got {scope!r}")
     if sparsity is None and topk is None and threshold is None:
         raise ValueError("one of sparsity, topk or threshold must be set")
+    PruneConfig._validate_topk(topk)          # bool and topk=0 are rejected everywhere
+    PruneConfig._validate_threshold(threshold)
     for u in layers:
         if torch.isnan(u.scores).any():
             raise ValueError(f"scores of {u.name!r} contain NaN")
@@ -267,7 +300,7 @@ def _select_sparsity(layers, sparsity, scope, allocation, min_s, max_s):
         out = {}
         for u, s in zip(layers, per_layer):
             k = min(u.n, max(u.n_forced(), round_half_up(s * u.scale)))
-            out[u.name] = _prune_lowest(u.masked_scores(), k)
+            out[u.name] = _prune_lowest(u.scores, k, u.pruned)
         return out
     # global
     weights = [u.weight for u in layers]
@@ -309,8 +342,7 @@ def _select_topk_threshold(layers, topk, threshold, scope):
         for u in layers:
             r = removed[u.name]
             remaining = u.n - int(r.sum())
-            s = u.scores.float().masked_fill(r, _NEG_INF)
-            out[u.name] = _prune_lowest(s, u.n - keep_count(remaining))
+            out[u.name] = _prune_lowest(u.scores.float(), u.n - keep_count(remaining), r)
         return out
     remaining = sum(u.n - int(removed[u.name].sum()) for u in layers)
     k_prune = sum(u.n for u in layers) - keep_count(remaining)
