@@ -12,6 +12,7 @@ target, one-shot or gradually inside your training loop, and keep them at zero.
 from .config import PruneConfig
 from .masks import MaskSet, SparsityReport
 from .patterns import get_pattern
+from .preprune import PrePruneConfig, PrePruneSelection, pre_prune
 from .prune import PruneResult, prune
 from .pruner import Pruner
 from .schedules import SparsitySchedule, sparsity_at
@@ -28,7 +29,7 @@ from .targets import find_targets
 __version__ = "0.1.0"
 
 __all__ = [
-    "PruneConfig", "MaskSet", "SparsityReport", "get_pattern", "prune", "PruneResult", "Pruner",
+    "PruneConfig", "PrePruneConfig", "PrePruneSelection", "pre_prune", "MaskSet", "SparsityReport", "get_pattern", "prune", "PruneResult", "Pruner",
     "SparsitySchedule", "sparsity_at", "Criterion", "GradientStatistics", "get_criterion",
     "list_criteria", "register_criterion", "stream_gradients", "find_targets", "__version__",
 ]

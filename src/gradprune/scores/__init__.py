@@ -15,11 +15,11 @@ from .criteria import (
     list_criteria,
     register_criterion,
 )
-from .stats import STATISTICS, GradientStatistics, stream_gradients
+from .stats import STATISTICS, GradientStatistics, scoring_context, stream_gradients
 
 __all__ = [
     "Criterion", "register_criterion", "get_criterion", "list_criteria", "criterion_class",
     "MagnitudeCriterion", "GradientCriterion", "SnipCriterion", "SnipMomentumCriterion",
     "TaylorCriterion", "MovementCriterion", "FisherCriterion", "RandomCriterion",
-    "GradientStatistics", "stream_gradients", "STATISTICS",
+    "GradientStatistics", "stream_gradients", "scoring_context", "STATISTICS",
 ]

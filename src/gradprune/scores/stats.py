@@ -34,7 +34,7 @@ from torch import nn
 from .._checks import check_int
 from .._progress import progress
 
-__all__ = ["GradientStatistics", "stream_gradients", "STATISTICS"]
+__all__ = ["GradientStatistics", "stream_gradients", "scoring_context", "STATISTICS"]
 
 STATISTICS = ("mean", "mean_abs", "mean_sq", "mean_wg")
 
@@ -104,7 +104,7 @@ class GradientStatistics:
 
 
 @contextmanager
-def _scoring_context(model: nn.Module, params: Mapping[str, torch.Tensor]):
+def scoring_context(model: nn.Module, params: Mapping[str, torch.Tensor]):
     """Eval mode, gradients only for ``params``, user grads stashed; all restored on exit."""
     was_training = model.training
     wanted = {id(p) for p in params.values()}
@@ -159,12 +159,10 @@ def stream_gradients(
         total = min(total, len(data))
 
     seen = 0
-    with _scoring_context(model, params):
+    with scoring_context(model, params):
         bar = progress(total=total, desc=desc, enable=show_progress)
         try:
             for batch in iterator:
-                if n_batches is not None and seen >= n_batches:
-                    break
                 for p in params.values():
                     p.grad = None
                 loss = loss_fn(model, batch)
@@ -181,6 +179,8 @@ def stream_gradients(
                     on_batch()
                 seen += 1
                 bar.update(1)
+                if n_batches is not None and seen >= n_batches:
+                    break  # before drawing another batch from the caller's iterator
         finally:
             bar.close()
             for p in params.values():

@@ -1,0 +1,575 @@
+"""Feature-targeted pre-pruning (GRADIEND's ``PrePruneConfig`` / ``pre_prune``), batched and exact.
+
+Choose the individual parameter entries of a model that matter for a *feature* — the contrast
+between a factual and an alternative (counterfactual) target — from the mean gradient over
+``n_samples`` stratified samples, before a costly step that only looks at those entries.
+
+Semantics:
+
+- **Sampling.** Items are dicts carrying a class under ``feature_class_key``. The target classes are
+  ``target_feature_class_ids``, else ``definition.get_target_feature_class_ids()``, else every class
+  present (sorted). Each class gets ``n_samples // n_classes`` items, the remainder going to the
+  first classes. Per class, a seeded permutation of its items is taken in order, so a smaller
+  ``n_samples`` gives a *prefix* of a larger one (classes interleaved round-robin). A class with too
+  few items is used whole and filled by seeded sampling with replacement, with a warning.
+- **Gradients.** ``source``: ``factual``, ``alternative``, or ``diff`` = factual - alternative.
+  ``statistic="mean"`` (default) is GRADIENDS's importance ``|mean over samples of the signed
+  gradient|``; since the mean is linear it costs ``ceil(n / batch_size)`` backward passes of a
+  summed loss (two per batch for ``diff``), accumulated in ``.grad`` in place: memory is
+  O(parameters), independent of ``n_samples``. ``"mean_abs"`` (mean ``|g|``) and ``"mean_sq"``
+  (mean ``g^2``) need per-sample gradients: computed with ``torch.func.vmap(grad(...))`` in chunks
+  of ``batch_size``.
+- **loss_fn(model, batch, target)** returns either a 1-D tensor of per-sample losses or their mean
+  over the batch (a scalar); either way each sample weighs the same, exactly as one pass per sample.
+- **Selection**, over all selected parameters at once: existing ``mask`` -> ``threshold`` (keep
+  importance >= threshold) -> ``topk`` (int: a count, capped at what remains; float in (0, 1]:
+  ``ceil(topk * remaining)``); ties keep the lowest flat index (parameters in model order). The
+  global top-k uses a bisection over the score order, never one tensor of all importances.
+- **Cache.** With ``cache_dir``, the result is stored under a key fingerprinting the parameters'
+  names, shapes and values, the sampled items and their indices, and every config field that
+  changes the result; an identical call reuses it, any change recomputes. With
+  ``use_cached_gradients=True``, a call that differs only in the selection (``topk``,
+  ``threshold``, ``mask``) also reuses the importances of an earlier run.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> import gradprune as gp
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> data = [{"x": torch.randn(4), "feature_class_id": i % 2, "factual": i % 2,
+    ...          "alternative": 1 - i % 2} for i in range(20)]
+    >>> def loss_fn(model, batch, target):
+    ...     return nn.functional.cross_entropy(model(batch["x"]), batch[target])
+    >>> sel = gp.pre_prune(model, data, gp.PrePruneConfig(n_samples=8, topk=5, source="diff"), loss_fn)
+    >>> sum(len(i) for i in sel.indices.values())
+    5
+    >>> sel.report["samples_per_class"]
+    {0: 4, 1: 4}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ._checks import check_float, check_int
+from ._progress import progress
+from .config import Config, atomic_write
+from .masks import MaskSet
+from .scores import scoring_context
+from .select import Units, select
+
+__all__ = ["PrePruneConfig", "pre_prune", "PrePruneSelection", "sample_indices"]
+
+SOURCES = ("factual", "alternative", "diff")
+PREPRUNE_STATISTICS = ("mean", "mean_abs", "mean_sq")
+
+
+def _check_topk(v):
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"topk must be int or float, got {type(v).__name__}")
+    if isinstance(v, int):
+        if v < 1:
+            raise ValueError(f"topk must be >= 1 when an int, got {v!r}")
+    elif not 0.0 < v <= 1.0:
+        raise ValueError(f"topk must be in (0, 1] when a float, got {v!r}")
+    return v
+
+
+@dataclass(eq=False)
+class PrePruneConfig(Config):
+    """Config for pre-pruning: the gradient mean over ``n_samples`` samples, then ``topk``/``threshold``.
+
+    Fields: ``n_samples`` (total samples), ``topk`` (int count or float fraction in (0, 1];
+    ``topk=1.0`` keeps everything, ``topk=1`` keeps one entry), ``threshold`` (keep importance >=
+    threshold), ``source`` (``factual`` | ``alternative`` | ``diff``), ``batch_size`` (samples per
+    backward pass, default 8), ``dataset`` (use this instead of the one passed to ``pre_prune``),
+    ``feature_class_key`` (default ``"feature_class_id"``), ``target_feature_class_ids`` (classes to
+    stratify over), ``use_cached_gradients``, ``seed``, ``mask`` (``{name: bool tensor}``: in the
+    parameters it names, only its True entries are candidates; others are unrestricted), ``cache_dir``, ``statistic`` (``mean`` | ``mean_abs`` | ``mean_sq``).
+
+    Example:
+        >>> import gradprune as gp
+        >>> print(gp.PrePruneConfig(n_samples=16, topk=0.01, source="diff"))
+        PrePruneConfig(n_samples=16, topk=0.01, threshold=None, source='diff')
+        >>> gp.PrePruneConfig(n_samples=16)
+        Traceback (most recent call last):
+        ...
+        ValueError: PrePruneConfig: at least one of topk or threshold must be set
+    """
+
+    n_samples: int
+    topk: int | float | None = None
+    threshold: float | None = None
+    source: str = "factual"
+    batch_size: int = 8
+    dataset: Any = None
+    feature_class_key: str = "feature_class_id"
+    target_feature_class_ids: tuple | None = None
+    use_cached_gradients: bool = False
+    seed: int = 0
+    mask: Any = None
+    cache_dir: str | None = None
+    statistic: str = "mean"
+
+    _validate_n_samples = staticmethod(lambda v: check_int("n_samples", v, min_value=1))
+    _validate_topk = staticmethod(_check_topk)
+    _validate_threshold = staticmethod(lambda v: check_float("threshold", v, allow_none=True))
+    _validate_batch_size = staticmethod(lambda v: check_int("batch_size", v, min_value=1))
+    _validate_seed = staticmethod(lambda v: check_int("seed", v, min_value=0))
+
+    @staticmethod
+    def _validate_source(v):
+        if not isinstance(v, str):
+            raise TypeError(f"source must be str, got {type(v).__name__}")
+        if v not in SOURCES:
+            raise ValueError(f"source must be one of {', '.join(SOURCES)}; got {v!r}")
+        return v
+
+    @staticmethod
+    def _validate_statistic(v):
+        if not isinstance(v, str):
+            raise TypeError(f"statistic must be str, got {type(v).__name__}")
+        if v not in PREPRUNE_STATISTICS:
+            raise ValueError(f"statistic must be one of {', '.join(PREPRUNE_STATISTICS)}; got {v!r}")
+        return v
+
+    @staticmethod
+    def _validate_dataset(v):
+        if v is not None and not isinstance(v, Sequence):
+            raise TypeError(f"dataset must be a sequence of dict items, got {type(v).__name__}")
+        return v
+
+    @staticmethod
+    def _validate_feature_class_key(v):
+        if not isinstance(v, str):
+            raise TypeError(f"feature_class_key must be str, got {type(v).__name__}")
+        return v
+
+    @staticmethod
+    def _validate_target_feature_class_ids(v):
+        if v is None:
+            return None
+        if not isinstance(v, (list, tuple)):
+            raise TypeError(f"target_feature_class_ids must be a list, got {type(v).__name__}")
+        if not v:
+            raise ValueError("target_feature_class_ids must not be empty, got []")
+        for c in v:
+            if isinstance(c, bool) or not isinstance(c, (int, str)):
+                raise TypeError(f"target_feature_class_ids items must be int or str, got {type(c).__name__}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"target_feature_class_ids must not repeat a class, got {list(v)!r}")
+        return tuple(v)
+
+    @staticmethod
+    def _validate_use_cached_gradients(v):
+        if not isinstance(v, bool):
+            raise TypeError(f"use_cached_gradients must be bool, got {type(v).__name__}")
+        return v
+
+    @staticmethod
+    def _validate_mask(v):
+        if v is None:
+            return None
+        if not isinstance(v, Mapping):
+            raise TypeError(f"mask must be a mapping name -> bool tensor, got {type(v).__name__}")
+        for k, m in v.items():
+            if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+                raise TypeError(f"mask[{k!r}] must be a bool tensor, got "
+                                f"{m.dtype if isinstance(m, torch.Tensor) else type(m).__name__}")
+        return v
+
+    @staticmethod
+    def _validate_cache_dir(v):
+        if v is None:
+            return None
+        if not isinstance(v, (str, os.PathLike)):
+            raise TypeError(f"cache_dir must be str or a path, got {type(v).__name__}")
+        return os.fspath(v)
+
+    def _check(self) -> None:
+        if self.topk is None and self.threshold is None:
+            raise ValueError("PrePruneConfig: at least one of topk or threshold must be set")
+
+    def __str__(self) -> str:
+        return (f"PrePruneConfig(n_samples={self.n_samples}, topk={self.topk!r}, "
+                f"threshold={self.threshold!r}, source={self.source!r})")
+
+
+@dataclass
+class PrePruneSelection:
+    """The result of :func:`pre_prune`.
+
+    ``masks``: a :class:`MaskSet` of kept entries per parameter; ``indices``: kept flat indices per
+    parameter (sorted); ``importance``: importance tensor per parameter; ``report``: counts, time,
+    samples per class, backward passes, cache use.
+    """
+
+    masks: MaskSet
+    indices: dict
+    importance: dict
+    report: dict
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+
+def sample_indices(classes: Sequence[Any], targets: Sequence[Any], n_samples: int, seed: int):
+    """Stratified, seeded, nested sample of item indices.
+
+    ``classes[i]`` is item ``i``'s class. Returns ``(indices, per_class_counts, filled_classes)``.
+    """
+    by_class = {c: [] for c in targets}
+    for i, c in enumerate(classes):
+        if c in by_class:
+            by_class[c].append(i)
+    n_cls = len(targets)
+    quota = {c: n_samples // n_cls + (1 if k < n_samples % n_cls else 0) for k, c in enumerate(targets)}
+    streams, filled = {}, []
+    for k, c in enumerate(targets):
+        items = by_class[c]
+        if not items:
+            raise ValueError(f"feature class {c!r} has no items in the dataset")
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + k)
+        order = [items[j] for j in torch.randperm(len(items), generator=gen).tolist()]
+        if quota[c] > len(order):
+            extra = torch.randint(len(items), (quota[c] - len(order),), generator=gen).tolist()
+            order += [items[j] for j in extra]
+            filled.append(c)
+        streams[c] = order[: quota[c]]
+    indices = []
+    for r in range(max(quota.values())):  # round-robin: any prefix is stratified
+        for c in targets:
+            if r < quota[c]:
+                indices.append(streams[c][r])
+    return indices, quota, filled
+
+
+# ---------------------------------------------------------------------------------------------
+# fingerprints for the cache
+
+def _feed(h, obj) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(obj.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, Mapping):
+        h.update(b"{")
+        for k in sorted(obj, key=repr):
+            _feed(h, k)
+            _feed(h, obj[k])
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[")
+        for v in obj:
+            _feed(h, v)
+        h.update(b"]")
+    elif obj is None or isinstance(obj, (str, int, float, bool)):
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+    else:
+        try:
+            import numpy as np
+
+            if isinstance(obj, np.ndarray):
+                _feed(h, torch.from_numpy(np.ascontiguousarray(obj)))
+                return
+        except ImportError:  # pragma: no cover
+            pass
+        h.update(f"{type(obj).__qualname__}:{obj!r};".encode())  # unknown objects: by repr
+
+
+def _fingerprint(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        _feed(h, p)
+    return h.hexdigest()
+
+
+def _load_cache(path: str, key: str):
+    if not os.path.isfile(path):
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a damaged cache file is recomputed, never trusted
+        return None
+    if not isinstance(state, dict) or state.get("key") != key:
+        return None
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients
+
+def _targets_of(source: str):
+    if source == "factual":
+        return (("factual", 1.0),)
+    if source == "alternative":
+        return (("alternative", 1.0),)
+    return (("factual", 1.0), ("alternative", -1.0))
+
+
+def _batch_size_of(batch) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, Mapping):
+        for v in batch.values():
+            n = _batch_size_of(v)
+            if n:
+                return n
+    if isinstance(batch, (list, tuple)) and batch:
+        first = _batch_size_of(batch[0])
+        return first if first else len(batch)
+    return 0
+
+
+def _summed_loss(loss, n_in_batch: int, loss_fn_name: str) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"{loss_fn_name} must return a tensor, got {type(loss).__name__}")
+    if loss.dim() == 0:
+        return loss * n_in_batch
+    if loss.dim() == 1 and loss.shape[0] == n_in_batch:
+        return loss.sum()
+    raise ValueError(f"{loss_fn_name} must return a scalar (mean over the batch) or one loss per "
+                     f"sample (shape [{n_in_batch}]), got shape {tuple(loss.shape)}")
+
+
+def _mean_gradient(model, params, chunks, collate, loss_fn, source, n, bar):
+    passes = 0
+    for chunk_items in chunks:
+        batch = collate(chunk_items)
+        b = len(chunk_items)
+        for target, sign in _targets_of(source):
+            loss = _summed_loss(loss_fn(model, batch, target), b, "loss_fn")
+            if not torch.isfinite(loss.detach()):
+                raise ValueError(f"loss_fn returned a non-finite loss for target {target!r}")
+            (loss * (sign / n)).backward()
+            passes += 1
+        bar.update(1)
+    grads = {name: (p.grad if p.grad is not None else torch.zeros_like(p)) for name, p in params.items()}
+    return {name: g.detach().abs().float() for name, g in grads.items()}, passes
+
+
+def _per_sample_statistic(model, params, chunks, collate, loss_fn, source, n, statistic, bar):
+    from torch.func import functional_call, grad, vmap  # noqa: F401  (functional_call: API check)
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    names = list(params)
+    acc = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
+    detached = {k: p.detach() for k, p in params.items()}
+    passes = 0
+
+    def sample_loss(pvals, sample):
+        batch1 = _unsqueeze(sample)
+        total = 0.0
+        with _reparametrize_module(model, dict(zip(names, pvals))):
+            for target, sign in _targets_of(source):
+                loss = _summed_loss(loss_fn(model, batch1, target), 1, "loss_fn")
+                total = total + sign * loss
+        return total
+
+    per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0))
+    for chunk_items in chunks:
+        batch = collate(chunk_items)
+        _check_tensor_leaves(batch)
+        g = per_sample_grad(tuple(detached[k] for k in names), batch)
+        for k, gk in zip(names, g):
+            gk = gk.float()
+            acc[k].add_((gk.abs() if statistic == "mean_abs" else gk * gk).sum(0), alpha=1.0 / n)
+        passes += len(_targets_of(source))
+        bar.update(1)
+    return acc, passes
+
+
+def _unsqueeze(sample):
+    if isinstance(sample, torch.Tensor):
+        return sample.unsqueeze(0)
+    if isinstance(sample, Mapping):
+        return {k: _unsqueeze(v) for k, v in sample.items()}
+    if isinstance(sample, (list, tuple)):
+        return type(sample)(_unsqueeze(v) for v in sample)
+    return sample
+
+
+def _check_tensor_leaves(batch, path="batch"):
+    if isinstance(batch, torch.Tensor):
+        return
+    if isinstance(batch, Mapping):
+        for k, v in batch.items():
+            _check_tensor_leaves(v, f"{path}[{k!r}]")
+        return
+    if isinstance(batch, (list, tuple)):
+        for i, v in enumerate(batch):
+            _check_tensor_leaves(v, f"{path}[{i}]")
+        return
+    raise TypeError(f"statistic 'mean_abs'/'mean_sq' needs batches of tensors only; {path} is "
+                    f"{type(batch).__name__} (drop it in collate_fn or use statistic='mean')")
+
+
+# ---------------------------------------------------------------------------------------------
+
+def pre_prune(
+    model: nn.Module,
+    dataset: Sequence[Mapping] | None,
+    config: PrePruneConfig,
+    loss_fn: Callable,
+    definition: Any = None,
+    *,
+    collate_fn: Callable | None = None,
+    params: Sequence[str] | None = None,
+    show_progress: bool | None = None,
+) -> PrePruneSelection:
+    """Select the parameter entries that matter for a feature contrast (see the module docs).
+
+    Args:
+        model: any ``nn.Module`` (e.g. a Hugging Face masked or causal LM). Not modified: its
+            mode, ``requires_grad`` flags and gradients are restored.
+        dataset: a sequence of dict items (``config.dataset`` overrides it).
+        config: a :class:`PrePruneConfig`.
+        loss_fn: ``loss_fn(model, batch, target)`` with ``target`` in ``{"factual", "alternative"}``.
+        definition: optional object with ``get_target_feature_class_ids()``.
+        collate_fn: builds a batch from a list of items (default
+            ``torch.utils.data.default_collate``).
+        params: names of the parameters to score (default: every parameter that requires grad).
+    """
+    start = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(config, PrePruneConfig):
+        raise TypeError(f"config must be a PrePruneConfig, got {type(config).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(model, batch, target), got {type(loss_fn).__name__}")
+    data = config.dataset if config.dataset is not None else dataset
+    if data is None or not isinstance(data, Sequence) or isinstance(data, (str, bytes)):
+        raise TypeError(f"dataset must be a sequence of dict items, got {type(data).__name__}")
+    if len(data) == 0:
+        raise ValueError("dataset must not be empty")
+    key = config.feature_class_key
+    classes = []
+    for i in range(len(data)):
+        item = data[i]
+        if not isinstance(item, Mapping):
+            raise TypeError(f"dataset items must be dicts, got {type(item).__name__} at index {i}")
+        if key not in item:
+            raise ValueError(f"dataset item {i} has no feature_class_key {key!r} (keys: {sorted(item)})")
+        c = item[key]
+        classes.append(c.item() if isinstance(c, torch.Tensor) else c)
+    if config.target_feature_class_ids is not None:
+        targets = list(config.target_feature_class_ids)
+    elif definition is not None:
+        if not hasattr(definition, "get_target_feature_class_ids"):
+            raise TypeError("definition must have get_target_feature_class_ids(), got "
+                            f"{type(definition).__name__}")
+        targets = list(definition.get_target_feature_class_ids())
+    else:
+        targets = sorted(set(classes), key=repr)
+    collate = collate_fn
+    if collate is None:
+        from torch.utils.data import default_collate as collate
+    elif not callable(collate):
+        raise TypeError(f"collate_fn must be callable, got {type(collate).__name__}")
+
+    all_params = dict(model.named_parameters())
+    if params is None:
+        chosen = {n: p for n, p in all_params.items() if p.requires_grad}
+    else:
+        missing = [n for n in params if n not in all_params]
+        if missing:
+            raise ValueError(f"params not in the model: {missing}")
+        chosen = {n: all_params[n] for n in params}
+    if not chosen:
+        raise ValueError("no parameters to score (none requires grad)")
+    if config.mask is not None:
+        for n, m in config.mask.items():
+            if n not in chosen:
+                raise ValueError(f"mask names a parameter that is not scored: {n!r}")
+            if m.shape != chosen[n].shape:
+                raise ValueError(f"mask[{n!r}] must have shape {tuple(chosen[n].shape)}, got {tuple(m.shape)}")
+
+    indices, per_class, filled = sample_indices(classes, targets, config.n_samples, config.seed)
+    if filled:
+        warnings.warn(f"pre_prune: feature classes {filled} have fewer items than their share of "
+                      f"n_samples={config.n_samples}; sampled with replacement", UserWarning, stacklevel=2)
+
+    grad_key = sel_key = None
+    importance = None
+    cache_hit = None
+    if config.cache_dir is not None:
+        model_fp = _fingerprint([(n, tuple(p.shape), p) for n, p in chosen.items()])
+        data_fp = _fingerprint(indices, [data[i] for i in indices])
+        grad_key = _fingerprint("grad-v1", model_fp, data_fp, config.source, config.statistic,
+                                config.batch_size, config.feature_class_key, targets, config.seed,
+                                config.n_samples, getattr(loss_fn, "__qualname__", repr(loss_fn)))
+        sel_key = _fingerprint("sel-v1", grad_key, config.topk, config.threshold, config.mask)
+        sel_path = os.path.join(config.cache_dir, f"preprune-sel-{sel_key[:40]}.pt")
+        grad_path = os.path.join(config.cache_dir, f"preprune-grad-{grad_key[:40]}.pt")
+        cached = _load_cache(sel_path, sel_key)
+        if cached is not None:
+            cache_hit = "selection"
+            importance = cached["importance"]
+        elif config.use_cached_gradients:
+            cached = _load_cache(grad_path, grad_key)
+            if cached is not None:
+                cache_hit = "gradients"
+                importance = cached["importance"]
+        if importance is not None and set(importance) != set(chosen):
+            importance, cache_hit = None, None
+
+    passes = 0
+    if importance is None:
+        items = [data[i] for i in indices]
+        chunks = [items[i:i + config.batch_size] for i in range(0, len(items), config.batch_size)]
+        bar = progress(total=len(chunks), desc=f"pre_prune ({config.source})", enable=show_progress)
+        try:
+            with scoring_context(model, chosen):
+                if config.statistic == "mean":
+                    importance, passes = _mean_gradient(model, chosen, chunks, collate, loss_fn,
+                                                        config.source, len(items), bar)
+                else:
+                    importance, passes = _per_sample_statistic(model, chosen, chunks, collate, loss_fn,
+                                                               config.source, len(items),
+                                                               config.statistic, bar)
+        finally:
+            bar.close()
+        if config.cache_dir is not None:
+            cpu_imp = {n: t.detach().cpu() for n, t in importance.items()}
+            atomic_write(grad_path, lambda t: torch.save({"key": grad_key, "importance": cpu_imp}, t))
+    importance = {n: t.to(chosen[n].device) for n, t in importance.items()}
+
+    layers = []
+    for n, p in chosen.items():
+        pruned = None
+        if config.mask is not None and n in config.mask:
+            pruned = ~config.mask[n].to(p.device).reshape(-1)
+        layers.append(Units(n, importance[n].reshape(-1), 1, p.numel(), pruned))
+    keep = select(layers, topk=config.topk, threshold=config.threshold, scope="global")
+    masks = MaskSet(model, names=list(chosen), masks={n: keep[n].reshape(chosen[n].shape) for n in chosen})
+    kept_idx = {n: torch.nonzero(keep[n]).flatten().cpu() for n in chosen}
+    if config.cache_dir is not None and cache_hit != "selection":
+        cpu_imp = {n: t.detach().cpu() for n, t in importance.items()}
+        atomic_write(sel_path, lambda t: torch.save(
+            {"key": sel_key, "importance": cpu_imp, "indices": kept_idx}, t))
+    total = sum(p.numel() for p in chosen.values())
+    kept_total = sum(int(i.numel()) for i in kept_idx.values())
+    report = {
+        "kept": {n: int(i.numel()) for n, i in kept_idx.items()},
+        "kept_total": kept_total,
+        "total": total,
+        "samples": len(indices),
+        "samples_per_class": dict(per_class),
+        "filled_with_replacement": filled,
+        "backward_passes": passes,
+        "cache": cache_hit,
+        "seconds": time.perf_counter() - start,
+    }
+    return PrePruneSelection(masks, kept_idx, importance, report)
