@@ -5,8 +5,8 @@ least important ones in a chosen unit (entries, blocks, N:M groups, channels, ke
 target, one-shot or gradually inside your training loop, and keep them at zero.
 
     >>> import gradprune as gp
-    >>> sorted(gp.list_criteria())[:3]
-    ['fisher', 'gradient', 'magnitude']
+    >>> gp.list_criteria()[:4]
+    ['magnitude', 'gradient', 'snip', 'taylor']
 """
 
 from .config import PruneConfig
