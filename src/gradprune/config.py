@@ -106,6 +106,10 @@ class Config:
         if not self.__dict__.get("_ready", False):
             object.__setattr__(self, name, value)
             return
+        if name not in self.field_names():
+            raise AttributeError(
+                f"{type(self).__name__} has no field {name!r}; valid keys: {', '.join(self.field_names())}"
+            )
         old = getattr(self, name)
         object.__setattr__(self, name, value)
         try:

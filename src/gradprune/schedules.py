@@ -43,6 +43,8 @@ def sparsity_at(schedule: str, progress: float, initial: float, target: float) -
     p = check_float("progress", progress, low=0.0, high=1.0)
     s0 = check_float("initial", initial, low=0.0, high=1.0, high_open=True)
     st = check_float("target", target, low=0.0, high=1.0, high_open=True)
+    if p == 0.0 or p == 1.0:  # exact endpoints (exp/cubic would give e.g. 0.09999999999999998)
+        return s0 if p == 0.0 else st
     if schedule == "oneshot":
         return st if p > 0 else s0
     if schedule == "linear":
@@ -107,6 +109,8 @@ def drop_fraction(schedule: str, step: int, *, alpha: float, t_end: int, eta_min
     check_int("t_end", t_end, min_value=1)
     alpha = check_float("alpha", alpha, low=0.0, high=1.0)
     eta_min = check_float("eta_min", eta_min, low=0.0, high=1.0)
+    if eta_min > alpha:
+        raise ValueError(f"eta_min must be <= alpha, got eta_min={eta_min!r}, alpha={alpha!r}")
     if schedule == "constant":
         return alpha
     t = min(step, t_end)

@@ -130,6 +130,54 @@ def _unkey(k: int) -> float:
     return struct.unpack("<f", struct.pack("<I", b))[0]
 
 
+_SAMPLE = 1 << 16
+
+
+def _threshold(scores, unit_weights, target, smin, smax, weight_at_most) -> float:
+    """The smallest score ``t`` whose cumulative removed weight ``W(<= t)`` reaches ``target``.
+
+    Fast path: bracket ``t`` with quantiles of a strided sample, verify the bracket by counting,
+    then find ``t`` exactly among the few scores inside it. Otherwise (or if the bracket fails)
+    bisection over the float32 order: 32 counting passes. Neither builds a tensor of all scores.
+    """
+    n_total = sum(s.numel() for s in scores)
+    lo_key, hi_key = _key(smin), _key(smax)
+    if n_total > 4 * _SAMPLE:
+        stride = max(1, n_total // _SAMPLE)
+        sample = torch.cat([s[::stride].cpu() for s in scores])
+        sample_w = torch.cat([torch.full((s[::stride].numel(),), float(w)) for s, w in zip(scores, unit_weights)])
+        order = torch.argsort(sample)
+        cum = sample_w[order].cumsum(0) * (sum(w * s.numel() for w, s in zip(unit_weights, scores))
+                                           / float(sample_w.sum()))
+        m = sample.numel()
+        pos = int(torch.searchsorted(cum, torch.tensor([float(target)], dtype=cum.dtype)).clamp(max=m - 1))
+        margin = 4 * int(math.sqrt(m)) + 8
+        lo_v = float(sample[order[max(0, pos - margin)]])
+        hi_v = float(sample[order[min(m - 1, pos + margin)]])
+        below = sum(w * int((s < lo_v).sum()) for w, s in zip(unit_weights, scores))
+        upto = weight_at_most(hi_v)
+        if below < target <= upto:
+            inside = [(s[(s >= lo_v) & (s <= hi_v)], w) for s, w in zip(scores, unit_weights)]
+            n_inside = sum(c.numel() for c, _ in inside)
+            if n_inside <= 64 * _SAMPLE:
+                vals = torch.cat([c.cpu() for c, _ in inside])
+                wts = torch.cat([torch.full((c.numel(),), float(w), dtype=torch.float64) for c, w in inside])
+                o = torch.argsort(vals)
+                cw = below + wts[o].cumsum(0)
+                i = int(torch.searchsorted(cw, torch.tensor([float(target)], dtype=torch.float64)))
+                return float(vals[o[min(i, vals.numel() - 1)]])
+            lo_key, hi_key = _key(lo_v), _key(hi_v)  # a narrower bracket for the bisection
+    lo, hi = lo_key, hi_key
+    # keys of -inf/+inf bound every real float32; NaN keys lie outside [key(min), key(max)]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if weight_at_most(_unkey(mid)) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return _unkey(hi)
+
+
 def _global_lowest(layers: list[Units], target: float, unit_weights: list[int]) -> dict[str, torch.Tensor]:
     """Prune the globally lowest units until the removed weight is (closest to) ``target``.
 
@@ -160,30 +208,30 @@ def _global_lowest(layers: list[Units], target: float, unit_weights: list[int]) 
     def weight_at_most(t: float) -> int:
         return sum(w * int((s <= t).sum()) for w, s in zip(unit_weights, scores))
 
-    # keys of -inf/+inf bound every real float32; NaN keys lie outside [key(min), key(max)]
-    lo, hi = _key(finite_min), _key(finite_max)
-    while lo < hi:  # the smallest score whose cumulative removed weight reaches the target
-        mid = (lo + hi) // 2
-        if weight_at_most(_unkey(mid)) >= target:
-            hi = mid
-        else:
-            lo = mid + 1
-    t = _unkey(hi)
+    t = _threshold(scores, unit_weights, target, finite_min, finite_max, weight_at_most)
     out = {u.name: s < t for u, s in zip(layers, scores)}
     removed = sum(w * int(out[u.name].sum()) for u, w in zip(layers, unit_weights))
     # ties at t: later layers first, higher index first, until the target is reached (closest)
     for u, s, w in reversed(list(zip(layers, scores, unit_weights))):
         if removed >= target:
             break
-        ties = torch.nonzero(s == t).flatten().flip(0)
-        for idx in ties.tolist():
-            if removed >= target:
-                break
-            if (removed + w) - target > target - removed:  # stopping here is closer
-                removed = target
-                break
-            out[u.name][idx] = True
-            removed += w
+        ties = torch.nonzero(s == t).flatten()
+        if not ties.numel():
+            continue
+        gap = target - removed
+        take = min(ties.numel(), int(gap // w))
+        stop = False
+        if take < ties.numel() and gap - take * w > 0:
+            rest = gap - take * w
+            if w - rest <= rest:
+                take += 1          # one more overshoots by less than stopping undershoots
+            else:
+                stop = True        # stopping here is closer to the target
+        if take:
+            out[u.name][ties[ties.numel() - take:]] = True
+            removed += take * w
+        if stop:
+            break
     return out
 
 
