@@ -16,6 +16,7 @@ from .preprune import PrePruneConfig, PrePruneSelection, pre_prune
 from .prune import PruneResult, prune
 from .pruner import Pruner
 from .schedules import SparsitySchedule, sparsity_at
+from .sparse_training import LayerContext, SparseConfig, SparseTrainer
 from .scores import (
     Criterion,
     GradientStatistics,
@@ -30,6 +31,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PruneConfig", "PrePruneConfig", "PrePruneSelection", "pre_prune", "MaskSet", "SparsityReport", "get_pattern", "prune", "PruneResult", "Pruner",
-    "SparsitySchedule", "sparsity_at", "Criterion", "GradientStatistics", "get_criterion",
+    "SparsitySchedule", "sparsity_at", "SparseConfig", "SparseTrainer", "LayerContext", "Criterion", "GradientStatistics", "get_criterion",
     "list_criteria", "register_criterion", "stream_gradients", "find_targets", "__version__",
 ]

@@ -1,0 +1,736 @@
+"""Dynamic sparse training: ``SparseTrainer`` with RigL, SET, SNFS, static, gradual and lottery presets.
+
+Train a sparse network from scratch at a fixed parameter budget (sparselearning / rigl-torch users).
+``trainer.step()`` replaces ``optimizer.step()``:
+
+1. On an *update step* (every ``update_interval`` optimizer steps, from step ``update_interval`` while
+   the step is below ``end_step``; or the first step after ``on_epoch_end()`` with ``update_on="epoch"``) the
+   optimizer step is replaced by a connectivity update (RigL, Algorithm 1): in every layer the
+   fraction ``f(t)`` (the *decay*) of active weights is dropped by the *prune* rule and as many are
+   regrown by the *grow* rule among the connections that were inactive before the drop (dropped and
+   grown sets are disjoint). Per-layer nonzero counts are preserved **exactly** (with a
+   *redistribute* rule, the total is preserved exactly and the layers' shares follow the rule,
+   never above full density). Grown weights and their optimizer state start at 0.
+2. Otherwise: gradients of inactive weights are zeroed (unless ``dense_gradients``), the optimizer
+   steps, and weights (and, unless ``dense_gradients``, optimizer state: SGD momentum, Adam moments)
+   are multiplied by the masks, so inactive weights are exactly 0.
+
+The dense gradient used for growth is the one ``backward()`` already produced on the update step:
+nothing extra is computed or stored on other steps.
+
+Rules by name (or pass a callable with the documented signature):
+
+============== ==============================================================================
+family          names
+============== ==============================================================================
+init            ``uniform`` (``dense_first_layer`` keeps the first layer dense), ``er``, ``erk``,
+                ``struct_random``, ``struct_erk`` (conv kernel granularity), ``lottery`` (masks
+                from ``lottery_masks``; ``lottery_shuffle`` re-places them keeping per-layer
+                counts), ``resume`` (mask = weight != 0), ``dense`` (for gradual pruning);
+                callable ``init(shapes: dict[str, torch.Size], density: float, ctx) -> dict[str, bool mask]``
+prune           ``magnitude`` (per layer), ``global_magnitude`` (one exact threshold over layers),
+                ``struct_magnitude`` (conv kernels by reduced ``|w|``: absolute value first);
+                callable ``prune(weight, mask, n, ctx) -> mask`` with exactly ``n`` fewer active
+grow            ``gradient`` (RigL: largest ``|dense grad|``), ``momentum`` (SNFS; Adam:
+                ``exp_avg / (sqrt(exp_avg_sq) + eps)``), ``random``, ``none``, ``struct_gradient``;
+                callable ``grow(weight, mask, n, ctx) -> mask`` with exactly ``n`` more active
+redistribute    ``none``, ``momentum`` (mean ``|m|`` over active), ``gradient`` (mean ``|g|`` over
+                active), ``nonzero``; callable ``redistribute(weight, mask, ctx) -> float``
+decay           ``cosine`` (``eta_min + (alpha - eta_min)/2 (1 + cos(pi t / end_step))``), ``linear``,
+                ``constant``, ``magnitude_prune`` (Zhu & Gupta cubic sparsity from dense to the
+                target, no regrowth); callable ``decay(step) -> float``
+============== ==============================================================================
+
+``ctx`` is a :class:`LayerContext` (``name``, ``grad``, ``momentum``, ``generator``). Ties in the
+drop and grow scores are broken at random with the trainer's seeded generator; everything random
+comes from that one generator, so the same seed gives the same masks.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> import gradprune as gp
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    >>> sparse = gp.SparseTrainer(model, opt, gp.SparseConfig.rigl(density=0.2, total_steps=40,
+    ...                                                             update_interval=10))
+    >>> before = {n: int(m.sum()) for n, m in sparse.masks.items()}
+    >>> for step in range(40):
+    ...     x, y = torch.randn(16, 20), torch.randint(0, 4, (16,))
+    ...     opt.zero_grad(); nn.functional.cross_entropy(model(x), y).backward()
+    ...     _ = sparse.step()
+    >>> {n: int(m.sum()) for n, m in sparse.masks.items()} == before   # exact per-layer counts
+    True
+    >>> sparse.updates
+    2
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from ._checks import check_choice, check_float, check_int, check_str_list, round_half_up
+from .config import DEFAULT_MODULE_TYPES, Config
+from .masks import MaskSet, SparsityReport
+from .patterns import get_pattern
+from .schedules import drop_fraction, sparsity_at, prune_events
+from .select import Units, _global_lowest, allocate_densities, raw_density
+from .targets import find_targets
+
+__all__ = ["SparseConfig", "SparseTrainer", "LayerContext"]
+
+INITS = ("uniform", "er", "erk", "struct_random", "struct_erk", "lottery", "resume", "dense")
+PRUNES = ("magnitude", "global_magnitude", "struct_magnitude")
+GROWS = ("gradient", "momentum", "random", "none", "struct_gradient")
+REDISTRIBUTES = ("none", "momentum", "gradient", "nonzero")
+DECAYS = ("cosine", "linear", "constant", "magnitude_prune")
+
+
+def _name_or_callable(field_name: str, choices):
+    def check(v):
+        if callable(v):
+            return v
+        return check_choice(field_name, v, choices)
+    return staticmethod(check)
+
+
+@dataclass(eq=True)
+class SparseConfig(Config):
+    """Options of :class:`SparseTrainer`; start from a preset (:meth:`rigl`, :meth:`set`,
+    :meth:`snfs`, :meth:`static`, :meth:`pruning`, :meth:`lottery`) and override by keyword.
+
+    ``density`` is the target fraction of active weights over the masked layers; ``end_step``
+    (RigL's ``T_end``) the last step with a connectivity update; ``include_classifier`` defaults to
+    True here (sparse training usually sparsifies every layer).
+    """
+
+    density: float = 0.1
+    init: Any = "erk"
+    dense_first_layer: bool = False
+    prune: Any = "magnitude"
+    grow: Any = "gradient"
+    redistribute: Any = "none"
+    decay: Any = "cosine"
+    alpha: float = 0.3
+    eta_min: float = 0.0
+    update_interval: int = 100
+    start_step: int = 0
+    end_step: int = 1
+    update_on: str = "step"
+    dense_gradients: bool = False
+    struct_reduce: str = "mean"
+    lottery_masks: Any = None
+    lottery_shuffle: bool = False
+    include: tuple | None = None
+    exclude: tuple = ()
+    module_types: tuple = DEFAULT_MODULE_TYPES
+    include_classifier: bool = True
+    seed: int = 0
+
+    _validate_init = _name_or_callable("init", INITS)
+    _validate_prune = _name_or_callable("prune", PRUNES)
+    _validate_grow = _name_or_callable("grow", GROWS)
+    _validate_redistribute = _name_or_callable("redistribute", REDISTRIBUTES)
+    _validate_decay = _name_or_callable("decay", DECAYS)
+    _validate_density = staticmethod(lambda v: check_float("density", v, low=0.0, high=1.0, low_open=True))
+    _validate_alpha = staticmethod(lambda v: check_float("alpha", v, low=0.0, high=1.0))
+    _validate_eta_min = staticmethod(lambda v: check_float("eta_min", v, low=0.0, high=1.0))
+    _validate_update_interval = staticmethod(lambda v: check_int("update_interval", v, min_value=1))
+    _validate_start_step = staticmethod(lambda v: check_int("start_step", v, min_value=0))
+    _validate_end_step = staticmethod(lambda v: check_int("end_step", v, min_value=0))
+    _validate_update_on = staticmethod(lambda v: check_choice("update_on", v, ("step", "epoch")))
+    _validate_struct_reduce = staticmethod(lambda v: check_choice("struct_reduce", v, ("mean", "max")))
+    _validate_seed = staticmethod(lambda v: check_int("seed", v, min_value=0))
+    _validate_include = staticmethod(lambda v: check_str_list("include", v, allow_none=True))
+    _validate_exclude = staticmethod(lambda v: check_str_list("exclude", v) if v is not None else ())
+    _validate_module_types = staticmethod(lambda v: check_str_list("module_types", v))
+
+    @staticmethod
+    def _bool(name):
+        def check(v):
+            if not isinstance(v, bool):
+                raise TypeError(f"{name} must be bool, got {type(v).__name__}")
+            return v
+        return staticmethod(check)
+
+    _validate_dense_first_layer = _bool.__func__("dense_first_layer")
+    _validate_dense_gradients = _bool.__func__("dense_gradients")
+    _validate_lottery_shuffle = _bool.__func__("lottery_shuffle")
+    _validate_include_classifier = _bool.__func__("include_classifier")
+
+    @staticmethod
+    def _validate_lottery_masks(v):
+        if v is None or isinstance(v, (str, os.PathLike)):
+            return v
+        if isinstance(v, Mapping):
+            for k, m in v.items():
+                if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+                    raise TypeError(f"lottery_masks[{k!r}] must be a bool tensor")
+            return v
+        raise TypeError(f"lottery_masks must be a path or a mapping name -> bool tensor, got {type(v).__name__}")
+
+    def _check(self) -> None:
+        if self.eta_min > self.alpha:
+            raise ValueError(f"eta_min must be <= alpha, got eta_min={self.eta_min!r}, alpha={self.alpha!r}")
+        if self.end_step < self.start_step:
+            raise ValueError(f"end_step must be >= start_step, got end_step={self.end_step!r}, "
+                             f"start_step={self.start_step!r}")
+        if self.init == "lottery" and self.lottery_masks is None:
+            raise ValueError("init='lottery' needs lottery_masks (a path or a mapping of bool masks)")
+
+    # -- presets --------------------------------------------------------------------------
+    @classmethod
+    def rigl(cls, density: float = 0.1, total_steps: int = 1000, **overrides) -> "SparseConfig":
+        """RigL (Evci et al. 2020): ERK init, magnitude drop, gradient growth, alpha=0.3,
+        update every 100 steps, cosine decay, updates stop at 3/4 of training."""
+        base = dict(density=density, init="erk", prune="magnitude", grow="gradient",
+                    redistribute="none", decay="cosine", alpha=0.3, update_interval=100,
+                    end_step=_three_quarters(total_steps))
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def set(cls, density: float = 0.1, total_steps: int = 1000, **overrides) -> "SparseConfig":
+        """SET (Mocanu et al. 2018): random (ER) init, magnitude drop, random growth, alpha=0.5."""
+        base = dict(density=density, init="er", prune="magnitude", grow="random", redistribute="none",
+                    decay="cosine", alpha=0.5, update_interval=100, end_step=_three_quarters(total_steps))
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def snfs(cls, density: float = 0.1, total_steps: int = 1000, **overrides) -> "SparseConfig":
+        """SNFS / sparse momentum (Dettmers & Zettlemoyer 2019): magnitude drop, momentum growth,
+        momentum redistribution, dense gradients, alpha=0.5."""
+        base = dict(density=density, init="erk", prune="magnitude", grow="momentum",
+                    redistribute="momentum", decay="cosine", alpha=0.5, update_interval=100,
+                    dense_gradients=True, end_step=_three_quarters(total_steps))
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def static(cls, density: float = 0.1, total_steps: int = 1000, **overrides) -> "SparseConfig":
+        """A fixed random (ERK) mask: no connectivity updates."""
+        base = dict(density=density, init="erk", grow="none", decay="constant", alpha=0.0,
+                    end_step=0)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def pruning(cls, density: float = 0.1, total_steps: int = 1000, **overrides) -> "SparseConfig":
+        """Gradual magnitude pruning from dense (Zhu & Gupta 2018): cubic sparsity from 0 to
+        ``1 - density`` between 1/8 and 3/4 of training, every ``update_interval`` steps."""
+        base = dict(density=density, init="dense", prune="magnitude", grow="none",
+                    decay="magnitude_prune", update_interval=100,
+                    start_step=max(1, total_steps // 8), end_step=_three_quarters(total_steps))
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def lottery(cls, masks: Any, density: float = 0.1, shuffle: bool = False, **overrides) -> "SparseConfig":
+        """Lottery ticket: train with given masks (``shuffle=True``: random masks with the same
+        per-layer counts)."""
+        base = dict(density=density, init="lottery", lottery_masks=masks, lottery_shuffle=shuffle,
+                    grow="none", decay="constant", alpha=0.0, end_step=0)
+        return cls(**{**base, **overrides})
+
+
+def _three_quarters(total_steps: int) -> int:
+    check_int("total_steps", total_steps, min_value=1)
+    return (3 * total_steps) // 4
+
+
+@dataclass
+class LayerContext:
+    """What a rule callable may look at for one layer."""
+
+    name: str
+    weight: torch.Tensor
+    grad: torch.Tensor | None
+    momentum: torch.Tensor | None
+    generator: torch.Generator
+
+
+# ---------------------------------------------------------------------------------------------
+# exact selection with seeded random tie-breaking
+
+def _pick(scores: torch.Tensor, candidates: torch.Tensor, n: int, largest: bool, gen: torch.Generator) -> torch.Tensor:
+    """Bool mask of exactly ``n`` candidates with the largest (or smallest) scores; ties at the
+    cut are broken uniformly at random with ``gen``."""
+    out = torch.zeros_like(candidates)
+    n_cand = int(candidates.sum())
+    if n <= 0:
+        return out
+    if n >= n_cand:
+        return candidates.clone()
+    s = scores.float()
+    fill = float("-inf") if largest else float("inf")
+    s = s.masked_fill(~candidates, fill)
+    if largest:
+        t = torch.topk(s, n, largest=True, sorted=False).values.min()
+        strict = s > t
+    else:
+        t = torch.topk(s, n, largest=False, sorted=False).values.max()
+        strict = s < t
+    strict &= candidates
+    out |= strict
+    need = n - int(strict.sum())
+    if need > 0:
+        ties = torch.nonzero((s == t) & candidates).flatten()
+        perm = torch.randperm(ties.numel(), generator=gen)[:need].to(ties.device)
+        out[ties[perm]] = True
+    return out
+
+
+def _allocate_counts(capacity: list[int], weights: list[float], total: int) -> list[int]:
+    """Split ``total`` into integers proportional to ``weights``, each at most ``capacity[i]``;
+    what a full layer cannot take is spread over the others (largest remainders, ties by order)."""
+    if total > sum(capacity):
+        raise ValueError(f"cannot place {total} connections: capacity {sum(capacity)}")
+    counts = [0] * len(capacity)
+    remaining = total
+    while remaining > 0:
+        free = [i for i in range(len(capacity)) if counts[i] < capacity[i]]
+        w = {i: max(float(weights[i]), 0.0) for i in free}
+        wsum = sum(w.values())
+        ideal = {i: remaining * (w[i] / wsum if wsum > 0 else 1.0 / len(free)) for i in free}
+        add = {i: min(int(math.floor(ideal[i])), capacity[i] - counts[i]) for i in free}
+        if sum(add.values()) == 0:  # only fractions left: one each, largest remainder first
+            for i in sorted(free, key=lambda i: -(ideal[i] - math.floor(ideal[i])))[:remaining]:
+                add[i] = 1
+        for i, a in add.items():
+            counts[i] += a
+        remaining -= sum(add.values())
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+
+class SparseTrainer:
+    """Dynamic sparse training around your optimizer (see the module docs)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: SparseConfig | None = None,
+                 **fields):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if config is None:
+            config = SparseConfig.from_dict(fields)
+        elif not isinstance(config, SparseConfig):
+            raise TypeError(f"config must be a SparseConfig, got {type(config).__name__}")
+        elif fields:
+            config = SparseConfig.from_dict({**config.to_dict(), **fields})
+        self.config = cfg = config
+        self.model, self.optimizer = model, optimizer
+        targets = find_targets(model, cfg.include, cfg.exclude, cfg.module_types, cfg.include_classifier)
+        in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        missing = [n for n, t in targets.items() if id(t.param) not in in_opt]
+        if missing:
+            raise ValueError(f"optimizer does not hold these prunable parameters: {missing}")
+        self.params = {n: t.param for n, t in targets.items()}
+        struct = isinstance(cfg.init, str) and cfg.init.startswith("struct") or \
+            cfg.prune == "struct_magnitude" or cfg.grow == "struct_gradient"
+        self._unit_pattern = {n: get_pattern("kernel" if struct and p.dim() >= 3 else "1x1")
+                              for n, p in self.params.items()}
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.step_count = 0
+        self.updates = 0
+        self._epoch_update_pending = False
+        self.history: list[dict] = []
+        self.masks = MaskSet(model, names=list(self.params))
+        self._units: dict[str, torch.Tensor] = {}
+        self._initial_density: dict[str, float] = {}
+        self._init_masks()
+
+    # -- unit helpers -----------------------------------------------------------------------
+    def _n_units(self, name: str) -> int:
+        return self._unit_pattern[name].n_units(self.params[name].shape)
+
+    def _unit_scores(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        pat = self._unit_pattern[name]
+        return pat.unit_scores(t.detach().abs(), self.config.struct_reduce, True)
+
+    def _set_units(self, name: str, units: torch.Tensor) -> None:
+        self._units[name] = units
+        p = self.params[name]
+        self.masks[name] = self._unit_pattern[name].expand(units, p.detach(), True)
+
+    # -- init ------------------------------------------------------------------------------
+    def _layer_densities(self, kind: str) -> dict[str, float]:
+        cfg = self.config
+        names = list(self.params)
+        numels = [self._n_units(n) for n in names]
+        alloc = {"uniform": "uniform", "struct_random": "uniform", "er": "er", "erk": "erk",
+                 "struct_erk": "erk", "dense": "uniform"}.get(kind, "uniform")
+        raws = [raw_density(self.params[n].shape, alloc) for n in names]
+        lo = [0.0] * len(names)
+        hi = [1.0] * len(names)
+        if cfg.dense_first_layer:
+            lo[0] = hi[0] = 1.0
+        if alloc == "uniform":
+            d = [1.0 if (cfg.dense_first_layer and i == 0) else cfg.density for i in range(len(names))]
+        else:
+            first = numels[0] if cfg.dense_first_layer else 0
+            target = cfg.density
+            if cfg.dense_first_layer:  # the other layers share what the dense first layer leaves
+                rest = sum(numels) - first
+                target = max(0.0, min(1.0, (cfg.density * sum(numels) - first) / rest)) if rest else 1.0
+                d_rest = allocate_densities(numels[1:], raws[1:], target, lo[1:], hi[1:]) if rest else []
+                d = [1.0] + d_rest
+            else:
+                d = allocate_densities(numels, raws, target, lo, hi)
+        return dict(zip(names, d))
+
+    @torch.no_grad()
+    def _init_masks(self) -> None:
+        cfg = self.config
+        gen = self.generator
+        kind = cfg.init
+        if callable(kind):
+            ctx = LayerContext("", torch.empty(0), None, None, gen)
+            given = kind({n: p.shape for n, p in self.params.items()}, cfg.density, ctx)
+            for n, p in self.params.items():
+                m = given.get(n) if isinstance(given, Mapping) else None
+                if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or m.shape != p.shape:
+                    raise ValueError(f"init callable must return a bool mask of shape {tuple(p.shape)} for {n!r}")
+                self._set_units(n, self._unit_scores(n, m.float()) > 0)
+        elif kind == "resume":
+            for n, p in self.params.items():
+                self._set_units(n, self._unit_scores(n, p) != 0)
+        elif kind == "lottery":
+            source = cfg.lottery_masks
+            if isinstance(source, (str, os.PathLike)):
+                source = torch.load(source, map_location="cpu", weights_only=True)
+            missing = [n for n in self.params if n not in source]
+            if missing:
+                raise ValueError(f"lottery_masks lacks masks for {missing}")
+            for n, p in self.params.items():
+                m = source[n]
+                if m.shape != p.shape or m.dtype != torch.bool:
+                    raise ValueError(f"lottery_masks[{n!r}] must be a bool mask of shape {tuple(p.shape)}")
+                units = (self._unit_scores(n, m.float()) > 0)
+                if cfg.lottery_shuffle:
+                    k = int(units.sum())
+                    perm = torch.randperm(units.numel(), generator=gen)[:k]
+                    units = torch.zeros_like(units)
+                    units[perm.to(units.device)] = True
+                self._set_units(n, units.to(p.device))
+        else:
+            dens = self._layer_densities(kind)
+            for n, p in self.params.items():
+                n_units = self._n_units(n)
+                k = min(n_units, round_half_up(dens[n] * n_units))
+                units = torch.zeros(n_units, dtype=torch.bool)
+                if kind == "dense" or k == n_units:
+                    units[:] = True
+                else:
+                    units[torch.randperm(n_units, generator=gen)[:k]] = True
+                self._set_units(n, units.to(p.device))
+        self._initial_density = {n: float(u.float().mean()) for n, u in self._units.items()}
+        self._final_density = self._layer_densities("uniform") if cfg.decay == "magnitude_prune" else None
+        self.masks.apply(self.optimizer)
+
+    # -- the step ----------------------------------------------------------------------------
+    def is_update_step(self, step: int | None = None) -> bool:
+        """Whether optimizer step ``step`` (default: the next one) is a connectivity update."""
+        cfg = self.config
+        t = self.step_count if step is None else step
+        if cfg.update_on == "epoch":
+            return self._epoch_update_pending and t < cfg.end_step
+        if cfg.decay == "magnitude_prune":
+            return t in self._prune_events()
+        return 0 < t < cfg.end_step and t % cfg.update_interval == 0 and \
+            (callable(cfg.grow) or cfg.grow != "none" or callable(cfg.decay))
+
+    def _prune_events(self) -> set:
+        cfg = self.config
+        return set(prune_events(cfg.start_step, max(cfg.start_step, cfg.end_step), cfg.update_interval))
+
+    def on_epoch_end(self) -> None:
+        """With ``update_on="epoch"``: the next ``step()`` performs a connectivity update."""
+        self._epoch_update_pending = True
+
+    def step(self, scaler: Any = None) -> bool:
+        """Replaces ``optimizer.step()``. Returns True when this step updated connectivity.
+
+        With an AMP ``GradScaler`` pass ``scaler=``: gradients are unscaled here, a step with
+        inf/NaN gradients is skipped (nothing advances) and ``scaler.update()`` is yours to call.
+        """
+        if scaler is not None:
+            try:
+                scaler.unscale_(self.optimizer)
+            except RuntimeError:
+                pass  # already unscaled by the caller
+            grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            if grads and not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+                scaler.step(self.optimizer)  # records the skip for scaler.update()
+                self.masks.apply()
+                return False
+        if self.is_update_step():
+            self._update()
+            self._epoch_update_pending = False
+            self.step_count += 1
+            return True
+        if not self.config.dense_gradients:
+            self.masks.apply_to_grads()
+        if scaler is not None:
+            scaler.step(self.optimizer)
+        else:
+            self.optimizer.step()
+        if self.config.dense_gradients:
+            self.masks.apply()
+        else:
+            self.masks.apply(self.optimizer)
+        self.step_count += 1
+        return False
+
+    # -- connectivity update --------------------------------------------------------------------
+    def _momentum(self, p: torch.Tensor) -> torch.Tensor | None:
+        state = self.optimizer.state.get(p, {})
+        if "momentum_buffer" in state and state["momentum_buffer"] is not None:
+            return state["momentum_buffer"]
+        if "exp_avg" in state:
+            eps = next((g.get("eps", 1e-8) for g in self.optimizer.param_groups
+                        if any(q is p for q in g["params"])), 1e-8)
+            return state["exp_avg"] / (state["exp_avg_sq"].sqrt() + eps)
+        return None
+
+    def _ctx(self, n: str) -> LayerContext:
+        p = self.params[n]
+        return LayerContext(n, p.detach(), p.grad, self._momentum(p), self.generator)
+
+    def _decay(self) -> float:
+        cfg = self.config
+        if callable(cfg.decay):
+            return float(cfg.decay(self.step_count))
+        return drop_fraction(cfg.decay, self.step_count, alpha=cfg.alpha, t_end=max(1, cfg.end_step),
+                             eta_min=cfg.eta_min)
+
+    @torch.no_grad()
+    def _update(self) -> None:
+        cfg = self.config
+        if cfg.decay == "magnitude_prune":
+            self._gradual_prune()
+        else:
+            self._drop_and_grow(self._decay())
+        self.updates += 1
+        # grown weights start at 0, and so does their optimizer state
+        self.masks.apply(self.optimizer)
+        for p in self.params.values():
+            if p.grad is not None and not cfg.dense_gradients:
+                p.grad.zero_()
+        self.history.append({"step": self.step_count, "density": 1.0 - self.masks.sparsity()})
+
+    def _drop_and_grow(self, fraction: float) -> None:
+        cfg = self.config
+        gen = self.generator
+        names = list(self.params)
+        before = {n: self._units[n].clone() for n in names}
+        active = {n: int(before[n].sum()) for n in names}
+        n_drop = {n: min(active[n], round_half_up(fraction * active[n])) for n in names}
+        redistributing = callable(cfg.redistribute) or cfg.redistribute != "none"
+        growing = callable(cfg.grow) or cfg.grow != "none"
+        if growing and not redistributing:
+            # a layer regrows what it dropped among connections inactive before the drop: it
+            # cannot drop more than it has inactive (a dense layer stays dense)
+            n_drop = {n: min(n_drop[n], before[n].numel() - active[n]) for n in names}
+        after = {}
+        # drop
+        if callable(cfg.prune):
+            for n in names:
+                after[n] = cfg.prune(self.params[n].detach(), before[n], n_drop[n], self._ctx(n))
+        elif cfg.prune == "global_magnitude":
+            layers = [Units(n, self._unit_scores(n, self.params[n]), 1, before[n].numel(), ~before[n])
+                      for n in names]
+            total_drop = sum(n_drop.values())
+            inactive = sum(b.numel() - active[n] for n, b in before.items())
+            pruned = _global_lowest(layers, inactive + total_drop, [1] * len(layers))
+            for n in names:
+                after[n] = ~pruned[n]
+            n_drop = {n: active[n] - int(after[n].sum()) for n in names}
+        else:
+            for n in names:
+                scores = self._unit_scores(n, self.params[n])
+                dropped = _pick(scores, before[n], n_drop[n], largest=False, gen=gen)
+                after[n] = before[n] & ~dropped
+        # how many to grow where
+        if growing:
+            capacity = [int((~before[n]).sum()) for n in names]   # never regrow what was just dropped
+            total = min(sum(n_drop.values()), sum(capacity))
+            # without redistribution each layer regrows what it dropped (exactly, whenever its
+            # capacity allows; global magnitude may need to spread the rest)
+            stats = [self._redistribution_stat(n, after[n]) for n in names] if redistributing \
+                else [float(n_drop[n]) for n in names]
+            n_grow = dict(zip(names, _allocate_counts(capacity, stats, total)))
+            for n in names:
+                candidates = ~before[n]
+                if callable(cfg.grow):
+                    grown = cfg.grow(self.params[n].detach(), after[n], n_grow[n], self._ctx(n)) & ~after[n]
+                    if int(grown.sum()) != n_grow[n]:
+                        raise ValueError(f"grow callable must add exactly {n_grow[n]} connections to {n!r}, "
+                                         f"added {int(grown.sum())}")
+                else:
+                    grown = self._grow(n, candidates, n_grow[n])
+                after[n] = after[n] | grown
+        for n in names:
+            pat, p = self._unit_pattern[n], self.params[n]
+            grown = pat.expand(after[n] & ~before[n], p.detach(), True)
+            self._set_units(n, after[n])
+            if grown.any():  # grown weights and their optimizer state start at exactly 0
+                p.detach().masked_fill_(grown, 0.0)
+                for v in self.optimizer.state.get(p, {}).values():
+                    if isinstance(v, torch.Tensor) and v.shape == p.shape:
+                        v.masked_fill_(grown, 0)
+
+    def _grow(self, n: str, candidates: torch.Tensor, k: int) -> torch.Tensor:
+        cfg = self.config
+        if k <= 0:
+            return torch.zeros_like(candidates)
+        p = self.params[n]
+        if cfg.grow == "random":
+            idx = torch.nonzero(candidates).flatten()
+            chosen = idx[torch.randperm(idx.numel(), generator=self.generator)[:k].to(idx.device)]
+            out = torch.zeros_like(candidates)
+            out[chosen] = True
+            return out
+        if cfg.grow in ("gradient", "struct_gradient"):
+            if p.grad is None:
+                raise RuntimeError(f"grow='gradient' needs the gradient of {n!r} on update steps "
+                                   "(call loss.backward() before step())")
+            scores = self._unit_scores(n, p.grad)
+        else:  # momentum
+            m = self._momentum(p)
+            if m is None:
+                raise RuntimeError(f"grow='momentum' needs SGD momentum or Adam moments for {n!r}")
+            scores = self._unit_scores(n, m)
+        return _pick(scores, candidates, k, largest=True, gen=self.generator)
+
+    def _redistribution_stat(self, n: str, units: torch.Tensor) -> float:
+        cfg = self.config
+        p = self.params[n]
+        if callable(cfg.redistribute):
+            return float(cfg.redistribute(p.detach(), units, self._ctx(n)))
+        if cfg.redistribute == "nonzero":
+            return float(units.sum())
+        src = self._momentum(p) if cfg.redistribute == "momentum" else p.grad
+        if src is None or not units.any():
+            return 0.0
+        return float(self._unit_scores(n, src)[units].mean())
+
+    def _gradual_prune(self) -> None:
+        cfg = self.config
+        events = sorted(self._prune_events())
+        k = events.index(self.step_count) + 1
+        for n in self.params:
+            final_sparsity = 1.0 - self._final_density[n]
+            s0 = 1.0 - self._initial_density[n]
+            s = sparsity_at("cubic", k / len(events), min(s0, final_sparsity), final_sparsity)
+            n_units = self._n_units(n)
+            keep = n_units - min(n_units, round_half_up(s * n_units))
+            units = self._units[n]
+            n_drop = int(units.sum()) - keep
+            if n_drop > 0:
+                dropped = _pick(self._unit_scores(n, self.params[n]), units, n_drop, largest=False,
+                                gen=self.generator)
+                self._set_units(n, units & ~dropped)
+
+    # -- reporting -------------------------------------------------------------------------------
+    def report(self) -> SparsityReport:
+        """Per-layer density/sparsity table of the current masks."""
+        return SparsityReport(self.masks)
+
+    def training_flops(self, example_input: Any) -> dict:
+        """Estimated FLOPs of one training step (forward = 1x, backward = 2x), RigL's accounting.
+
+        ``f_D``/``f_S``: forward FLOPs (2 x MACs) of the masked layers for ``example_input`` with
+        dense / current sparse weights. Per step: dense ``3 f_D``; static, SET and pruning
+        ``3 f_S``; RigL ``(3 f_S dT + 2 f_S + f_D) / (dT + 1)``; dense-gradient methods (SNFS)
+        ``2 f_S + f_D``. Only Linear/Conv/MultiheadAttention projections are counted.
+        """
+        macs = _layer_macs(self.model, example_input, set(self.params))
+        f_dense = 2.0 * sum(macs.values())
+        f_sparse = 2.0 * sum(m * float(self.masks[n].float().mean()) for n, m in macs.items())
+        cfg = self.config
+        if cfg.dense_gradients:
+            per_step = 2 * f_sparse + f_dense
+        elif cfg.grow in ("gradient", "struct_gradient"):
+            dt = cfg.update_interval
+            per_step = (3 * f_sparse * dt + 2 * f_sparse + f_dense) / (dt + 1)
+        else:
+            per_step = 3 * f_sparse
+        return {"forward_dense": f_dense, "forward_sparse": f_sparse, "train_step_dense": 3 * f_dense,
+                "train_step": per_step, "ratio": per_step / (3 * f_dense) if f_dense else float("nan")}
+
+    # -- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Masks, counters and the random generator's state (tensors and plain values only)."""
+        return {"config": {k: v for k, v in self.config.to_dict().items() if not callable(v)
+                           and k != "lottery_masks"},
+                "step_count": self.step_count, "updates": self.updates,
+                "epoch_update_pending": self._epoch_update_pending,
+                "masks": self.masks.state_dict(), "generator": self.generator.get_state(),
+                "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict` (a new model, optimizer and trainer are fine)."""
+        if not isinstance(state, dict) or "masks" not in state:
+            raise TypeError("state must be a dict from SparseTrainer.state_dict()")
+        mine = {k: v for k, v in self.config.to_dict().items() if not callable(v) and k != "lottery_masks"}
+        diff = sorted(k for k in mine if k in state["config"] and state["config"][k] != mine[k])
+        if diff:
+            raise ValueError(f"trainer state was saved with a different config (fields {diff})")
+        self.masks.load_state_dict(state["masks"])
+        for n in self.params:
+            pat = self._unit_pattern[n]
+            self._units[n] = self.masks[n].reshape(-1).clone() if pat.spec == "1x1" else \
+                pat.unit_scores(self.masks[n].float(), "max", True) > 0
+        self.step_count = int(state["step_count"])
+        self.updates = int(state["updates"])
+        self._epoch_update_pending = bool(state["epoch_update_pending"])
+        self.generator.set_state(state["generator"])
+        self.history = list(state.get("history", []))
+        self.masks.apply(self.optimizer)
+
+
+def _layer_macs(model: nn.Module, example_input: Any, names: set) -> dict[str, float]:
+    """Multiply-accumulates per masked parameter for one forward pass of ``example_input``."""
+    macs: dict[str, float] = {}
+    hooks = []
+    by_module = {}
+    for mod_name, module in model.named_modules():
+        for pname in ("weight", "in_proj_weight"):
+            q = f"{mod_name}.{pname}" if mod_name else pname
+            if q in names:
+                by_module[id(module)] = (q, module)
+
+    def hook(module, inputs, output):
+        q, _ = by_module[id(module)]
+        w = getattr(module, "weight", None)
+        if isinstance(module, nn.MultiheadAttention):
+            x = inputs[0]
+            tokens = x.numel() // x.shape[-1]
+            macs[q] = macs.get(q, 0.0) + tokens * module.in_proj_weight.numel()
+            return
+        out = output[0] if isinstance(output, tuple) else output
+        if isinstance(module, nn.Linear):
+            macs[q] = macs.get(q, 0.0) + out.numel() * module.in_features
+        elif isinstance(module, nn.modules.conv._ConvNd) and w is not None:
+            macs[q] = macs.get(q, 0.0) + out.numel() * w[0].numel()
+
+    for _, module in by_module.values():
+        hooks.append(module.register_forward_hook(hook))
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            if isinstance(example_input, (tuple, list)):
+                model(*example_input)
+            elif isinstance(example_input, Mapping):
+                model(**example_input)
+            else:
+                model(example_input)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return macs
