@@ -59,6 +59,9 @@ class MaskSet(Mapping):
             names = list(names)
             if not names:
                 raise ValueError("names must list at least one parameter, got []")
+        for n in names:  # a weight reparametrized by torch.nn.utils.prune lives in <name>_orig
+            if n not in params and n + "_orig" in params:
+                params[n] = params[n + "_orig"]
         missing = [n for n in names if n not in params]
         if missing:
             raise ValueError(f"names not in the model's parameters: {missing}")

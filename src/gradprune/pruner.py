@@ -6,8 +6,9 @@ listed by the schedule (see :mod:`gradprune.schedules`) it recomputes the masks 
 criterion's scores, to the schedule's sparsity; after every step it re-applies the masks, so pruned
 weights stay exactly zero.
 
-A step whose gradients (of the prunable weights) hold inf or NaN is treated as skipped — exactly the
-steps that ``torch.amp.GradScaler`` skips: it neither updates the scores nor advances the schedule.
+A step whose gradients (of any of the model's parameters) hold inf or NaN is treated as skipped —
+exactly the steps that ``torch.amp.GradScaler`` skips: it neither updates the scores nor advances the
+schedule.
 With a ``GradScaler``, call ``scaler.unscale_(optimizer)`` before ``on_before_optimizer_step()`` (as
 for gradient clipping) so the scores see true gradients.
 
@@ -110,7 +111,8 @@ class Pruner:
     def on_before_optimizer_step(self) -> None:
         """Call after ``backward()`` (and ``scaler.unscale_``), before ``optimizer.step()``."""
         if self.step <= self._last_event:
-            grads = [p.grad for p in self.params.values() if p.grad is not None]
+            # every gradient, not only the prunable weights': GradScaler skips a step on any inf/NaN
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             if grads:
                 norms = torch._foreach_norm(grads)
                 if not bool(torch.stack(norms).isfinite().all()):
