@@ -151,12 +151,16 @@ def _threshold(scores, unit_weights, target, smin, smax, weight_at_most) -> floa
                                            / float(sample_w.sum()))
         m = sample.numel()
         pos = int(torch.searchsorted(cum, torch.tensor([float(target)], dtype=cum.dtype)).clamp(max=m - 1))
-        margin = 4 * int(math.sqrt(m)) + 8
-        lo_v = float(sample[order[max(0, pos - margin)]])
-        hi_v = float(sample[order[min(m - 1, pos + margin)]])
-        below = sum(w * int((s < lo_v).sum()) for w, s in zip(unit_weights, scores))
-        upto = weight_at_most(hi_v)
-        if below < target <= upto:
+        q = min(max(pos / m, 1.0 / m), 1.0 - 1.0 / m)
+        sigma = math.sqrt(m * q * (1.0 - q))   # rank spread of a sample quantile
+        for widen in (1, 8):  # a failed bracket (a biased strided sample) is widened once
+            margin = int(widen * (6 * sigma + 16))
+            lo_v = float(sample[order[max(0, pos - margin)]])
+            hi_v = float(sample[order[min(m - 1, pos + margin)]])
+            below = sum(w * int(torch.count_nonzero(s < lo_v)) for w, s in zip(unit_weights, scores))
+            upto = weight_at_most(hi_v)
+            if not below < target <= upto:
+                continue
             inside = [(s[(s >= lo_v) & (s <= hi_v)], w) for s, w in zip(scores, unit_weights)]
             n_inside = sum(c.numel() for c, _ in inside)
             if n_inside <= 64 * _SAMPLE:
@@ -167,6 +171,7 @@ def _threshold(scores, unit_weights, target, smin, smax, weight_at_most) -> floa
                 i = int(torch.searchsorted(cw, torch.tensor([float(target)], dtype=torch.float64)))
                 return float(vals[o[min(i, vals.numel() - 1)]])
             lo_key, hi_key = _key(lo_v), _key(hi_v)  # a narrower bracket for the bisection
+            break
     lo, hi = lo_key, hi_key
     # keys of -inf/+inf bound every real float32; NaN keys lie outside [key(min), key(max)]
     while lo < hi:
@@ -202,15 +207,16 @@ def _global_lowest(layers: list[Units], target: float, unit_weights: list[int]) 
         return {u.name: torch.zeros(u.n, dtype=torch.bool, device=u.scores.device) for u in layers}
     if target >= total:
         return {u.name: torch.ones(u.n, dtype=torch.bool, device=u.scores.device) for u in layers}
-    finite_min = min(float(s.min()) for s in scores if s.numel())
-    finite_max = max(float(s.max()) for s in scores if s.numel())
+    bounds = [torch.aminmax(s) for s in scores if s.numel()]
+    finite_min = min(float(b.min) for b in bounds)
+    finite_max = max(float(b.max) for b in bounds)
 
     def weight_at_most(t: float) -> int:
-        return sum(w * int((s <= t).sum()) for w, s in zip(unit_weights, scores))
+        return sum(w * int(torch.count_nonzero(s <= t)) for w, s in zip(unit_weights, scores))
 
     t = _threshold(scores, unit_weights, target, finite_min, finite_max, weight_at_most)
     out = {u.name: s < t for u, s in zip(layers, scores)}
-    removed = sum(w * int(out[u.name].sum()) for u, w in zip(layers, unit_weights))
+    removed = sum(w * int(torch.count_nonzero(out[u.name])) for u, w in zip(layers, unit_weights))
     # ties at t: later layers first, higher index first, until the target is reached (closest)
     for u, s, w in reversed(list(zip(layers, scores, unit_weights))):
         if removed >= target:
@@ -373,26 +379,31 @@ def _select_topk_threshold(layers, topk, threshold, scope):
     # after an existing mask: threshold removes what scores below it, then topk keeps the best
     removed = {}
     for u in layers:
-        r = torch.zeros(u.n, dtype=torch.bool, device=u.scores.device) if u.pruned is None else u.pruned.clone()
-        if threshold is not None:
-            r |= u.scores < threshold
+        if threshold is None:
+            r = u.pruned  # None: nothing removed yet (no tensor needed)
+        else:
+            r = u.scores < threshold if u.pruned is None else u.pruned | (u.scores < threshold)
         removed[u.name] = r
     if topk is None:
-        return removed
+        return {u.name: torch.zeros(u.n, dtype=torch.bool, device=u.scores.device)
+                if removed[u.name] is None else removed[u.name] for u in layers}
 
     def keep_count(remaining: int) -> int:
         if isinstance(topk, int):
             return min(topk, remaining)
         return min(remaining, math.ceil(round(topk * remaining, 9)))
 
+    def n_removed(u) -> int:
+        r = removed[u.name]
+        return 0 if r is None else int(torch.count_nonzero(r))
+
     if scope == "local":
         out = {}
         for u in layers:
-            r = removed[u.name]
-            remaining = u.n - int(r.sum())
-            out[u.name] = _prune_lowest(u.scores.float(), u.n - keep_count(remaining), r)
+            remaining = u.n - n_removed(u)
+            out[u.name] = _prune_lowest(u.scores.float(), u.n - keep_count(remaining), removed[u.name])
         return out
-    remaining = sum(u.n - int(removed[u.name].sum()) for u in layers)
+    remaining = sum(u.n - n_removed(u) for u in layers)
     k_prune = sum(u.n for u in layers) - keep_count(remaining)
     tmp = [Units(u.name, u.scores.float(), 1, u.n, removed[u.name]) for u in layers]
     return _global_lowest(tmp, k_prune, [1] * len(tmp))
