@@ -15,6 +15,7 @@ __all__ = [
     "check_float",
     "check_choice",
     "check_str_list",
+    "check_topk",
     "round_half_up",
 ]
 
@@ -84,6 +85,20 @@ def check_str_list(name: str, value: Any, *, allow_none: bool = False):
         if not isinstance(item, str):
             raise TypeError(f"{name} must be a list of str, got an item of type {_type_name(item)}")
     return tuple(value)
+
+
+def check_topk(name: str, value: Any):
+    """``None``, an int >= 1 (a count) or a float in (0, 1] (a fraction); never a bool."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be int or float, got {_type_name(value)}")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1 when an int, got {value!r}")
+    elif not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1] when a float, got {value!r}")
+    return value
 
 
 def round_half_up(x: float) -> int:

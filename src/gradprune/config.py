@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar
 
-from ._checks import check_choice, check_float, check_int, check_str_list
+from ._checks import check_choice, check_float, check_int, check_str_list, check_topk
 
 __all__ = ["Config", "PruneConfig", "SCHEDULES", "SCOPES", "ALLOCATIONS", "REDUCTIONS",
            "parse_pattern", "atomic_write"]
@@ -282,16 +282,7 @@ class PruneConfig(Config):
 
     @staticmethod
     def _validate_topk(v):
-        if v is None:
-            return None
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(f"topk must be int or float, got {type(v).__name__}")
-        if isinstance(v, int):
-            if v < 1:
-                raise ValueError(f"topk must be >= 1 when an int, got {v!r}")
-        elif not 0.0 < v <= 1.0:
-            raise ValueError(f"topk must be in (0, 1] when a float, got {v!r}")
-        return v
+        return check_topk("topk", v)
 
     @staticmethod
     def _validate_threshold(v):

@@ -61,7 +61,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ._checks import check_float, check_int
+from ._checks import check_choice, check_float, check_int, check_topk
 from ._progress import progress
 from .config import Config, atomic_write
 from .masks import MaskSet
@@ -72,19 +72,6 @@ __all__ = ["PrePruneConfig", "pre_prune", "PrePruneSelection", "sample_indices"]
 
 SOURCES = ("factual", "alternative", "diff")
 PREPRUNE_STATISTICS = ("mean", "mean_abs", "mean_sq")
-
-
-def _check_topk(v):
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"topk must be int or float, got {type(v).__name__}")
-    if isinstance(v, int):
-        if v < 1:
-            raise ValueError(f"topk must be >= 1 when an int, got {v!r}")
-    elif not 0.0 < v <= 1.0:
-        raise ValueError(f"topk must be in (0, 1] when a float, got {v!r}")
-    return v
 
 
 @dataclass(eq=False)
@@ -124,26 +111,13 @@ class PrePruneConfig(Config):
     statistic: str = "mean"
 
     _validate_n_samples = staticmethod(lambda v: check_int("n_samples", v, min_value=1))
-    _validate_topk = staticmethod(_check_topk)
+    _validate_topk = staticmethod(lambda v: check_topk("topk", v))
     _validate_threshold = staticmethod(lambda v: check_float("threshold", v, allow_none=True))
     _validate_batch_size = staticmethod(lambda v: check_int("batch_size", v, min_value=1))
     _validate_seed = staticmethod(lambda v: check_int("seed", v, min_value=0))
 
-    @staticmethod
-    def _validate_source(v):
-        if not isinstance(v, str):
-            raise TypeError(f"source must be str, got {type(v).__name__}")
-        if v not in SOURCES:
-            raise ValueError(f"source must be one of {', '.join(SOURCES)}; got {v!r}")
-        return v
-
-    @staticmethod
-    def _validate_statistic(v):
-        if not isinstance(v, str):
-            raise TypeError(f"statistic must be str, got {type(v).__name__}")
-        if v not in PREPRUNE_STATISTICS:
-            raise ValueError(f"statistic must be one of {', '.join(PREPRUNE_STATISTICS)}; got {v!r}")
-        return v
+    _validate_source = staticmethod(lambda v: check_choice("source", v, SOURCES))
+    _validate_statistic = staticmethod(lambda v: check_choice("statistic", v, PREPRUNE_STATISTICS))
 
     @staticmethod
     def _validate_dataset(v):

@@ -39,8 +39,7 @@ from typing import Sequence
 
 import torch
 
-from ._checks import round_half_up
-from .config import PruneConfig
+from ._checks import check_float, check_topk, round_half_up
 
 __all__ = ["Units", "select", "allocate_densities", "raw_density"]
 
@@ -321,8 +320,8 @@ def select(
         raise ValueError(f"scope must be one of global, local; got {scope!r}")
     if sparsity is None and topk is None and threshold is None:
         raise ValueError("one of sparsity, topk or threshold must be set")
-    PruneConfig._validate_topk(topk)          # bool and topk=0 are rejected everywhere
-    PruneConfig._validate_threshold(threshold)
+    check_topk("topk", topk)                  # bool and topk=0 are rejected everywhere
+    check_float("threshold", threshold, allow_none=True)
     for u in layers:
         if torch.isnan(u.scores).any():
             raise ValueError(f"scores of {u.name!r} contain NaN")
