@@ -67,7 +67,8 @@ class MaskSet(Mapping):
             raise ValueError(f"names not in the model's parameters: {missing}")
         self._params = {n: params[n] for n in names}
         self._masks: dict[str, torch.Tensor] = {}
-        self._pruned: dict[str, torch.Tensor] = {}
+        self._pruned: dict[tuple, tuple] = {}  # (name, dtype, device) -> (mask version, float mask)
+        self._plan_cache = None
         for n, p in self._params.items():
             self._masks[n] = torch.ones(p.shape, dtype=torch.bool, device=p.device)
         for n, m in (masks or {}).items():
@@ -94,7 +95,9 @@ class MaskSet(Mapping):
         if mask.shape != p.shape:
             raise ValueError(f"mask for {name!r} must have shape {tuple(p.shape)}, got {tuple(mask.shape)}")
         self._masks[name] = mask.to(p.device).clone()
-        self._pruned.pop(name, None)
+        for key in [k for k in self._pruned if k[0] == name]:
+            del self._pruned[key]
+        self._plan_cache = None
 
     def __repr__(self) -> str:
         return f"MaskSet({len(self)} parameters, sparsity={self.sparsity():.4f})"
@@ -102,42 +105,72 @@ class MaskSet(Mapping):
     def params(self) -> dict[str, nn.Parameter]:
         return dict(self._params)
 
-    def _pruned_of(self, name: str) -> torch.Tensor:
+    def _factor(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The mask as 1.0/0.0 in ``like``'s dtype and device, cached (masks may be edited in
+        place: the cache follows the mask's version counter). Multiplying by it is an order of
+        magnitude faster on CPU than ``masked_fill_`` with a bool mask."""
         mask = self._masks[name]
-        cached = self._pruned.get(name)
-        if cached is None or cached[0] != mask._version:  # masks may be edited in place
-            cached = (mask._version, ~mask)
-            self._pruned[name] = cached
+        key = (name, like.dtype, like.device)
+        cached = self._pruned.get(key)
+        if cached is None or cached[0] != mask._version:
+            cached = (mask._version, mask.to(device=like.device, dtype=like.dtype))
+            self._pruned[key] = cached
         return cached[1]
+
+    @staticmethod
+    def _multiply(tensors: list, factors: list) -> None:
+        if tensors:
+            torch._foreach_mul_(tensors, factors)
+
+    def _plan(self):
+        """``(params, factors)`` for the hot path, rebuilt only when a mask changed."""
+        versions = tuple((id(m), m._version) for m in self._masks.values())
+        plan = self._plan_cache
+        if plan is None or plan[0] != versions:
+            params = list(self._params.values())
+            plan = (versions, params, [self._factor(n, p) for n, p in self._params.items()])
+            self._plan_cache = plan
+        return plan[1], plan[2]
 
     # -- enforcement --------------------------------------------------------------------
     @torch.no_grad()
     def apply(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Zero pruned weights (and ``optimizer``'s state for them) in place."""
-        for n, p in self._params.items():
-            p.masked_fill_(self._pruned_of(n), 0.0)
+        """Zero pruned weights (and ``optimizer``'s state for them) in place.
+
+        Pruned entries become exactly 0 (as long as they were finite: pruned weights whose
+        gradients are masked, as :class:`Pruner` and ``attach`` do, never stop being 0).
+        """
+        params, factors = self._plan()
+        self._multiply(params, factors)
         if optimizer is not None:
             self.apply_to_optimizer(optimizer)
 
     @torch.no_grad()
     def apply_to_grads(self) -> None:
         """Zero the gradients of pruned weights in place."""
-        for n, p in self._params.items():
-            if p.grad is not None:
-                p.grad.masked_fill_(self._pruned_of(n), 0.0)
+        params, factors = self._plan()
+        grads = [p.grad for p in params]
+        if all(g is not None and g.dtype == p.dtype for g, p in zip(grads, params)):
+            self._multiply(grads, factors)
+            return
+        ps = [(n, p.grad) for n, p in self._params.items() if p.grad is not None]
+        self._multiply([g for _, g in ps], [self._factor(n, g) for n, g in ps])
 
     @torch.no_grad()
     def apply_to_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Zero every per-parameter state tensor shaped like a masked parameter."""
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        tensors, factors = [], []
         for n, p in self._params.items():
             state = optimizer.state.get(p)
             if not state:
                 continue
             for v in state.values():
                 if isinstance(v, torch.Tensor) and v.shape == p.shape:
-                    v.masked_fill_(self._pruned_of(n), 0)
+                    tensors.append(v)
+                    factors.append(self._factor(n, v))
+        self._multiply(tensors, factors)
 
     def attach(self, optimizer: torch.optim.Optimizer):
         """Apply the masks (weights and state) after every ``optimizer.step()``.
