@@ -34,6 +34,7 @@ prune           ``magnitude`` (per layer), ``global_magnitude`` (one exact thres
 grow            ``gradient`` (RigL: largest ``|dense grad|``), ``momentum`` (SNFS; Adam:
                 ``exp_avg / (sqrt(exp_avg_sq) + eps)``), ``random``, ``none``, ``struct_gradient``;
                 callable ``grow(weight, mask, n, ctx) -> mask`` with exactly ``n`` more active
+                (``mask`` is the one from before the drop, so nothing just dropped is regrown)
 redistribute    ``none``, ``momentum`` (mean ``|m|`` over active), ``gradient`` (mean ``|g|`` over
                 active), ``nonzero``; callable ``redistribute(weight, mask, ctx) -> float``
 decay           ``cosine`` (``eta_min + (alpha - eta_min)/2 (1 + cos(pi t / end_step))``), ``linear``,
@@ -41,9 +42,11 @@ decay           ``cosine`` (``eta_min + (alpha - eta_min)/2 (1 + cos(pi t / end_
                 target, no regrowth); callable ``decay(step) -> float``
 ============== ==============================================================================
 
-``ctx`` is a :class:`LayerContext` (``name``, ``grad``, ``momentum``, ``generator``). Ties in the
-drop and grow scores are broken at random with the trainer's seeded generator; everything random
-comes from that one generator, so the same seed gives the same masks.
+``ctx`` is a :class:`LayerContext` (``name``, ``grad``, ``momentum``, ``generator``); the masks that
+callables get and return are bool tensors shaped like the weight (with struct rules, whole kernels).
+Ties in the drop and grow scores are broken at random with the trainer's seeded generator
+(``global_magnitude`` breaks ties by position instead: later layer, higher index first);
+everything random comes from that one generator, so the same seed gives the same masks.
 
 Example:
     >>> import torch, torch.nn as nn
@@ -182,6 +185,8 @@ class SparseConfig(Config):
                              f"start_step={self.start_step!r}")
         if self.init == "lottery" and self.lottery_masks is None:
             raise ValueError("init='lottery' needs lottery_masks (a path or a mapping of bool masks)")
+        if self.update_on == "epoch" and self.decay == "magnitude_prune":
+            raise ValueError("decay='magnitude_prune' prunes on its step schedule: use update_on='step'")
 
     # -- presets --------------------------------------------------------------------------
     @classmethod
@@ -191,14 +196,14 @@ class SparseConfig(Config):
         base = dict(density=density, init="erk", prune="magnitude", grow="gradient",
                     redistribute="none", decay="cosine", alpha=0.3, update_interval=100,
                     end_step=_three_quarters(total_steps))
-        return cls(**{**base, **overrides})
+        return cls.from_dict({**base, **overrides})
 
     @classmethod
     def set(cls, density: float = 0.1, total_steps: int = 1000, **overrides) -> "SparseConfig":
         """SET (Mocanu et al. 2018): random (ER) init, magnitude drop, random growth, alpha=0.5."""
         base = dict(density=density, init="er", prune="magnitude", grow="random", redistribute="none",
                     decay="cosine", alpha=0.5, update_interval=100, end_step=_three_quarters(total_steps))
-        return cls(**{**base, **overrides})
+        return cls.from_dict({**base, **overrides})
 
     @classmethod
     def snfs(cls, density: float = 0.1, total_steps: int = 1000, **overrides) -> "SparseConfig":
@@ -207,14 +212,14 @@ class SparseConfig(Config):
         base = dict(density=density, init="erk", prune="magnitude", grow="momentum",
                     redistribute="momentum", decay="cosine", alpha=0.5, update_interval=100,
                     dense_gradients=True, end_step=_three_quarters(total_steps))
-        return cls(**{**base, **overrides})
+        return cls.from_dict({**base, **overrides})
 
     @classmethod
     def static(cls, density: float = 0.1, total_steps: int = 1000, **overrides) -> "SparseConfig":
         """A fixed random (ERK) mask: no connectivity updates."""
         base = dict(density=density, init="erk", grow="none", decay="constant", alpha=0.0,
                     end_step=0)
-        return cls(**{**base, **overrides})
+        return cls.from_dict({**base, **overrides})
 
     @classmethod
     def pruning(cls, density: float = 0.1, total_steps: int = 1000, **overrides) -> "SparseConfig":
@@ -223,7 +228,7 @@ class SparseConfig(Config):
         base = dict(density=density, init="dense", prune="magnitude", grow="none",
                     decay="magnitude_prune", update_interval=100,
                     start_step=max(1, total_steps // 8), end_step=_three_quarters(total_steps))
-        return cls(**{**base, **overrides})
+        return cls.from_dict({**base, **overrides})
 
     @classmethod
     def lottery(cls, masks: Any, density: float = 0.1, shuffle: bool = False, **overrides) -> "SparseConfig":
@@ -231,7 +236,7 @@ class SparseConfig(Config):
         per-layer counts)."""
         base = dict(density=density, init="lottery", lottery_masks=masks, lottery_shuffle=shuffle,
                     grow="none", decay="constant", alpha=0.0, end_step=0)
-        return cls(**{**base, **overrides})
+        return cls.from_dict({**base, **overrides})
 
 
 def _three_quarters(total_steps: int) -> int:
@@ -292,7 +297,10 @@ def _allocate_counts(capacity: list[int], weights: list[float], total: int) -> l
         free = [i for i in range(len(capacity)) if counts[i] < capacity[i]]
         w = {i: max(float(weights[i]), 0.0) for i in free}
         wsum = sum(w.values())
-        ideal = {i: remaining * (w[i] / wsum if wsum > 0 else 1.0 / len(free)) for i in free}
+        # multiply before dividing: with integer weights summing to ``remaining`` the ideal
+        # shares are then exact (``7 * (3 / 7)`` is not 3.0 in floating point, and flooring it
+        # would move a connection to another layer)
+        ideal = {i: (remaining * w[i] / wsum if wsum > 0 else remaining / len(free)) for i in free}
         add = {i: min(int(math.floor(ideal[i])), capacity[i] - counts[i]) for i in free}
         if sum(add.values()) == 0:  # only fractions left: one each, largest remainder first
             for i in sorted(free, key=lambda i: -(ideal[i] - math.floor(ideal[i])))[:remaining]:
@@ -355,11 +363,26 @@ class SparseTrainer:
         p = self.params[name]
         self.masks[name] = self._unit_pattern[name].expand(units, p.detach(), True)
 
+    def _weight_mask(self, name: str, units: torch.Tensor) -> torch.Tensor:
+        """A bool mask shaped like the weight (a copy) from per-unit ``units``: what callables get."""
+        return self._unit_pattern[name].expand(units, self.params[name].detach(), True).clone()
+
+    def _units_from_callable(self, name: str, mask: Any, what: str) -> torch.Tensor:
+        """Per-unit bool mask from a weight-shaped mask returned by a rule callable."""
+        p = self.params[name]
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != p.shape:
+            raise ValueError(f"{what} callable must return a bool mask of shape {tuple(p.shape)} for {name!r}")
+        mask = mask.to(p.device)
+        pat = self._unit_pattern[name]
+        return mask.reshape(-1).clone() if pat.spec == "1x1" else pat.unit_scores(mask.float(), "max", True) > 0
+
     # -- init ------------------------------------------------------------------------------
     def _layer_densities(self, kind: str) -> dict[str, float]:
         cfg = self.config
         names = list(self.params)
-        numels = [self._n_units(n) for n in names]
+        # weights, not units: the density is a fraction of weights (a conv kernel unit holds
+        # prod(kernel) of them), and a layer's unit and weight densities are the same
+        numels = [self.params[n].numel() for n in names]
         alloc = {"uniform": "uniform", "struct_random": "uniform", "er": "er", "erk": "erk",
                  "struct_erk": "erk", "dense": "uniform"}.get(kind, "uniform")
         raws = [raw_density(self.params[n].shape, alloc) for n in names]
@@ -534,11 +557,22 @@ class SparseTrainer:
             # a layer regrows what it dropped among connections inactive before the drop: it
             # cannot drop more than it has inactive (a dense layer stays dense)
             n_drop = {n: min(n_drop[n], before[n].numel() - active[n]) for n in names}
+        if growing:
+            # every dropped connection must find a place to regrow (the total is preserved exactly):
+            # with redistribution at high density, drop no more than all layers have inactive
+            room = sum(before[n].numel() - active[n] for n in names)
+            if sum(n_drop.values()) > room:
+                n_drop = dict(zip(names, _allocate_counts([n_drop[n] for n in names],
+                                                          [float(n_drop[n]) for n in names], room)))
         after = {}
         # drop
         if callable(cfg.prune):
             for n in names:
-                after[n] = cfg.prune(self.params[n].detach(), before[n], n_drop[n], self._ctx(n))
+                res = cfg.prune(self.params[n].detach(), self._weight_mask(n, before[n]), n_drop[n], self._ctx(n))
+                after[n] = self._units_from_callable(n, res, "prune")
+                if bool((after[n] & ~before[n]).any()) or int(after[n].sum()) != active[n] - n_drop[n]:
+                    raise ValueError(f"prune callable must remove exactly {n_drop[n]} active connections "
+                                     f"from {n!r} and add none")
         elif cfg.prune == "global_magnitude":
             layers = [Units(n, self._unit_scores(n, self.params[n]), 1, before[n].numel(), ~before[n])
                       for n in names]
@@ -565,7 +599,10 @@ class SparseTrainer:
             for n in names:
                 candidates = ~before[n]
                 if callable(cfg.grow):
-                    grown = cfg.grow(self.params[n].detach(), after[n], n_grow[n], self._ctx(n)) & ~after[n]
+                    # it gets the mask from before the drop: just-dropped connections are no candidates
+                    res = cfg.grow(self.params[n].detach(), self._weight_mask(n, before[n]), n_grow[n],
+                                   self._ctx(n))
+                    grown = self._units_from_callable(n, res, "grow") & candidates
                     if int(grown.sum()) != n_grow[n]:
                         raise ValueError(f"grow callable must add exactly {n_grow[n]} connections to {n!r}, "
                                          f"added {int(grown.sum())}")
@@ -609,7 +646,7 @@ class SparseTrainer:
         cfg = self.config
         p = self.params[n]
         if callable(cfg.redistribute):
-            return float(cfg.redistribute(p.detach(), units, self._ctx(n)))
+            return float(cfg.redistribute(p.detach(), self._weight_mask(n, units), self._ctx(n)))
         if cfg.redistribute == "nonzero":
             return float(units.sum())
         src = self._momentum(p) if cfg.redistribute == "momentum" else p.grad
@@ -672,7 +709,11 @@ class SparseTrainer:
                 "history": list(self.history)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume from :meth:`state_dict` (a new model, optimizer and trainer are fine)."""
+        """Resume from :meth:`state_dict` (a new model, optimizer and trainer are fine).
+
+        Build the trainer before loading the model's weights: building it applies fresh initial
+        masks, which would zero saved weights that they do not cover.
+        """
         if not isinstance(state, dict) or "masks" not in state:
             raise TypeError("state must be a dict from SparseTrainer.state_dict()")
         mine = {k: v for k, v in self.config.to_dict().items() if not callable(v) and k != "lottery_masks"}
@@ -697,11 +738,17 @@ def _layer_macs(model: nn.Module, example_input: Any, names: set) -> dict[str, f
     macs: dict[str, float] = {}
     hooks = []
     by_module = {}
+    mha_out = {}
     for mod_name, module in model.named_modules():
         for pname in ("weight", "in_proj_weight"):
             q = f"{mod_name}.{pname}" if mod_name else pname
             if q in names:
                 by_module[id(module)] = (q, module)
+        # MultiheadAttention applies out_proj functionally (its forward hook never fires)
+        q_out = f"{mod_name}.out_proj.weight" if mod_name else "out_proj.weight"
+        if isinstance(module, nn.MultiheadAttention) and q_out in names:
+            mha_out[id(module)] = q_out
+            by_module.setdefault(id(module), (None, module))
 
     def hook(module, inputs, output):
         q, _ = by_module[id(module)]
@@ -709,7 +756,11 @@ def _layer_macs(model: nn.Module, example_input: Any, names: set) -> dict[str, f
         if isinstance(module, nn.MultiheadAttention):
             x = inputs[0]
             tokens = x.numel() // x.shape[-1]
-            macs[q] = macs.get(q, 0.0) + tokens * module.in_proj_weight.numel()
+            if q is not None:
+                macs[q] = macs.get(q, 0.0) + tokens * module.in_proj_weight.numel()
+            if id(module) in mha_out:
+                q_o = mha_out[id(module)]
+                macs[q_o] = macs.get(q_o, 0.0) + tokens * module.out_proj.weight.numel()
             return
         out = output[0] if isinstance(output, tuple) else output
         if isinstance(module, nn.Linear):
