@@ -25,6 +25,16 @@ from torch import nn
 
 N_CLASSES = 4
 
+# CI (CI=true) runs every property test on the same, derandomized examples: a red CI is
+# reproducible; locally hypothesis keeps exploring new examples.
+import os
+
+from hypothesis import settings as _hyp_settings
+
+_hyp_settings.register_profile("ci", derandomize=True, deadline=None)
+if os.environ.get("CI"):
+    _hyp_settings.load_profile("ci")
+
 # Tiny tensors: one intra-op thread is far faster than OpenMP threads contending on a small,
 # shared machine (and results do not depend on it).
 torch.set_num_threads(1)

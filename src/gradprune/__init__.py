@@ -26,6 +26,7 @@ from .scores import (
     stream_gradients,
 )
 from .targets import find_targets
+from .structured import SearchResult, find_groups, load_pruned, save_pruned, search
 
 __version__ = "0.1.0"
 
@@ -34,3 +35,4 @@ __all__ = [
     "SparsitySchedule", "sparsity_at", "SparseConfig", "SparseTrainer", "LayerContext", "Criterion", "GradientStatistics", "get_criterion",
     "list_criteria", "register_criterion", "stream_gradients", "find_targets", "__version__",
 ]
+__all__ += ["search", "SearchResult", "find_groups", "save_pruned", "load_pruned"]

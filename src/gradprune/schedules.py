@@ -116,4 +116,4 @@ def drop_fraction(schedule: str, step: int, *, alpha: float, t_end: int, eta_min
     t = min(step, t_end)
     if schedule == "cosine":
         return eta_min + (alpha - eta_min) / 2.0 * (1.0 + math.cos(math.pi * t / t_end))
-    return max(0.0, alpha - alpha * (t + 1) / t_end)
+    return max(0.0, alpha * (1.0 - (t + 1) / t_end))  # exactly 0 once t + 1 >= t_end

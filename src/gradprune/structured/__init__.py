@@ -1,0 +1,24 @@
+"""Structured pruning: dependency groups, gates, search to a budget, export of a smaller model.
+
+See ``docs/structured.md``. The main entry points:
+
+- :func:`search` — scores and a binary search on a global threshold to a params/FLOPs budget;
+- :meth:`SearchResult.export` — an ordinary, physically smaller ``nn.Module``;
+- :func:`save_pruned` / :func:`load_pruned` — a plain state dict plus a JSON width record;
+- :func:`find_groups`, :class:`Gates`, :class:`SearchRules`, :class:`CostModel` — the parts.
+"""
+
+from .export import export_model, load_pruned, save_pruned
+from .flops import CostModel, count_flops, count_params
+from .gates import Gates
+from .groups import Analysis, Group, Layout, Slice, find_groups
+from .rules import ChannelRule, FeatureRule, SearchRules, candidate_widths
+from .scoring import GateStatistics, gate_statistics, magnitude_scores
+from .search import METHODS, SearchResult, parse_constraints, search
+
+__all__ = [
+    "find_groups", "Analysis", "Group", "Slice", "Layout", "Gates", "SearchRules", "ChannelRule",
+    "FeatureRule", "candidate_widths", "CostModel", "count_params", "count_flops",
+    "GateStatistics", "gate_statistics", "magnitude_scores", "search", "SearchResult", "METHODS",
+    "parse_constraints", "export_model", "save_pruned", "load_pruned",
+]

@@ -1,0 +1,214 @@
+"""Export: a physically smaller copy of the model, and its save/load without pickled modules.
+
+:func:`export_model` deep-copies the model and slices, for every kept unit of every group, the
+weights, biases, norm parameters and buffers (BatchNorm/InstanceNorm running statistics) of each
+module of the group, updating ``in_features``/``out_features``, ``in_channels``/``out_channels``,
+``groups`` (depthwise convs), ``num_features``, ``num_channels`` and ``normalized_shape``. The
+result is an ordinary ``torch.nn`` model.
+
+:func:`save_pruned` writes a directory with ``model.pt`` (a plain state dict) and
+``architecture.json`` (the width attributes of every ``Linear``/conv/norm layer);
+:func:`load_pruned` builds a fresh model from a factory, narrows the recorded layers to the saved
+widths and loads the state dict with ``torch.load(weights_only=True)``.
+
+Example:
+    >>> import tempfile, torch, torch.nn as nn
+    >>> from gradprune.structured import save_pruned, load_pruned
+    >>> make = lambda: nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> small = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     save_pruned(small, d + "/small")
+    ...     again = load_pruned(make, d + "/small")
+    >>> again[0].out_features, again[2].in_features
+    (3, 3)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import torch
+from torch import nn
+
+from ..config import atomic_write
+from .groups import _BN, _CONV, _CONVT, _IN, Analysis
+
+__all__ = ["export_model", "save_pruned", "load_pruned", "ARCH_FILE", "WEIGHTS_FILE"]
+
+ARCH_FILE = "architecture.json"
+WEIGHTS_FILE = "model.pt"
+_FORMAT = "gradprune-structured"
+
+
+def _set_param(mod: nn.Module, name: str, value: torch.Tensor) -> None:
+    old = getattr(mod, name)
+    if old is None:
+        return
+    setattr(mod, name, nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad))
+
+
+def _set_buffer(mod: nn.Module, name: str, value: torch.Tensor) -> None:
+    if getattr(mod, name, None) is not None:
+        mod._buffers[name] = value.detach().clone()
+
+
+def _slice_module(mod: nn.Module, out_idx, in_idx, ch_idx) -> None:
+    if isinstance(mod, nn.Linear):
+        w = mod.weight
+        if out_idx is not None:
+            w = w.index_select(0, out_idx)
+            if mod.bias is not None:
+                _set_param(mod, "bias", mod.bias.index_select(0, out_idx))
+            mod.out_features = len(out_idx)
+        if in_idx is not None:
+            w = w.index_select(1, in_idx)
+            mod.in_features = len(in_idx)
+        _set_param(mod, "weight", w)
+    elif isinstance(mod, _CONV + _CONVT):
+        if ch_idx is not None:  # depthwise
+            _set_param(mod, "weight", mod.weight.index_select(0, ch_idx))
+            if mod.bias is not None:
+                _set_param(mod, "bias", mod.bias.index_select(0, ch_idx))
+            mod.in_channels = mod.out_channels = mod.groups = len(ch_idx)
+            return
+        out_dim, in_dim = (1, 0) if isinstance(mod, _CONVT) else (0, 1)
+        w = mod.weight
+        if out_idx is not None:
+            w = w.index_select(out_dim, out_idx)
+            if mod.bias is not None:
+                _set_param(mod, "bias", mod.bias.index_select(0, out_idx))
+            mod.out_channels = len(out_idx)
+        if in_idx is not None:
+            w = w.index_select(in_dim, in_idx)
+            mod.in_channels = len(in_idx)
+        _set_param(mod, "weight", w)
+    elif isinstance(mod, _BN + _IN + (nn.GroupNorm, nn.LayerNorm)):
+        if ch_idx is None:
+            return
+        for pname in ("weight", "bias"):
+            if getattr(mod, pname, None) is not None:
+                _set_param(mod, pname, getattr(mod, pname).index_select(0, ch_idx))
+        for bname in ("running_mean", "running_var"):
+            if getattr(mod, bname, None) is not None:
+                _set_buffer(mod, bname, getattr(mod, bname).index_select(0, ch_idx))
+        if isinstance(mod, nn.GroupNorm):
+            mod.num_channels = len(ch_idx)
+        elif isinstance(mod, nn.LayerNorm):
+            mod.normalized_shape = (len(ch_idx),)
+        else:
+            mod.num_features = len(ch_idx)
+    else:  # pragma: no cover - the analysis only records the types above
+        raise TypeError(f"cannot slice a {type(mod).__name__}")
+
+
+def export_model(analysis: Analysis, keep: dict) -> nn.Module:
+    """A deep copy of ``analysis.model`` keeping units ``keep[group index]`` (sorted indices) of
+    each group (a missing group keeps everything)."""
+    new = copy.deepcopy(analysis.model)
+    modules = dict(new.named_modules())
+    for name, roles in analysis.roles.items():
+        idx = {r: analysis.indices_of(lay, keep) for r, lay in roles.items()}
+        full = {r: analysis.width_of(lay, {}) for r, lay in roles.items()}
+        idx = {r: (None if len(t) == full[r] else t) for r, t in idx.items()}
+        if not any(t is not None for t in idx.values()):
+            continue
+        _slice_module(modules[name], idx.get("out"), idx.get("in"), idx.get("through"))
+    return new
+
+
+# --------------------------------------------------------------------------------------------
+# save / load
+
+
+def _arch_of(mod: nn.Module) -> dict | None:
+    if isinstance(mod, nn.Linear):
+        return {"in_features": mod.in_features, "out_features": mod.out_features}
+    if isinstance(mod, _CONV + _CONVT):
+        return {"in_channels": mod.in_channels, "out_channels": mod.out_channels, "groups": mod.groups}
+    if isinstance(mod, _BN + _IN):
+        return {"num_features": mod.num_features}
+    if isinstance(mod, nn.GroupNorm):
+        return {"num_groups": mod.num_groups, "num_channels": mod.num_channels}
+    if isinstance(mod, nn.LayerNorm):
+        return {"normalized_shape": list(mod.normalized_shape)}
+    return None
+
+
+def architecture(model: nn.Module) -> dict:
+    """The JSON-able width record of ``model``: ``{module name: {"type": ..., attributes}}``."""
+    out = {}
+    for name, mod in model.named_modules():
+        arch = _arch_of(mod)
+        if arch is not None:
+            out[name] = {"type": type(mod).__name__, **arch}
+    return out
+
+
+def save_pruned(model: nn.Module, path: str | os.PathLike) -> None:
+    """Save ``model`` (e.g. an exported, pruned one) to directory ``path``: ``model.pt`` holds its
+    plain state dict, ``architecture.json`` the widths of its layers. Files are written
+    atomically."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    record = {"format": _FORMAT, "version": 1, "modules": architecture(model)}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+    def write_json(tmp):
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(record, fh, indent=1, sort_keys=True)
+
+    atomic_write(os.path.join(path, WEIGHTS_FILE), lambda tmp: torch.save(state, tmp))
+    atomic_write(os.path.join(path, ARCH_FILE), write_json)
+
+
+def load_pruned(factory, path: str | os.PathLike, map_location="cpu") -> nn.Module:
+    """Rebuild a model saved by :func:`save_pruned`: ``factory()`` gives a fresh (dense) model of
+    the same architecture, whose recorded layers are narrowed to the saved widths before the state
+    dict is loaded (strictly, with ``torch.load(weights_only=True)``)."""
+    if not callable(factory):
+        raise TypeError(f"factory must be callable and return the dense model, got {type(factory).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    path = os.fspath(path)
+    arch_path, weights_path = os.path.join(path, ARCH_FILE), os.path.join(path, WEIGHTS_FILE)
+    for p in (arch_path, weights_path):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"path must be a directory written by save_pruned; missing {p}")
+    with open(arch_path, encoding="utf-8") as fh:
+        record = json.load(fh)
+    if not isinstance(record, dict) or record.get("format") != _FORMAT:
+        raise ValueError(f"{arch_path} is not a gradprune architecture record")
+    state = torch.load(weights_path, map_location=map_location, weights_only=True)
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"factory must return a torch.nn.Module, got {type(model).__name__}")
+    modules = dict(model.named_modules())
+    for name, arch in record["modules"].items():
+        mod = modules.get(name)
+        if mod is None:
+            raise ValueError(f"the saved model has a module {name!r} that factory() does not build")
+        if type(mod).__name__ != arch.get("type"):
+            raise ValueError(f"module {name!r} is a {type(mod).__name__} in factory() but was saved "
+                             f"as {arch.get('type')}")
+        for key, value in arch.items():
+            if key == "type":
+                continue
+            setattr(mod, key, tuple(value) if key == "normalized_shape" else value)
+        prefix = f"{name}." if name else ""
+        for pname, p in list(mod.named_parameters(recurse=False)):
+            saved = state.get(prefix + pname)
+            if saved is not None and saved.shape != p.shape:
+                setattr(mod, pname, nn.Parameter(torch.empty(saved.shape, dtype=p.dtype),
+                                                 requires_grad=p.requires_grad))
+        for bname, b in list(mod.named_buffers(recurse=False)):
+            saved = state.get(prefix + bname)
+            if b is not None and saved is not None and saved.shape != b.shape:
+                mod._buffers[bname] = torch.empty(saved.shape, dtype=b.dtype)
+    model.load_state_dict(state, strict=True)
+    return model

@@ -1,0 +1,138 @@
+"""Unit scores of every group: gate gradients (gradnas, Taylor, Michel et al.) and magnitudes.
+
+:func:`gate_statistics` attaches all-ones gates (:class:`~gradprune.structured.Gates`) and streams
+at most ``n_batches`` batches through ``loss_fn(model, batch)`` with
+:func:`gradprune.scores.stream_gradients` (eval mode, weight gradients off: only the gates need
+grad). With ``g_b`` the gradient of batch ``b``'s loss with respect to a unit's gate and ``g_i`` the
+gradient of sample ``i``'s loss (``batch size x`` the gate's row for sample ``i``, exact for a loss
+that is the mean over the batch's samples, in eval mode where samples do not interact):
+
+- ``gradnas``: ``mean_b g_b**2`` (ModelOpt sums; ``sum`` and ``count`` are reported too);
+- ``gradnas_per_sample``: ``mean_i g_i**2``, the empirical Fisher of the gate;
+- ``taylor``: ``|mean_b g_b|``, the first-order estimate of the loss change when the unit goes;
+- ``michel``: ``mean_i |g_i|`` L2-normalised within each group (Michel et al., 2019).
+
+:func:`magnitude_scores` gives the L1 or L2 norm of each unit's producer weights (output rows of
+every producer of the group, together).
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> from gradprune.structured import find_groups
+    >>> from gradprune.structured.scoring import gate_statistics
+    >>> model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    >>> data = [(torch.randn(5, 4), torch.randint(0, 2, (5,))) for _ in range(3)]
+    >>> loss_fn = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])
+    >>> analysis = find_groups(model, data[0][0])
+    >>> stats = gate_statistics(analysis, data, loss_fn, n_batches=2)
+    >>> stats.count, stats.n_samples, tuple(stats.score("gradnas")[0].shape)
+    (2, 10, (6,))
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..scores.stats import stream_gradients
+from .gates import Gates
+from .groups import Analysis
+
+__all__ = ["GateStatistics", "gate_statistics", "magnitude_scores", "GRADIENT_SCORES"]
+
+GRADIENT_SCORES = ("gradnas", "gradnas_per_sample", "taylor", "michel")
+
+
+class GateStatistics:
+    """Accumulated gate gradients per group: sums over batches and over samples."""
+
+    def __init__(self, analysis: Analysis):
+        sizes = [g.size for g in analysis.groups]
+        z = lambda: {gi: torch.zeros(n, dtype=torch.float64) for gi, n in enumerate(sizes)}  # noqa: E731
+        self.sum_grad, self.sum_sq, self.sum_abs = z(), z(), z()
+        self.sum_sample_sq, self.sum_sample_abs = z(), z()
+        self.count = 0
+        self.n_samples = 0
+        self.per_sample_ok = True
+
+    def update(self, grads: dict) -> None:
+        n = None
+        for gi, (batch, per) in grads.items():
+            b = batch.to(torch.float64)
+            self.sum_grad[gi] += b
+            self.sum_sq[gi] += b * b
+            self.sum_abs[gi] += b.abs()
+            if per is None:
+                self.per_sample_ok = False
+                continue
+            n = per.shape[0]
+            s = per.to(torch.float64) * n  # per-sample gradient of a mean-reduced loss
+            self.sum_sample_sq[gi] += (s * s).sum(0)
+            self.sum_sample_abs[gi] += s.abs().sum(0)
+        self.count += 1
+        self.n_samples += n or 0
+
+    def score(self, kind: str) -> dict:
+        """``{group index: scores}`` for ``kind`` in :data:`GRADIENT_SCORES`."""
+        if self.count == 0:
+            raise RuntimeError("no batch was scored")
+        if kind == "gradnas":
+            return {gi: s / self.count for gi, s in self.sum_sq.items()}
+        if kind == "taylor":
+            return {gi: (s / self.count).abs() for gi, s in self.sum_grad.items()}
+        if kind in ("gradnas_per_sample", "michel"):
+            if not self.per_sample_ok or self.n_samples == 0:
+                raise ValueError(f"{kind} needs per-sample gate gradients: every gated layer must "
+                                 "see the batch on dim 0 with the same size")
+            if kind == "gradnas_per_sample":
+                return {gi: s / self.n_samples for gi, s in self.sum_sample_sq.items()}
+            out = {}
+            for gi, s in self.sum_sample_abs.items():
+                m = s / self.n_samples
+                norm = torch.linalg.vector_norm(m)
+                out[gi] = m / norm if norm > 0 else m
+            return out
+        raise ValueError(f"score must be one of {', '.join(GRADIENT_SCORES)}; got {kind!r}")
+
+    def summary(self) -> dict:
+        """The raw sums, for reports: gradnas ``sum`` (of squared batch gradients) and ``count``."""
+        return {"count": self.count, "n_samples": self.n_samples,
+                "gradnas_sum": {gi: s.clone() for gi, s in self.sum_sq.items()}}
+
+
+def gate_statistics(analysis: Analysis, data: Iterable, loss_fn: Callable, *, n_batches: int = 128,
+                    show_progress: bool | None = None) -> GateStatistics:
+    """Stream at most ``n_batches`` batches with all-ones gates attached and accumulate the gate
+    gradients of every group."""
+    stats = GateStatistics(analysis)
+    if not analysis.groups:
+        return stats
+    gates = Gates(analysis)
+
+    def on_batch():
+        stats.update(gates.collect())
+
+    with gates:
+        stream_gradients(analysis.model, data, loss_fn, {}, n_batches=n_batches, on_batch=on_batch,
+                         show_progress=show_progress, desc="gate scores")
+    return stats
+
+
+def magnitude_scores(analysis: Analysis, norm: str = "l2") -> dict:
+    """``{group index: per-unit norm of the producers' output weights}`` (``norm``: l1 or l2)."""
+    if norm not in ("l1", "l2"):
+        raise ValueError(f"norm must be one of l1, l2; got {norm!r}")
+    modules = dict(analysis.model.named_modules())
+    out = {}
+    with torch.no_grad():
+        for gi, g in enumerate(analysis.groups):
+            acc = torch.zeros(g.size, dtype=torch.float64)
+            for s in g.slices:
+                if s.role != "out":
+                    continue
+                w = modules[s.module].weight.detach().to(torch.float64).transpose(0, s.dim)
+                w = w.reshape(w.shape[0], -1)
+                acc += w.abs().sum(1) if norm == "l1" else (w * w).sum(1)
+            out[gi] = acc if norm == "l1" else acc.sqrt()
+    return out

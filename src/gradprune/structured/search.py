@@ -1,0 +1,333 @@
+"""Search for the best subnet within a params/FLOPs budget (ModelOpt's gradnas / fastnas).
+
+1. :func:`~gradprune.structured.find_groups` finds the dependency groups; the search-space
+   ``rules`` give each group its allowed widths.
+2. Every unit of every group gets a score (``method``): ``gradnas`` (mean squared gate gradient,
+   or per sample with ``per_sample=True``), ``taylor``, ``michel``, ``magnitude`` (L2 or L1 weight
+   norm) — higher is more important. A group keeps its highest-scored units; the *sensitivity* of a
+   width is the sum of the scores of the units it removes. ``fastnas`` instead orders units by L2
+   weight norm and measures ``score_func(model) - score_func(model with those units off)`` with one
+   evaluation per (group, width).
+3. One global threshold ``t``: each group takes its smallest width whose sensitivity is ``<= t``.
+   Params and FLOPs only decrease as ``t`` grows, so a binary search finds the smallest ``t`` whose
+   subnet meets every constraint. The search runs over the sorted distinct sensitivities, so it is
+   exact and scale-free (it stops when the bracket holds two neighbouring candidate thresholds; no
+   absolute tolerance).
+4. The result reports per-group widths, params and FLOPs (a dry run: nothing is cut) and
+   :meth:`SearchResult.export` returns the smaller model.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> import gradprune.structured as st
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    >>> data = [(torch.randn(16, 8), torch.randint(0, 3, (16,))) for _ in range(4)]
+    >>> loss_fn = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])
+    >>> rules = {"nn.Linear": {"feature_divisor": 4}}
+    >>> found = st.search(model, {"params": "50%"}, data, loss_fn, "gradnas", data[0][0], rules=rules)
+    >>> found.params <= 0.5 * found.dense_params
+    True
+    >>> small = found.export()
+    >>> sum(p.numel() for p in small.parameters()) == found.params
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from .._checks import check_choice, check_int
+from .._progress import progress
+from .._table import format_table
+from .export import export_model
+from .flops import CostModel
+from .gates import Gates
+from .groups import Analysis, _as_args, find_groups
+from .rules import SearchRules
+from .scoring import gate_statistics, magnitude_scores
+
+__all__ = ["search", "SearchResult", "METHODS", "parse_constraints"]
+
+METHODS = ("gradnas", "taylor", "michel", "magnitude", "fastnas")
+CONSTRAINT_KEYS = ("params", "flops")
+_PCT = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*%\s*$")
+
+
+def parse_constraints(constraints: Any, dense: dict) -> dict:
+    """``{"params": N or "NN%", "flops": ...}`` -> absolute upper bounds (percentages of ``dense``)."""
+    if not isinstance(constraints, dict):
+        raise TypeError(f"constraints must be a dict like {{'flops': '50%'}}, got {type(constraints).__name__}")
+    if not constraints:
+        raise ValueError("constraints must name at least one of params, flops; got {}")
+    out = {}
+    for key, value in constraints.items():
+        if key not in CONSTRAINT_KEYS:
+            raise ValueError(f"constraints has an unknown key {key!r}; valid keys: {', '.join(CONSTRAINT_KEYS)}")
+        if isinstance(value, str):
+            m = _PCT.match(value)
+            if not m:
+                raise ValueError(f"constraints[{key!r}] must be a number or a percentage like '50%', got {value!r}")
+            pct = float(m.group(1))
+            if not 0.0 < pct <= 100.0:
+                raise ValueError(f"constraints[{key!r}] must be a percentage in (0%, 100%], got {value!r}")
+            out[key] = pct / 100.0 * dense[key]
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"constraints[{key!r}] must be a number or a percentage string, got "
+                            f"{type(value).__name__}")
+        elif not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"constraints[{key!r}] must be a positive number, got {value!r}")
+        else:
+            out[key] = float(value)
+    return out
+
+
+@dataclass
+class SearchResult:
+    """What :func:`search` found. Nothing is cut until :meth:`export`.
+
+    Attributes: ``analysis`` (groups, skipped modules), ``choices`` / ``widths`` / ``keep`` per
+    group index, ``scores`` and ``sensitivity`` per group, ``params``/``flops`` of the subnet and
+    of the dense model, ``constraints`` (absolute bounds), ``threshold``, ``method``, ``batches``.
+    """
+
+    analysis: Analysis
+    method: str
+    choices: dict
+    widths: dict
+    keep: dict
+    scores: dict
+    sensitivity: dict
+    params: int
+    flops: int
+    dense_params: int
+    dense_flops: int
+    constraints: dict
+    threshold: float
+    batches: int = 0
+    score_summary: dict = field(default_factory=dict)
+
+    @property
+    def groups(self) -> list:
+        return self.analysis.groups
+
+    @property
+    def skipped(self) -> list:
+        return self.analysis.skipped
+
+    def rows(self) -> list:
+        rows = []
+        for gi, g in enumerate(self.analysis.groups):
+            rows.append({"group": g.name, "modules": len(g.modules()), "width": g.size,
+                         "kept": self.widths[gi], "choices": len(self.choices[gi])})
+        return rows
+
+    def report(self) -> str:
+        """Per-group widths, then params and FLOPs of the dense model and of the subnet."""
+        lines = [format_table(self.rows(), ["group", "modules", "width", "kept", "choices"])]
+        lines.append(f"params: {self.dense_params} -> {self.params} "
+                     f"({self.params / max(self.dense_params, 1):.1%})")
+        lines.append(f"flops:  {self.dense_flops} -> {self.flops} "
+                     f"({self.flops / max(self.dense_flops, 1):.1%})")
+        if self.analysis.skipped:
+            lines.append("not pruned:")
+            lines += [f"  {s['module'] or '<model>'}: {s['reason']}" for s in self.analysis.skipped]
+        return "\n".join(lines)
+
+    def gates(self) -> Gates:
+        """Fixed gates with the units this result removes turned off (a context manager)."""
+        return Gates(self.analysis, keep=self.keep)
+
+    def export(self) -> nn.Module:
+        """A deep copy of the model with the removed units sliced away (an ordinary nn.Module)."""
+        return export_model(self.analysis, self.keep)
+
+
+def _group_choices(analysis: Analysis, rules: SearchRules) -> dict:
+    modules = dict(analysis.model.named_modules())
+    out = {}
+    for gi, g in enumerate(analysis.groups):
+        allowed = None
+        for name, _ in g.owners:
+            rule = rules.rule_for(name, modules[name])
+            widths = {g.size} if rule is None else set(rule.widths(g.size))
+            allowed = widths if allowed is None else allowed & widths
+        allowed = allowed or {g.size}
+        out[gi] = tuple(sorted(w for w in allowed if w % g.balance == 0) or (g.size,))
+    return out
+
+
+def _ranking(scores: torch.Tensor, balance: int) -> list:
+    """Units sorted by decreasing score (ties: lower index first), per balance chunk."""
+    n = scores.numel()
+    chunk = n // balance
+    ranks = []
+    for c in range(balance):
+        s = scores[c * chunk:(c + 1) * chunk].to(torch.float64)
+        order = torch.sort(-s, stable=True).indices  # ties: lower index first
+        ranks.append((order + c * chunk).tolist())
+    return ranks
+
+
+def _keep_for(ranks: list, width: int) -> torch.Tensor:
+    per = width // len(ranks)
+    return torch.tensor(sorted(u for r in ranks for u in r[:per]), dtype=torch.long)
+
+
+def _sensitivities(scores: torch.Tensor, ranks: list, choices: tuple) -> dict:
+    out = {}
+    scores = scores.to(torch.float64)
+    for w in choices:
+        removed = torch.ones(scores.numel(), dtype=torch.bool)
+        removed[_keep_for(ranks, w)] = False
+        out[w] = float(scores[removed].sum())
+    return out
+
+
+def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
+           loss_fn: Callable | None = None, method: str = "gradnas", example_input=None,
+           rules: dict | SearchRules | None = None, score_func: Callable | None = None, *,
+           max_iter_data_loader: int = 128, per_sample: bool = False, magnitude_norm: str = "l2",
+           show_progress: bool | None = None) -> SearchResult:
+    """Find the subnet of ``model`` that meets every constraint with the least sensitivity.
+
+    Args:
+        model: any ``nn.Module`` that :func:`torch.fx.symbolic_trace` can trace (untraceable
+            submodules are left unpruned and listed in ``result.skipped``).
+        constraints: ``{"params": N or "NN%", "flops": N or "NN%"}`` (one or both); percentages
+            are of the dense model; FLOPs are 2 x MACs of one forward on ``example_input``.
+        data, loss_fn: batches and ``loss_fn(model, batch) -> scalar`` for the gradient methods.
+        method: ``gradnas``, ``taylor``, ``michel``, ``magnitude`` or ``fastnas``.
+        example_input: a tensor or a tuple of tensors for one forward (batch on dim 0).
+        rules: search-space rules (see :mod:`gradprune.structured.rules`).
+        score_func: ``score_func(model) -> float`` (higher is better), for ``fastnas``.
+        max_iter_data_loader: at most this many batches are scored (exactly this many when the
+            data has them).
+        per_sample: for ``gradnas``, square per-sample instead of per-batch gate gradients.
+        magnitude_norm: ``l2`` or ``l1`` for ``magnitude``.
+
+    Raises ``ValueError`` naming the smallest reachable params and FLOPs when no subnet meets
+    the constraints.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_choice("method", method, METHODS)
+    if example_input is None:
+        raise ValueError("example_input must be given (a tensor or a tuple of tensors), got None")
+    _as_args(example_input)
+    check_int("max_iter_data_loader", max_iter_data_loader, min_value=1)
+    if not isinstance(per_sample, bool):
+        raise TypeError(f"per_sample must be bool, got {type(per_sample).__name__}")
+    check_choice("magnitude_norm", magnitude_norm, ("l1", "l2"))
+    if method in ("gradnas", "taylor", "michel"):
+        if data is None:
+            raise ValueError(f"data must be an iterable of batches for method={method!r}, got None")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(model, batch) for method={method!r}, "
+                            f"got {type(loss_fn).__name__}")
+    if method == "fastnas" and not callable(score_func):
+        raise TypeError(f"score_func must be callable as score_func(model) -> float for method='fastnas', "
+                        f"got {type(score_func).__name__}")
+    if not isinstance(rules, SearchRules):
+        rules = SearchRules(rules)
+
+    analysis = find_groups(model, example_input)
+    cost = CostModel(analysis, example_input)
+    bounds = parse_constraints(constraints, {"params": cost.dense_params, "flops": cost.dense_flops})
+    choices = _group_choices(analysis, rules)
+
+    batches, summary = 0, {}
+    if method in ("gradnas", "taylor", "michel"):
+        stats = gate_statistics(analysis, data, loss_fn, n_batches=max_iter_data_loader,
+                                show_progress=show_progress)
+        kind = {"gradnas": "gradnas_per_sample" if per_sample else "gradnas"}.get(method, method)
+        scores = stats.score(kind) if analysis.groups else {}
+        batches, summary = stats.count, stats.summary()
+    else:
+        scores = magnitude_scores(analysis, magnitude_norm if method == "magnitude" else "l2")
+
+    ranks = {gi: _ranking(scores[gi], g.balance) for gi, g in enumerate(analysis.groups)}
+    if method == "fastnas":
+        sens = _fastnas_sensitivities(analysis, choices, ranks, score_func, show_progress)
+    else:
+        sens = {gi: _sensitivities(scores[gi], ranks[gi], choices[gi]) for gi in choices}
+
+    def pick(t: float) -> dict:
+        return {gi: min(w for w in choices[gi] if sens[gi][w] <= t or w == analysis.groups[gi].size)
+                for gi in choices}
+
+    def meets(widths: dict) -> bool:
+        p, f = cost.costs(widths)
+        values = {"params": p, "flops": f}
+        return all(values[k] <= b for k, b in bounds.items())
+
+    thresholds = sorted({v for s in sens.values() for v in s.values()} | {0.0})
+    hi = len(thresholds) - 1
+    if not meets(pick(thresholds[hi])):
+        p, f = cost.costs(pick(thresholds[hi]))
+        asked = ", ".join(f"{k} <= {b:g}" for k, b in bounds.items())
+        raise ValueError(f"no subnet meets constraints ({asked}): the smallest reachable are "
+                         f"params={p} ({p / cost.dense_params:.1%}) and flops={f} "
+                         f"({f / max(cost.dense_flops, 1):.1%}) with these rules")
+    lo = -1  # thresholds[lo] fails (or lo = -1: nothing checked yet)
+    bar = progress(total=max(1, math.ceil(math.log2(len(thresholds) + 1))), desc="budget search",
+                   enable=show_progress)
+    try:
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if meets(pick(thresholds[mid])):
+                hi = mid
+            else:
+                lo = mid
+            bar.update(1)
+    finally:
+        bar.close()
+    t = thresholds[hi]
+    widths = pick(t)
+    keep = {gi: _keep_for(ranks[gi], widths[gi]) for gi in widths}
+    p, f = cost.costs(widths)
+    return SearchResult(analysis=analysis, method=method, choices=choices, widths=widths, keep=keep,
+                        scores=scores, sensitivity=sens, params=p, flops=f,
+                        dense_params=cost.dense_params, dense_flops=cost.dense_flops,
+                        constraints=bounds, threshold=t, batches=batches, score_summary=summary)
+
+
+def _fastnas_sensitivities(analysis, choices, ranks, score_func, show_progress) -> dict:
+    model = analysis.model
+    was_training = model.training
+    n_evals = sum(len(c) - 1 for c in choices.values())
+    bar = progress(total=n_evals + 1, desc="fastnas", enable=show_progress)
+    out = {}
+    try:
+        model.eval()
+        with torch.no_grad():
+            base = _score(score_func, model)
+            bar.update(1)
+            for gi, ch in choices.items():
+                size = analysis.groups[gi].size
+                out[gi] = {size: 0.0}
+                for w in ch:
+                    if w == size:
+                        continue
+                    with Gates(analysis, keep={gi: _keep_for(ranks[gi], w)}):
+                        out[gi][w] = base - _score(score_func, model)
+                    bar.update(1)
+    finally:
+        bar.close()
+        model.train(was_training)
+    return out
+
+
+def _score(score_func, model) -> float:
+    v = score_func(model)
+    if isinstance(v, torch.Tensor):
+        v = float(v.detach())
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"score_func must return a finite float, got {v!r}")
+    return float(v)
