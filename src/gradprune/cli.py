@@ -3,10 +3,12 @@
 Examples::
 
     gradprune demo                         # digits CNN: criteria x patterns x sparsities
-    gradprune demo --quick --out /tmp/d    # a smaller grid, in seconds
-    gradprune prune --config recipe.yaml   # one-shot pruning of your model
+    gradprune demo --quick --out /tmp/d    # a smaller grid
+    gradprune run recipe.yaml              # any workflow from a YAML recipe (see gradprune.recipes)
+    gradprune prune --config recipe.yaml   # one-shot pruning (a recipe whose workflow defaults to prune)
+    gradprune report pruned_model.pt       # per-layer sparsity, params (and FLOPs), a PNG plot
 
-A recipe for ``gradprune prune`` (YAML, read with ``yaml.safe_load``)::
+A one-shot recipe (YAML, read with ``yaml.safe_load``)::
 
     model: mypkg.models:make_model     # factory returning the nn.Module (package.module:name)
     checkpoint: weights.pt             # optional state dict, loaded with weights_only=True
@@ -27,103 +29,14 @@ traceback.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
-__all__ = ["main", "load_recipe", "run_recipe", "RECIPE_KEYS"]
+from .recipes import RECIPE_KEYS, WORKFLOWS, RecipeError, load_recipe, resolve, run_recipe
 
-RECIPE_KEYS = ("model", "checkpoint", "data", "loss_fn", "n_batches", "output", "prune")
-
-
-class CLIError(Exception):
-    """An error reported as one line."""
-
-
-def _resolve(spec: Any, field: str):
-    if not isinstance(spec, str) or ":" not in spec:
-        raise CLIError(f"{field} must be 'package.module:name', got {spec!r}")
-    mod_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise CLIError(f"{field}: cannot import module {mod_name!r} ({exc})") from None
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise CLIError(f"{field}: module {mod_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    return obj
-
-
-def load_recipe(path: str) -> dict:
-    """Read and validate a recipe file (keys, types, and the ``prune`` section as a PruneConfig)."""
-    try:
-        import yaml
-    except ImportError:
-        raise CLIError("recipes need PyYAML: pip install 'gradprune[yaml]'") from None
-    if not os.path.isfile(path):
-        raise CLIError(f"config file not found: {path}")
-    with open(path, encoding="utf-8") as fh:
-        try:
-            recipe = yaml.safe_load(fh)
-        except yaml.YAMLError as exc:
-            raise CLIError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(recipe, dict):
-        raise CLIError(f"config {path} must be a mapping, got {type(recipe).__name__}")
-    unknown = sorted(set(recipe) - set(RECIPE_KEYS))
-    if unknown:
-        raise CLIError(f"unknown recipe key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(RECIPE_KEYS)}")
-    if "model" not in recipe:
-        raise CLIError("recipe needs 'model: package.module:factory'")
-    from .prune import make_config
-
-    recipe["prune"] = make_config(None, recipe.get("prune") or {})
-    return recipe
-
-
-def run_recipe(recipe: dict, base_dir: str = ".") -> dict:
-    """Build the model and data from a validated recipe, prune one-shot, write the outputs."""
-    import torch
-
-    from .config import atomic_write
-    from .prune import prune
-
-    for d in (base_dir, os.getcwd()):
-        if d not in sys.path:
-            sys.path.insert(0, d)
-    factory = _resolve(recipe["model"], "model")
-    model = factory() if callable(factory) else factory
-    if not isinstance(model, torch.nn.Module):
-        raise CLIError(f"model: {recipe['model']} must return a torch.nn.Module, got {type(model).__name__}")
-    if recipe.get("checkpoint"):
-        ckpt = os.path.join(base_dir, recipe["checkpoint"])
-        if not os.path.isfile(ckpt):
-            raise CLIError(f"checkpoint not found: {ckpt}")
-        model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
-    data = loss_fn = None
-    if recipe.get("data"):
-        data = _resolve(recipe["data"], "data")
-        data = data() if callable(data) else data
-    if recipe.get("loss_fn"):
-        loss_fn = _resolve(recipe["loss_fn"], "loss_fn")
-    result = prune(model, recipe["prune"], data=data, loss_fn=loss_fn, n_batches=recipe.get("n_batches"))
-    out = os.path.join(base_dir, recipe.get("output") or "gradprune-out")
-    atomic_write(os.path.join(out, "pruned_model.pt"), lambda t: torch.save(model.state_dict(), t))
-    atomic_write(os.path.join(out, "masks.pt"), lambda t: torch.save(result.masks.state_dict(), t))
-    report = result.report.to_dict()
-    report["config"] = result.config.to_dict()
-
-    def write(t):
-        with open(t, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=2)
-
-    atomic_write(os.path.join(out, "report.json"), write)
-    print(result.report)
-    print(f"wrote {out}/pruned_model.pt, masks.pt, report.json")
-    return report
+__all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -134,9 +47,11 @@ def _parser() -> argparse.ArgumentParser:
         epilog=(
             "examples:\n"
             "  gradprune demo                        train, prune and fine-tune a digits CNN\n"
-            "  gradprune demo --quick --out /tmp/d   a smaller grid in seconds\n"
+            "  gradprune demo --quick --out /tmp/d   a smaller grid\n"
+            "  gradprune run recipe.yaml             run a recipe (workflows: " + ", ".join(WORKFLOWS) + ")\n"
             "  gradprune prune --config recipe.yaml  one-shot pruning from a YAML recipe\n"
-            "\nrecipe keys: " + ", ".join(RECIPE_KEYS) + " (see `python -m pydoc gradprune.cli`)"
+            "  gradprune report pruned_model.pt      per-layer sparsity table and plot\n"
+            "\nrecipe keys: " + ", ".join(RECIPE_KEYS) + " (see `python -m pydoc gradprune.recipes`)"
         ),
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -147,7 +62,49 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     r = sub.add_parser("prune", help="one-shot pruning from a YAML recipe")
     r.add_argument("--config", required=True, help="recipe.yaml")
+    run = sub.add_parser("run", help="run a YAML recipe of any workflow")
+    run.add_argument("recipe", help="recipe.yaml")
+    rep = sub.add_parser("report", help="per-layer sparsity/params/FLOPs of a checkpoint, and a plot")
+    rep.add_argument("checkpoint", help="a state dict (or a dict with 'model' and 'masks') saved by torch.save")
+    rep.add_argument("--model", help="package.module:factory, to count FLOPs")
+    rep.add_argument("--example-input", help="package.module:name giving one input, to count FLOPs")
+    rep.add_argument("--results", help="a results.json of `gradprune demo`: adds accuracy vs sparsity")
+    rep.add_argument("--plot", help="PNG path (default: next to the checkpoint)")
+    rep.add_argument("--json", help="also write the report as JSON here")
     return p
+
+
+def _run_recipe_file(path: str, default_workflow: str | None) -> None:
+    recipe = load_recipe(path, default_workflow=default_workflow)
+    run_recipe(recipe, base_dir=os.path.dirname(os.path.abspath(path)))
+
+
+def _report(args) -> None:
+    from .report import checkpoint_report, format_report, plot_report, write_report_json
+
+    factory = example = None
+    if args.model or args.example_input:
+        if not (args.model and args.example_input):
+            raise RecipeError("--model and --example-input go together (both package.module:name)")
+        sys.path.insert(0, os.getcwd())
+        factory = resolve(args.model, "--model")
+        example = resolve(args.example_input, "--example-input")
+        example = example() if callable(example) else example
+    results = None
+    if args.results:
+        if not os.path.isfile(args.results):
+            raise RecipeError(f"results file not found: {args.results}")
+        with open(args.results, encoding="utf-8") as fh:
+            results = json.load(fh)
+    rep = checkpoint_report(args.checkpoint, factory, example)
+    print(format_report(rep))
+    plot = args.plot or os.path.splitext(args.checkpoint)[0] + "_report.png"
+    written = plot_report(rep, plot, results)
+    if written:
+        print(f"wrote {written}")
+    if args.json:
+        write_report_json(rep, args.json)
+        print(f"wrote {args.json}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -161,15 +118,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .demo import run_demo
 
             if args.seed < 0:
-                raise CLIError(f"--seed must be >= 0, got {args.seed}")
+                raise RecipeError(f"--seed must be >= 0, got {args.seed}")
             if args.quick:
                 run_demo(args.out, criteria=("magnitude", "snip", "random"), sparsities=(0.5, 0.9),
                          epochs=6, seed=args.seed)
             else:
                 run_demo(args.out, seed=args.seed)
         elif args.command == "prune":
-            recipe = load_recipe(args.config)
-            run_recipe(recipe, base_dir=os.path.dirname(os.path.abspath(args.config)))
+            _run_recipe_file(args.config, default_workflow="prune")
+        elif args.command == "run":
+            _run_recipe_file(args.recipe, default_workflow=None)
+        elif args.command == "report":
+            _report(args)
         return 0
     except KeyboardInterrupt:
         print("gradprune: interrupted", file=sys.stderr)
@@ -178,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        kind = "" if isinstance(exc, CLIError) else f"{type(exc).__name__}: "
+        kind = "" if isinstance(exc, RecipeError) else f"{type(exc).__name__}: "
         print(f"gradprune: error: {kind}{msg}", file=sys.stderr)
         return 2
 

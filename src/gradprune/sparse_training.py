@@ -684,7 +684,7 @@ class SparseTrainer:
         ``3 f_S``; RigL ``(3 f_S dT + 2 f_S + f_D) / (dT + 1)``; dense-gradient methods (SNFS)
         ``2 f_S + f_D``. Only Linear/Conv/MultiheadAttention projections are counted.
         """
-        macs = _layer_macs(self.model, example_input, set(self.params))
+        macs = layer_macs(self.model, example_input, set(self.params))
         f_dense = 2.0 * sum(macs.values())
         f_sparse = 2.0 * sum(m * float(self.masks[n].float().mean()) for n, m in macs.items())
         cfg = self.config
@@ -733,7 +733,7 @@ class SparseTrainer:
         self.masks.apply(self.optimizer)
 
 
-def _layer_macs(model: nn.Module, example_input: Any, names: set) -> dict[str, float]:
+def layer_macs(model: nn.Module, example_input: Any, names: set) -> dict[str, float]:
     """Multiply-accumulates per masked parameter for one forward pass of ``example_input``."""
     macs: dict[str, float] = {}
     hooks = []

@@ -1,0 +1,317 @@
+"""YAML recipes for every workflow, run by ``gradprune run recipe.yaml``.
+
+A recipe names its ``workflow`` and where the model, data and loss come from
+(``package.module:name``; a callable is called with no arguments), plus one section for the
+workflow. Every section is validated with the same errors as the Python configs (unknown keys list
+the valid ones) *before* anything runs; outputs are written atomically to ``output``.
+
+=============== ============================================ ======================================
+workflow         section                                      writes
+=============== ============================================ ======================================
+``prune``        ``prune:`` PruneConfig fields, ``n_batches``  pruned_model.pt, masks.pt, report.json
+``gradual``      ``prune:`` PruneConfig, ``train:``            pruned_model.pt, masks.pt, report.json
+``sparse``       ``sparse:`` ``preset`` + SparseConfig fields, pruned_model.pt, masks.pt, report.json
+                 ``train:``
+``search``       ``search:`` constraints, method, rules,       pruned/ (save_pruned), report.json
+                 ``example_input`` (package.module:name)
+``preprune``     ``preprune:`` PrePruneConfig fields           selection.pt, report.json
+=============== ============================================ ======================================
+
+``train:`` holds ``steps`` (optimizer steps; the data is cycled), ``optimizer`` (``sgd``,
+``adam``, ``adamw``), ``lr``, ``momentum``, ``weight_decay``.
+
+Example recipe::
+
+    workflow: gradual
+    model: mypkg.models:make_model
+    data: mypkg.data:make_batches
+    loss_fn: mypkg.data:loss_fn
+    output: out
+    prune: {criterion: snip_momentum, pattern: 4x1, target_sparsity: 0.8, end_step: 100, frequency: 10}
+    train: {steps: 150, optimizer: adam, lr: 0.001}
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import json
+import os
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._checks import check_choice, check_float, check_int
+from .config import atomic_write
+
+__all__ = ["RecipeError", "load_recipe", "run_recipe", "WORKFLOWS", "RECIPE_KEYS", "TRAIN_KEYS"]
+
+WORKFLOWS = ("prune", "gradual", "sparse", "search", "preprune")
+RECIPE_KEYS = ("workflow", "model", "checkpoint", "data", "loss_fn", "n_batches", "output",
+               "prune", "train", "sparse", "search", "preprune")
+TRAIN_KEYS = ("steps", "optimizer", "lr", "momentum", "weight_decay")
+SEARCH_KEYS = ("constraints", "method", "rules", "example_input", "max_iter_data_loader")
+SECTION_OF = {"prune": ("prune",), "gradual": ("prune", "train"), "sparse": ("sparse", "train"),
+              "search": ("search",), "preprune": ("preprune",)}
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be run, with a one-line reason."""
+
+
+def _yaml():
+    try:
+        import yaml
+    except ImportError:
+        raise RecipeError("recipes need PyYAML: pip install 'gradprune[yaml]'") from None
+    return yaml
+
+
+def resolve(spec: Any, field: str):
+    """Import ``package.module:name`` (dotted attribute paths allowed)."""
+    if not isinstance(spec, str) or ":" not in spec:
+        raise RecipeError(f"{field} must be 'package.module:name', got {spec!r}")
+    mod_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise RecipeError(f"{field}: cannot import module {mod_name!r} ({exc})") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise RecipeError(f"{field}: module {mod_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _check_keys(section: Any, name: str, valid) -> dict:
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise RecipeError(f"{name} must be a mapping, got {type(section).__name__}")
+    unknown = sorted(set(section) - set(valid))
+    if unknown:
+        raise RecipeError(f"unknown {name} key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(valid)}")
+    return dict(section)
+
+
+def _validate_train(train: dict) -> dict:
+    train = _check_keys(train, "train", TRAIN_KEYS)
+    out = {"steps": check_int("train.steps", train.get("steps", 100), min_value=1),
+           "optimizer": check_choice("train.optimizer", train.get("optimizer", "adam"), ("sgd", "adam", "adamw")),
+           "lr": check_float("train.lr", train.get("lr", 1e-3), low=0.0, low_open=True),
+           "momentum": check_float("train.momentum", train.get("momentum", 0.9), low=0.0, high=1.0),
+           "weight_decay": check_float("train.weight_decay", train.get("weight_decay", 0.0), low=0.0)}
+    return out
+
+
+def load_recipe(path: str, default_workflow: str | None = None) -> dict:
+    """Read (``yaml.safe_load``) and validate a recipe; returns it with config objects built."""
+    yaml = _yaml()
+    if not os.path.isfile(path):
+        raise RecipeError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as fh:
+        try:
+            recipe = yaml.safe_load(fh)
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    return validate_recipe(recipe, default_workflow=default_workflow)
+
+
+def validate_recipe(recipe: Any, default_workflow: str | None = None) -> dict:
+    """Validate a recipe mapping (see the module docs) without running anything."""
+    if not isinstance(recipe, dict):
+        raise RecipeError(f"a recipe must be a mapping, got {type(recipe).__name__}")
+    recipe = _check_keys(recipe, "recipe", RECIPE_KEYS)
+    workflow = recipe.get("workflow", default_workflow)
+    if workflow is None:
+        raise RecipeError(f"recipe needs 'workflow: one of {', '.join(WORKFLOWS)}'")
+    try:
+        check_choice("workflow", workflow, WORKFLOWS)
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(str(exc)) from None
+    recipe["workflow"] = workflow
+    if "model" not in recipe:
+        raise RecipeError("recipe needs 'model: package.module:factory'")
+    stray = [k for k in ("prune", "train", "sparse", "search", "preprune")
+             if k in recipe and k not in SECTION_OF[workflow]]
+    if stray:
+        raise RecipeError(f"section(s) {stray} do not apply to workflow {workflow!r} "
+                          f"(it uses {list(SECTION_OF[workflow])})")
+    if recipe.get("n_batches") is not None:
+        check_int("n_batches", recipe["n_batches"], min_value=1)
+    if workflow in ("prune", "gradual"):
+        from .prune import make_config
+
+        section = recipe.get("prune") or {}
+        if not isinstance(section, dict):
+            raise RecipeError(f"prune must be a mapping, got {type(section).__name__}")
+        recipe["prune"] = make_config(None, section)  # the same errors as PruneConfig
+    if workflow in ("gradual", "sparse"):
+        recipe["train"] = _validate_train(recipe.get("train"))
+    if workflow == "sparse":
+        from .sparse_training import SparseConfig
+
+        section = dict(recipe.get("sparse") or {})
+        preset = section.pop("preset", "rigl")
+        presets = ("rigl", "set", "snfs", "static", "pruning")
+        check_choice("sparse.preset", preset, presets)
+        if "total_steps" not in section:
+            section["total_steps"] = recipe["train"]["steps"]
+        recipe["sparse"] = getattr(SparseConfig, preset)(**section)
+    if workflow == "search":
+        section = _check_keys(recipe.get("search"), "search", SEARCH_KEYS)
+        if "constraints" not in section:
+            raise RecipeError("search needs constraints, e.g. {flops: '50%'}")
+        if "example_input" not in section:
+            raise RecipeError("search needs example_input: package.module:name")
+        from .structured import METHODS
+
+        section.setdefault("method", "gradnas")
+        check_choice("search.method", section["method"], METHODS)
+        recipe["search"] = section
+    if workflow == "preprune":
+        from .preprune import PrePruneConfig
+
+        recipe["preprune"] = PrePruneConfig.from_dict(dict(recipe.get("preprune") or {}))
+    return recipe
+
+
+def _build(recipe: dict, base_dir: str):
+    for d in (base_dir, os.getcwd()):
+        if d not in sys.path:
+            sys.path.insert(0, d)
+    factory = resolve(recipe["model"], "model")
+    model = factory() if callable(factory) else factory
+    if not isinstance(model, nn.Module):
+        raise RecipeError(f"model: {recipe['model']} must give a torch.nn.Module, got {type(model).__name__}")
+    if recipe.get("checkpoint"):
+        ckpt = os.path.join(base_dir, recipe["checkpoint"])
+        if not os.path.isfile(ckpt):
+            raise RecipeError(f"checkpoint not found: {ckpt}")
+        model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
+    data = loss_fn = None
+    if recipe.get("data"):
+        data = resolve(recipe["data"], "data")
+        data = data() if callable(data) else data
+    if recipe.get("loss_fn"):
+        loss_fn = resolve(recipe["loss_fn"], "loss_fn")
+    return model, data, loss_fn
+
+
+def _optimizer(model: nn.Module, train: dict) -> torch.optim.Optimizer:
+    params = model.parameters()
+    if train["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=train["lr"], momentum=train["momentum"],
+                               weight_decay=train["weight_decay"])
+    cls = torch.optim.Adam if train["optimizer"] == "adam" else torch.optim.AdamW
+    return cls(params, lr=train["lr"], weight_decay=train["weight_decay"])
+
+
+def _need(data, loss_fn, workflow: str):
+    if data is None or loss_fn is None:
+        raise RecipeError(f"workflow {workflow!r} needs data: and loss_fn: (package.module:name)")
+
+
+def _train_loop(model, data, loss_fn, train, before_step, step):
+    batches = itertools.cycle(list(data))
+    model.train()
+    for _ in range(train["steps"]):
+        before_step()
+        loss = loss_fn(model, next(batches))
+        loss.backward()
+        step()
+
+
+def _write_common(out: str, model: nn.Module, masks, report: dict) -> list[str]:
+    atomic_write(os.path.join(out, "pruned_model.pt"), lambda t: torch.save(model.state_dict(), t))
+    atomic_write(os.path.join(out, "masks.pt"), lambda t: torch.save(masks.state_dict(), t))
+    _write_json(os.path.join(out, "report.json"), report)
+    return ["pruned_model.pt", "masks.pt", "report.json"]
+
+
+def _write_json(path: str, obj: dict) -> None:
+    def write(t):
+        with open(t, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=2, default=str)
+    atomic_write(path, write)
+
+
+def run_recipe(recipe: dict, base_dir: str = ".", verbose: bool = True) -> dict:
+    """Run a validated recipe; returns its report (also written to ``output/report.json``)."""
+    workflow = recipe["workflow"]
+    model, data, loss_fn = _build(recipe, base_dir)
+    out = os.path.join(base_dir, recipe.get("output") or "gradprune-out")
+    report: dict = {"workflow": workflow}
+    if workflow == "prune":
+        from .prune import prune
+
+        res = prune(model, recipe["prune"], data=data, loss_fn=loss_fn, n_batches=recipe.get("n_batches"))
+        report.update(res.report.to_dict(), config=res.config.to_dict())
+        text = str(res.report)
+        files = _write_common(out, model, res.masks, report)
+    elif workflow == "gradual":
+        from .pruner import Pruner
+
+        _need(data, loss_fn, workflow)
+        opt = _optimizer(model, recipe["train"])
+        pruner = Pruner(model, recipe["prune"], optimizer=opt)
+
+        def step():
+            pruner.on_before_optimizer_step()
+            opt.step()
+            pruner.on_after_optimizer_step()
+
+        _train_loop(model, data, loss_fn, recipe["train"], lambda: (pruner.on_step_begin(), opt.zero_grad()), step)
+        rep = pruner.report()
+        report.update(rep.to_dict(), config=recipe["prune"].to_dict(), steps=pruner.step)
+        text = str(rep)
+        files = _write_common(out, model, pruner.masks, report)
+    elif workflow == "sparse":
+        from .sparse_training import SparseTrainer
+
+        _need(data, loss_fn, workflow)
+        opt = _optimizer(model, recipe["train"])
+        sparse = SparseTrainer(model, opt, recipe["sparse"])
+        _train_loop(model, data, loss_fn, recipe["train"], opt.zero_grad, sparse.step)
+        rep = sparse.report()
+        report.update(rep.to_dict(), updates=sparse.updates, steps=sparse.step_count,
+                      config={k: v for k, v in recipe["sparse"].to_dict().items() if not callable(v)})
+        text = str(rep)
+        files = _write_common(out, model, sparse.masks, report)
+    elif workflow == "search":
+        from .structured import save_pruned, search
+
+        sec = recipe["search"]
+        example = resolve(sec["example_input"], "search.example_input")
+        example = example() if callable(example) else example
+        kwargs = {k: sec[k] for k in ("rules", "max_iter_data_loader") if k in sec}
+        found = search(model, sec["constraints"], data=data, loss_fn=loss_fn, method=sec["method"],
+                       example_input=example, **kwargs)
+        small = found.export()
+        save_pruned(small, os.path.join(out, "pruned"))
+        text = str(found.report())
+        report.update(search=text, constraints=sec["constraints"], method=sec["method"],
+                      params=sum(p.numel() for p in small.parameters()))
+        _write_json(os.path.join(out, "report.json"), report)
+        files = ["pruned/", "report.json"]
+    else:  # preprune
+        from .preprune import pre_prune
+
+        if data is None or loss_fn is None:
+            raise RecipeError("workflow 'preprune' needs data: (a dataset of dict items) and loss_fn:")
+        sel = pre_prune(model, data, recipe["preprune"], loss_fn)
+        atomic_write(os.path.join(out, "selection.pt"), lambda t: torch.save(
+            {"indices": sel.indices, "masks": sel.masks.state_dict()}, t))
+        report.update({k: v for k, v in sel.report.items()},
+                      config={k: v for k, v in recipe["preprune"].to_dict().items()
+                              if k not in ("dataset", "mask")})
+        text = f"kept {sel.report['kept_total']} of {sel.report['total']} entries"
+        _write_json(os.path.join(out, "report.json"), report)
+        files = ["selection.pt", "report.json"]
+    if verbose:
+        print(text)
+        print(f"wrote {', '.join(os.path.join(out, f) for f in files)}")
+    return report
