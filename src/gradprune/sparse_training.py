@@ -507,6 +507,46 @@ class SparseTrainer:
         self.step_count += 1
         return False
 
+    def before_optimizer_step(self) -> bool:
+        """Hook form of :meth:`step` for loops you do not own (e.g. a Hugging Face ``Trainer``):
+        call after ``backward()`` (and gradient unscaling/clipping), before ``optimizer.step()``,
+        then :meth:`after_optimizer_step`.
+
+        On an update step the connectivity is updated and every gradient is set to ``None``, so
+        the ``optimizer.step()`` that follows leaves every parameter and its state untouched (the
+        update replaces the step, as with :meth:`step`). A step whose gradients hold inf/NaN (one
+        an AMP scaler skips) changes nothing and is not counted. Returns True on update steps.
+        """
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads and not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+            self._hook_state = "skipped"
+            return False
+        if self.is_update_step():
+            self._update()
+            self._epoch_update_pending = False
+            for g in self.optimizer.param_groups:
+                for p in g["params"]:
+                    p.grad = None
+            self._hook_state = "updated"
+            return True
+        if not self.config.dense_gradients:
+            self.masks.apply_to_grads()
+        self._hook_state = "stepped"
+        return False
+
+    def after_optimizer_step(self) -> None:
+        """Second half of the hook form: re-applies the masks and advances the step count."""
+        state = getattr(self, "_hook_state", None)
+        if state is None:
+            raise RuntimeError("after_optimizer_step() without before_optimizer_step()")
+        self._hook_state = None
+        if state == "skipped":
+            self.masks.apply()
+            return
+        if state == "stepped":
+            self.masks.apply(None if self.config.dense_gradients else self.optimizer)
+        self.step_count += 1
+
     # -- connectivity update --------------------------------------------------------------------
     def _momentum(self, p: torch.Tensor) -> torch.Tensor | None:
         state = self.optimizer.state.get(p, {})
