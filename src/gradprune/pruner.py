@@ -110,6 +110,7 @@ class Pruner:
     @torch.no_grad()
     def on_before_optimizer_step(self) -> None:
         """Call after ``backward()`` (and ``scaler.unscale_``), before ``optimizer.step()``."""
+        self._skip_this_step = False  # decided afresh: a skipped step may never reach on_after
         if self.step <= self._last_event:
             # every gradient, not only the prunable weights': GradScaler skips a step on any inf/NaN
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
