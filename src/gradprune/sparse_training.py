@@ -467,7 +467,13 @@ class SparseTrainer:
 
     def _prune_events(self) -> set:
         cfg = self.config
-        return set(prune_events(cfg.start_step, max(cfg.start_step, cfg.end_step), cfg.update_interval))
+        key = (cfg.start_step, cfg.end_step, cfg.update_interval)
+        cached = getattr(self, "_events_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, set(prune_events(cfg.start_step, max(cfg.start_step, cfg.end_step),
+                                            cfg.update_interval)))
+            self._events_cache = cached
+        return cached[1]
 
     def on_epoch_end(self) -> None:
         """With ``update_on="epoch"``: the next ``step()`` performs a connectivity update."""
@@ -500,10 +506,9 @@ class SparseTrainer:
             scaler.step(self.optimizer)
         else:
             self.optimizer.step()
-        if self.config.dense_gradients:
-            self.masks.apply()
-        else:
-            self.masks.apply(self.optimizer)
+        # Weights only: with masked gradients the optimizer state of inactive weights stays at the
+        # zero every update leaves it at, so re-masking the state each step would change nothing.
+        self.masks.apply()
         self.step_count += 1
         return False
 
@@ -544,7 +549,7 @@ class SparseTrainer:
             self.masks.apply()
             return
         if state == "stepped":
-            self.masks.apply(None if self.config.dense_gradients else self.optimizer)
+            self.masks.apply()
         self.step_count += 1
 
     # -- connectivity update --------------------------------------------------------------------
@@ -577,8 +582,9 @@ class SparseTrainer:
         else:
             self._drop_and_grow(self._decay())
         self.updates += 1
-        # grown weights start at 0, and so does their optimizer state
-        self.masks.apply(self.optimizer)
+        # inactive weights are 0; so is their optimizer state, unless dense_gradients (SNFS keeps a
+        # dense momentum); grown weights and their state were zeroed by _drop_and_grow
+        self.masks.apply(None if cfg.dense_gradients else self.optimizer)
         for p in self.params.values():
             if p.grad is not None and not cfg.dense_gradients:
                 p.grad.zero_()
