@@ -1218,3 +1218,32 @@ def test_pruner_report_and_skipped_layers(cnn):
     rows = {r["name"]: r for r in pruner.report().rows}
     assert rows["0.weight"]["note"].startswith("skipped") and rows["0.weight"]["sparsity"] == 0.0
     assert rows["2.weight"]["sparsity"] == 0.5 and rows["6.weight"]["sparsity"] == 0.5
+
+
+def test_pruner_starts_from_an_existing_mask():
+    import gradprune as gp
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),
+                                torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    start = gp.prune(model, sparsity=0.25, criterion="random").masks.state_dict()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruner = gp.Pruner(model, gp.PruneConfig(criterion="magnitude", target_sparsity=0.5, end_step=4,
+                                             frequency=2), optimizer=opt, mask=start)
+    for _ in range(6):
+        x = torch.randn(4, 8)
+        opt.zero_grad()
+        model(x).sum().backward()
+        pruner.on_before_optimizer_step()
+        opt.step()
+        pruner.on_after_optimizer_step()
+    assert pruner.masks.sparsity() == 0.5
+    for n, m in start.items():
+        assert not bool((~m & pruner.masks[n]).any())     # nothing the starting mask pruned came back
+    with pytest.raises(ValueError, match="does not prune"):
+        gp.Pruner(model, gp.PruneConfig(target_sparsity=0.5), mask={"4.weight": torch.ones(2, 16, dtype=torch.bool)})
+
+
+def test_preprune_threshold_must_be_non_negative():
+    import gradprune as gp
+    with pytest.raises(ValueError, match="threshold must be in"):
+        gp.PrePruneConfig(n_samples=4, threshold=-1.0)

@@ -60,6 +60,9 @@ class Pruner:
             ``target_sparsity`` (or an N:M pattern, whose ratio is the target).
         optimizer: optional; when given, its per-parameter state (momentum, Adam moments) is
             zeroed for pruned entries at every prune event.
+        mask: optional existing mask (a :class:`MaskSet` or ``{name: bool tensor}``, e.g. from
+            ``MaskSet.from_torch_prune``): its pruned entries stay pruned and count toward every
+            target of the schedule.
 
     Loop (gradient accumulation: call ``on_before_optimizer_step``/``on_after_optimizer_step``
     once per optimizer step, not per micro-batch)::
@@ -72,7 +75,8 @@ class Pruner:
     """
 
     def __init__(self, model: nn.Module, config: PruneConfig | None = None, *,
-                 optimizer: torch.optim.Optimizer | None = None, **fields):
+                 optimizer: torch.optim.Optimizer | None = None,
+                 mask: "MaskSet | dict | None" = None, **fields):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -94,6 +98,15 @@ class Pruner:
                                          start_step=cfg.start_step, end_step=cfg.end_step,
                                          frequency=cfg.frequency)
         self.masks = MaskSet(model, names=fit)
+        if mask is not None:  # start from an existing mask: it stays pruned and counts toward targets
+            if not hasattr(mask, "items"):
+                raise TypeError(f"mask must be a MaskSet or a mapping name -> bool tensor, got {type(mask).__name__}")
+            unknown = sorted(set(mask) - set(fit))
+            if unknown:
+                raise ValueError(f"mask names parameters this pruner does not prune: {unknown}")
+            for n, m in mask.items():
+                self.masks[n] = m
+            self.masks.apply(optimizer)
         self.step = 0
         self.skipped_steps = 0
         self.history: list[tuple[int, float]] = []
