@@ -5,14 +5,17 @@ See ``docs/structured.md``. The main entry points:
 - :func:`search` — scores and a binary search on a global threshold to a params/FLOPs budget;
 - :meth:`SearchResult.export` — an ordinary, physically smaller ``nn.Module``;
 - :func:`save_pruned` / :func:`load_pruned` — a plain state dict plus a JSON width record;
+- :func:`load_pruned_pretrained` — a pruned Hugging Face model saved with ``save_pretrained``;
 - :func:`find_groups`, :class:`Gates`, :class:`SearchRules`, :class:`CostModel` — the parts.
 """
 
+from .attention import PrunedMultiheadAttention
 from .export import export_model, load_pruned, save_pruned
 from .flops import CostModel, count_flops, count_params
 from .gates import Gates
 from .groups import Analysis, Group, Layout, Slice, find_groups
-from .rules import ChannelRule, FeatureRule, SearchRules, candidate_widths
+from .hf import load_pruned_pretrained
+from .rules import ChannelRule, FeatureRule, HeadRule, SearchRules, candidate_widths
 from .scoring import GateStatistics, gate_statistics, magnitude_scores
 from .search import METHODS, SearchResult, parse_constraints, search
 
@@ -20,5 +23,6 @@ __all__ = [
     "find_groups", "Analysis", "Group", "Slice", "Layout", "Gates", "SearchRules", "ChannelRule",
     "FeatureRule", "candidate_widths", "CostModel", "count_params", "count_flops",
     "GateStatistics", "gate_statistics", "magnitude_scores", "search", "SearchResult", "METHODS",
-    "parse_constraints", "export_model", "save_pruned", "load_pruned",
+    "parse_constraints", "export_model", "save_pruned", "load_pruned", "load_pruned_pretrained",
+    "HeadRule", "PrunedMultiheadAttention",
 ]

@@ -115,6 +115,13 @@ def export_model(analysis: Analysis, keep: dict) -> nn.Module:
         if not any(t is not None for t in idx.values()):
             continue
         _slice_module(modules[name], idx.get("out"), idx.get("in"), idx.get("through"))
+    for gi, g in enumerate(analysis.groups):
+        if g.handler is not None:
+            units = keep.get(gi, torch.arange(g.size))
+            g.handler.export(new, modules, torch.as_tensor(units, dtype=torch.long))
+    if any(g.handler is not None for g in analysis.groups):
+        from .hf import record_widths
+        record_widths(new, analysis)
     return new
 
 
@@ -123,6 +130,13 @@ def export_model(analysis: Analysis, keep: dict) -> nn.Module:
 
 
 def _arch_of(mod: nn.Module) -> dict | None:
+    from .attention import PrunedMultiheadAttention
+    if isinstance(mod, PrunedMultiheadAttention):
+        return {"num_heads": mod.num_heads}
+    if isinstance(mod, nn.TransformerEncoderLayer):
+        return {"activation_relu_or_gelu": mod.activation_relu_or_gelu}
+    if isinstance(mod, nn.TransformerEncoder):
+        return {"use_nested_tensor": bool(mod.use_nested_tensor)}
     if isinstance(mod, nn.Linear):
         return {"in_features": mod.in_features, "out_features": mod.out_features}
     if isinstance(mod, _CONV + _CONVT):
@@ -188,11 +202,16 @@ def load_pruned(factory, path: str | os.PathLike, map_location="cpu") -> nn.Modu
     model = factory()
     if not isinstance(model, nn.Module):
         raise TypeError(f"factory must return a torch.nn.Module, got {type(model).__name__}")
+    from .attention import PrunedMultiheadAttention, _set_child
     modules = dict(model.named_modules())
     for name, arch in record["modules"].items():
         mod = modules.get(name)
         if mod is None:
             raise ValueError(f"the saved model has a module {name!r} that factory() does not build")
+        if arch.get("type") == "PrunedMultiheadAttention" and isinstance(mod, nn.MultiheadAttention):
+            mod = PrunedMultiheadAttention.narrowed(mod, int(arch["num_heads"]))
+            _set_child(model, name, mod)
+            modules = dict(model.named_modules())
         if type(mod).__name__ != arch.get("type"):
             raise ValueError(f"module {name!r} is a {type(mod).__name__} in factory() but was saved "
                              f"as {arch.get('type')}")

@@ -12,7 +12,16 @@ parameters and MACs are closed-form in their input and output widths:
 - ``ConvTranspose`` (``groups=1``): ``i*o*K (+o)`` params, ``in_positions*i*o*K`` MACs;
 - norms: one weight and one bias entry per kept channel when affine.
 
+- attention heads (``h`` kept of ``head_dim`` ``d``): Q/K/V and output projections plus the
+  score and attention-times-value matmuls, ``h*d*(B*T*E + B*S*kdim + B*S*vdim + 2*B*T*S + B*T*E)``
+  MACs for a batch ``B`` with ``T`` queries and ``S`` keys (for Hugging Face attention the
+  projections are ``Linear`` layers counted above and only the ``2*B*T*S*h*d`` term is added).
+
 so ``flops(widths) = dense_flops + 2 * sum(MACs(widths) - MACs(dense))`` with no re-profiling.
+``count_flops`` counts CPU ``scaled_dot_product_attention`` too (``FlopCounterMode`` has no formula
+for ``_scaled_dot_product_flash_attention_for_cpu``; the same one as for the CUDA kernels is used)
+and runs with torch's fused multi-head-attention fast path off, so attention is counted as the
+matmuls it is.
 
 Example:
     >>> import torch, torch.nn as nn
@@ -33,7 +42,7 @@ import math
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .groups import _BN, _CONV, _CONVT, _IN, Analysis, _as_args
 
@@ -45,15 +54,27 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _custom_flops() -> dict:
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return {} if op is None else {op: _sdpa_flop}
+
+
 def count_flops(model: nn.Module, example_input) -> int:
     """FLOPs (2 x MACs) of one forward on ``example_input``, measured by ``FlopCounterMode``."""
     args = _as_args(example_input)
     was_training = model.training
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         model.eval()
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        torch.backends.mha.set_fastpath_enabled(False)
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_custom_flops()) as counter:
             model(*args)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         model.train(was_training)
     return int(counter.get_total_flops())
 
@@ -125,6 +146,10 @@ class CostModel:
             return hook
 
         handles = [mod.register_forward_hook(make_hook(name)) for name, mod in self.members]
+        self.heads = [(gi, g.handler) for gi, g in enumerate(analysis.groups) if g.handler is not None]
+        self.head_calls = {gi: [] for gi, _ in self.heads}
+        for gi, handler in self.heads:
+            handles += handler.recorder(modules, self.head_calls[gi])
         try:
             self.dense_flops = count_flops(model, example_input)
         finally:
@@ -134,6 +159,8 @@ class CostModel:
         self.dense_params = count_params(model)
         self._dense = {name: module_cost(mod, *_dense_dims(mod), positions[name])
                        for name, mod in self.members}
+        self._dense_heads = {gi: handler.extra_cost(analysis.groups[gi].size, self.head_calls[gi])
+                             for gi, handler in self.heads}
 
     def costs(self, widths: dict) -> tuple:
         """``(params, flops)`` for ``widths``."""
@@ -142,6 +169,12 @@ class CostModel:
             o, i = _dims(self.analysis, name, mod, widths)
             p, m = module_cost(mod, o, i, self.positions[name])
             p0, m0 = self._dense[name]
+            dp += p - p0
+            dm += m - m0
+        for gi, handler in self.heads:
+            p, m = handler.extra_cost(widths.get(gi, self.analysis.groups[gi].size),
+                                      self.head_calls[gi])
+            p0, m0 = self._dense_heads[gi]
             dp += p - p0
             dm += m - m0
         return self.dense_params + dp, self.dense_flops + 2 * dm

@@ -7,6 +7,13 @@ run (ReLU, pooling, reshapes, residual additions…), so a gate at 0 removes the
 export does, and a gate at 1 changes nothing. ``LayerNorm``/``GroupNorm`` over pruned channels are
 recomputed over the kept channels only (as the exported, narrower norm does).
 
+Attention heads (groups with a ``handler``) are gated before the output projection: through the
+value projection's output for Hugging Face attention, by a forward hook on the module for
+``nn.MultiheadAttention`` (see :mod:`gradprune.structured.attention`). While gates are attached,
+torch's fused multi-head-attention fast path is switched off
+(``torch.backends.mha.set_fastpath_enabled``), as it would bypass the hooks; it is restored on
+:meth:`Gates.remove`.
+
 Two modes:
 
 - ``Gates(analysis)`` (gradient mode): every forward creates all-ones gates of shape
@@ -58,6 +65,7 @@ class Gates:
                 self.values[gi] = v
         self.records: list = []
         self._handles: list = []
+        self._fastpath = None
 
     # -- hooks ---------------------------------------------------------------------------------
     def attach(self) -> "Gates":
@@ -67,6 +75,13 @@ class Gates:
         for name, (layout, kind) in self.analysis.mask_points.items():
             mod = modules[name]
             self._handles.append(mod.register_forward_hook(self._hook(layout, kind)))
+        for gi, g in enumerate(self.analysis.groups):
+            if g.handler is not None:
+                self._handles += g.handler.hooks(modules, self, gi)
+        if any(isinstance(m, (nn.MultiheadAttention, nn.TransformerEncoderLayer))
+               for m in modules.values()):
+            self._fastpath = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
         return self
 
     def remove(self) -> None:
@@ -74,6 +89,19 @@ class Gates:
             h.remove()
         self._handles = []
         self.records = []
+        if self._fastpath is not None:
+            torch.backends.mha.set_fastpath_enabled(self._fastpath)
+            self._fastpath = None
+
+    def head_gate(self, gi: int, batch: int | None, ref: torch.Tensor) -> torch.Tensor:
+        """The gate of head group ``gi``: ``[heads]`` (fixed) or a recorded ``[batch, heads]``
+        leaf that requires grad (gradient mode; ``batch=None``, an unbatched input, counts as 1)."""
+        if self.fixed:
+            return self.values[gi].to(device=ref.device, dtype=ref.dtype)
+        v = torch.ones(batch or 1, self.analysis.groups[gi].size, device=ref.device,
+                       dtype=ref.dtype, requires_grad=True)
+        self.records.append((gi, v))
+        return v
 
     def __enter__(self) -> "Gates":
         return self.attach()

@@ -127,11 +127,12 @@ class Slice:
     offset: int
     inner: int
     size: int
+    param: str = "weight"
 
     def describe(self) -> str:
         if self.role == "channel":
             return f"{self.module}[channels]" + (f" at offset {self.offset}" if self.offset else "")
-        text = f"{self.module}.weight[dim {self.dim}]"
+        text = f"{self.module}.{self.param}[dim {self.dim}]"
         if self.offset:
             text += f" at offset {self.offset}"
         if self.inner != 1:
@@ -153,6 +154,11 @@ class Group:
     slices: list
     owners: list  # (module name, module type) whose search-space rules apply
     balance: int = 1  # kept units must be spread equally over ``balance`` contiguous chunks (GroupNorm)
+    handler: Any = None  # attention heads: a :class:`~gradprune.structured.attention.HeadHandler`
+
+    @property
+    def unit(self) -> str:
+        return "heads" if self.handler is not None else "channels"
 
     def modules(self) -> list:
         return sorted({s.module for s in self.slices})
@@ -253,6 +259,7 @@ class _Propagator(fx.Interpreter):
         self.module_space: dict = {}
         self.roles: dict = {}
         self.mask_points: dict = {}
+        self.head_handlers: dict = {}  # space id -> HeadHandler
         self.param_owner = {}
         for mname, mod in self.modules.items():
             for pname, p in mod.named_parameters(recurse=False):
@@ -366,6 +373,8 @@ class _Propagator(fx.Interpreter):
     # -- modules --------------------------------------------------------------------------------
     def _module(self, n, m, args, kwargs, result, ins):
         name = n.target
+        if isinstance(m, (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)):
+            return self._transformer(name, m, args, ins)
         x = self._in_layout(n)
         extra = [lay for lay in ins if lay is not x]
         if extra:
@@ -424,6 +433,56 @@ class _Propagator(fx.Interpreter):
         if isinstance(m, nn.Flatten):
             return self._reshape(n, args[0].shape, result.shape, x)
         raise _Unsupported(f"{name}: unsupported module {type(m).__name__} consumes channels")
+
+    # -- attention ------------------------------------------------------------------------------
+    def _transformer(self, name, m, args, ins):
+        """``MultiheadAttention`` (heads), ``TransformerEncoderLayer`` (heads and FFN neurons) and
+        ``TransformerEncoder`` (each of its layers): the embed dim (residual stream) stays."""
+        kind = type(m).__name__
+        self.block(ins, f"{name}: the embed dim of {kind} is not pruned")
+        if self.opaque and name in self.opaque:
+            return None
+        if isinstance(m, nn.MultiheadAttention):
+            self._heads(name, m)
+        elif isinstance(m, nn.TransformerEncoderLayer):
+            self._encoder_layer(name, m, args[0].dim() if args else 3)
+        else:
+            for i, layer in enumerate(m.layers):
+                if isinstance(layer, nn.TransformerEncoderLayer):
+                    self._encoder_layer(f"{name}.layers.{i}", layer, args[0].dim() if args else 3)
+                else:
+                    self._skip_producer(f"{name}.layers.{i}", f"{type(layer).__name__} inside a "
+                                        "TransformerEncoder is not analysed")
+        return None
+
+    def _heads(self, name, m):
+        if name in self.module_space:
+            return
+        from .attention import MHAHeads, mha_unsupported
+        reason = mha_unsupported(m)
+        if reason is not None:
+            self._skip_producer(name, reason)
+            return
+        space = self.new_space(m.num_heads, name)
+        self.module_space[name] = space
+        self.head_handlers[space] = MHAHeads(name, m)
+
+    def _encoder_layer(self, name, m, ndim):
+        self._heads(f"{name}.self_attn", m.self_attn)
+        fc1, fc2 = f"{name}.linear1", f"{name}.linear2"
+        if fc1 in self.module_space:
+            return
+        if not (isinstance(m.linear1, nn.Linear) and isinstance(m.linear2, nn.Linear)
+                and isinstance(m.dropout, nn.Dropout)):
+            self._skip_producer(fc1, "unexpected TransformerEncoderLayer feed-forward block")
+            return
+        space = self.new_space(m.linear1.out_features, fc1)
+        self.module_space[fc1] = space
+        lay = Layout(ndim - 1, ndim, ((space, 1),))
+        self.record(fc1, "out", lay)
+        self.record(fc2, "in", lay)
+        # the gate goes after the activation (any activation), on the dropout before linear2
+        self.add_mask_point(f"{name}.dropout", lay, "mul")
 
     def _produce(self, name, size, result, cdim):
         if not isinstance(result, torch.Tensor) or result.dim() < 2 or cdim == 0:
@@ -658,6 +717,11 @@ class _Propagator(fx.Interpreter):
             groups.append(Group(name=self.space_owner[spaces[0]], size=self.space_size[root],
                                 producers=[self.space_owner[s] for s in spaces], slices=[],
                                 owners=[]))
+            handler = self.head_handlers.get(spaces[0])
+            if handler is not None:
+                groups[-1].handler = handler
+                groups[-1].slices = handler.slices()
+                groups[-1].owners = handler.owners(self.modules)
         roles = {m: {r: slot[r] for r in ("out", "in", "through") if r in slot}
                  for m, slot in self.roles.items() if "taint" not in slot}
         for mname in sorted(roles, key=lambda m: order.get(m, 0)):
@@ -721,6 +785,10 @@ def find_groups(model: nn.Module, example_input) -> Analysis:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     args = _as_args(example_input)
+    from .hf import analyse_hf
+    hf = analyse_hf(model, example_input)
+    if hf is not None:
+        return hf
     gm, opaque = _trace(model)
     if gm is None:
         return Analysis(model=model, groups=[], skipped=[{"module": k, "reason": v}

@@ -10,6 +10,10 @@ is not given keeps its default ``{"*": {...}}``.
   (default 0.05, 0.10, …, 1.0) and ``channel_divisor`` (default 32).
 - ``nn.Linear``, ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``, ``nn.InstanceNorm1d/2d/3d``,
   ``nn.LayerNorm``: ``features_ratio`` and ``feature_divisor`` (same defaults).
+- attention, per attention module (``nn.MultiheadAttention``, ``hf.BertSelfAttention``):
+  ``n_heads_ratio`` (default ``None``: any number of heads) and ``n_heads_divisor`` (default 1);
+  a ratio list gives the widths as above, in heads. FFN neurons of a transformer layer follow the
+  ``nn.Linear`` rule of the layer producing them (``linear1``, ``intermediate.dense``).
 
 Candidate width for a ratio ``r`` of ``n`` units and divisor ``d``: ``r * n`` rounded (halves up)
 to the nearest multiple of ``d``, at least ``d``; one more ``d`` when that rounding lost more than
@@ -41,14 +45,17 @@ from torch import nn
 from .._checks import check_int, round_half_up
 from ..config import Config
 
-__all__ = ["ChannelRule", "FeatureRule", "SearchRules", "candidate_widths", "DEFAULT_RATIOS",
-           "CHANNEL_TYPES", "FEATURE_TYPES"]
+__all__ = ["ChannelRule", "FeatureRule", "HeadRule", "SearchRules", "candidate_widths",
+           "DEFAULT_RATIOS", "CHANNEL_TYPES", "FEATURE_TYPES", "HEAD_TYPES"]
 
 DEFAULT_RATIOS = tuple(round(0.05 * i, 2) for i in range(1, 21))
 CHANNEL_TYPES = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
                  "ConvTranspose3d", "GroupNorm")
 FEATURE_TYPES = ("Linear", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm",
                  "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm")
+# attention modules whose units are heads; "hf." types are Hugging Face classes
+HEAD_TYPES = ("MultiheadAttention", "BertSelfAttention")
+_HF_TYPES = ("BertSelfAttention",)
 
 
 def _check_ratios(name: str, v: Any) -> tuple:
@@ -117,6 +124,28 @@ class FeatureRule(Config):
         return candidate_widths(n, self.features_ratio, self.feature_divisor)
 
 
+@dataclass(eq=True)
+class HeadRule(Config):
+    """Rule for attention modules: ``n_heads_ratio`` (``None``: any count) and ``n_heads_divisor``."""
+
+    n_heads_ratio: Any = None
+    n_heads_divisor: int = 1
+
+    @staticmethod
+    def _validate_n_heads_ratio(v):
+        return None if v is None else _check_ratios("n_heads_ratio", v)
+
+    @staticmethod
+    def _validate_n_heads_divisor(v):
+        return check_int("n_heads_divisor", v, min_value=1)
+
+    def widths(self, n: int) -> tuple:
+        if self.n_heads_ratio is None:
+            d = self.n_heads_divisor
+            return tuple(sorted({w for w in range(d, n + 1, d)} | {n}))
+        return candidate_widths(n, self.n_heads_ratio, self.n_heads_divisor)
+
+
 def candidate_widths(n: int, ratios, divisor: int) -> tuple:
     """Allowed widths of ``n`` units for ``ratios`` and ``divisor`` (sorted; ``n`` always in)."""
     check_int("n", n, min_value=1)
@@ -135,11 +164,15 @@ def candidate_widths(n: int, ratios, divisor: int) -> tuple:
 def _type_key(key: Any) -> str:
     if not isinstance(key, str):
         raise TypeError(f"rules keys must be str (e.g. 'nn.Linear'), got {type(key).__name__}")
-    name = key[3:] if key.startswith("nn.") else key
-    if name not in CHANNEL_TYPES + FEATURE_TYPES:
-        valid = ", ".join("nn." + t for t in CHANNEL_TYPES + FEATURE_TYPES)
+    name = key[3:] if key.startswith(("nn.", "hf.")) else key
+    if name not in CHANNEL_TYPES + FEATURE_TYPES + HEAD_TYPES:
+        valid = ", ".join(_prefix(t) + t for t in CHANNEL_TYPES + FEATURE_TYPES + HEAD_TYPES)
         raise ValueError(f"rules has an unknown module type {key!r}; valid keys: {valid}")
     return name
+
+
+def _prefix(t: str) -> str:
+    return "hf." if t in _HF_TYPES else "nn."
 
 
 class SearchRules:
@@ -148,13 +181,16 @@ class SearchRules:
     def __init__(self, rules: dict | None = None):
         if rules is not None and not isinstance(rules, dict):
             raise TypeError(f"rules must be a dict, got {type(rules).__name__}")
-        self._by_type: dict = {t: [("*", self._default(t))] for t in CHANNEL_TYPES + FEATURE_TYPES}
+        self._by_type: dict = {t: [("*", self._default(t))]
+                               for t in CHANNEL_TYPES + FEATURE_TYPES + HEAD_TYPES}
         for key, value in (rules or {}).items():
             t = _type_key(key)
             self._by_type[t] = self._parse(t, key, value)
 
     @staticmethod
     def _rule_class(t: str):
+        if t in HEAD_TYPES:
+            return HeadRule
         return ChannelRule if t in CHANNEL_TYPES else FeatureRule
 
     def _default(self, t: str):
@@ -185,9 +221,10 @@ class SearchRules:
                                 f"{type(rule).__name__}")
         return out
 
-    def rule_for(self, name: str, module: nn.Module):
-        """The rule of module ``name`` (``None``: not pruned)."""
-        t = type(module).__name__
+    def rule_for(self, name: str, module: nn.Module, type_name: str | None = None):
+        """The rule of module ``name`` (``None``: not pruned); ``type_name`` overrides the
+        module's class name as the rule key."""
+        t = type_name or type(module).__name__
         if t not in self._by_type:
             return None
         rule = None
@@ -197,6 +234,6 @@ class SearchRules:
         return rule
 
     def to_dict(self) -> dict:
-        return {f"nn.{t}": (None if not entries else
+        return {f"{_prefix(t)}{t}": (None if not entries else
                             {p: (None if r is None else r.to_dict()) for p, r in entries})
                 for t, entries in self._by_type.items()}

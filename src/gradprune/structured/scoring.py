@@ -127,12 +127,17 @@ def magnitude_scores(analysis: Analysis, norm: str = "l2") -> dict:
     out = {}
     with torch.no_grad():
         for gi, g in enumerate(analysis.groups):
+            if g.handler is not None:
+                m = g.handler.magnitude(modules, norm)
+                if m is not None:
+                    out[gi] = m
+                    continue
             acc = torch.zeros(g.size, dtype=torch.float64)
             for s in g.slices:
                 if s.role != "out":
                     continue
                 w = modules[s.module].weight.detach().to(torch.float64).transpose(0, s.dim)
-                w = w.reshape(w.shape[0], -1)
+                w = w[s.offset:s.offset + s.size * s.inner].reshape(s.size, -1)
                 acc += w.abs().sum(1) if norm == "l1" else (w * w).sum(1)
             out[gi] = acc if norm == "l1" else acc.sqrt()
     return out

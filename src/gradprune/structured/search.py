@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -112,6 +114,8 @@ class SearchResult:
     threshold: float
     batches: int = 0
     score_summary: dict = field(default_factory=dict)
+    example_input: Any = None
+    latency_ms: dict = field(default_factory=dict)  # {"dense"/"pruned": {batch size: median ms}}
 
     @property
     def groups(self) -> list:
@@ -124,17 +128,23 @@ class SearchResult:
     def rows(self) -> list:
         rows = []
         for gi, g in enumerate(self.analysis.groups):
-            rows.append({"group": g.name, "modules": len(g.modules()), "width": g.size,
-                         "kept": self.widths[gi], "choices": len(self.choices[gi])})
+            rows.append({"group": g.name, "unit": g.unit, "modules": len(g.modules()),
+                         "width": g.size, "kept": self.widths[gi], "choices": len(self.choices[gi])})
         return rows
 
     def report(self) -> str:
         """Per-group widths, then params and FLOPs of the dense model and of the subnet."""
-        lines = [format_table(self.rows(), ["group", "modules", "width", "kept", "choices"])]
+        lines = [format_table(self.rows(), ["group", "unit", "modules", "width", "kept", "choices"])]
         lines.append(f"params: {self.dense_params} -> {self.params} "
                      f"({self.params / max(self.dense_params, 1):.1%})")
         lines.append(f"flops:  {self.dense_flops} -> {self.flops} "
                      f"({self.flops / max(self.dense_flops, 1):.1%})")
+        if self.latency_ms:
+            dense, pruned = self.latency_ms["dense"], self.latency_ms["pruned"]
+            for bs in dense:
+                lines.append(f"latency batch {bs}: {dense[bs]:.3f} ms -> {pruned[bs]:.3f} ms "
+                             f"({pruned[bs] / max(dense[bs], 1e-12):.1%}; CPU median of "
+                             f"{self.latency_ms['repeats']} runs)")
         if self.analysis.skipped:
             lines.append("not pruned:")
             lines += [f"  {s['module'] or '<model>'}: {s['reason']}" for s in self.analysis.skipped]
@@ -148,6 +158,52 @@ class SearchResult:
         """A deep copy of the model with the removed units sliced away (an ordinary nn.Module)."""
         return export_model(self.analysis, self.keep)
 
+    def latency(self, example_input_fn: Callable | None = None, batch_sizes=(1, 32),
+                repeats: int = 20, warmup: int = 3) -> dict:
+        """Measure the CPU latency (median over ``repeats`` timed forwards after ``warmup``, eval
+        mode, no grad) of the dense and the exported model at each batch size.
+
+        ``example_input_fn(batch_size)`` gives the input (a tensor or a tuple of tensors); by
+        default the rows of the search's ``example_input`` are repeated to the batch size.
+        Returns and stores ``latency_ms = {"dense": {bs: ms}, "pruned": {bs: ms}, "repeats": n}``,
+        which :meth:`report` then shows next to params and FLOPs."""
+        check_int("repeats", repeats, min_value=1)
+        check_int("warmup", warmup, min_value=0)
+        if example_input_fn is None:
+            if self.example_input is None:
+                raise ValueError("example_input_fn must be given when the result has no example_input")
+            base = _as_args(self.example_input)
+
+            def example_input_fn(bs):
+                return tuple(t[torch.arange(bs) % t.shape[0]] for t in base)
+        elif not callable(example_input_fn):
+            raise TypeError(f"example_input_fn must be callable as example_input_fn(batch_size), "
+                            f"got {type(example_input_fn).__name__}")
+        sizes = tuple(check_int("batch_sizes item", b, min_value=1) for b in batch_sizes)
+        pruned = self.export()
+        out = {"dense": {}, "pruned": {}, "repeats": repeats}
+        for key, model in (("dense", self.analysis.model), ("pruned", pruned)):
+            for bs in sizes:
+                out[key][bs] = _median_ms(model, _as_args(example_input_fn(bs)), repeats, warmup)
+        self.latency_ms = out
+        return out
+
+
+def _median_ms(model: nn.Module, args: tuple, repeats: int, warmup: int) -> float:
+    was_training = model.training
+    times = []
+    try:
+        model.eval()
+        with torch.no_grad():
+            for i in range(warmup + repeats):
+                start = time.perf_counter()
+                model(*args)
+                if i >= warmup:
+                    times.append((time.perf_counter() - start) * 1e3)
+    finally:
+        model.train(was_training)
+    return float(statistics.median(times))
+
 
 def _group_choices(analysis: Analysis, rules: SearchRules) -> dict:
     modules = dict(analysis.model.named_modules())
@@ -155,7 +211,8 @@ def _group_choices(analysis: Analysis, rules: SearchRules) -> dict:
     for gi, g in enumerate(analysis.groups):
         allowed = None
         for name, _ in g.owners:
-            rule = rules.rule_for(name, modules[name])
+            rule = rules.rule_for(name, modules[name],
+                                  g.handler.rule_type if g.handler is not None else None)
             widths = {g.size} if rule is None else set(rule.widths(g.size))
             allowed = widths if allowed is None else allowed & widths
         allowed = allowed or {g.size}
@@ -194,7 +251,7 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
            loss_fn: Callable | None = None, method: str = "gradnas", example_input=None,
            rules: dict | SearchRules | None = None, score_func: Callable | None = None, *,
            max_iter_data_loader: int = 128, per_sample: bool = False, magnitude_norm: str = "l2",
-           show_progress: bool | None = None) -> SearchResult:
+           show_progress: bool | None = None, measure_latency: bool = False) -> SearchResult:
     """Find the subnet of ``model`` that meets every constraint with the least sensitivity.
 
     Args:
@@ -211,6 +268,8 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
             data has them).
         per_sample: for ``gradnas``, square per-sample instead of per-batch gate gradients.
         magnitude_norm: ``l2`` or ``l1`` for ``magnitude``.
+        measure_latency: also time the dense and the exported model on CPU at batch sizes 1
+            and 32 (:meth:`SearchResult.latency`); the report then shows it.
 
     Raises ``ValueError`` naming the smallest reachable params and FLOPs when no subnet meets
     the constraints.
@@ -225,6 +284,8 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
     if not isinstance(per_sample, bool):
         raise TypeError(f"per_sample must be bool, got {type(per_sample).__name__}")
     check_choice("magnitude_norm", magnitude_norm, ("l1", "l2"))
+    if not isinstance(measure_latency, bool):
+        raise TypeError(f"measure_latency must be bool, got {type(measure_latency).__name__}")
     if method in ("gradnas", "taylor", "michel"):
         if data is None:
             raise ValueError(f"data must be an iterable of batches for method={method!r}, got None")
@@ -292,10 +353,14 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
     widths = pick(t)
     keep = {gi: _keep_for(ranks[gi], widths[gi]) for gi in widths}
     p, f = cost.costs(widths)
-    return SearchResult(analysis=analysis, method=method, choices=choices, widths=widths, keep=keep,
-                        scores=scores, sensitivity=sens, params=p, flops=f,
-                        dense_params=cost.dense_params, dense_flops=cost.dense_flops,
-                        constraints=bounds, threshold=t, batches=batches, score_summary=summary)
+    result = SearchResult(analysis=analysis, method=method, choices=choices, widths=widths,
+                          keep=keep, scores=scores, sensitivity=sens, params=p, flops=f,
+                          dense_params=cost.dense_params, dense_flops=cost.dense_flops,
+                          constraints=bounds, threshold=t, batches=batches, score_summary=summary,
+                          example_input=example_input)
+    if measure_latency:
+        result.latency()
+    return result
 
 
 def _fastnas_sensitivities(analysis, choices, ranks, score_func, show_progress) -> dict:
