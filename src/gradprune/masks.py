@@ -67,8 +67,11 @@ class MaskSet(Mapping):
             raise ValueError(f"names not in the model's parameters: {missing}")
         self._params = {n: params[n] for n in names}
         self._masks: dict[str, torch.Tensor] = {}
-        self._pruned: dict[tuple, tuple] = {}  # (name, dtype, device) -> (mask version, float mask)
+        self._pruned: dict[tuple, tuple] = {}  # (name, dtype, device, shape) -> (mask version, float mask)
         self._plan_cache = None
+        # {name: (start, stop)}: a parameter stored as a flat shard (FSDP use_orig_params=True) holds
+        # entries start:stop of its flattened mask; set by gradprune.integrations.distributed
+        self.shard_spans: dict[str, tuple[int, int]] = {}
         for n, p in self._params.items():
             self._masks[n] = torch.ones(p.shape, dtype=torch.bool, device=p.device)
         for n, m in (masks or {}).items():
@@ -110,12 +113,27 @@ class MaskSet(Mapping):
         place: the cache follows the mask's version counter). Multiplying by it is an order of
         magnitude faster on CPU than ``masked_fill_`` with a bool mask."""
         mask = self._masks[name]
-        key = (name, like.dtype, like.device)
+        key = (name, like.dtype, like.device, like.shape)
         cached = self._pruned.get(key)
         if cached is None or cached[0] != mask._version:
-            cached = (mask._version, mask.to(device=like.device, dtype=like.dtype))
+            local = mask if like.shape == mask.shape else self._shard_of(name, like)
+            cached = (mask._version, local.to(device=like.device, dtype=like.dtype))
             self._pruned[key] = cached
         return cached[1]
+
+    def _shard_of(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The entries of the flattened mask that a flat shard ``like`` holds (FSDP)."""
+        span = self.shard_spans.get(name)
+        if span is None or like.dim() != 1 or like.numel() != span[1] - span[0]:
+            raise ValueError(
+                f"mask for {name!r} has shape {tuple(self._masks[name].shape)} but the tensor to mask "
+                f"has shape {tuple(like.shape)}; a sharded (FSDP) model needs "
+                "gradprune.integrations.distributed.FSDPPruner/FSDPSparseTrainer")
+        return self._masks[name].reshape(-1)[span[0]:span[1]]
+
+    def _is_shard(self, name: str, t: torch.Tensor) -> bool:
+        span = self.shard_spans.get(name)
+        return span is not None and t.dim() == 1 and t.numel() == span[1] - span[0]
 
     @staticmethod
     def _multiply(tensors: list, factors: list) -> None:
@@ -124,7 +142,8 @@ class MaskSet(Mapping):
 
     def _plan(self):
         """``(params, factors)`` for the hot path, rebuilt only when a mask changed."""
-        versions = tuple((id(m), m._version) for m in self._masks.values())
+        versions = tuple((id(m), m._version, p.shape) for m, p in zip(self._masks.values(),
+                                                                      self._params.values()))
         plan = self._plan_cache
         if plan is None or plan[0] != versions:
             params = list(self._params.values())
@@ -167,7 +186,7 @@ class MaskSet(Mapping):
             if not state:
                 continue
             for v in state.values():
-                if isinstance(v, torch.Tensor) and v.shape == p.shape:
+                if isinstance(v, torch.Tensor) and (v.shape == p.shape or self._is_shard(n, v)):
                     tensors.append(v)
                     factors.append(self._factor(n, v))
         self._multiply(tensors, factors)

@@ -64,6 +64,8 @@ from torch import nn
 from ._checks import check_choice, check_float, check_int, check_topk
 from ._progress import progress
 from .config import Config, atomic_write
+from .integrations.distributed import (all_reduce_gradients, all_reduce_tensors, resolve_process_group,
+                                       sum_over_ranks)
 from .masks import MaskSet
 from .scores import scoring_context
 from .select import Units, select
@@ -112,7 +114,8 @@ class PrePruneConfig(Config):
 
     _validate_n_samples = staticmethod(lambda v: check_int("n_samples", v, min_value=1))
     _validate_topk = staticmethod(lambda v: check_topk("topk", v))
-    _validate_threshold = staticmethod(lambda v: check_float("threshold", v, allow_none=True))
+    # importance is |mean gradient| (or mean |g|, mean g^2): never negative
+    _validate_threshold = staticmethod(lambda v: check_float("threshold", v, low=0.0, allow_none=True))
     _validate_batch_size = staticmethod(lambda v: check_int("batch_size", v, min_value=1))
     _validate_seed = staticmethod(lambda v: check_int("seed", v, min_value=0))
 
@@ -318,7 +321,7 @@ def _summed_loss(loss, n_in_batch: int, loss_fn_name: str) -> torch.Tensor:
                      f"sample (shape [{n_in_batch}]), got shape {tuple(loss.shape)}")
 
 
-def _mean_gradient(model, params, chunks, collate, loss_fn, source, n, bar):
+def _mean_gradient(model, params, chunks, collate, loss_fn, source, n, bar, group=None):
     passes = 0
     for chunk_items in chunks:
         batch = collate(chunk_items)
@@ -330,11 +333,13 @@ def _mean_gradient(model, params, chunks, collate, loss_fn, source, n, bar):
             (loss * (sign / n)).backward()
             passes += 1
         bar.update(1)
+    if group is not None:  # each rank summed its share of the samples: add the shares up
+        all_reduce_gradients(params, group, average=False)
     grads = {name: (p.grad if p.grad is not None else torch.zeros_like(p)) for name, p in params.items()}
     return {name: g.detach().abs().float() for name, g in grads.items()}, passes
 
 
-def _per_sample_statistic(model, params, chunks, collate, loss_fn, source, n, statistic, bar):
+def _per_sample_statistic(model, params, chunks, collate, loss_fn, source, n, statistic, bar, group=None):
     from torch.func import functional_call, grad, vmap  # noqa: F401  (functional_call: API check)
     from torch.nn.utils.stateless import _reparametrize_module
 
@@ -362,6 +367,8 @@ def _per_sample_statistic(model, params, chunks, collate, loss_fn, source, n, st
             acc[k].add_((gk.abs() if statistic == "mean_abs" else gk * gk).sum(0), alpha=1.0 / n)
         passes += len(_targets_of(source))
         bar.update(1)
+    if group is not None:
+        all_reduce_tensors(list(acc.values()), group)
     return acc, passes
 
 
@@ -402,6 +409,7 @@ def pre_prune(
     collate_fn: Callable | None = None,
     params: Sequence[str] | None = None,
     show_progress: bool | None = None,
+    process_group: Any = None,
 ) -> PrePruneSelection:
     """Select the parameter entries that matter for a feature contrast (see the module docs).
 
@@ -415,6 +423,11 @@ def pre_prune(
         collate_fn: builds a batch from a list of items (default
             ``torch.utils.data.default_collate``).
         params: names of the parameters to score (default: every parameter that requires grad).
+        process_group: split the work over the ranks of a ``torch.distributed`` group (implied by a
+            ``DistributedDataParallel`` model, whose inner ``.module`` is what ``loss_fn`` gets):
+            every rank passes the whole dataset and the same config, takes its share of the seeded
+            sample's batches, and the statistics are summed over the ranks, so every rank gets the
+            selection of a single-process run (``report["backward_passes"]`` counts this rank's).
     """
     start = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -499,23 +512,39 @@ def pre_prune(
         if importance is not None and set(importance) != set(chosen):
             importance, cache_hit = None, None
 
+    run_model, group = resolve_process_group(model, process_group)
+    rank, world = 0, 1
+    if group is not None:
+        rank, world = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+        if rank != 0:
+            show_progress = False
+        if config.cache_dir is not None:  # recompute everywhere unless every rank hit the cache
+            device = next(iter(chosen.values())).device
+            if sum_over_ranks([int(importance is None)], group, device)[0]:
+                importance, cache_hit = None, None
     passes = 0
     if importance is None:
         items = [data[i] for i in indices]
         chunks = [items[i:i + config.batch_size] for i in range(0, len(items), config.batch_size)]
+        chunks = chunks[rank::world]
+        # a DDP model runs as its inner module: per-sample gradients address its parameters by
+        # their names there (without DDP's "module." prefix)
+        prefix = "module." if run_model is not model else ""
+        inner = {n[len(prefix):]: p for n, p in chosen.items()}
         bar = progress(total=len(chunks), desc=f"pre_prune ({config.source})", enable=show_progress)
         try:
             with scoring_context(model, chosen):
                 if config.statistic == "mean":
-                    importance, passes = _mean_gradient(model, chosen, chunks, collate, loss_fn,
-                                                        config.source, len(items), bar)
+                    importance, passes = _mean_gradient(run_model, inner, chunks, collate, loss_fn,
+                                                        config.source, len(items), bar, group)
                 else:
-                    importance, passes = _per_sample_statistic(model, chosen, chunks, collate, loss_fn,
+                    importance, passes = _per_sample_statistic(run_model, inner, chunks, collate, loss_fn,
                                                                config.source, len(items),
-                                                               config.statistic, bar)
+                                                               config.statistic, bar, group)
         finally:
             bar.close()
-        if config.cache_dir is not None:
+        importance = {prefix + n: t for n, t in importance.items()}
+        if config.cache_dir is not None and rank == 0:
             cpu_imp = {n: t.detach().cpu() for n, t in importance.items()}
             atomic_write(grad_path, lambda t: torch.save({"key": grad_key, "importance": cpu_imp}, t))
     importance = {n: t.to(chosen[n].device) for n, t in importance.items()}
@@ -529,7 +558,7 @@ def pre_prune(
     keep = select(layers, topk=config.topk, threshold=config.threshold, scope="global")
     masks = MaskSet(model, names=list(chosen), masks={n: keep[n].reshape(chosen[n].shape) for n in chosen})
     kept_idx = {n: torch.nonzero(keep[n]).flatten().cpu() for n in chosen}
-    if config.cache_dir is not None and cache_hit != "selection":
+    if config.cache_dir is not None and cache_hit != "selection" and rank == 0:
         cpu_imp = {n: t.detach().cpu() for n, t in importance.items()}
         atomic_write(sel_path, lambda t: torch.save(
             {"key": sel_key, "importance": cpu_imp, "indices": kept_idx}, t))

@@ -79,6 +79,7 @@ def prune(
     n_batches: int | None = None,
     mask: Mapping[str, torch.Tensor] | None = None,
     show_progress: bool | None = None,
+    process_group=None,
     **fields,
 ) -> PruneResult:
     """Prune ``model`` in place, one-shot, and return the masks, scores and a per-layer report.
@@ -93,6 +94,10 @@ def prune(
         mask: an existing mask (a :class:`MaskSet` or ``{name: bool tensor}``): its pruned entries
             stay pruned and count toward the target (mask -> threshold -> topk chaining).
         show_progress: progress bar over batches (default: when stderr is a terminal).
+        process_group: score across ranks (``torch.distributed``): each rank passes its own shard
+            of every batch and the gradients are averaged over the ranks after each backward, so
+            every rank gets the masks of a single-process run on the global batches. Implied by a
+            ``DistributedDataParallel`` model (its group); see ``docs/distributed.md``.
 
     Scores are computed in eval mode; the model's mode, ``requires_grad`` flags and gradients are
     restored afterwards.
@@ -130,7 +135,7 @@ def prune(
 
         batches = stream_gradients(model, data, loss_fn, params, n_batches=n_batches,
                                    on_batch=on_batch, show_progress=show_progress,
-                                   desc=f"scoring ({cfg.criterion})")
+                                   desc=f"scoring ({cfg.criterion})", process_group=process_group)
     scores = criterion.scores
     new = build_masks(params, scores, pattern, previous=previous, signed=criterion.signed,
                       reduce=cfg.reduce, allocation=cfg.allocation, sparsity=target,

@@ -33,6 +33,7 @@ from torch import nn
 
 from .._checks import check_int
 from .._progress import progress
+from ..integrations.distributed import all_reduce_gradients, resolve_process_group, sum_over_ranks
 
 __all__ = ["GradientStatistics", "stream_gradients", "scoring_context", "STATISTICS"]
 
@@ -134,12 +135,20 @@ def stream_gradients(
     on_batch: Callable[[], None] | None = None,
     show_progress: bool | None = None,
     desc: str = "scoring",
+    process_group=None,
 ) -> int:
     """Backpropagate ``loss_fn(model, batch)`` for at most ``n_batches`` batches of ``data``.
 
     Only ``params`` get gradients; after each backward ``on_batch()`` is called while their
     ``.grad`` holds that batch's gradient. Returns the number of batches used. The model is scored
     in eval mode (no dropout, BatchNorm statistics untouched) and restored afterwards.
+
+    Distributed (a ``DistributedDataParallel`` model, or ``process_group=``; see
+    :func:`gradprune.integrations.distributed.resolve_process_group`): every rank passes its own
+    shard of each batch; after each backward the gradients of ``params`` are averaged over the ranks
+    (as DDP does) before ``on_batch()``, so every rank sees the gradient of the global batch. A DDP
+    model's inner ``.module`` is what ``loss_fn`` receives. Scoring stops, on every rank, when any
+    rank runs out of batches; the count returned is the same everywhere.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -158,14 +167,19 @@ def stream_gradients(
     elif total is not None and hasattr(data, "__len__"):
         total = min(total, len(data))
 
+    run_model, group = resolve_process_group(model, process_group)
+    if group is not None and torch.distributed.get_rank(group) != 0:
+        show_progress = False
     seen = 0
     with scoring_context(model, params):
         bar = progress(total=total, desc=desc, enable=show_progress)
         try:
-            for batch in iterator:
+            if group is not None:
+                iterator = _agreed_batches(iterator, run_model, loss_fn, params, group)
+            for item in iterator:  # a batch; distributed: this rank's loss on its batch
                 for p in params.values():
                     p.grad = None
-                loss = loss_fn(model, batch)
+                loss = loss_fn(run_model, item) if group is None else item
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                     raise TypeError(
                         f"loss_fn must return a scalar tensor, got "
@@ -175,6 +189,8 @@ def stream_gradients(
                 if not math.isfinite(value):
                     raise ValueError(f"loss_fn returned a non-finite loss ({value}) on batch {seen}")
                 loss.backward()
+                if group is not None:
+                    all_reduce_gradients(params, group)
                 if on_batch is not None:
                     on_batch()
                 seen += 1
@@ -188,3 +204,27 @@ def stream_gradients(
     if seen == 0:
         raise ValueError("data yielded no batches")
     return seen
+
+
+def _agreed_batches(iterator, model, loss_fn, params, group):
+    """Yield this rank's loss for each batch, while every rank of ``group`` has a batch with a
+    finite loss (one small all-reduce per batch, so no rank waits forever on another)."""
+    device = next(iter(params.values())).device if params else None
+    seen = 0
+    while True:
+        batch = next(iterator, _END)
+        loss, bad = None, 0
+        if batch is not _END:
+            loss = loss_fn(model, batch)
+            if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+                bad = int(not math.isfinite(float(loss.detach())))
+        missing, nonfinite = sum_over_ranks([int(batch is _END), bad], group, device)
+        if nonfinite:
+            raise ValueError(f"loss_fn returned a non-finite loss on batch {seen} on {nonfinite} rank(s)")
+        if missing:
+            return
+        seen += 1
+        yield loss
+
+
+_END = object()

@@ -1,0 +1,402 @@
+"""``torch.distributed``: gradprune under DistributedDataParallel and FSDP.
+
+See ``docs/distributed.md`` for a walk-through with ``torchrun``. In short:
+
+**Gradual pruning and sparse training under DDP** need nothing extra. DDP averages ``.grad`` over
+the ranks in ``backward()``; :class:`~gradprune.Pruner` scores and :class:`~gradprune.SparseTrainer`
+drops and grows from those synchronized gradients and from the weights (identical on every rank:
+DDP broadcasts rank 0's at construction and every rank then applies the same update); every random
+choice comes from a ``torch.Generator`` seeded with ``config.seed``, never from the global RNG. The
+masks are therefore identical on every rank after every update; :func:`check_masks_in_sync`
+verifies it (one ``all_gather`` of a 32-byte digest per rank).
+
+**One-shot scoring** (:func:`gradprune.prune`, :func:`gradprune.stream_gradients`,
+:func:`gradprune.pre_prune`) runs distributed when given a DDP model, or a plain module and
+``process_group=`` (e.g. ``torch.distributed.group.WORLD``): see :func:`resolve_process_group`.
+``prune``/``stream_gradients``: each rank feeds its own shard of every global batch, and after each
+backward the gradients are averaged over the ranks, as DDP does, so the scores and masks equal a
+single-process run on the global batches. ``pre_prune``: every rank passes the whole dataset and the
+same config; the seeded sample is split over the ranks and the (linear) gradient statistics are
+summed, so the result equals a single-process run.
+
+**FSDP** (``FullyShardedDataParallel(..., use_orig_params=True)``): :class:`FSDPPruner` and
+:class:`FSDPSparseTrainer` drive a ``Pruner``/``SparseTrainer`` whose parameters live as flat shards:
+they unshard parameters and gradients (``summon_full_params``) only where full tensors are needed
+(scoring steps and prune events of the pruner; connectivity updates of the trainer) and otherwise
+apply the masks to each rank's local shard, with no communication.
+
+Example (under ``torchrun --nproc_per_node 2``; see ``examples/distributed_ddp.py``)::
+
+    dist.init_process_group("gloo")
+    model = DDP(build_model())
+    pruner = gp.Pruner(model, config, optimizer=opt)   # the usual hooks in the usual loop
+    ...
+    check_masks_in_sync(pruner.masks)                  # raises MasksOutOfSyncError if ranks differ
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+__all__ = [
+    "check_masks_in_sync",
+    "MasksOutOfSyncError",
+    "mask_digest",
+    "is_ddp",
+    "resolve_process_group",
+    "all_reduce_gradients",
+    "all_reduce_tensors",
+    "sum_over_ranks",
+    "FSDPPruner",
+    "FSDPSparseTrainer",
+    "fsdp_shard_spans",
+    "fsdp_full_params",
+]
+
+_BUCKET_BYTES = 25 * 1024 * 1024  # DDP's default bucket size
+
+
+class MasksOutOfSyncError(RuntimeError):
+    """Raised on every rank when the ranks' masks differ."""
+
+
+def _dist():
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise RuntimeError("torch.distributed is not available in this build of PyTorch")
+    return dist
+
+
+def _initialized_dist():
+    dist = _dist()
+    if not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialized: call "
+                           "torch.distributed.init_process_group(...) first (torchrun sets it up)")
+    return dist
+
+
+# ---------------------------------------------------------------------------------------------
+# process groups
+
+def is_ddp(model: Any) -> bool:
+    """Whether ``model`` is a ``torch.nn.parallel.DistributedDataParallel``."""
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, DistributedDataParallel)
+
+
+def resolve_process_group(model: nn.Module, process_group: Any = None):
+    """``(module to run forward and backward on, process group or None)`` for one-shot scoring.
+
+    - a ``DistributedDataParallel`` model: its inner ``.module`` (DDP's own gradient all-reduce and
+      buffer broadcasts stay out of scoring; gradprune reduces explicitly) and ``process_group``, by
+      default the DDP model's own group;
+    - a plain module with ``process_group`` (a ``torch.distributed.ProcessGroup``, such as
+      ``torch.distributed.group.WORLD``): the module and that group;
+    - a plain module without: the module and ``None`` (single process; nothing is communicated).
+    """
+    if is_ddp(model):
+        return model.module, (process_group if process_group is not None else model.process_group)
+    if process_group is None:
+        return model, None
+    dist = _initialized_dist()
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError("process_group must be a torch.distributed.ProcessGroup (e.g. "
+                        f"torch.distributed.group.WORLD), got {type(process_group).__name__}")
+    return model, process_group
+
+
+def sum_over_ranks(values: list[int], group: Any, device: torch.device | None = None) -> list[int]:
+    """The element-wise sum over the ranks of ``group`` of a short list of integers (one small
+    ``all_reduce``; ``device`` must suit the backend: CUDA for NCCL)."""
+    dist = _dist()
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return [int(v) for v in t.tolist()]
+
+
+@torch.no_grad()
+def all_reduce_tensors(tensors: Iterable[torch.Tensor], group: Any, *, average: bool = False,
+                       bucket_bytes: int = _BUCKET_BYTES) -> None:
+    """Sum (``average=True``: mean) each tensor over the ranks of ``group``, in place.
+
+    Tensors are flattened into buckets of at most ``bucket_bytes`` (per device and dtype), one
+    ``all_reduce`` per bucket, as DDP does.
+    """
+    dist = _dist()
+    tensors = list(tensors)
+    world = dist.get_world_size(group)
+    if world == 1 or not tensors:
+        return
+    buckets: list[list[torch.Tensor]] = []
+    open_bucket: dict[tuple, tuple[list, int]] = {}
+    for t in tensors:
+        key = (t.device, t.dtype)
+        bucket, size = open_bucket.get(key, (None, 0))
+        nbytes = t.numel() * t.element_size()
+        if bucket is None or (size + nbytes > bucket_bytes and bucket):
+            bucket, size = [], 0
+            buckets.append(bucket)
+        bucket.append(t)
+        open_bucket[key] = (bucket, size + nbytes)
+    for bucket in buckets:
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        if average:
+            flat.div_(world)
+        offset = 0
+        for t in bucket:
+            k = t.numel()
+            t.copy_(flat[offset:offset + k].view_as(t))
+            offset += k
+
+
+@torch.no_grad()
+def all_reduce_gradients(params: Mapping[str, torch.Tensor] | Iterable[torch.Tensor], group: Any, *,
+                         average: bool = True, bucket_bytes: int = _BUCKET_BYTES) -> None:
+    """Average (``average=False``: sum) every parameter's ``.grad`` over the ranks of ``group``.
+
+    A parameter without a gradient on this rank takes part with zeros and receives the reduced
+    gradient, so every rank ends with the same ``.grad`` for every parameter.
+    """
+    ps = list(params.values()) if isinstance(params, Mapping) else list(params)
+    grads, seen = [], set()
+    for p in ps:
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    all_reduce_tensors(grads, group, average=average, bucket_bytes=bucket_bytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# masks in sync
+
+def _masks_of(obj: Any) -> Mapping[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        return obj
+    masks = getattr(obj, "masks", None)  # a Pruner, SparseTrainer, PruneResult, PrePruneSelection
+    if isinstance(masks, Mapping):
+        return masks
+    raise TypeError("masks must be a MaskSet, a mapping name -> tensor, or an object with .masks "
+                    f"(Pruner, SparseTrainer, PruneResult), got {type(obj).__name__}")
+
+
+def mask_digest(masks: Any) -> tuple[str, dict[str, str]]:
+    """``(overall sha256, {name: sha256})`` of masks: names, dtypes, shapes and every entry."""
+    per_layer, overall = {}, hashlib.sha256()
+    for name, m in _masks_of(masks).items():
+        if not isinstance(m, torch.Tensor):
+            raise TypeError(f"mask for {name!r} must be a tensor, got {type(m).__name__}")
+        t = m.detach().cpu().contiguous().reshape(-1)
+        h = hashlib.sha256(f"{name}|{t.dtype}|{tuple(m.shape)}|".encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy().tobytes())
+        per_layer[name] = h.hexdigest()
+        overall.update(f"{name}:{per_layer[name]};".encode())
+    return overall.hexdigest(), per_layer
+
+
+def check_masks_in_sync(masks: Any, group: Any = None) -> str:
+    """Raise :class:`MasksOutOfSyncError` on every rank unless all ranks of ``group`` (default: the
+    default group) hold identical masks; return their sha256 digest.
+
+    ``masks``: a :class:`~gradprune.MaskSet`, a mapping ``{name: tensor}``, or anything with
+    ``.masks`` (``Pruner``, ``SparseTrainer``, ``FSDPPruner``, ``PruneResult``). It is a collective:
+    call it on every rank. Each rank contributes a digest per layer (one ``all_gather_object``); the
+    error names the ranks and layers that differ from the group's first rank.
+    """
+    dist = _initialized_dist()
+    overall, per_layer = mask_digest(masks)
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, (overall, per_layer), group=group)
+    ref_overall, ref_layers = gathered[0]
+    problems = []
+    for r, (o, layers) in enumerate(gathered):
+        if o == ref_overall:
+            continue
+        names = sorted(set(layers) ^ set(ref_layers))
+        names += [n for n in layers if n in ref_layers and layers[n] != ref_layers[n]]
+        problems.append(f"rank {r}: {names}")
+    if problems:
+        raise MasksOutOfSyncError(
+            "masks differ across ranks (layers that differ from group rank 0): " + "; ".join(problems)
+            + ". Every rank must build the pruner/trainer with the same config and seed on the same "
+            "model, and score from synchronized gradients (DistributedDataParallel or "
+            "process_group=); see docs/distributed.md"
+        )
+    return ref_overall
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP (use_orig_params=True)
+
+def _fsdp(model: Any):
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    except ImportError as e:  # pragma: no cover
+        raise RuntimeError(f"torch.distributed.fsdp is not available: {e}") from None
+    if not isinstance(model, FSDP):
+        raise TypeError(f"model must be a FullyShardedDataParallel module, got {type(model).__name__}")
+    if not getattr(model, "_use_orig_params", False):
+        raise ValueError("gradprune needs FullyShardedDataParallel(..., use_orig_params=True): the "
+                         "masks follow the original parameters, which only that mode keeps")
+    return FSDP
+
+
+def fsdp_full_params(model: nn.Module, *, with_grads: bool = False):
+    """``FSDP.summon_full_params(model, writeback=True, with_grads=with_grads)``: inside, the
+    original parameters (and, with ``with_grads``, their gradients) are whole; changes are written
+    back to each rank's shard. A collective: enter it on every rank."""
+    FSDP = _fsdp(model)
+    return FSDP.summon_full_params(model, writeback=True, with_grads=with_grads)
+
+
+def fsdp_shard_spans(model: nn.Module, params: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """``{name: (start, stop)}``: the range of each parameter's flattened entries that this rank's
+    FSDP shard holds (``(0, 0)`` when none). Parameters FSDP does not manage are left out."""
+    FSDP = _fsdp(model)
+    spans: dict[int, tuple[int, int]] = {}
+    for module in FSDP.fsdp_modules(model):
+        handle = getattr(module, "_handle", None)
+        if handle is None:
+            continue
+        flat = handle.flat_param
+        originals = getattr(flat, "_params", None)
+        if originals is None:
+            raise ValueError("FSDP must be built with use_orig_params=True")
+        infos = getattr(flat, "_shard_param_infos", None)
+        if not handle.uses_sharded_strategy or infos is None:
+            continue  # NO_SHARD: every rank holds whole parameters
+        for p, info in zip(originals, infos):
+            spans[id(p)] = ((int(info.intra_param_start_idx), int(info.intra_param_end_idx) + 1)
+                            if info.in_shard else (0, 0))
+    return {n: spans[id(p)] for n, p in params.items() if id(p) in spans}
+
+
+class _FSDPDriver:
+    def __init__(self, model: nn.Module):
+        self._FSDP = _fsdp(model)
+        self.fsdp_model = model
+
+    def _full(self, with_grads: bool = False):
+        return self._FSDP.summon_full_params(self.fsdp_model, writeback=True, with_grads=with_grads)
+
+    def _attach(self, masks) -> None:
+        masks.shard_spans = fsdp_shard_spans(self.fsdp_model, masks.params())
+
+    def __getattr__(self, name):  # masks, step, history, report(), ... of the wrapped object
+        if name.startswith("_") or name in ("fsdp_model", "pruner", "trainer"):
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+class FSDPPruner(_FSDPDriver):
+    """A :class:`~gradprune.Pruner` for a model wrapped in ``FullyShardedDataParallel(...,
+    use_orig_params=True)``, with the same three hooks.
+
+    The pruner is built on ``model.module`` with full parameters, so names and masks are those of the
+    unwrapped model. While pruning is under way (``not done``), ``on_before_optimizer_step`` runs
+    with parameters and gradients unsharded (the criterion sees the whole, reduce-scattered
+    gradients, exactly as a single process would; masking the gradients is written back to the
+    shards), and so does ``on_after_optimizer_step`` on a prune event (or when the criterion has its
+    own ``on_after_optimizer_step``). Every other mask application (weights, gradients, optimizer
+    state) works on each rank's local shard, with no communication. Create the optimizer after
+    wrapping, from ``model.parameters()``. Attributes not defined here (``masks``, ``step``,
+    ``done``, ``report()``, ``state_dict()``, ...) are the wrapped pruner's (``.pruner``).
+    """
+
+    def __init__(self, model: nn.Module, config: Any = None, *,
+                 optimizer: torch.optim.Optimizer | None = None, **fields):
+        super().__init__(model)
+        from ..pruner import Pruner
+        from ..scores import Criterion
+
+        with self._full():
+            self.pruner = Pruner(model.module, config, optimizer=optimizer, **fields)
+        self._inner = self.pruner
+        self._attach(self.pruner.masks)
+        crit = type(self.pruner.criterion)
+        self._criterion_after = crit.on_after_optimizer_step is not Criterion.on_after_optimizer_step
+
+    def on_step_begin(self, step: Any = None) -> None:
+        self.pruner.on_step_begin(step)
+
+    def on_before_optimizer_step(self) -> None:
+        if self.pruner.done:
+            self.pruner.on_before_optimizer_step()  # masks the local gradient shards
+            return
+        with self._full(with_grads=True):
+            self.pruner.on_before_optimizer_step()
+
+    def on_after_optimizer_step(self) -> None:
+        p = self.pruner
+        event = not p.done and (self._criterion_after
+                                or p.schedule.sparsity_for_step(p.step) is not None)
+        if not event:
+            p.on_after_optimizer_step()  # masks the local weight shards
+            return
+        with self._full():
+            p.on_after_optimizer_step()
+
+    def load_state_dict(self, state: dict) -> None:
+        with self._full():
+            self.pruner.load_state_dict(state)
+
+
+class FSDPSparseTrainer(_FSDPDriver):
+    """A :class:`~gradprune.SparseTrainer` for a model wrapped in ``FullyShardedDataParallel(...,
+    use_orig_params=True)``; ``step()`` replaces ``optimizer.step()`` as usual.
+
+    The trainer is built on ``model.module`` with full parameters (initial masks written back to the
+    shards). A connectivity update runs with parameters and gradients unsharded (drop by the whole
+    weights, grow by the whole averaged gradients, every rank alike); every other step masks the
+    local gradient shards, steps the optimizer on them and masks the local weight and optimizer-state
+    shards, with no communication. Rules that read the optimizer's momentum (``grow="momentum"``,
+    ``redistribute="momentum"``, SNFS) and ``dense_gradients=True`` are not supported: FSDP keeps
+    optimizer state sharded. No AMP ``scaler`` (use FSDP's ``ShardedGradScaler`` yourself and
+    unscale before ``step()``). Create the optimizer after wrapping, from ``model.parameters()``.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: Any = None, **fields):
+        super().__init__(model)
+        from ..sparse_training import SparseConfig, SparseTrainer
+
+        cfg = config
+        if cfg is None:
+            cfg = SparseConfig.from_dict(fields)
+        elif fields:
+            cfg = SparseConfig.from_dict({**cfg.to_dict(), **fields})
+        if isinstance(cfg, SparseConfig):
+            bad = [k for k in ("grow", "redistribute") if getattr(cfg, k) == "momentum"]
+            if cfg.dense_gradients:
+                bad.append("dense_gradients")
+            if bad:
+                raise NotImplementedError(
+                    f"FSDPSparseTrainer does not support {bad}: FSDP shards the optimizer state "
+                    "(momentum) that these rules read; use DDP, or gradient growth (RigL)")
+        with self._full():
+            self.trainer = SparseTrainer(model.module, optimizer, cfg)
+        self._inner = self.trainer
+        self._attach(self.trainer.masks)
+
+    def step(self) -> bool:
+        """Replaces ``optimizer.step()``; True when this step updated connectivity."""
+        if self.trainer.is_update_step():
+            with self._full(with_grads=True):
+                return self.trainer.step()
+        return self.trainer.step()
+
+    def load_state_dict(self, state: dict) -> None:
+        with self._full():
+            self.trainer.load_state_dict(state)
