@@ -144,3 +144,80 @@ def test_search_with_a_params_budget_on_bert():
     rules = {**FINE, "hf.BertSelfAttention": {"n_heads_divisor": 2}}
     found = st.search(model, {"params": "90%"}, data, loss_fn, "magnitude", data[0][0], rules=rules)
     assert all(found.widths[gi] in (2, 4) for gi, g in enumerate(found.groups) if g.unit == "heads")
+
+
+def _search_data():
+    gen = torch.Generator().manual_seed(3)
+    return [(torch.randint(0, 40, (4, 6), generator=gen), torch.randint(0, 3, (4,), generator=gen))
+            for _ in range(3)]
+
+
+def _ce(m, batch):
+    return F.cross_entropy(m(batch[0]).logits, batch[1])
+
+
+def test_uniform_search_on_bert_loads_with_plain_from_pretrained(tmp_path):
+    model = _bert(BertForSequenceClassification)
+    data = _search_data()
+    found = st.search(model, {"params": "90%"}, data, _ce, "gradnas", data[0][0], rules=FINE,
+                      uniform=True)
+    assert found.uniform and found.params <= 0.9 * found.dense_params
+    # BERT derives the head size from hidden_size / num_attention_heads: heads are kept
+    assert all(found.widths[gi] == 4 for gi, g in enumerate(found.groups) if g.unit == "heads")
+    (w,) = {found.widths[gi] for gi, g in enumerate(found.groups) if g.unit == "channels"}
+    assert w < 24
+    small = found.export()
+    assert st.count_params(small) == found.params
+    assert (small.config.intermediate_size, small.config.num_attention_heads) == (w, 4)
+    assert model.config.intermediate_size == 24  # the dense model is untouched
+    small.save_pretrained(tmp_path / "uniform")
+    again = BertForSequenceClassification.from_pretrained(tmp_path / "uniform").eval()
+    ids, mask = _ids()
+    torch.testing.assert_close(again(ids, attention_mask=mask).logits,
+                               small(ids, attention_mask=mask).logits)
+    state = again.state_dict()
+    for k, v in small.state_dict().items():
+        torch.testing.assert_close(state[k], v)
+
+
+def test_uniform_export_of_a_per_layer_result_takes_the_minimum_width(tmp_path):
+    model = _bert(BertForSequenceClassification)
+    data = _search_data()
+    rules = {**FINE, "hf.BertSelfAttention": None}
+    found = st.search(model, {"params": "85%"}, data, _ce, "taylor", data[0][0], rules=rules)
+    ffn = [gi for gi, g in enumerate(found.groups) if g.unit == "channels"]
+    widths = [found.widths[gi] for gi in ffn]
+    assert len(set(widths)) > 1  # the per-layer search chose different widths
+    small = found.export(uniform=True)
+    w = min(widths)
+    assert small.config.intermediate_size == w
+    for gi, layer in zip(ffn, small.bert.encoder.layer):
+        assert layer.intermediate.dense.out_features == w
+        # each layer keeps its own highest-scored neurons
+        top = torch.sort(-found.scores[gi], stable=True).indices[:w].sort().values
+        torch.testing.assert_close(layer.intermediate.dense.weight,
+                                   model.get_submodule(found.groups[gi].name).weight[top])
+    small.save_pretrained(tmp_path / "min")
+    again = BertForSequenceClassification.from_pretrained(tmp_path / "min").eval()
+    ids, mask = _ids()
+    torch.testing.assert_close(again(ids, attention_mask=mask).logits,
+                               small(ids, attention_mask=mask).logits)
+    # per-layer export is unchanged by default
+    assert st.count_params(found.export()) == found.params
+
+
+def test_uniform_refuses_what_a_plain_config_cannot_express():
+    model = _bert(BertForSequenceClassification)
+    data = _search_data()
+    found = st.search(model, {"params": "80%"}, data, _ce, "gradnas", data[0][0], rules=FINE)
+    assert any(found.widths[gi] < 4 for gi, g in enumerate(found.groups) if g.unit == "heads")
+    with pytest.raises(ValueError, match="head size"):
+        found.export(uniform=True)
+    with pytest.raises(ValueError, match="different widths"):
+        st.export_model(found.analysis, {1: torch.arange(5), 3: torch.arange(6)}, uniform=True)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    x = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="Hugging Face"):
+        st.search(net, {"params": "80%"}, None, None, "magnitude", x, uniform=True)
+    with pytest.raises(TypeError, match="uniform must be bool"):
+        st.search(net, {"params": "80%"}, None, None, "magnitude", x, uniform="yes")

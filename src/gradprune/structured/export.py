@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..config import atomic_write
-from .groups import _BN, _CONV, _CONVT, _IN, Analysis
+from .groups import _BN, _CONV, _CONVT, _IN, Analysis, is_conv1d
 
 __all__ = ["export_model", "save_pruned", "load_pruned", "ARCH_FILE", "WEIGHTS_FILE"]
 
@@ -65,6 +65,17 @@ def _slice_module(mod: nn.Module, out_idx, in_idx, ch_idx) -> None:
         if in_idx is not None:
             w = w.index_select(1, in_idx)
             mod.in_features = len(in_idx)
+        _set_param(mod, "weight", w)
+    elif is_conv1d(mod):  # Hugging Face Conv1D: weight [in, out]
+        w = mod.weight
+        if out_idx is not None:
+            w = w.index_select(1, out_idx)
+            if mod.bias is not None:
+                _set_param(mod, "bias", mod.bias.index_select(0, out_idx))
+            mod.nf = len(out_idx)
+        if in_idx is not None:
+            w = w.index_select(0, in_idx)
+            mod.nx = len(in_idx)
         _set_param(mod, "weight", w)
     elif isinstance(mod, _CONV + _CONVT):
         if ch_idx is not None:  # depthwise
@@ -103,9 +114,15 @@ def _slice_module(mod: nn.Module, out_idx, in_idx, ch_idx) -> None:
         raise TypeError(f"cannot slice a {type(mod).__name__}")
 
 
-def export_model(analysis: Analysis, keep: dict) -> nn.Module:
+def export_model(analysis: Analysis, keep: dict, uniform: bool = False) -> nn.Module:
     """A deep copy of ``analysis.model`` keeping units ``keep[group index]`` (sorted indices) of
-    each group (a missing group keeps everything)."""
+    each group (a missing group keeps everything).
+
+    ``uniform=True`` (Hugging Face models): every layer must keep the same widths, which are then
+    written to the config (``intermediate_size``…) so plain ``from_pretrained`` loads the result;
+    ``ValueError`` otherwise (see :func:`gradprune.structured.hf.apply_uniform_config`)."""
+    if not isinstance(uniform, bool):
+        raise TypeError(f"uniform must be bool, got {type(uniform).__name__}")
     new = copy.deepcopy(analysis.model)
     modules = dict(new.named_modules())
     for name, roles in analysis.roles.items():
@@ -119,14 +136,25 @@ def export_model(analysis: Analysis, keep: dict) -> nn.Module:
         if g.handler is not None:
             units = keep.get(gi, torch.arange(g.size))
             g.handler.export(new, modules, torch.as_tensor(units, dtype=torch.long))
-    if any(g.handler is not None for g in analysis.groups):
+    if any(g.handler is not None or g.kind is not None for g in analysis.groups):
         from .hf import record_widths
         record_widths(new, analysis)
+    if uniform:
+        from .hf import apply_uniform_config
+        apply_uniform_config(new, analysis, keep)
     return new
 
 
 # --------------------------------------------------------------------------------------------
 # save / load
+
+
+# Hugging Face attention modules: the head-count attributes export changes
+_HF_ATTENTION_ATTRS = {
+    "BertSelfAttention": ("num_attention_heads", "all_head_size"),
+    "GPT2Attention": ("num_heads", "split_size"),
+    "LlamaAttention": ("num_heads", "num_key_value_heads", "num_key_value_groups"),
+}
 
 
 def _arch_of(mod: nn.Module) -> dict | None:
@@ -139,6 +167,11 @@ def _arch_of(mod: nn.Module) -> dict | None:
         return {"use_nested_tensor": bool(mod.use_nested_tensor)}
     if isinstance(mod, nn.Linear):
         return {"in_features": mod.in_features, "out_features": mod.out_features}
+    if is_conv1d(mod):
+        return {"nx": mod.nx, "nf": mod.nf}
+    attrs = _HF_ATTENTION_ATTRS.get(type(mod).__name__)
+    if attrs is not None:
+        return {a: getattr(mod, a) for a in attrs if isinstance(getattr(mod, a, None), int)}
     if isinstance(mod, _CONV + _CONVT):
         return {"in_channels": mod.in_channels, "out_channels": mod.out_channels, "groups": mod.groups}
     if isinstance(mod, _BN + _IN):

@@ -6,7 +6,7 @@ convolutions; element-wise ops, norms and pooling count zero), and how many outp
 sliced ``Linear``/conv computes. A choice of widths then changes only the sliced layers, whose
 parameters and MACs are closed-form in their input and output widths:
 
-- ``Linear``: ``o*i (+o)`` params, ``positions*o*i`` MACs;
+- ``Linear`` (and Hugging Face ``Conv1D``): ``o*i (+o)`` params, ``positions*o*i`` MACs;
 - ``Conv`` (``groups=1``): ``o*i*K (+o)`` params, ``out_positions*o*i*K`` MACs (``K`` = kernel
   volume); depthwise: ``c*K (+c)`` params, ``out_positions*c*K`` MACs;
 - ``ConvTranspose`` (``groups=1``): ``i*o*K (+o)`` params, ``in_positions*i*o*K`` MACs;
@@ -15,7 +15,8 @@ parameters and MACs are closed-form in their input and output widths:
 - attention heads (``h`` kept of ``head_dim`` ``d``): Q/K/V and output projections plus the
   score and attention-times-value matmuls, ``h*d*(B*T*E + B*S*kdim + B*S*vdim + 2*B*T*S + B*T*E)``
   MACs for a batch ``B`` with ``T`` queries and ``S`` keys (for Hugging Face attention the
-  projections are ``Linear`` layers counted above and only the ``2*B*T*S*h*d`` term is added).
+  projections are ``Linear``/``Conv1D`` layers counted above and only the ``2*B*T*S*h*d`` term
+  is added, ``h`` the kept query heads: for LLaMA, kept KV groups x ``num_key_value_groups``).
 
 so ``flops(widths) = dense_flops + 2 * sum(MACs(widths) - MACs(dense))`` with no re-profiling.
 ``count_flops`` counts CPU ``scaled_dot_product_attention`` too (``FlopCounterMode`` has no formula
@@ -44,7 +45,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from .groups import _BN, _CONV, _CONVT, _IN, Analysis, _as_args
+from .groups import _BN, _CONV, _CONVT, _IN, Analysis, _as_args, is_conv1d
 
 __all__ = ["CostModel", "count_params", "count_flops"]
 
@@ -86,7 +87,7 @@ def _kvol(mod) -> int:
 def module_cost(mod: nn.Module, o: int, i: int, positions: int) -> tuple:
     """``(params, MACs)`` of a sliced layer with ``o`` outputs and ``i`` inputs (or channels)."""
     has_bias = getattr(mod, "bias", None) is not None
-    if isinstance(mod, nn.Linear):
+    if isinstance(mod, nn.Linear) or is_conv1d(mod):
         return o * i + (o if has_bias else 0), positions * o * i
     if isinstance(mod, _CONV + _CONVT):
         k = _kvol(mod)
@@ -113,6 +114,8 @@ def _dims(analysis: Analysis, name: str, mod: nn.Module, widths: dict) -> tuple:
 def _dense_dims(mod: nn.Module) -> tuple:
     if isinstance(mod, nn.Linear):
         return mod.out_features, mod.in_features
+    if is_conv1d(mod):
+        return mod.nf, mod.nx
     if isinstance(mod, _CONV + _CONVT):
         return mod.out_channels, mod.in_channels
     if isinstance(mod, _BN + _IN):
@@ -139,7 +142,7 @@ class CostModel:
                 if isinstance(mod, _CONVT):
                     x = inputs[0]
                     positions[name] += x.numel() // x.shape[1]
-                elif isinstance(mod, nn.Linear):
+                elif isinstance(mod, nn.Linear) or is_conv1d(mod):
                     positions[name] += output.numel() // output.shape[-1]
                 elif isinstance(mod, _CONV):
                     positions[name] += output.numel() // output.shape[1]

@@ -93,6 +93,11 @@ _MERGE_METHODS = {"add", "sub", "mul", "add_", "sub_", "mul_"}
 _META_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "get_device"}
 
 
+def is_conv1d(mod: nn.Module) -> bool:
+    """A Hugging Face ``Conv1D`` (GPT-2): a ``Linear`` with a transposed ``[in, out]`` weight."""
+    return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and hasattr(mod, "nx")
+
+
 def _prod(xs) -> int:
     return int(math.prod(xs))
 
@@ -155,6 +160,8 @@ class Group:
     owners: list  # (module name, module type) whose search-space rules apply
     balance: int = 1  # kept units must be spread equally over ``balance`` contiguous chunks (GroupNorm)
     handler: Any = None  # attention heads: a :class:`~gradprune.structured.attention.HeadHandler`
+    rule_type: str | None = None  # rule key for the owners (default: handler's, else the class)
+    kind: str | None = None  # family across layers ("bert.ffn", "llama.heads"…) for uniform widths
 
     @property
     def unit(self) -> str:

@@ -10,10 +10,16 @@ is not given keeps its default ``{"*": {...}}``.
   (default 0.05, 0.10, …, 1.0) and ``channel_divisor`` (default 32).
 - ``nn.Linear``, ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``, ``nn.InstanceNorm1d/2d/3d``,
   ``nn.LayerNorm``: ``features_ratio`` and ``feature_divisor`` (same defaults).
-- attention, per attention module (``nn.MultiheadAttention``, ``hf.BertSelfAttention``):
-  ``n_heads_ratio`` (default ``None``: any number of heads) and ``n_heads_divisor`` (default 1);
-  a ratio list gives the widths as above, in heads. FFN neurons of a transformer layer follow the
-  ``nn.Linear`` rule of the layer producing them (``linear1``, ``intermediate.dense``).
+- attention, per attention module (``nn.MultiheadAttention``, ``hf.BertSelfAttention``,
+  ``hf.GPT2Attention``, ``hf.LlamaAttention``): ``n_heads_ratio`` (default ``None``: any number of
+  heads) and ``n_heads_divisor`` (default 1); a ratio list gives the widths as above, in heads
+  (for LLaMA, in KV groups: a unit is one key/value head with its query heads). FFN neurons of a
+  transformer layer follow the ``nn.Linear`` rule of the layer producing them (``linear1``,
+  ``intermediate.dense``, ``mlp.up_proj``/``gate_proj``, and GPT-2's ``mlp.c_fc`` although it
+  is a ``Conv1D``).
+
+A misspelled field in the short form (``{"nn.Conv2d": {"channel_ratio": [0.5]}}``) raises
+``ValueError`` listing the valid fields.
 
 Candidate width for a ratio ``r`` of ``n`` units and divisor ``d``: ``r * n`` rounded (halves up)
 to the nearest multiple of ``d``, at least ``d``; one more ``d`` when that rounding lost more than
@@ -54,8 +60,8 @@ CHANNEL_TYPES = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose
 FEATURE_TYPES = ("Linear", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm",
                  "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm")
 # attention modules whose units are heads; "hf." types are Hugging Face classes
-HEAD_TYPES = ("MultiheadAttention", "BertSelfAttention")
-_HF_TYPES = ("BertSelfAttention",)
+HEAD_TYPES = ("MultiheadAttention", "BertSelfAttention", "GPT2Attention", "LlamaAttention")
+_HF_TYPES = ("BertSelfAttention", "GPT2Attention", "LlamaAttention")
 
 
 def _check_ratios(name: str, v: Any) -> tuple:
@@ -202,8 +208,17 @@ class SearchRules:
             return []
         if not isinstance(value, dict):
             raise TypeError(f"rules[{key!r}] must be a dict or None, got {type(value).__name__}")
-        fields_ = set(cls.field_names())
-        if value and set(value) <= fields_:
+        fields_ = cls.field_names()
+        # the short form {field: value} (for {"*": {...}}): recognised by a field name as a key
+        # or by a value that is not a rule (a list of ratios, a divisor); unknown fields then
+        # raise instead of being taken as glob patterns
+        if value and (any(k in fields_ for k in value) or any(
+                not (v is None or isinstance(v, (dict, cls))) for v in value.values())):
+            unknown = [k for k in value if k not in fields_]
+            if unknown:
+                raise ValueError(
+                    f"rules[{key!r}] has unknown field(s) {', '.join(map(repr, unknown))}; valid "
+                    f"fields: {', '.join(fields_)} (or glob patterns mapping to such dicts)")
             value = {"*": value}
         out = []
         for pattern, rule in value.items():

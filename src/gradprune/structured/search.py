@@ -116,6 +116,7 @@ class SearchResult:
     score_summary: dict = field(default_factory=dict)
     example_input: Any = None
     latency_ms: dict = field(default_factory=dict)  # {"dense"/"pruned": {batch size: median ms}}
+    uniform: bool = False  # searched with one common width per family of layers
 
     @property
     def groups(self) -> list:
@@ -154,9 +155,37 @@ class SearchResult:
         """Fixed gates with the units this result removes turned off (a context manager)."""
         return Gates(self.analysis, keep=self.keep)
 
-    def export(self) -> nn.Module:
-        """A deep copy of the model with the removed units sliced away (an ordinary nn.Module)."""
-        return export_model(self.analysis, self.keep)
+    def export(self, uniform: bool | None = None) -> nn.Module:
+        """A deep copy of the model with the removed units sliced away (an ordinary nn.Module).
+
+        ``uniform=True`` (Hugging Face models; default: as searched) keeps the same widths in
+        every layer and writes them to the config, so plain ``from_pretrained`` loads the saved
+        model. For a result searched without ``uniform``, each family of groups (e.g. the FFN
+        neurons of every layer) takes the minimum width over its layers, keeping each layer's
+        highest-scored units: the export is then smaller than ``params``/``flops`` say (see
+        :meth:`uniform_keep`)."""
+        if uniform is None:
+            uniform = self.uniform
+        if not isinstance(uniform, bool):
+            raise TypeError(f"uniform must be bool or None, got {type(uniform).__name__}")
+        keep = self.uniform_keep() if uniform and not self.uniform else self.keep
+        return export_model(self.analysis, keep, uniform=uniform)
+
+    def uniform_keep(self) -> dict:
+        """``keep`` with every family of groups (same role in every layer of a Hugging Face
+        model) cut to its minimum width over layers, keeping the highest-scored units."""
+        from .hf import families
+        fams = families(self.analysis)
+        if not fams:
+            raise ValueError("uniform widths need a Hugging Face model of a supported family "
+                             "(bert, gpt2, llama)")
+        keep = dict(self.keep)
+        for gis in fams.values():
+            w = min(self.widths[gi] for gi in gis)
+            for gi in gis:
+                g = self.analysis.groups[gi]
+                keep[gi] = _keep_for(_ranking(self.scores[gi], g.balance), w)
+        return keep
 
     def latency(self, example_input_fn: Callable | None = None, batch_sizes=(1, 32),
                 repeats: int = 20, warmup: int = 3) -> dict:
@@ -211,8 +240,8 @@ def _group_choices(analysis: Analysis, rules: SearchRules) -> dict:
     for gi, g in enumerate(analysis.groups):
         allowed = None
         for name, _ in g.owners:
-            rule = rules.rule_for(name, modules[name],
-                                  g.handler.rule_type if g.handler is not None else None)
+            rule_type = g.rule_type or (g.handler.rule_type if g.handler is not None else None)
+            rule = rules.rule_for(name, modules[name], rule_type)
             widths = {g.size} if rule is None else set(rule.widths(g.size))
             allowed = widths if allowed is None else allowed & widths
         allowed = allowed or {g.size}
@@ -251,7 +280,8 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
            loss_fn: Callable | None = None, method: str = "gradnas", example_input=None,
            rules: dict | SearchRules | None = None, score_func: Callable | None = None, *,
            max_iter_data_loader: int = 128, per_sample: bool = False, magnitude_norm: str = "l2",
-           show_progress: bool | None = None, measure_latency: bool = False) -> SearchResult:
+           show_progress: bool | None = None, measure_latency: bool = False,
+           uniform: bool = False) -> SearchResult:
     """Find the subnet of ``model`` that meets every constraint with the least sensitivity.
 
     Args:
@@ -270,6 +300,10 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
         magnitude_norm: ``l2`` or ``l1`` for ``magnitude``.
         measure_latency: also time the dense and the exported model on CPU at batch sizes 1
             and 32 (:meth:`SearchResult.latency`); the report then shows it.
+        uniform: (Hugging Face models) search one common width per family of groups (the
+            heads, the FFN neurons of every layer): the sensitivity of a width is the sum over
+            layers; the export then has a plain config that ``from_pretrained`` loads. BERT and
+            GPT-2 heads are kept (their config derives the head size from the head count).
 
     Raises ``ValueError`` naming the smallest reachable params and FLOPs when no subnet meets
     the constraints.
@@ -295,13 +329,28 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
     if method == "fastnas" and not callable(score_func):
         raise TypeError(f"score_func must be callable as score_func(model) -> float for method='fastnas', "
                         f"got {type(score_func).__name__}")
+    if not isinstance(uniform, bool):
+        raise TypeError(f"uniform must be bool, got {type(uniform).__name__}")
     if not isinstance(rules, SearchRules):
         rules = SearchRules(rules)
 
     analysis = find_groups(model, example_input)
+    fams = {}
+    if uniform:
+        from .hf import families, uniform_width_ok
+        fams = families(analysis)
+        if not fams:
+            raise ValueError("uniform=True needs a Hugging Face model of a supported family "
+                             "(bert, gpt2, llama)")
     cost = CostModel(analysis, example_input)
     bounds = parse_constraints(constraints, {"params": cost.dense_params, "flops": cost.dense_flops})
     choices = _group_choices(analysis, rules)
+    for gis in fams.values():  # uniform: the widths every layer of the family allows
+        common = {w for w in set.intersection(*(set(choices[gi]) for gi in gis))
+                  if all(uniform_width_ok(analysis, gi, w) for gi in gis)}
+        common = common or {analysis.groups[gis[0]].size}
+        for gi in gis:
+            choices[gi] = tuple(sorted(common))
 
     batches, summary = 0, {}
     if method in ("gradnas", "taylor", "michel"):
@@ -318,6 +367,10 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
         sens = _fastnas_sensitivities(analysis, choices, ranks, score_func, show_progress)
     else:
         sens = {gi: _sensitivities(scores[gi], ranks[gi], choices[gi]) for gi in choices}
+    for gis in fams.values():  # uniform: a family's width costs the sum over its layers
+        total = {w: sum(sens[gi][w] for gi in gis) for w in choices[gis[0]]}
+        for gi in gis:
+            sens[gi] = dict(total)
 
     def pick(t: float) -> dict:
         return {gi: min(w for w in choices[gi] if sens[gi][w] <= t or w == analysis.groups[gi].size)
@@ -357,7 +410,7 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
                           keep=keep, scores=scores, sensitivity=sens, params=p, flops=f,
                           dense_params=cost.dense_params, dense_flops=cost.dense_flops,
                           constraints=bounds, threshold=t, batches=batches, score_summary=summary,
-                          example_input=example_input)
+                          example_input=example_input, uniform=uniform)
     if measure_latency:
         result.latency()
     return result
