@@ -8,7 +8,8 @@ Setting: MNIST-1D (generated offline with ``mnist1d.data.make_dataset``), two mo
 40-256-256-10 and a small 1D CNN). For every seed a dense model is trained first; every method then
 fine-tunes a copy of that same dense model with the same optimizer (fresh Adam), the same number of
 steps and the same batch order, pruning gradually with the same pattern, target sparsity and
-schedule (start/end/frequency, exp decay). Reported, all measured by this script:
+sparsity schedule (exp decay, the same sparsity at the same steps; see GPHooks for why gradprune's
+start_step is one frequency later than INC's). Reported, all measured by this script:
 
 * test accuracy after fine-tuning (mean +- std over seeds);
 * achieved sparsity = fraction of exact zeros in the weights of the pruned layers after training,
@@ -20,6 +21,8 @@ schedule (start/end/frequency, exp decay). Reported, all measured by this script
 Usage:
     .bench-venv/bin/python benchmarks/gradual_vs_peers.py            # full run (3 seeds)
     .bench-venv/bin/python benchmarks/gradual_vs_peers.py --quick    # smoke test (1 seed, few steps)
+    .bench-venv/bin/python benchmarks/gradual_vs_peers.py --from-json benchmarks/results/gradual_vs_peers.json
+                                                                     # re-render the Markdown only
 """
 
 from __future__ import annotations
@@ -237,9 +240,14 @@ class NoHooks:
 
 class GPHooks(NoHooks):
     def __init__(self, model, names, pattern, target, criterion, sched):
+        # Neural Compressor's first event (at start_step) is event k=0 of its exp formula and prunes
+        # nothing; gradprune's first event is k=1 and already prunes. Unless told otherwise, gradprune
+        # starts one frequency later, so that both libraries follow the same sparsity trajectory (the
+        # measured trajectories are in the JSON).
+        start = sched["start"] + sched["freq"] if sched.get("align", True) else sched["start"]
         self.cfg = gp.PruneConfig(
             criterion=criterion, pattern=pattern, target_sparsity=target, schedule="exp",
-            start_step=sched["start"], end_step=sched["end"], frequency=sched["freq"],
+            start_step=min(start, sched["end"]), end_step=sched["end"], frequency=sched["freq"],
             scope="global", include=[f"{n}.weight" for n in names], seed=sched["seed"])
         self.pruner = gp.Pruner(model, self.cfg)
 
@@ -252,7 +260,7 @@ class GPHooks(NoHooks):
             self.claimed = float(self.pruner.masks.sparsity())
         except Exception as exc:  # pragma: no cover
             self.claimed = f"error: {exc}"
-        self.targets = sorted(getattr(self.pruner, "targets", {}) or self.pruner.masks.keys())
+        self.pruned_modules = sorted(self.pruner.masks.keys())
 
 
 class INCHooks(NoHooks):
@@ -271,92 +279,160 @@ class INCHooks(NoHooks):
         self.cm.callbacks.on_train_begin()
         pruners = self.cm.callbacks.callbacks_list[0].pruners if hasattr(
             self.cm.callbacks, "callbacks_list") else None
-        self.pruned_modules = None
-        try:
-            self.pruned_modules = sorted(k for p in pruners for k in p.modules)
-        except Exception:
-            pass
+        self.pruners = pruners or []
+        self.pruned_modules = sorted(k for p in self.pruners for k in p.modules) if pruners else None
 
     def step_begin(self, step): self.cm.callbacks.on_step_begin(step)
     def before_opt(self): self.cm.callbacks.on_before_optimizer_step()
     def after_opt(self): self.cm.callbacks.on_after_optimizer_step()
-    def train_end(self): self.cm.callbacks.on_train_end()
+    def train_end(self):
+        self.cm.callbacks.on_train_end()
+        masks = [m for p in self.pruners for m in p.masks.values()]
+        if masks:  # what INC's own masks say (not what the weights say)
+            self.claimed = sum(int((~m.bool()).sum()) for m in masks) / sum(m.numel() for m in masks)
 
 
-def finetune(kind, dense_state, names, data, method, setting, sched, steps, lr, batch, seed):
-    """Fine-tune a copy of the dense model with one pruning method; time every step."""
-    x, y, xt, yt = data
-    model = MODELS[kind]()
-    model.load_state_dict(dense_state)
-    gpat, ipat, target = SETTINGS[setting] if setting else (None, None, None)
-    lib, crit = method.split(":") if ":" in method else (method, None)
-    t_setup = time.perf_counter()
-    if lib == "dense":
-        hooks = NoHooks()
-    elif lib == "gradprune":
-        hooks = GPHooks(model, names, gpat, target, crit, dict(sched, seed=seed))
-    elif lib == "inc":
-        hooks = INCHooks(model, names, ipat, target, crit, sched)
-    elif lib == "torch_prune":  # one-shot global L1 magnitude at step 0, then the same fine-tuning
-        tprune.global_unstructured([(getattr(model, n), "weight") for n in names],
-                                   pruning_method=tprune.L1Unstructured, amount=target)
-        hooks = NoHooks()
-    else:
-        raise ValueError(method)
-    setup_s = time.perf_counter() - t_setup
-    opt = torch.optim.Adam(model.parameters(), lr=lr)  # after torch prune renamed weight -> weight_orig
+class Run:
+    """One fine-tuning run (a copy of the dense model + one pruning method), advanced step by step.
 
-    events = set(inc_event_steps(sched["start"], sched["end"], sched["freq"]))
-    step_t, hook_t, trajectory = [], [], []
-    pc = time.perf_counter
-    for step, idx in enumerate(batches(len(x), batch, steps, seed, tag=2)):
-        t0 = pc()
-        h0 = pc(); hooks.step_begin(step); h = pc() - h0
-        xb, yb = x[idx], y[idx]
-        loss = F.cross_entropy(model(xb), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        h0 = pc(); hooks.before_opt(); h += pc() - h0
-        opt.step()
-        h0 = pc(); hooks.after_opt(); h += pc() - h0
-        t1 = pc()
-        step_t.append(t1 - t0)
-        hook_t.append(h)
-        if step in events or step == sched["end"] + 1 or step == steps - 1:  # untimed bookkeeping
-            if lib != "dense":
-                trajectory.append((step, measured_sparsity(model, names)[0]))
-    hooks.train_end()
+    All runs of one (model, seed) are advanced together, a chunk of steps at a time in rotating
+    order, so that every method sees the same machine load as the dense reference it is timed
+    against (the machine is shared: absolute step times drift by tens of percent).
+    """
 
-    after = [i for i in range(len(step_t)) if i > sched["end"]] if lib != "torch_prune" else \
-        list(range(1, len(step_t)))
-    rec = {
-        "model": kind, "seed": seed, "setting": setting, "method": method,
-        "test_acc": accuracy(model, xt, yt),
-        "train_acc": accuracy(model, x, y),
-        "setup_s": setup_s,
-        "step_median_s": statistics.median(step_t),
-        "step_median_after_last_event_s": statistics.median(step_t[i] for i in after),
-        "hook_median_after_last_event_s": statistics.median(hook_t[i] for i in after),
-        "hook_total_s": float(sum(hook_t)),
-        "total_s": float(sum(step_t)),
-        "sparsity_trajectory": trajectory,
-    }
-    if names and lib != "dense":
-        s, per = measured_sparsity(model, names)
-        rec.update(measured_sparsity=s, measured_sparsity_per_layer=per,
-                   pattern_check=pattern_compliance(model, names, setting),
-                   target_sparsity=target, pruned_layers_requested=names)
-        # zeros outside the target layers would mean the library pruned something it should not
-        others = [n for n, m in model.named_modules()
-                  if isinstance(m, (nn.Linear, nn.Conv1d)) and n not in names]
-        rec["zeros_in_untargeted_layers"] = {n: float((getattr(model, n).weight == 0).float().mean())
-                                             for n in others}
-        rec["library_claimed_sparsity"] = hooks.claimed
-        if lib == "inc":
-            rec["library_pruned_modules"] = hooks.pruned_modules
-        if lib == "gradprune":
-            rec["library_pruned_modules"] = getattr(hooks, "targets", None)
-    return rec
+    def __init__(self, kind, dense_state, names, data, method, setting, sched, steps, lr, batch, seed):
+        self.kind, self.names, self.data, self.method, self.setting = kind, names, data, method, setting
+        self.sched, self.steps, self.seed = sched, steps, seed
+        self.model = model = MODELS[kind]()
+        model.load_state_dict(dense_state)
+        gpat, ipat, target = SETTINGS[setting] if setting else (None, None, None)
+        self.target = target
+        self.lib = lib = method.split(":")[0]
+        crit = method.split(":")[1] if ":" in method else None
+        t = time.perf_counter()
+        if lib == "dense":
+            self.hooks = NoHooks()
+        elif lib == "gradprune":
+            self.hooks = GPHooks(model, names, gpat, target, crit, dict(sched, seed=seed))
+        elif lib == "inc":
+            self.hooks = INCHooks(model, names, ipat, target, crit, sched)
+        elif lib == "torch_prune":  # one-shot global L1 magnitude at step 0, then the same fine-tuning
+            tprune.global_unstructured([(getattr(model, n), "weight") for n in names],
+                                       pruning_method=tprune.L1Unstructured, amount=target)
+            self.hooks = NoHooks()
+        else:
+            raise ValueError(method)
+        self.setup_s = time.perf_counter() - t
+        # created after torch.nn.utils.prune renamed weight -> weight_orig
+        self.opt = torch.optim.Adam(model.parameters(), lr=lr)
+        self.order = batches(len(data[0]), batch, steps, seed, tag=2)
+        self.events = set(inc_event_steps(sched["start"], sched["end"], sched["freq"]))
+        self.step_t = [0.0] * steps
+        self.hook_t = [0.0] * steps
+        self.trajectory = []
+
+    def run_steps(self, lo, hi):
+        x, y = self.data[0], self.data[1]
+        model, opt, hooks, pc = self.model, self.opt, self.hooks, time.perf_counter
+        for step in range(lo, hi):
+            idx = self.order[step]
+            t0 = pc()
+            hooks.step_begin(step)
+            h = pc() - t0
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            h0 = pc(); hooks.before_opt(); h += pc() - h0
+            opt.step()
+            h0 = pc(); hooks.after_opt(); t1 = pc()
+            h += t1 - h0
+            self.step_t[step] = t1 - t0
+            self.hook_t[step] = h
+            if self.lib != "dense" and (step in self.events or step == self.sched["end"] + 1
+                                        or step == self.steps - 1):  # untimed bookkeeping
+                self.trajectory.append((step, measured_sparsity(model, self.names)[0]))
+
+    def finish(self, dense, chunk):
+        """Record; `dense` is the dense reference Run of the same model/seed (timed alongside)."""
+        self.hooks.train_end()
+        xt, yt = self.data[2], self.data[3]
+        end = self.sched["end"]
+        first_after = 1 if self.lib == "torch_prune" else end + 1
+        chunks = [(lo, min(lo + chunk, self.steps)) for lo in range(0, self.steps, chunk)]
+
+        def ratio(num, lo_min):  # median over chunks of (median of num in chunk / median dense step)
+            rs = []
+            for lo, hi in chunks:
+                if lo < lo_min:
+                    continue
+                rs.append(statistics.median(num[lo:hi]) / statistics.median(dense.step_t[lo:hi]))
+            return statistics.median(rs) if rs else None
+
+        after_chunk_start = next(lo for lo, hi in chunks if lo >= first_after) if any(
+            lo >= first_after for lo, hi in chunks) else self.steps
+        rec = {
+            "model": self.kind, "seed": self.seed, "setting": self.setting, "method": self.method,
+            "test_acc": accuracy(self.model, xt, yt),
+            "train_acc": accuracy(self.model, self.data[0], self.data[1]),
+            "setup_s": self.setup_s,
+            "step_median_s": statistics.median(self.step_t),
+            "step_median_after_last_event_s": statistics.median(self.step_t[first_after:]),
+            "hook_median_after_last_event_s": statistics.median(self.hook_t[first_after:]),
+            "hook_total_s": float(sum(self.hook_t)),
+            "total_s": float(sum(self.step_t)),
+            "step_ratio": ratio(self.step_t, 0),
+            "step_after_last_event_ratio": ratio(self.step_t, after_chunk_start),
+            "hook_after_last_event_ratio": ratio(self.hook_t, after_chunk_start),
+            "total_time_ratio": float(sum(self.step_t)) / float(sum(dense.step_t)),
+            "sparsity_trajectory": self.trajectory,
+        }
+        if self.lib != "dense":
+            s, per = measured_sparsity(self.model, self.names)
+            rec.update(measured_sparsity=s, measured_sparsity_per_layer=per,
+                       pattern_check=pattern_compliance(self.model, self.names, self.setting),
+                       target_sparsity=self.target, pruned_layers_requested=self.names)
+            # zeros outside the target layers would mean a library pruned something it should not
+            others = [n for n, m in self.model.named_modules()
+                      if isinstance(m, (nn.Linear, nn.Conv1d)) and n not in self.names]
+            rec["zeros_in_untargeted_layers"] = {
+                n: float((getattr(self.model, n).weight == 0).float().mean()) for n in others}
+            rec["library_claimed_sparsity"] = self.hooks.claimed
+            if self.lib in ("inc", "gradprune"):
+                rec["library_pruned_modules"] = getattr(self.hooks, "pruned_modules", None)
+        return rec
+
+
+def run_all(kind, dense_state, plan, data, sched, steps, lr, batch, seed, chunk, skipped, notes):
+    """Build every run of `plan` [(method, setting)], advance them together, return records."""
+    runs = []
+    for method, setting in plan:
+        names = TARGETS[(kind, setting)] if setting else []
+        try:
+            runs.append(Run(kind, dense_state, names, data, method, setting, sched, steps, lr, batch, seed))
+        except Exception as exc:
+            import traceback
+            traceback.print_exc()
+            skipped[(kind, setting, method)] = f"error: {type(exc).__name__}: {exc}"[:200]
+            notes.append(f"{kind} seed {seed} {setting} {method} failed at setup: {type(exc).__name__}: {exc}")
+    dense = runs[0]
+    assert dense.method == "dense"
+    failed = set()
+    for c, lo in enumerate(range(0, steps, chunk)):
+        hi = min(lo + chunk, steps)
+        k = c % len(runs)
+        for r in runs[k:] + runs[:k]:  # rotate who goes first
+            if id(r) in failed:
+                continue
+            try:
+                r.run_steps(lo, hi)
+            except Exception as exc:
+                import traceback
+                traceback.print_exc()
+                failed.add(id(r))
+                skipped[(kind, r.setting, r.method)] = f"error: {type(exc).__name__}: {exc}"[:200]
+                notes.append(f"{kind} seed {seed} {r.setting} {r.method} failed at a step: "
+                             f"{type(exc).__name__}: {exc}")
+    return [r.finish(dense, chunk) for r in runs if id(r) not in failed]
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,21 +452,17 @@ def summarise(records):
         groups.setdefault((r["model"], r["setting"], r["method"]), []).append(r)
     rows = []
     for (kind, setting, method), rs in groups.items():
-        d = [dense[(r["model"], r["seed"])] for r in rs]
-        step_ratio = [r["step_median_s"] / dd["step_median_s"] for r, dd in zip(rs, d)]
-        after_ratio = [r["step_median_after_last_event_s"] / dd["step_median_s"] for r, dd in zip(rs, d)]
-        hook_ratio = [r["hook_median_after_last_event_s"] / dd["step_median_s"] for r, dd in zip(rs, d)]
-        total_ratio = [r["total_s"] / dd["total_s"] for r, dd in zip(rs, d)]
         rows.append({
             "model": kind, "setting": setting, "method": method, "n_seeds": len(rs),
             "test_acc": mean_std([r["test_acc"] for r in rs]),
             "measured_sparsity": mean_std([r.get("measured_sparsity") for r in rs]),
             "pattern_check": [r.get("pattern_check") for r in rs],
-            "step_ratio": mean_std(step_ratio),
-            "step_after_last_event_ratio": mean_std(after_ratio),
-            "hook_after_last_event_ratio": mean_std(hook_ratio),
-            "total_time_ratio": mean_std(total_ratio),
-            "dense_step_ms": mean_std([dd["step_median_s"] * 1e3 for dd in d]),
+            "step_ratio": mean_std([r["step_ratio"] for r in rs]),
+            "step_after_last_event_ratio": mean_std([r["step_after_last_event_ratio"] for r in rs]),
+            "hook_after_last_event_ratio": mean_std([r["hook_after_last_event_ratio"] for r in rs]),
+            "total_time_ratio": mean_std([r["total_time_ratio"] for r in rs]),
+            "dense_step_ms": mean_std([dense[(r["model"], r["seed"])]["step_median_s"] * 1e3 for r in rs]),
+            "hook_after_last_event_ms": mean_std([r["hook_median_after_last_event_s"] * 1e3 for r in rs]),
         })
     return rows
 
@@ -404,19 +476,25 @@ def fmt(ms, digits=3, pct=False):
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def pct_floor(v):
+    """A percentage rounded DOWN to 2 decimals, so 99.995% never shows as 100.00%."""
+    return f"{math.floor(v * 10000) / 100:.2f}%"
+
+
 def pattern_cell(checks, setting):
     checks = [c for c in checks if c]
     if setting == "1x1" or not checks:
         return "–"
     if setting == "4x1":
-        return f"{min(c['zeros_in_all_zero_4x1_blocks'] for c in checks) * 100:.1f}% in 4x1 blocks"
-    io = min(c["groups_with_le2_nonzeros_io"] for c in checks) * 100
-    ki = min(c["groups_with_le2_nonzeros_ki"] for c in checks) * 100
-    return f"{io:.1f}% (in,k) / {ki:.1f}% (k,in)"
+        return f"{pct_floor(min(c['zeros_in_all_zero_4x1_blocks'] for c in checks))} in 4x1 blocks"
+    io = min(c["groups_with_le2_nonzeros_io"] for c in checks)
+    ki = min(c["groups_with_le2_nonzeros_ki"] for c in checks)
+    return f"{pct_floor(io)} (in,k) / {pct_floor(ki)} (k,in)"
 
 
 METHOD_LABEL = {
     "dense": "dense fine-tune (reference)",
+    "dense:copy": "dense fine-tune, 2nd identical copy (timing noise floor)",
     "gradprune:snip_momentum": "gradprune snip_momentum",
     "gradprune:magnitude": "gradprune magnitude",
     "inc:snip_momentum": "Neural Compressor snip_momentum",
@@ -431,10 +509,17 @@ def write_markdown(path, meta, rows, records, skipped):
     L.append("")
     L.append(f"Produced by: `{meta['command']}` (wall time {meta['wall_s'] / 60:.1f} min).")
     L.append("")
-    L.append(f"Machine: {meta['machine']}; torch threads = {meta['threads']} "
+    L.append(f"Machine: {meta['machine']}, shared with other work while this ran (1-minute load average "
+             f"{meta['loadavg_start'][0]:.1f} at the start, {meta['loadavg_end'][0]:.1f} at the end); torch threads = {meta['threads']} "
              "(one thread per process is steadier on a 2-core machine and gives every method the same "
              "compute). Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".")
-    L.append("")
+    prov = meta.get("provenance") or {}
+    if prov.get("git_head"):
+        dirty = prov.get("src_uncommitted") or []
+        L.append(f"gradprune source: git {prov['git_head']}"
+                 + (f" plus uncommitted changes in {len(dirty)} file(s) under src/ (listed in the JSON)"
+                    if dirty else " (src/ clean)") + ".")
+        L.append("")
     a = meta["args"]
     L.append("## Setting")
     L.append("")
@@ -446,11 +531,19 @@ def write_markdown(path, meta, rows, records, skipped):
              f"one dense model is trained ({a['pretrain_steps']} steps, Adam lr {a['lr']}, batch {a['batch']}); "
              f"every method fine-tunes a copy of it for {a['finetune_steps']} steps with a fresh Adam "
              f"(lr {a['lr']}) and the same batch order.")
-    L.append(f"- Gradual schedule, identical for both libraries: start_step {a['start']}, end_step {a['end']}, "
-             f"frequency {a['freq']}, global scope, **exp** decay "
+    if a.get("align", True):
+        sched_txt = (f"INC start_step {a['start']}, gradprune start_step {a['start'] + a['freq']}; both end_step "
+                     f"{a['end']}, frequency {a['freq']}. INC's first event (at its start_step) is k=0 of its "
+                     "formula and prunes nothing, gradprune's first event is k=1 and already prunes; starting "
+                     "gradprune one frequency later gives both the same sparsity at the same steps (measured, "
+                     "see the trajectory table below; `--same-start` gives both the same start_step instead)")
+    else:
+        sched_txt = (f"start_step {a['start']}, end_step {a['end']}, frequency {a['freq']} for both (so gradprune "
+                     "is one event ahead of INC, whose first event prunes 0%)")
+    L.append(f"- Gradual schedule: {sched_txt}. Global scope, **exp** decay "
              "s_k = 1 − (1−s_0)((1−s_T)/(1−s_0))^{k/K} (INC `sparsity_decay_type=\"exp\"`, its default; "
-             "gradprune `schedule=\"exp\"`). The measured sparsity at each prune event is in the JSON "
-             "(`sparsity_trajectory`).")
+             "gradprune `schedule=\"exp\"`). Fine-tuning continues "
+             f"{a['finetune_steps'] - a['end'] - 1} steps after the last prune event.")
     L.append("- Pruned layers (same for every method, checked on the weights afterwards): MLP fc1, fc2; "
              "CNN conv1, conv2, conv3 (conv2, conv3 only for 2:4: conv1 has 1×5 inputs per output, not a "
              "multiple of 4). Never the classifier `head`, never biases. INC is given anchored `op_names` and "
@@ -482,6 +575,12 @@ def write_markdown(path, meta, rows, records, skipped):
              "mask-enforcement overhead. torch.nn.utils.prune has no hooks (its cost is inside "
              "forward/backward, visible in the previous column).")
     L.append("- **total / dense**: total fine-tuning wall time (includes the prune events) over the dense run's.")
+    L.append(f"- Timing protocol: all runs of one model and seed (dense reference, a second dense copy, every "
+             f"method) are built together and advanced in chunks of {meta['args']['chunk']} steps in rotating "
+             "order, so each method is timed under the same machine load as the dense steps it is divided by. "
+             "Each ratio is the median over chunks of (median step in the chunk / median dense step in the "
+             "same chunk), then mean ± std over seeds. The second dense copy shows the noise floor "
+             "(ideally 1.00).")
     L.append("")
     for kind in ("mlp", "cnn"):
         kr = [r for r in rows if r["model"] == kind]
@@ -498,6 +597,11 @@ def write_markdown(path, meta, rows, records, skipped):
         L.append("| pattern @ target | method | test acc | sparsity (%) | pattern | step / dense | "
                  "step after last prune / dense | hook time after last prune / dense step | total / dense |")
         L.append("|---|---|---|---|---|---|---|---|---|")
+        cp = next((r for r in kr if r["method"] == "dense:copy"), None)
+        if cp is not None:
+            L.append(f"| none | {METHOD_LABEL['dense:copy']} | {fmt(cp['test_acc'])} | 0 | – | "
+                     f"{fmt(cp['step_ratio'], 2)} | {fmt(cp['step_after_last_event_ratio'], 2)} | – | "
+                     f"{fmt(cp['total_time_ratio'], 2)} |")
         order = ["gradprune:snip_momentum", "inc:snip_momentum", "gradprune:magnitude", "inc:magnitude",
                  "torch_prune"]
         for setting in SETTINGS:
@@ -515,6 +619,45 @@ def write_markdown(path, meta, rows, records, skipped):
                          f"{fmt(r['step_ratio'], 2)} | {fmt(r['step_after_last_event_ratio'], 2)} | {hook} | "
                          f"{fmt(r['total_time_ratio'], 2)} |")
         L.append("")
+    traj = [r for r in records if r["seed"] == records[0]["seed"] and r["setting"] == "1x1"
+            and r["method"] in ("gradprune:snip_momentum", "inc:snip_momentum")]
+    if traj:
+        L.append("## Measured sparsity trajectory (seed %d, 1x1 @ 90%%, after each prune-event step)" % records[0]["seed"])
+        L.append("")
+        for r in traj:
+            pts = ", ".join(f"{st}: {100 * sp:.1f}" for st, sp in r["sparsity_trajectory"])
+            L.append(f"- {r['model']} {METHOD_LABEL[r['method']]}: {pts}")
+        L.append("")
+    L.append("## Automatic checks (every run, every seed)")
+    L.append("")
+    bad = []
+    for r in records:
+        if r["method"].startswith("dense"):
+            continue
+        dev = r["measured_sparsity"] - r["target_sparsity"]
+        if abs(dev) > 5e-4:
+            bad.append(f"{r['model']} seed {r['seed']} {r['setting']} {METHOD_LABEL[r['method']]}: measured "
+                       f"sparsity {100 * r['measured_sparsity']:.2f}% vs target {100 * r['target_sparsity']:.0f}%")
+        pc = r.get("pattern_check") or {}
+        if r["setting"] == "4x1" and pc.get("zeros_in_all_zero_4x1_blocks", 1.0) < 1.0:
+            bad.append(f"{r['model']} seed {r['seed']} 4x1 {METHOD_LABEL[r['method']]}: "
+                       f"{100 * (1 - pc['zeros_in_all_zero_4x1_blocks']):.3f}% of zeros outside all-zero 4x1 blocks")
+        if r["setting"] == "2:4" and pc:
+            best = max(pc.get("groups_with_le2_nonzeros_io", 0), pc.get("groups_with_le2_nonzeros_ki", 0))
+            if best < 1.0:
+                bad.append(f"{r['model']} seed {r['seed']} 2:4 {METHOD_LABEL[r['method']]}: in its best layout "
+                           f"{100 * (1 - best):.4f}% of groups of 4 keep more than 2 nonzeros")
+        leaked = {n: v for n, v in (r.get("zeros_in_untargeted_layers") or {}).items() if v > 0}
+        if leaked:
+            bad.append(f"{r['model']} seed {r['seed']} {r['setting']} {METHOD_LABEL[r['method']]}: zeros in "
+                       f"layers that were not to be pruned: {leaked}")
+    if bad:
+        L.extend(f"- {b}" for b in bad)
+    else:
+        L.append("- every run reached its target sparsity (±0.05 pp) with its pattern intact.")
+    L.append("- Untargeted layers (classifier `head`, CNN conv1 at 2:4) were checked for zeros in every run; "
+             "any found are listed above.")
+    L.append("")
     if meta.get("notes"):
         L.append("## Notes")
         L.append("")
@@ -525,6 +668,22 @@ def write_markdown(path, meta, rows, records, skipped):
 
 
 # --------------------------------------------------------------------------------------------
+def provenance():
+    """Which gradprune source this run imported (taken at start: the package is edited live)."""
+    prov = {}
+    try:
+        import subprocess
+        root = HERE.parent
+        prov["git_head"] = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                                          capture_output=True, text=True).stdout.strip()
+        out = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "src"],
+                             capture_output=True, text=True).stdout.split("\n")
+        prov["src_uncommitted"] = [l.strip() for l in out if l.strip()]
+    except Exception:
+        pass
+    return prov
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 seed, few steps: a smoke test")
@@ -536,11 +695,25 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--pretrain-steps", type=int, default=None)
     ap.add_argument("--finetune-steps", type=int, default=None)
+    ap.add_argument("--chunk", type=int, default=10,
+                    help="runs are interleaved in chunks of this many steps (timing fairness)")
+    ap.add_argument("--same-start", action="store_true",
+                    help="give gradprune the same start_step as INC (by default gradprune starts one "
+                         "frequency later: INC's first event prunes 0%%, so this aligns the trajectories)")
     ap.add_argument("--no-inc-magnitude", action="store_true",
                     help="skip the extra Neural Compressor magnitude runs")
     ap.add_argument("--out", default=str(HERE / "results"),
                     help="directory for gradual_vs_peers.json/.md")
+    ap.add_argument("--from-json", default=None,
+                    help="only re-render the Markdown from a JSON this script wrote earlier")
     args = ap.parse_args(argv)
+    if args.from_json:
+        saved = json.load(open(args.from_json))
+        skipped = {tuple(k.split(" | ")): v for k, v in saved["skipped"].items()}
+        md = Path(args.from_json).with_suffix(".md")
+        write_markdown(md, saved["meta"], saved["summary"], saved["runs"], skipped)
+        print(f"wrote {md}")
+        return
 
     if args.quick:
         seeds = args.seeds or [0]
@@ -548,14 +721,16 @@ def main(argv=None):
         start, end, freq = 20, 160, 20
     else:
         seeds = args.seeds or [0, 1, 2]
-        pre, ft = args.pretrain_steps or 1500, args.finetune_steps or 1500
-        start, end, freq = 100, 1000, 50
+        pre, ft = args.pretrain_steps or 1500, args.finetune_steps or 1000
+        start, end, freq = 100, 600, 50
     if end >= ft - 10:
         raise SystemExit("fine-tune steps must exceed end_step")
-    sched = {"start": start, "end": end, "freq": freq}
+    sched = {"start": start, "end": end, "freq": freq, "align": not args.same_start}
     torch.set_num_threads(args.threads)
 
     t_all = time.perf_counter()
+    load_start = os.getloadavg()
+    prov = provenance()
     data = load_mnist1d()
     methods = ["gradprune:snip_momentum", "gradprune:magnitude", "inc:snip_momentum"]
     if not args.no_inc_magnitude:
@@ -573,10 +748,8 @@ def main(argv=None):
                                "pretrained_test_acc": accuracy(dense, data[2], data[3]),
                                "pretrain_s": time.perf_counter() - t0})
             state = copy.deepcopy(dense.state_dict())
-            common = dict(data=data, sched=sched, steps=ft, lr=args.lr, batch=args.batch, seed=seed)
-            records.append(finetune(kind, state, [], method="dense", setting=None, **common))
+            plan = [("dense", None), ("dense:copy", None)]
             for setting in args.settings:
-                names = TARGETS[(kind, setting)]
                 todo = list(methods) + (["torch_prune"] if setting == "1x1" else [])
                 if setting != "1x1":
                     skipped[(kind, setting, "torch_prune")] = "n/a (no equivalent pattern)"
@@ -588,19 +761,17 @@ def main(argv=None):
                     if lib == "inc" and INC_ERROR:
                         skipped[(kind, setting, method)] = "not run (INC unavailable)"
                         continue
-                    try:
-                        rec = finetune(kind, state, names, method=method, setting=setting, **common)
-                    except Exception as exc:
-                        import traceback
-                        traceback.print_exc()
-                        skipped[(kind, setting, method)] = f"error: {type(exc).__name__}: {exc}"[:200]
-                        notes.append(f"{kind} seed {seed} {setting} {method} failed: {type(exc).__name__}: {exc}")
-                        continue
-                    records.append(rec)
-                    print(f"[{time.perf_counter() - t_all:7.1f}s] {kind} seed={seed} {setting:4s} {method:24s} "
-                          f"acc={rec['test_acc']:.3f} sparsity={rec['measured_sparsity']:.4f} "
-                          f"step={rec['step_median_s'] * 1e3:.2f}ms hook_after={rec['hook_median_after_last_event_s'] * 1e3:.3f}ms",
-                          flush=True)
+                    plan.append((method, setting))
+            recs = run_all(kind, state, plan, data, sched, ft, args.lr, args.batch, seed, args.chunk,
+                           skipped, notes)
+            records.extend(recs)
+            for rec in recs:
+                if rec["method"].startswith("dense"):
+                    continue
+                print(f"[{time.perf_counter() - t_all:7.1f}s] {kind} seed={seed} {rec['setting']:4s} "
+                      f"{rec['method']:24s} acc={rec['test_acc']:.3f} sparsity={rec['measured_sparsity']:.4f} "
+                      f"step/dense={rec['step_ratio']:.3f} after/dense={rec['step_after_last_event_ratio']:.3f} "
+                      f"hook/dense={rec['hook_after_last_event_ratio']:.4f}", flush=True)
             d = [r for r in records if r["method"] == "dense" and r["model"] == kind and r["seed"] == seed][0]
             print(f"[{time.perf_counter() - t_all:7.1f}s] {kind} seed={seed} dense pre-acc="
                   f"{pretrained[-1]['pretrained_test_acc']:.3f} ft-acc={d['test_acc']:.3f} "
@@ -629,8 +800,9 @@ def main(argv=None):
         "command": cmd, "wall_s": wall,
         "machine": f"{os.cpu_count()}-core CPU ({cpu}), {platform.system()} {platform.machine()}, no GPU",
         "threads": args.threads, "versions": versions,
+        "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "provenance": prov,
         "args": {"seeds": seeds, "pretrain_steps": pre, "finetune_steps": ft, "lr": args.lr,
-                 "batch": args.batch, **sched, "models": args.models, "settings": args.settings,
+                 "batch": args.batch, "chunk": args.chunk, **sched, "models": args.models, "settings": args.settings,
                  "quick": args.quick},
         "n_train": len(data[0]), "n_test": len(data[2]), "pretrained": pretrained, "notes": notes,
     }

@@ -4,8 +4,9 @@ The reference is a faithful re-implementation of the loop GRADIEND documents (it
 model downloaded by name, so it cannot run here): batch size 1, one backward per sample (two for
 ``diff``), a flat fp32 running sum of all gradients on CPU, importance ``|mean|``, then a top-k over
 the flat vector. gradprune runs ``gp.pre_prune`` with ``batch_size=16`` on the same model, items and
-sample order. Each (model, n_samples, source, method) runs in a fresh subprocess so that peak memory
-(VmHWM, reset after the model and data are loaded) is measured for that method alone.
+sample order. Wall time: both methods alternately in one process (median of the repeats), so
+both see the same machine load. Peak memory: each method alone in a fresh subprocess (VmHWM, reset
+after the model and data are loaded).
 
     .venv/bin/python benchmarks/preprune_speed.py            # full run (~10 min on 2 cores)
     .venv/bin/python benchmarks/preprune_speed.py --quick    # tiny BERT, n=16 only
@@ -100,6 +101,9 @@ def _reference(model, items, loss_fn, source):
 
 
 def worker(model_name: str, n: int, source: str, method: str, repeats: int) -> dict:
+    """``method``: ``reference`` or ``gradprune`` (peak memory of that method alone), or ``timing``
+    (both methods alternately in this one process, ``repeats`` times each, so that both see the
+    same machine load)."""
     import torch
 
     torch.set_num_threads(1)
@@ -111,26 +115,39 @@ def worker(model_name: str, n: int, source: str, method: str, repeats: int) -> d
     cfg = gp.PrePruneConfig(n_samples=n, topk=TOPK, source=source, batch_size=16)
     idx, _, _ = sample_indices([it["feature_class_id"] for it in data], [0, 1], n, 0)
     items = [data[i] for i in idx]
+
+    def run_reference():
+        return _reference(model, items, loss_fn, source)
+
+    def run_gradprune():
+        sel = gp.pre_prune(model, data, cfg, loss_fn, show_progress=False)
+        offset, selected = 0, set()
+        for name, p in model.named_parameters():
+            selected.update((sel.indices[name] + offset).tolist())
+            offset += p.numel()
+        return selected
+
+    n_params = sum(p.numel() for p in model.parameters())
+    if method == "timing":
+        times = {"reference": [], "gradprune": []}
+        selected = {}
+        for _ in range(repeats):
+            for name, fn in (("reference", run_reference), ("gradprune", run_gradprune)):
+                t = time.perf_counter()
+                selected[name] = fn()
+                times[name].append(time.perf_counter() - t)
+        k = len(selected["reference"])
+        return {"reference_s": statistics.median(times["reference"]),
+                "gradprune_s": statistics.median(times["gradprune"]), "times": times,
+                "identical": len(selected["reference"] & selected["gradprune"]) / k, "k": k,
+                "n_params": n_params}
     # reset the peak-RSS counter now that the model and data are loaded
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
     base = _rss_kib("VmRSS")
-    times, selected = [], None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        if method == "reference":
-            selected = _reference(model, items, loss_fn, source)
-        else:
-            sel = gp.pre_prune(model, data, cfg, loss_fn, show_progress=False)
-            offset, selected = 0, set()
-            for name, p in model.named_parameters():
-                selected.update((sel.indices[name] + offset).tolist())
-                offset += p.numel()
-        times.append(time.perf_counter() - t)
+    (run_reference if method == "reference" else run_gradprune)()
     peak = _rss_kib("VmHWM")
-    n_params = sum(p.numel() for p in model.parameters())
-    return {"seconds": statistics.median(times), "times": times, "peak_extra_mib": (peak - base) / 1024,
-            "selected": sorted(selected), "n_params": n_params}
+    return {"peak_extra_mib": (peak - base) / 1024, "n_params": n_params}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,19 +182,19 @@ def main():
     for model_name in models:
         for n in sizes:
             for source in ("factual", "diff"):
-                repeats = 3 if model_name == "tiny-bert" else 1
-                ref = _run(model_name, n, source, "reference", repeats)
-                gpr = _run(model_name, n, source, "gradprune", repeats)
-                k = len(ref["selected"])
-                agree = len(set(ref["selected"]) & set(gpr["selected"])) / k
-                row = {"model": model_name, "params": ref["n_params"], "n_samples": n, "source": source,
-                       "batch_size": 16, "reference_s": ref["seconds"], "gradprune_s": gpr["seconds"],
-                       "speedup": ref["seconds"] / gpr["seconds"],
+                repeats = 3 if (model_name == "tiny-bert" or n <= 64) else 1
+                timing = _run(model_name, n, source, "timing", repeats)
+                ref = _run(model_name, n, source, "reference", 1)
+                gpr = _run(model_name, n, source, "gradprune", 1)
+                row = {"model": model_name, "params": timing["n_params"], "n_samples": n, "source": source,
+                       "batch_size": 16, "reference_s": timing["reference_s"], "gradprune_s": timing["gradprune_s"],
+                       "speedup": timing["reference_s"] / timing["gradprune_s"], "repeats": repeats,
                        "reference_peak_mib": ref["peak_extra_mib"], "gradprune_peak_mib": gpr["peak_extra_mib"],
                        "peak_ratio": gpr["peak_extra_mib"] / max(ref["peak_extra_mib"], 1e-9),
-                       "selected_k": k, "identical_fraction": agree}
+                       "selected_k": timing["k"], "identical_fraction": timing["identical"]}
+                agree = timing["identical"]
                 rows.append(row)
-                print(f"{model_name:9s} n={n:3d} {source:8s} ref {ref['seconds']:7.2f}s  gp {gpr['seconds']:6.2f}s  "
+                print(f"{model_name:9s} n={n:3d} {source:8s} ref {row['reference_s']:7.2f}s  gp {row['gradprune_s']:6.2f}s  "
                       f"x{row['speedup']:5.1f}  peak MiB ref {ref['peak_extra_mib']:7.1f} gp "
                       f"{gpr['peak_extra_mib']:7.1f}  identical {agree:.4f}", flush=True)
     import torch
@@ -192,7 +209,7 @@ def main():
         json.dump({"meta": meta, "rows": rows}, fh, indent=2)
     lines = [f"# pre_prune vs GRADIEND's per-sample loop", "",
              f"Command: `{meta['command']}` — {meta['machine']}, torch {meta['torch']}, {meta['date']}.",
-             "Peak = extra resident memory (VmHWM) over the loaded model and data, per method in its own process.",
+             "Times: median of repeated runs, both methods alternating in one process. Peak = extra resident memory (VmHWM) over the loaded model and data, per method in its own process.",
              f"Identical = fraction of the reference's top-{TOPK:g} entries that gradprune also selects.", "",
              "| model | params | n_samples | source | reference s | gradprune s | speed-up | ref peak MiB | gp peak MiB | identical |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -1,7 +1,6 @@
 """The gradprune command: demo, prune from a recipe, help, one-line errors."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap

@@ -25,7 +25,6 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
 import gradprune as gp
 from conftest import MODELS, round_half_up

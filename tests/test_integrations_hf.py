@@ -1,7 +1,6 @@
 """Hugging Face Trainer callbacks, save_pretrained round trips, safetensors masks, and the
 SparseTrainer hook form they rely on."""
 
-import copy
 
 import pytest
 import torch

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils import prune as tprune
 
 import gradprune as gp
-from conftest import MLP, CNN, round_half_up
+from conftest import MLP, round_half_up
 
 # ---------------------------------------------------------------------------------------------
 # helpers

@@ -3,7 +3,6 @@ cache, and Hugging Face language models."""
 
 import math
 import os
-import warnings
 
 import pytest
 import torch

@@ -545,17 +545,22 @@ def test_gradual_pruning_reaches_target_exactly_monotone_cubic():
     events = [5, 10, 15, 20, 25, 30]
     history = [counts(trainer)]
 
+    after_opt = {}   # weights right after the optimizer step: pruning follows a normal step
+    opt.register_step_post_hook(lambda o, a, k: after_opt.update(
+        {n: p.detach().clone() for n, p in params_of(trainer).items()}))
+
     def on_step(rec):
         history.append(counts(trainer))
         assert_inactive_zero(trainer, opt)
         if rec["updated"]:
+            assert not torch.equal(after_opt[next(iter(after_opt))], rec["w_before"][next(iter(after_opt))])
             k = events.index(rec["step_count"]) + 1
             s = 0.8 * (1 - (1 - k / len(events)) ** 3)   # Zhu & Gupta with s_i = 0
             for n, (dropped, grown) in dropped_grown(rec).items():
                 assert not bool(grown.any())
                 assert int(rec["masks_after"][n].sum()) == numel[n] - rhu(s * numel[n]), (n, k)
-                # dropped = smallest |w| among the previously active ones
-                w = rec["w_before"][n].abs()
+                # dropped = smallest |w| (after the optimizer step) among the previously active ones
+                w = after_opt[n].abs()
                 kept = rec["masks_after"][n]
                 if dropped.any():
                     assert float(w[dropped].max()) <= float(w[kept].min())
@@ -1353,3 +1358,10 @@ def test_allocate_counts_is_exact_and_respects_capacity():
         assert all(0 <= g <= c for g, c in zip(got, caps))
 
     check()
+
+
+def test_dense_first_layer_larger_than_the_budget_is_an_error():
+    m = nn.Sequential(nn.Linear(40, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    with pytest.raises(ValueError, match="first layer alone .* exceeds the budget"):
+        gp.SparseTrainer(m, torch.optim.SGD(m.parameters(), lr=0.1),
+                         gp.SparseConfig.rigl(density=0.1, total_steps=100, init="erk", dense_first_layer=True))

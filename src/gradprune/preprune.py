@@ -50,7 +50,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import time
 import warnings
@@ -64,7 +63,7 @@ from torch import nn
 from ._checks import check_choice, check_float, check_int, check_topk
 from ._progress import progress
 from .config import Config, atomic_write
-from .integrations.distributed import (all_reduce_gradients, all_reduce_tensors, resolve_process_group,
+from ._distributed import (all_reduce_gradients, all_reduce_tensors, resolve_process_group,
                                        sum_over_ranks)
 from .masks import MaskSet
 from .scores import scoring_context

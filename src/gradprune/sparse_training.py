@@ -71,8 +71,8 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -107,7 +107,9 @@ class SparseConfig(Config):
     """Options of :class:`SparseTrainer`; start from a preset (:meth:`rigl`, :meth:`set`,
     :meth:`snfs`, :meth:`static`, :meth:`pruning`, :meth:`lottery`) and override by keyword.
 
-    ``density`` is the target fraction of active weights over the masked layers; ``end_step``
+    ``density`` is the target fraction of active weights over the masked layers (with
+    ``init="uniform"`` and ``dense_first_layer=True``: the density of every layer but the dense
+    first one, rigl-torch's allocation, so the overall density is higher); ``end_step``
     (RigL's ``T_end``) the last step with a connectivity update; ``include_classifier`` defaults to
     True here (sparse training usually sparsifies every layer).
     """
@@ -397,7 +399,12 @@ class SparseTrainer:
             target = cfg.density
             if cfg.dense_first_layer:  # the other layers share what the dense first layer leaves
                 rest = sum(numels) - first
-                target = max(0.0, min(1.0, (cfg.density * sum(numels) - first) / rest)) if rest else 1.0
+                if rest and cfg.density * sum(numels) - first <= 0:
+                    raise ValueError(
+                        f"dense_first_layer: the first layer alone ({first} weights) exceeds the budget "
+                        f"density * total = {cfg.density:g} * {sum(numels)}; raise density, or use "
+                        "init='uniform' (rigl-torch's allocation: every other layer at density)")
+                target = min(1.0, (cfg.density * sum(numels) - first) / rest) if rest else 1.0
                 d_rest = allocate_densities(numels[1:], raws[1:], target, lo[1:], hi[1:]) if rest else []
                 d = [1.0] + d_rest
             else:
@@ -495,11 +502,12 @@ class SparseTrainer:
                 scaler.step(self.optimizer)  # records the skip for scaler.update()
                 self.masks.apply()
                 return False
-        if self.is_update_step():
+        if self.is_update_step() and self.config.decay != "magnitude_prune":
             self._update()
             self._epoch_update_pending = False
             self.step_count += 1
             return True
+        pruning_event = self.config.decay == "magnitude_prune" and self.is_update_step()
         if not self.config.dense_gradients:
             self.masks.apply_to_grads()
         if scaler is not None:
@@ -509,8 +517,10 @@ class SparseTrainer:
         # Weights only: with masked gradients the optimizer state of inactive weights stays at the
         # zero every update leaves it at, so re-masking the state each step would change nothing.
         self.masks.apply()
+        if pruning_event:  # gradual magnitude pruning prunes after a normal step (Zhu & Gupta)
+            self._update()
         self.step_count += 1
-        return False
+        return pruning_event
 
     def before_optimizer_step(self) -> bool:
         """Hook form of :meth:`step` for loops you do not own (e.g. a Hugging Face ``Trainer``):
@@ -526,7 +536,7 @@ class SparseTrainer:
         if grads and not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
             self._hook_state = "skipped"
             return False
-        if self.is_update_step():
+        if self.is_update_step() and self.config.decay != "magnitude_prune":
             self._update()
             self._epoch_update_pending = False
             for g in self.optimizer.param_groups:
@@ -550,6 +560,8 @@ class SparseTrainer:
             return
         if state == "stepped":
             self.masks.apply()
+            if self.config.decay == "magnitude_prune" and self.is_update_step():
+                self._update()  # gradual magnitude pruning prunes after a normal step
         self.step_count += 1
 
     # -- connectivity update --------------------------------------------------------------------
@@ -701,7 +713,6 @@ class SparseTrainer:
         return float(self._unit_scores(n, src)[units].mean())
 
     def _gradual_prune(self) -> None:
-        cfg = self.config
         events = sorted(self._prune_events())
         k = events.index(self.step_count) + 1
         for n in self.params:

@@ -25,7 +25,6 @@ checkpoint folder) restores it.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from .._checks import check_int
 from .._progress import progress
-from ..integrations.distributed import all_reduce_gradients, resolve_process_group, sum_over_ranks
+from .._distributed import all_reduce_gradients, resolve_process_group, sum_over_ranks
 
 __all__ = ["GradientStatistics", "stream_gradients", "scoring_context", "STATISTICS"]
 

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -583,7 +583,6 @@ class _Propagator(fx.Interpreter):
         raise _Unsupported(f"{n.name}: {opname} of channels with a non-channel operand")
 
     def _cat(self, n, args, kwargs, result):
-        tensors = args[0]
         nodes = n.args[0]
         dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
         ndim = result.dim()

@@ -33,7 +33,6 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 import torch
-from torch import nn
 
 from ..scores.stats import stream_gradients
 from .gates import Gates

@@ -1,0 +1,721 @@
+#!/usr/bin/env python
+"""Dynamic sparse training from scratch: gradprune ``SparseTrainer`` presets vs rigl-torch 0.5.2.
+
+Runs in the virtualenv built by ``benchmarks/setup_dst_peers.sh`` (``.dst-venv``); it is a benchmark,
+not a test.
+
+Setting: MNIST-1D (generated offline with ``mnist1d.data.make_dataset``), two models (an MLP
+40-256-256-10 and a small 1D CNN). Every method trains the same initialisation (per seed) from
+scratch with the same optimizer (SGD, momentum 0.9, weight decay 5e-4, cosine learning rate), the
+same number of steps, the same batch order, the same connectivity-update interval (100 steps),
+drop fraction alpha = 0.3 (RigL; the SET and SNFS presets use their own 0.5) with cosine decay, and
+the last update before 3/4 of training. Methods:
+
+* dense;
+* gradprune: static ERK mask, SET, RigL-ERK, RigL-uniform, RigL-uniform with the first layer kept
+  dense (rigl-torch's allocation), SNFS, gradual magnitude pruning (Zhu & Gupta);
+* rigl-torch ``RigLScheduler`` (uniform, first layer dense: the only allocation it has).
+
+Reported, all measured by this script:
+
+* test accuracy after training (mean +- std over seeds);
+* density = fraction of nonzero weights in every Linear/Conv weight after training, per layer and
+  overall (the same layer set for every method), and the library's own mask density next to it;
+* wall time of a training step relative to dense training of the same model and seed, timed in
+  the same process with interleaved chunks (see ``--help`` and the Markdown report).
+
+Usage:
+    .dst-venv/bin/python benchmarks/dst_vs_peers.py            # full run (3 seeds, ~20 min)
+    .dst-venv/bin/python benchmarks/dst_vs_peers.py --quick    # smoke run (1 seed, 300 steps, 90%)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+
+# --------------------------------------------------------------------------------------------
+# rigl-torch imports torchvision (rigl_torch/util.py), which it does not declare. The only
+# torchvision wheel available here (0.28.0, the release for torch 2.13.0) is a CUDA build whose
+# import fails with "operator torchvision::nms does not exist" because its compiled operators do
+# not load; its Python side then registers fake kernels for nms/qnms. Defining the two operator
+# schemas (copied from torchvision/csrc/ops/nms.cpp and quantized/cpu/qnms_kernel.cpp) first lets
+# it import; model classes work, torchvision.ops kernels do not (rigl-torch only needs isinstance
+# checks against torchvision.models.resnet blocks).
+# --------------------------------------------------------------------------------------------
+for _op in ("nms", "qnms"):
+    try:
+        torch.library.define(f"torchvision::{_op}",
+                             "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    except RuntimeError:  # already defined (a working torchvision was imported first)
+        pass
+
+try:
+    from rigl_torch.RigL import RigLScheduler
+    import torchvision
+    RIGL_ERROR = None
+except Exception as exc:
+    RigLScheduler = None
+    torchvision = None
+    RIGL_ERROR = f"{type(exc).__name__}: {exc}"
+
+try:
+    import gradprune as gp
+    GP_ERROR = None if hasattr(gp, "SparseTrainer") else "gradprune has no SparseTrainer yet"
+except Exception as exc:
+    gp = None
+    GP_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+# --------------------------------------------------------------------------------------------
+# data and models
+# --------------------------------------------------------------------------------------------
+def load_mnist1d():
+    from mnist1d.data import get_dataset_args, make_dataset
+    d = make_dataset(get_dataset_args())  # generated locally; never get_dataset() (it downloads)
+    return (torch.tensor(d["x"], dtype=torch.float32), torch.tensor(d["y"], dtype=torch.long),
+            torch.tensor(d["x_test"], dtype=torch.float32), torch.tensor(d["y_test"], dtype=torch.long))
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(40, 256)
+        self.fc2 = nn.Linear(256, 256)
+        self.head = nn.Linear(256, 10)
+
+    def forward(self, x):
+        return self.head(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+class CNN1d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv1d(1, 32, 5, padding=2)             # 40 -> 40
+        self.conv2 = nn.Conv1d(32, 64, 5, stride=2, padding=2)  # 40 -> 20
+        self.conv3 = nn.Conv1d(64, 64, 5, stride=2, padding=2)  # 20 -> 10
+        self.head = nn.Linear(64 * 10, 10)
+
+    def forward(self, x):
+        x = x.unsqueeze(1)
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.relu(self.conv3(x))
+        return self.head(x.flatten(1))
+
+
+MODELS = {"mlp": MLP, "cnn": CNN1d}
+MODEL_TEXT = {
+    "mlp": "MLP 40→256→256→10 (ReLU)",
+    "cnn": "1D CNN Conv1d(1→32,k5) → Conv1d(32→64,k5,s2) → Conv1d(64→64,k5,s2) → Linear(640→10) (ReLU)",
+}
+
+
+def weight_layers(model):
+    """Every Linear/Conv weight, in forward order: the layers both libraries sparsify here."""
+    return {f"{n}.weight": m.weight for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv1d))}
+
+
+# --------------------------------------------------------------------------------------------
+# methods
+# --------------------------------------------------------------------------------------------
+# key -> (label, family); gradprune configs are built in make_run
+METHODS = {
+    "dense": ("dense", "baseline"),
+    "dense2": ("dense, 2nd identical copy (timing noise floor)", "baseline"),
+    "gp_static": ("gradprune static (ERK random mask)", "gradprune"),
+    "gp_set": ("gradprune SET (ER, random growth, α=0.5)", "gradprune"),
+    "gp_rigl_erk": ("gradprune RigL-ERK", "gradprune"),
+    "gp_rigl_uniform": ("gradprune RigL-uniform (all layers)", "gradprune"),
+    "gp_rigl_uniform_dfl": ("gradprune RigL-uniform, dense first layer (= rigl-torch allocation)", "gradprune"),
+    "gp_snfs": ("gradprune SNFS (momentum growth + redistribution, α=0.5)", "gradprune"),
+    "gp_gmp": ("gradprune gradual magnitude pruning (Zhu & Gupta)", "gradprune"),
+    "rigl_torch": ("rigl-torch RigL (uniform, dense first layer)", "rigl-torch"),
+}
+SPARSE_METHODS = [k for k in METHODS if k not in ("dense", "dense2")]
+
+
+STATIC_NOTES = [
+    "How rigl-torch 0.5.2 was made to import: rigl_torch/util.py imports torchvision, which "
+    "rigl-torch does not declare; the only torchvision wheel here (0.28.0, built for torch 2.13.0) is "
+    "a CUDA build that fails at import (\"operator torchvision::nms does not exist\"). This script "
+    "defines `torchvision::nms` and `torchvision::qnms` with `torch.library.define(..., \"(Tensor dets, "
+    "Tensor scores, float iou_threshold) -> Tensor\")` before importing rigl_torch; torchvision then "
+    "imports (its model classes work, its ops kernels do not; rigl-torch only uses isinstance checks).",
+    "Remaining differences between rigl-torch RigL and gradprune RigL-uniform with a dense first "
+    "layer (same allocation, ΔT, α, cosine decay, T_end, 11 updates in the full run; measured update "
+    "steps, 0-based: rigl-torch 99, 199, …, 1099 (it counts the call itself), gradprune 100, 200, …, "
+    "1100 (after 100 optimizer steps)): rigl-torch drops floor(f·n_active) per layer, gradprune round-half-up; rigl-torch lets a "
+    "connection dropped in an update be regrown in the same update (it then keeps its value), "
+    "gradprune grows only among connections that were inactive before the drop; rigl-torch resets "
+    "only SGD's momentum buffer, gradprune every optimizer state tensor shaped like the weight (same "
+    "thing for SGD); rigl-torch masks gradients with a tensor hook during backward, gradprune after "
+    "backward inside `step()`; ties: rigl-torch topk order, gradprune seeded random. Initial random "
+    "masks differ (different random generators) but have the same per-layer counts.",
+]
+
+
+def gp_config(key, density, steps, interval, seed):
+    common = dict(total_steps=steps, update_interval=interval, seed=seed)
+    if key == "gp_static":
+        return gp.SparseConfig.static(density=density, total_steps=steps, seed=seed)
+    if key == "gp_set":
+        return gp.SparseConfig.set(density=density, **common)
+    if key == "gp_rigl_erk":
+        return gp.SparseConfig.rigl(density=density, **common)
+    if key == "gp_rigl_uniform":
+        return gp.SparseConfig.rigl(density=density, init="uniform", **common)
+    if key == "gp_rigl_uniform_dfl":
+        return gp.SparseConfig.rigl(density=density, init="uniform", dense_first_layer=True, **common)
+    if key == "gp_snfs":
+        return gp.SparseConfig.snfs(density=density, **common)
+    if key == "gp_gmp":
+        return gp.SparseConfig.pruning(density=density, **common)
+    raise KeyError(key)
+
+
+class Run:
+    """One model being trained by one method; advanced a chunk of steps at a time."""
+
+    def __init__(self, kind, key, sparsity, init_state, args, seed):
+        self.kind, self.key, self.sparsity, self.seed = kind, key, sparsity, seed
+        self.model = MODELS[kind]()
+        self.model.load_state_dict(init_state)
+        self.model.train()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=0.9,
+                                   weight_decay=args.weight_decay)
+        self.sparse = self.sched = None
+        self.error = None
+        t_end = (3 * args.steps) // 4
+        if key.startswith("gp_"):
+            self.sparse = gp.SparseTrainer(self.model, self.opt,
+                                           gp_config(key, 1.0 - sparsity, args.steps, args.interval, seed))
+        elif key == "rigl_torch":
+            torch.manual_seed(seed)  # rigl-torch draws its random masks from the global RNG
+            self.sched = RigLScheduler(self.model, self.opt, dense_allocation=1.0 - sparsity,
+                                       T_end=t_end, delta=args.interval, alpha=args.alpha,
+                                       ignore_linear_layers=False)
+        self.count0 = self.mask_counts()
+        self.step_s: list[float] = []     # wall time of every step
+        self.update: list[bool] = []      # whether that step was a connectivity update
+        self.step = 0
+
+    def one_step(self, x, y, lr):
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        t0 = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.model(x), y)
+        loss.backward()
+        if self.sparse is not None:
+            upd = bool(self.sparse.step())
+        elif self.sched is not None:
+            upd = not self.sched()
+            if not upd:
+                self.opt.step()
+        else:
+            self.opt.step()
+            upd = False
+        self.step_s.append(time.perf_counter() - t0)
+        self.update.append(upd)
+        self.step += 1
+
+    def mask_counts(self):
+        """Active entries per masked layer according to the library (None: unmasked layer)."""
+        layers = weight_layers(self.model)
+        out = {n: None for n in layers}
+        if self.sparse is not None:
+            for n, m in self.sparse.masks.items():
+                out[n] = int(m.sum())
+        elif self.sched is not None:
+            by_id = {id(w): n for n, w in layers.items()}
+            for w, m in zip(self.sched.W, self.sched.backward_masks):
+                if m is not None:
+                    out[by_id[id(w)]] = int(m.sum())
+        return out
+
+    def nonzero_outside_mask(self):
+        """Weights that are nonzero although the library's mask says inactive (should be 0)."""
+        layers = weight_layers(self.model)
+        masks = {}
+        if self.sparse is not None:
+            masks = dict(self.sparse.masks.items())
+        elif self.sched is not None:
+            by_id = {id(w): n for n, w in layers.items()}
+            masks = {by_id[id(w)]: m for w, m in zip(self.sched.W, self.sched.backward_masks) if m is not None}
+        return sum(int(((layers[n] != 0) & ~m.bool()).sum()) for n, m in masks.items())
+
+    def mask_density(self):
+        """The library's own view: active entries per masked layer (1.0 for unmasked layers)."""
+        layers = weight_layers(self.model)
+        out = {n: 1.0 for n in layers}
+        if self.sparse is not None:
+            for n, m in self.sparse.masks.items():
+                out[n] = float(m.sum()) / m.numel()
+        elif self.sched is not None:
+            by_id = {id(w): n for n, w in layers.items()}
+            for w, m in zip(self.sched.W, self.sched.backward_masks):
+                if m is not None:
+                    out[by_id[id(w)]] = float(m.sum()) / m.numel()
+        return out
+
+
+@torch.no_grad()
+def accuracy(model, x, y):
+    model.eval()
+    acc = (model(x).argmax(1) == y).float().mean().item()
+    model.train()
+    return acc
+
+
+def measured_density(model):
+    ws = weight_layers(model)
+    per = {n: float((w != 0).sum()) / w.numel() for n, w in ws.items()}
+    nz = sum(int((w != 0).sum()) for w in ws.values())
+    tot = sum(w.numel() for w in ws.values())
+    return nz / tot, per
+
+
+def batches(n, batch, steps, seed):
+    """Batch index sequence: reshuffled each epoch, fixed by the seed (same for every method)."""
+    g = torch.Generator().manual_seed(10_000 + seed)
+    out, perm, pos = [], torch.randperm(n, generator=g), 0
+    for _ in range(steps):
+        if pos + batch > n:
+            perm, pos = torch.randperm(n, generator=g), 0
+        out.append(perm[pos:pos + batch])
+        pos += batch
+    return out
+
+
+def lr_at(step, steps, base):
+    return 0.5 * base * (1.0 + math.cos(math.pi * step / steps))
+
+
+# --------------------------------------------------------------------------------------------
+# one (model, seed) block: all runs interleaved in chunks
+# --------------------------------------------------------------------------------------------
+def run_block(kind, seed, data, args, methods, sparsities, log):
+    xtr, ytr, xte, yte = data
+    torch.manual_seed(seed)
+    init_state = {k: v.clone() for k, v in MODELS[kind]().state_dict().items()}
+    order = batches(len(xtr), args.batch, args.steps, seed)
+    runs, skipped = [], []
+    for key in ["dense", "dense2"] + [m for m in methods if m in SPARSE_METHODS]:
+        if key.startswith("gp_") and GP_ERROR:
+            skipped.append((key, GP_ERROR)); continue
+        if key == "rigl_torch" and RIGL_ERROR:
+            skipped.append((key, RIGL_ERROR)); continue
+        for s in ([None] if key in ("dense", "dense2") else sparsities):
+            try:
+                runs.append(Run(kind, key, s, init_state, args, seed))
+            except Exception as exc:
+                skipped.append((f"{key}@{s}", f"{type(exc).__name__}: {exc}"))
+    # warm-up outside the timed steps: one forward/backward per model shape is enough for the
+    # allocator; nothing is stepped (so training is unaffected)
+    for r in runs[:1]:
+        F.cross_entropy(r.model(xtr[:args.batch]), ytr[:args.batch]).backward()
+        r.model.zero_grad(set_to_none=True)
+    n_chunks = math.ceil(args.steps / args.chunk)
+    t_block = time.perf_counter()
+    for c in range(n_chunks):
+        lo, hi = c * args.chunk, min(args.steps, (c + 1) * args.chunk)
+        rot = c % len(runs)  # rotate the order so no run is always first/last in a chunk
+        for r in runs[rot:] + runs[:rot]:
+            if r.error:
+                continue
+            try:
+                for t in range(lo, hi):
+                    idx = order[t]
+                    r.one_step(xtr[idx], ytr[idx], lr_at(t, args.steps, args.lr))
+            except Exception as exc:
+                r.error = f"{type(exc).__name__}: {exc}"
+                log(f"  {kind} seed {seed} {r.key}@{r.sparsity}: FAILED at step {r.step}: {r.error}")
+    log(f"  {kind} seed {seed}: {len(runs)} runs x {args.steps} steps in {time.perf_counter() - t_block:.0f} s")
+
+    dense = next(r for r in runs if r.key == "dense")
+    records = []
+    for r in runs:
+        rec = {"model": kind, "seed": seed, "method": r.key, "target_sparsity": r.sparsity}
+        if r.error:
+            rec["error"] = r.error
+            records.append(rec)
+            continue
+        rec["test_acc"] = accuracy(r.model, xte, yte)
+        rec["train_acc"] = accuracy(r.model, xtr, ytr)
+        rec["density"], rec["density_per_layer"] = measured_density(r.model)
+        rec["mask_density_per_layer"] = r.mask_density()
+        rec["mask_count_initial"], rec["mask_count_final"] = r.count0, r.mask_counts()
+        rec["nonzero_outside_mask"] = r.nonzero_outside_mask()
+        rec["nonzero_count_final"] = {n: int((w != 0).sum()) for n, w in weight_layers(r.model).items()}
+        if r.sparse is not None:
+            rec["gradprune_reported_sparsity_per_layer"] = r.sparse.masks.sparsity(per_layer=True)
+            rec["updates"] = int(r.sparse.updates)
+        elif r.sched is not None:
+            rec["updates"] = int(r.sched.rigl_steps)
+        else:
+            rec["updates"] = 0
+        # timing: per chunk, median step of this run / median dense step in the same chunk
+        ratios, upd_ratios = [], []
+        for c in range(n_chunks):
+            lo, hi = c * args.chunk, min(args.steps, (c + 1) * args.chunk)
+            d_med = statistics.median(dense.step_s[lo:hi])
+            ratios.append(statistics.median(r.step_s[lo:hi]) / d_med)
+            upd_ratios += [r.step_s[t] / d_med for t in range(lo, hi) if r.update[t]]
+        rec["step_ms_median"] = 1000 * statistics.median(r.step_s)
+        rec["step_over_dense"] = statistics.median(ratios)
+        rec["update_step_over_dense"] = statistics.median(upd_ratios) if upd_ratios else None
+        rec["n_update_steps"] = int(sum(r.update))
+        rec["total_over_dense"] = sum(r.step_s) / sum(dense.step_s)
+        records.append(rec)
+    return records, skipped
+
+
+# --------------------------------------------------------------------------------------------
+# summary and report
+# --------------------------------------------------------------------------------------------
+def mean_std(v):
+    v = [x for x in v if x is not None]
+    if not v:
+        return None
+    return (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
+
+
+def summarise(records):
+    groups = {}
+    for r in records:
+        groups.setdefault((r["model"], r["method"], r["target_sparsity"]), []).append(r)
+    rows = []
+    for (kind, key, s), rs in groups.items():
+        ok = [r for r in rs if "error" not in r]
+        row = {"model": kind, "method": key, "label": METHODS[key][0], "target_sparsity": s,
+               "n_seeds": len(ok), "errors": [r["error"] for r in rs if "error" in r]}
+        if ok:
+            for f in ("test_acc", "train_acc", "density", "step_over_dense", "update_step_over_dense",
+                      "total_over_dense", "step_ms_median", "updates"):
+                row[f] = mean_std([r.get(f) for r in ok])
+            layers = list(ok[0]["density_per_layer"])
+            row["density_per_layer"] = {n: mean_std([r["density_per_layer"][n] for r in ok]) for n in layers}
+            row["mask_density_per_layer"] = {n: mean_std([r["mask_density_per_layer"][n] for r in ok])
+                                             for n in layers}
+        rows.append(row)
+    return rows
+
+
+def count_checks(records):
+    """Plain-language results of the mask bookkeeping checks over all runs."""
+    notes = []
+    ok = [r for r in records if "error" not in r and r["method"] not in ("dense", "dense2")]
+    outside = [r for r in ok if r["nonzero_outside_mask"]]
+    notes.append("Weights nonzero outside the library's mask after training: "
+                 + ("none in any run." if not outside else
+                    "; ".join(f"{r['model']} {r['method']}@{r['target_sparsity']} seed {r['seed']}: "
+                              f"{r['nonzero_outside_mask']}" for r in outside)))
+    per_layer_methods = {"gp_static", "gp_set", "gp_rigl_erk", "gp_rigl_uniform", "gp_rigl_uniform_dfl",
+                         "rigl_torch"}
+    bad = []
+    for r in ok:
+        a, b = r["mask_count_initial"], r["mask_count_final"]
+        if r["method"] in per_layer_methods and a != b:
+            bad.append(f"{r['model']} {r['method']}@{r['target_sparsity']} seed {r['seed']}: {a} -> {b}")
+        if r["method"] == "gp_snfs" and sum(v or 0 for v in a.values()) != sum(v or 0 for v in b.values()):
+            bad.append(f"{r['model']} SNFS total changed seed {r['seed']}")
+    notes.append("Active-connection counts from the first to the last step (per layer for static/SET/RigL "
+                 "in both libraries, total for SNFS, which redistributes): "
+                 + ("preserved exactly in every run." if not bad else "CHANGED: " + "; ".join(bad)))
+    gap = [(r, n) for r in ok for n, c in r["nonzero_count_final"].items()
+           if r["mask_count_final"].get(n) is not None and c < r["mask_count_final"][n]]
+    if gap:
+        notes.append(f"In {len({(r['model'], r['method'], r['target_sparsity'], r['seed']) for r, _ in gap})} "
+                     "runs some ACTIVE weights are exactly 0 at the end (measured density below mask "
+                     "density, shown in brackets in the per-layer tables): connections grown at 0 that "
+                     "never received a nonzero gradient afterwards because they lead into or out of dead "
+                     "ReLU units, so growth fell back to ties at zero score (checked for SNFS on the CNN at "
+                     "90%, seed 0: all 40 such conv1 weights lie in 8 conv1 channels that SNFS's first "
+                     "update (α=0.5 magnitude drop on the then-dense conv1) left all-zero; those channels "
+                     "output 0 on the whole training set, and momentum redistribution later regrew the "
+                     "layer to full density, partly into them). Not a bookkeeping error, but budget "
+                     "spent on connections that cannot learn.")
+    return notes
+
+
+def fmt(ms, d=3, pct=False):
+    if ms is None:
+        return "–"
+    m, s = ms
+    if pct:
+        return f"{100 * m:.1f} ± {100 * s:.1f}"
+    return f"{m:.{d}f} ± {s:.{d}f}"
+
+
+def write_markdown(path, meta, rows, skipped):
+    a = meta["args"]
+    L = []
+    L.append("# Dynamic sparse training from scratch: gradprune vs rigl-torch")
+    L.append("")
+    L.append(f"Produced by: `{meta['command']}` (wall time {meta['wall_s'] / 60:.1f} min).")
+    L.append("")
+    L.append(f"Machine: {meta['machine']}; load average {meta['loadavg_start'][0]:.2f} at the start, "
+             f"{meta['loadavg_end'][0]:.2f} at the end; `torch.set_num_threads({meta['threads']})` "
+             "(one thread per process is steadier on a 2-core machine shared with other work and gives "
+             "every method the same compute)"
+             + ("; 1-min load before/after each (model, seed) block: " + ", ".join(
+                 f"{b['model']} s{b['seed']} {b['load1_before']:.1f}/{b['load1_after']:.1f}"
+                 for b in meta["loadavg_per_block"]) if meta.get("loadavg_per_block") else "")
+             + ". Versions: "
+             + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".")
+    g = meta.get("git") or {}
+    if g.get("commit"):
+        dirty = [x.split()[-1] for x in g.get("dirty_gradprune_files", [])]
+        L.append("")
+        L.append(f"gradprune source: commit `{g['commit'][:10]}`"
+                 + (f" plus uncommitted changes in {', '.join(f'`{x}`' for x in dirty)} (the working tree "
+                    "as it was when the run started)" if dirty else " (clean)") + ".")
+    L.append("")
+    L.append("## Setting")
+    L.append("")
+    L.append("- Data: MNIST-1D generated offline (`make_dataset(get_dataset_args())`): 4000 train / 1000 "
+             "test sequences of length 40, 10 classes.")
+    L.append("- Models: " + "; ".join(MODEL_TEXT[k] for k in a["models"]) + ". Sparsified: every "
+             "Linear/Conv weight (classifier included, biases never) — rigl-torch with "
+             "`ignore_linear_layers=False`, gradprune with its default `include_classifier=True`.")
+    L.append(f"- Seeds {a['seeds']}: the seed fixes the initialisation (one state dict loaded into every "
+             "method's model), the batch order (identical for every method) and the libraries' mask "
+             "randomness (gradprune `seed=`; rigl-torch draws from the global RNG, seeded just before "
+             "its scheduler is built).")
+    L.append(f"- Training, identical for every method: {a['steps']} steps, batch {a['batch']} "
+             f"({a['steps'] * a['batch'] / 4000:.0f} epochs), SGD momentum 0.9, weight decay "
+             f"{a['weight_decay']}, learning rate {a['lr']} with cosine decay to 0 (set by hand each step, "
+             "so no LR-scheduler wrapper interferes with rigl-torch's patched `optimizer.step`). SGD "
+             "rather than Adam because rigl-torch only masks SGD's momentum buffer (it does not touch "
+             "Adam moments); the dense models reach the accuracies known for MNIST-1D.")
+    L.append(f"- Connectivity updates every ΔT = {a['interval']} steps while step < T_end = "
+             f"{(3 * a['steps']) // 4} (3/4 of training), cosine decay of the drop fraction, α = {a['alpha']} "
+             "for RigL (both libraries); the SET and SNFS presets keep their published α = 0.5. On an "
+             "update step the optimizer step is replaced by the update in both libraries. Gradual "
+             "magnitude pruning (gradprune `SparseConfig.pruning`): cubic schedule from dense to the "
+             "target, uniform per layer, prune events every ΔT between T/8 and 3T/4.")
+    L.append("- rigl-torch 0.5.2 has one allocation, `uniform`, and it always keeps the first layer "
+             "dense; `gradprune RigL-uniform, dense first layer` (`init=\"uniform\", "
+             "dense_first_layer=True`) gives the same per-layer budget, so it is the like-for-like "
+             "comparison. Both therefore use MORE weights than the target overall (see the density "
+             "column); RigL-ERK, RigL-uniform (all layers), SET, SNFS, static and GMP meet the target "
+             "overall.")
+    L.append("- Call pattern: gradprune `sparse.step()` replaces `optimizer.step()`; rigl-torch "
+             "`if scheduler(): optimizer.step()`; dense `optimizer.step()`.")
+    L.append("")
+    L.append("## Metrics")
+    L.append("")
+    L.append("- **test acc**: after the last step, mean ± std over seeds.")
+    L.append("- **density**: fraction of NONZERO entries over all Linear/Conv weights after training, "
+             "measured on the weights (not taken from the library); per-layer values in the second table.")
+    L.append("- **step / dense**: wall time of a training step (zero_grad, forward, backward, the library's "
+             "step) divided by a dense step of the same model and seed. Timing protocol: all runs of one "
+             f"model and seed are built together and advanced in chunks of {a['chunk']} steps in rotating "
+             "order, so every run is timed under the same machine load as the dense steps it is divided "
+             "by; ratio = median over chunks of (median step of the run in the chunk / median dense step "
+             "in the same chunk), then mean ± std over seeds. The median hides the rare update steps; "
+             "the dense 2nd copy row shows the noise floor (ideally 1.00).")
+    L.append("- **update step / dense**: median over the connectivity-update steps of (update step time / "
+             "median dense step in the same chunk).")
+    L.append("- **total / dense**: total training wall time (update steps included) over the dense run's.")
+    L.append("")
+    for kind in a["models"]:
+        mrows = [r for r in rows if r["model"] == kind]
+        if not mrows:
+            continue
+        L.append(f"## {kind.upper()}: {MODEL_TEXT[kind]}")
+        L.append("")
+        dense = next((r for r in mrows if r["method"] == "dense"), None)
+        if dense and "test_acc" in dense:
+            L.append(f"Dense: test acc {fmt(dense['test_acc'])}, train acc {fmt(dense['train_acc'])}, "
+                     f"dense step {fmt(dense['step_ms_median'], 2)} ms (median).")
+            L.append("")
+        L.append("| target sparsity | method | test acc | density (measured, %) | step / dense | "
+                 "update step / dense | total / dense | updates |")
+        L.append("|---|---|---|---|---|---|---|---|")
+        key_order = list(METHODS)
+        srt = sorted(mrows, key=lambda r: (r["target_sparsity"] or 0, key_order.index(r["method"])))
+        for r in srt:
+            tgt = "none" if r["target_sparsity"] is None else f"{100 * r['target_sparsity']:.0f}%"
+            if "test_acc" not in r:
+                L.append(f"| {tgt} | {r['label']} | failed: {'; '.join(r['errors'])[:200]} | | | | | |")
+                continue
+            upd = r["updates"][0] if r["updates"] else 0
+            L.append(f"| {tgt} | {r['label']} | {fmt(r['test_acc'])} | {fmt(r['density'], pct=True)} | "
+                     f"{fmt(r['step_over_dense'], 2)} | {fmt(r['update_step_over_dense'], 2)} | "
+                     f"{fmt(r['total_over_dense'], 2)} | {upd:.0f} |")
+        L.append("")
+        layers = None
+        for r in srt:
+            if "density_per_layer" in r:
+                layers = list(r["density_per_layer"])
+                break
+        if layers:
+            L.append(f"Per-layer density after training, % nonzero weights measured (the library's own "
+                     f"mask density in brackets where it differs by more than 0.05 points), mean over seeds:")
+            L.append("")
+            L.append("| target sparsity | method | " + " | ".join(f"{n} ({n_el})" for n, n_el in
+                                                         meta["layer_sizes"][kind].items()) + " |")
+            L.append("|---|---|" + "---|" * len(layers))
+            for r in srt:
+                if "density_per_layer" not in r or r["method"] == "dense2":
+                    continue
+                tgt = "none" if r["target_sparsity"] is None else f"{100 * r['target_sparsity']:.0f}%"
+                cells = []
+                for n in layers:
+                    d = 100 * r["density_per_layer"][n][0]
+                    m = 100 * r["mask_density_per_layer"][n][0]
+                    cells.append(f"{d:.2f}" + (f" [{m:.2f}]" if abs(d - m) > 0.05 else ""))
+                L.append(f"| {tgt} | {r['label']} | " + " | ".join(cells) + " |")
+            L.append("")
+    if skipped:
+        L.append("## Skipped")
+        L.append("")
+        for k, why in sorted(set(skipped)):
+            L.append(f"- {k}: {why}")
+        L.append("")
+    notes = list(meta.get("notes") or []) + list(meta.get("extra_notes") or [])
+    if notes:
+        L.append("## Notes")
+        L.append("")
+        for n in notes:
+            L.append(f"- {n}")
+        L.append("")
+    Path(path).write_text("\n".join(L))
+
+
+# --------------------------------------------------------------------------------------------
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 300 steps, 90%% only")
+    p.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=list(MODELS))
+    p.add_argument("--methods", nargs="+", default=SPARSE_METHODS, choices=SPARSE_METHODS)
+    p.add_argument("--sparsities", nargs="+", type=float, default=None)
+    p.add_argument("--seeds", nargs="+", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--interval", type=int, default=100, help="ΔT: steps between connectivity updates")
+    p.add_argument("--alpha", type=float, default=0.3, help="rigl-torch's alpha (gradprune RigL preset: 0.3)")
+    p.add_argument("--chunk", type=int, default=50, help="steps per timing chunk")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None, help="output stem (default benchmarks/results/dst_vs_peers[_quick])")
+    p.add_argument("--render", metavar="JSON", default=None,
+                   help="only rewrite the Markdown next to JSON from its records (no training)")
+    args = p.parse_args(argv)
+    if args.render:
+        src = Path(args.render)
+        d = json.load(open(src))
+        d["meta"]["notes"] = list(STATIC_NOTES) + count_checks(d["records"])
+        write_markdown(src.with_suffix(".md"), d["meta"], summarise(d["records"]), d.get("skipped", []))
+        json.dump(d, open(src, "w"), indent=1, default=str)
+        print(f"rewrote {src.with_suffix('.md')}")
+        return
+    if args.quick:
+        args.seeds = args.seeds or [0]
+        args.steps = args.steps or 300
+        args.sparsities = args.sparsities or [0.9]
+    args.seeds = args.seeds or [0, 1, 2]
+    args.steps = args.steps or 1500
+    args.sparsities = args.sparsities or [0.8, 0.9, 0.95]
+    torch.set_num_threads(args.threads)
+    out = Path(args.out) if args.out else HERE / "results" / ("dst_vs_peers_quick" if args.quick else "dst_vs_peers")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    warnings.filterwarnings("ignore", message=".*lr_scheduler.*")
+
+    def log(msg):
+        print(msg, flush=True)
+
+    t0 = time.perf_counter()
+    load_start = os.getloadavg()
+    log(f"load average at start: {load_start}")
+    if GP_ERROR:
+        log(f"gradprune unavailable: {GP_ERROR}")
+    if RIGL_ERROR:
+        log(f"rigl-torch unavailable: {RIGL_ERROR}")
+    data = load_mnist1d()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except Exception:
+        cpu = platform.processor() or "unknown CPU"
+    import importlib.metadata as md
+
+    def ver(name):
+        try:
+            return md.version(name)
+        except Exception:
+            return "not installed"
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+                "gradprune": ver("gradprune"), "rigl-torch": ver("rigl-torch"),
+                "torchvision": ver("torchvision"), "mnist1d": ver("mnist1d")}
+    def git(*cmd):
+        import subprocess
+        try:
+            return subprocess.run(["git", *cmd], cwd=HERE.parent, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except Exception:
+            return ""
+    meta_git = {"commit": git("rev-parse", "HEAD"),
+                "dirty_gradprune_files": git("status", "--porcelain", "--", "src/gradprune").splitlines()}
+    meta = {
+        "git": meta_git,
+        "command": " ".join([".dst-venv/bin/python", "benchmarks/dst_vs_peers.py"] +
+                            [shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv)]),
+        "machine": f"{os.cpu_count()}-core CPU ({cpu}), {platform.system()} {platform.machine()}, no GPU",
+        "threads": args.threads, "versions": versions, "args": vars(args),
+        "layer_sizes": {k: {n: w.numel() for n, w in weight_layers(MODELS[k]()).items()} for k in args.models},
+        "notes": list(STATIC_NOTES),
+    }
+    records, skipped = [], []
+
+    def dump(final=False):
+        meta["loadavg_end"] = os.getloadavg()
+        meta["wall_s"] = time.perf_counter() - t0
+        meta["loadavg_start"] = load_start
+        meta["complete"] = final
+        rows = summarise(records)
+        json.dump({"meta": meta, "summary": rows, "records": records, "skipped": skipped},
+                  open(out.with_suffix(".json"), "w"), indent=1, default=str)
+        write_markdown(out.with_suffix(".md"), meta, rows, skipped)
+
+    for kind in args.models:
+        for seed in args.seeds:
+            load_before = os.getloadavg()[0]
+            recs, sk = run_block(kind, seed, data, args, args.methods, args.sparsities, log)
+            meta.setdefault("loadavg_per_block", []).append(
+                {"model": kind, "seed": seed, "load1_before": load_before, "load1_after": os.getloadavg()[0]})
+            records += recs
+            skipped += sk
+            for r in recs:
+                if "error" in r:
+                    continue
+                log(f"    {r['method']:20s} {str(r['target_sparsity']):5s} acc {r['test_acc']:.3f} "
+                    f"density {r['density']:.4f} step/dense {r['step_over_dense']:.2f} "
+                    f"total/dense {r['total_over_dense']:.2f}")
+            dump()
+    meta["notes"] += count_checks(records)
+    dump(final=True)
+    log(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')} in {(time.perf_counter() - t0) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
