@@ -508,3 +508,61 @@ def test_torchrun_command_from_the_docs(tmp_path):
                           capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "gradual: sparsity 0.50" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# structured search: gate gradients averaged per batch, per-sample sums added over the ranks
+
+def _search_cnn(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+
+
+def _search_batches(n: int = 3):
+    gen = torch.Generator().manual_seed(7)
+    return [(torch.randn(8, 1, 6, 6, generator=gen), torch.randint(0, 4, (8,), generator=gen)) for _ in range(n)]
+
+
+_SEARCH_RULES = {"nn.Conv2d": {"channel_divisor": 1, "channels_ratio": [0.25, 0.5, 0.75, 1.0]}}
+
+
+def _search(model, data, **kw):
+    from gradprune.structured import find_groups, search
+    from gradprune.structured.scoring import gate_statistics
+
+    stats = gate_statistics(find_groups(model, torch.randn(2, 1, 6, 6)), data, _ce,
+                            process_group=kw.get("process_group"))
+    out = {"scores": {kind: {gi: v.clone() for gi, v in stats.score(kind).items()}
+                      for kind in ("gradnas", "gradnas_per_sample", "taylor", "michel")},
+           "n_samples": stats.n_samples}
+    for method, per_sample in (("gradnas", False), ("gradnas", True), ("taylor", False)):
+        res = search(model, {"params": "70%"}, data, _ce, method, example_input=torch.randn(2, 1, 6, 6),
+                     rules=_SEARCH_RULES, per_sample=per_sample, **kw)
+        out[f"{method}{'_ps' if per_sample else ''}"] = [
+            m.out_channels for m in res.export() if isinstance(m, nn.Conv2d)]
+    return out
+
+
+def _same_scores(a, b) -> bool:
+    return all(torch.allclose(a[k][gi], b[k][gi], rtol=1e-5, atol=1e-12) for k in a for gi in a[k])
+
+
+def _search_worker(rank, world):
+    import torch.distributed as dist
+
+    model = _search_cnn(0)
+    torch.manual_seed(50 + rank)
+    return _search(model, _shard(_search_batches(), rank, world), process_group=dist.group.WORLD)
+
+
+def test_structured_search_distributed_matches_single_process(tmp_path):
+    results = run_ranks(tmp_path, _search_worker)
+    expect = _search(_search_cnn(0), _search_batches())
+    shard_only = _search(_search_cnn(0), _shard(_search_batches(), 0, 2))
+    assert not _same_scores(shard_only["scores"], expect["scores"])  # one rank's shard alone differs
+    for rank, res in enumerate(results):
+        assert _same_scores(res["scores"], expect["scores"]), f"rank {rank}"
+        assert res["n_samples"] == expect["n_samples"] == 24
+        for key in ("gradnas", "gradnas_ps", "taylor"):
+            assert res[key] == expect[key], f"rank {rank}: {key}"

@@ -101,20 +101,39 @@ class GateStatistics:
 
 
 def gate_statistics(analysis: Analysis, data: Iterable, loss_fn: Callable, *, n_batches: int = 128,
-                    show_progress: bool | None = None) -> GateStatistics:
+                    show_progress: bool | None = None, process_group=None) -> GateStatistics:
     """Stream at most ``n_batches`` batches with all-ones gates attached and accumulate the gate
-    gradients of every group."""
+    gradients of every group.
+
+    With ``process_group`` every rank feeds its shard of each batch: the batch gate gradients are
+    averaged over the ranks before they are squared (the gradient of the global batch's mean
+    loss), and the per-sample sums and sample counts are added up at the end.
+    """
     stats = GateStatistics(analysis)
     if not analysis.groups:
         return stats
     gates = Gates(analysis)
 
     def on_batch():
-        stats.update(gates.collect())
+        grads = gates.collect()
+        if process_group is not None:
+            from .._distributed import all_reduce_tensors
+
+            order = sorted(grads)
+            all_reduce_tensors([grads[gi][0] for gi in order], process_group, average=True)
+        stats.update(grads)
 
     with gates:
         stream_gradients(analysis.model, data, loss_fn, {}, n_batches=n_batches, on_batch=on_batch,
-                         show_progress=show_progress, desc="gate scores")
+                         show_progress=show_progress, desc="gate scores", process_group=process_group)
+    if process_group is not None:
+        from .._distributed import all_reduce_tensors, sum_over_ranks
+
+        keys = sorted(stats.sum_sample_sq)
+        all_reduce_tensors([stats.sum_sample_sq[k] for k in keys] + [stats.sum_sample_abs[k] for k in keys],
+                           process_group)
+        stats.n_samples, ok = sum_over_ranks([stats.n_samples, int(stats.per_sample_ok)], process_group)
+        stats.per_sample_ok = ok == torch.distributed.get_world_size(process_group)
     return stats
 
 

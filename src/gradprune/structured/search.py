@@ -281,7 +281,7 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
            rules: dict | SearchRules | None = None, score_func: Callable | None = None, *,
            max_iter_data_loader: int = 128, per_sample: bool = False, magnitude_norm: str = "l2",
            show_progress: bool | None = None, measure_latency: bool = False,
-           uniform: bool = False) -> SearchResult:
+           uniform: bool = False, process_group=None) -> SearchResult:
     """Find the subnet of ``model`` that meets every constraint with the least sensitivity.
 
     Args:
@@ -298,6 +298,10 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
             data has them).
         per_sample: for ``gradnas``, square per-sample instead of per-batch gate gradients.
         magnitude_norm: ``l2`` or ``l1`` for ``magnitude``.
+        process_group: score under ``torch.distributed`` (or pass a ``DistributedDataParallel``
+            model): every rank feeds its own shard of each batch; gate gradients are averaged over
+            the ranks per batch (per-sample sums are added), so every rank finds the same subnet
+            as one process on the global batches.
         measure_latency: also time the dense and the exported model on CPU at batch sizes 1
             and 32 (:meth:`SearchResult.latency`); the report then shows it.
         uniform: (Hugging Face models) search one common width per family of groups (the
@@ -334,6 +338,9 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
     if not isinstance(rules, SearchRules):
         rules = SearchRules(rules)
 
+    from .._distributed import resolve_process_group
+
+    model, group = resolve_process_group(model, process_group)
     analysis = find_groups(model, example_input)
     fams = {}
     if uniform:
@@ -355,7 +362,7 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
     batches, summary = 0, {}
     if method in ("gradnas", "taylor", "michel"):
         stats = gate_statistics(analysis, data, loss_fn, n_batches=max_iter_data_loader,
-                                show_progress=show_progress)
+                                show_progress=show_progress, process_group=group)
         kind = {"gradnas": "gradnas_per_sample" if per_sample else "gradnas"}.get(method, method)
         scores = stats.score(kind) if analysis.groups else {}
         batches, summary = stats.count, stats.summary()
