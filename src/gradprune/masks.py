@@ -141,39 +141,39 @@ class MaskSet(Mapping):
             torch._foreach_mul_(tensors, factors)
 
     def _plan(self):
-        """``(params, factors)`` for the hot path, rebuilt only when a mask changed."""
-        versions = tuple((id(m), m._version, p.shape) for m, p in zip(self._masks.values(),
-                                                                      self._params.values()))
+        """``(params, factors, detached params)`` for the hot path, rebuilt only when a mask (or a
+        parameter's storage) changed. Multiplying the detached views needs no autograd context."""
+        versions = tuple((id(m), m._version, p.shape, p.data_ptr())
+                         for m, p in zip(self._masks.values(), self._params.values()))
         plan = self._plan_cache
         if plan is None or plan[0] != versions:
             params = list(self._params.values())
-            plan = (versions, params, [self._factor(n, p) for n, p in self._params.items()])
+            plan = (versions, params, [self._factor(n, p) for n, p in self._params.items()],
+                    [p.detach() for p in params])
             self._plan_cache = plan
-        return plan[1], plan[2]
+        return plan[1], plan[2], plan[3]
 
     # -- enforcement --------------------------------------------------------------------
-    @torch.no_grad()
     def apply(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Zero pruned weights (and ``optimizer``'s state for them) in place.
 
-        Pruned entries become exactly 0 (as long as they were finite: pruned weights whose
-        gradients are masked, as :class:`Pruner` and ``attach`` do, never stop being 0).
+        Pruned entries become exactly 0 (as long as they were finite).
         """
-        params, factors = self._plan()
-        self._multiply(params, factors)
+        _, factors, detached = self._plan()
+        self._multiply(detached, factors)
         if optimizer is not None:
             self.apply_to_optimizer(optimizer)
 
-    @torch.no_grad()
     def apply_to_grads(self) -> None:
         """Zero the gradients of pruned weights in place."""
-        params, factors = self._plan()
+        params, factors, _ = self._plan()
         grads = [p.grad for p in params]
-        if all(g is not None and g.dtype == p.dtype for g, p in zip(grads, params)):
-            self._multiply(grads, factors)
-            return
-        ps = [(n, p.grad) for n, p in self._params.items() if p.grad is not None]
-        self._multiply([g for _, g in ps], [self._factor(n, g) for n, g in ps])
+        with torch.no_grad():
+            if all(g is not None and g.dtype == p.dtype for g, p in zip(grads, params)):
+                self._multiply(grads, factors)
+                return
+            ps = [(n, p.grad) for n, p in self._params.items() if p.grad is not None]
+            self._multiply([g for _, g in ps], [self._factor(n, g) for n, g in ps])
 
     @torch.no_grad()
     def apply_to_optimizer(self, optimizer: torch.optim.Optimizer) -> None:

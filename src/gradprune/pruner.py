@@ -120,7 +120,6 @@ class Pruner:
         if self.step <= self._last_event:
             self.criterion.on_step_begin()
 
-    @torch.no_grad()
     def on_before_optimizer_step(self) -> None:
         """Call after ``backward()`` (and ``scaler.unscale_``), before ``optimizer.step()``."""
         self._skip_this_step = False  # decided afresh: a skipped step may never reach on_after
@@ -133,9 +132,9 @@ class Pruner:
                     self._skip_this_step = True
             if not self._skip_this_step:
                 self.criterion.on_before_optimizer_step()
-        self.masks.apply_to_grads()
+        # Gradients are left dense: pruned weights never return (masks only shrink), and
+        # re-zeroing them after the step keeps them at exactly 0, at one tensor pass per step.
 
-    @torch.no_grad()
     def on_after_optimizer_step(self) -> None:
         """Call after ``optimizer.step()``: advances the clock, prunes on event steps, re-masks."""
         if self._skip_this_step:
