@@ -276,7 +276,7 @@ class FSDPSparseTrainer(_FSDPDriver):
             if cfg.dense_gradients:
                 bad.append("dense_gradients")
             if bad:
-                raise NotImplementedError(
+                raise ValueError(
                     f"FSDPSparseTrainer does not support {bad}: FSDP shards the optimizer state "
                     "(momentum) that these rules read; use DDP, or gradient growth (RigL)")
         with self._full():
