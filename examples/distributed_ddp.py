@@ -83,4 +83,5 @@ def main(epochs: int = 2) -> dict:
 
 if __name__ == "__main__":
     main()
+    dist.barrier()  # every rank is done with its collectives before the group goes away
     dist.destroy_process_group()

@@ -66,4 +66,5 @@ def main() -> dict:
 
 if __name__ == "__main__":
     main()
+    dist.barrier()  # every rank is done with its collectives before the group goes away
     dist.destroy_process_group()
