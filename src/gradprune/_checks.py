@@ -16,6 +16,7 @@ __all__ = [
     "check_choice",
     "check_str_list",
     "check_topk",
+    "check_bool",
     "round_half_up",
 ]
 
@@ -85,6 +86,13 @@ def check_str_list(name: str, value: Any, *, allow_none: bool = False):
         if not isinstance(item, str):
             raise TypeError(f"{name} must be a list of str, got an item of type {_type_name(item)}")
     return tuple(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` if it is a bool (``0``/``1`` are rejected: they are ints)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be bool, got {_type_name(value)}")
+    return value
 
 
 def check_topk(name: str, value: Any):

@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar
 
-from ._checks import check_choice, check_float, check_int, check_str_list, check_topk
+from ._checks import check_bool, check_choice, check_float, check_int, check_str_list, check_topk
 
 __all__ = ["Config", "PruneConfig", "SCHEDULES", "SCOPES", "ALLOCATIONS", "REDUCTIONS",
            "parse_pattern", "atomic_write"]
@@ -341,9 +341,7 @@ class PruneConfig(Config):
 
     @staticmethod
     def _validate_include_classifier(v):
-        if not isinstance(v, bool):
-            raise TypeError(f"include_classifier must be bool, got {type(v).__name__}")
-        return v
+        return check_bool("include_classifier", v)
 
     @staticmethod
     def _validate_seed(v):

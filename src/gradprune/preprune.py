@@ -60,7 +60,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ._checks import check_choice, check_float, check_int, check_topk
+from ._checks import check_bool, check_choice, check_float, check_int, check_topk
 from ._progress import progress
 from .config import Config, atomic_write
 from ._distributed import (all_reduce_gradients, all_reduce_tensors, resolve_process_group,
@@ -148,11 +148,7 @@ class PrePruneConfig(Config):
             raise ValueError(f"target_feature_class_ids must not repeat a class, got {list(v)!r}")
         return tuple(v)
 
-    @staticmethod
-    def _validate_use_cached_gradients(v):
-        if not isinstance(v, bool):
-            raise TypeError(f"use_cached_gradients must be bool, got {type(v).__name__}")
-        return v
+    _validate_use_cached_gradients = staticmethod(lambda v: check_bool("use_cached_gradients", v))
 
     @staticmethod
     def _validate_mask(v):

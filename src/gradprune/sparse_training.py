@@ -77,7 +77,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ._checks import check_choice, check_float, check_int, check_str_list, round_half_up
+from ._checks import check_bool, check_choice, check_float, check_int, check_str_list, round_half_up
 from .config import DEFAULT_MODULE_TYPES, Config
 from .masks import MaskSet, SparsityReport
 from .patterns import get_pattern
@@ -155,18 +155,10 @@ class SparseConfig(Config):
     _validate_exclude = staticmethod(lambda v: check_str_list("exclude", v) if v is not None else ())
     _validate_module_types = staticmethod(lambda v: check_str_list("module_types", v))
 
-    @staticmethod
-    def _bool(name):
-        def check(v):
-            if not isinstance(v, bool):
-                raise TypeError(f"{name} must be bool, got {type(v).__name__}")
-            return v
-        return staticmethod(check)
-
-    _validate_dense_first_layer = _bool.__func__("dense_first_layer")
-    _validate_dense_gradients = _bool.__func__("dense_gradients")
-    _validate_lottery_shuffle = _bool.__func__("lottery_shuffle")
-    _validate_include_classifier = _bool.__func__("include_classifier")
+    _validate_dense_first_layer = staticmethod(lambda v: check_bool("dense_first_layer", v))
+    _validate_dense_gradients = staticmethod(lambda v: check_bool("dense_gradients", v))
+    _validate_lottery_shuffle = staticmethod(lambda v: check_bool("lottery_shuffle", v))
+    _validate_include_classifier = staticmethod(lambda v: check_bool("include_classifier", v))
 
     @staticmethod
     def _validate_lottery_masks(v):

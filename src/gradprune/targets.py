@@ -25,7 +25,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ._checks import check_str_list
+from ._checks import check_bool, check_str_list
 from .config import DEFAULT_MODULE_TYPES
 
 __all__ = ["find_targets", "Target", "weight_param_names"]
@@ -75,8 +75,7 @@ def find_targets(
     include = check_str_list("include", include, allow_none=True)
     exclude = check_str_list("exclude", exclude) if exclude is not None else ()
     module_types = check_str_list("module_types", module_types)
-    if not isinstance(include_classifier, bool):
-        raise TypeError(f"include_classifier must be bool, got {type(include_classifier).__name__}")
+    check_bool("include_classifier", include_classifier)
 
     candidates: list[Target] = []
     last_linear: str | None = None

@@ -32,6 +32,7 @@ import os
 import torch
 from torch import nn
 
+from .._checks import check_bool
 from ..config import atomic_write
 from .groups import _BN, _CONV, _CONVT, _IN, Analysis, is_conv1d
 
@@ -54,29 +55,25 @@ def _set_buffer(mod: nn.Module, name: str, value: torch.Tensor) -> None:
         mod._buffers[name] = value.detach().clone()
 
 
+def _slice_dense(mod: nn.Module, out_idx, in_idx, *, out_dim: int, out_attr: str, in_attr: str) -> None:
+    """Slice a 2-D weight (and bias) layer: ``out_dim`` is the weight's output dimension."""
+    w = mod.weight
+    if out_idx is not None:
+        w = w.index_select(out_dim, out_idx)
+        if mod.bias is not None:
+            _set_param(mod, "bias", mod.bias.index_select(0, out_idx))
+        setattr(mod, out_attr, len(out_idx))
+    if in_idx is not None:
+        w = w.index_select(1 - out_dim, in_idx)
+        setattr(mod, in_attr, len(in_idx))
+    _set_param(mod, "weight", w)
+
+
 def _slice_module(mod: nn.Module, out_idx, in_idx, ch_idx) -> None:
     if isinstance(mod, nn.Linear):
-        w = mod.weight
-        if out_idx is not None:
-            w = w.index_select(0, out_idx)
-            if mod.bias is not None:
-                _set_param(mod, "bias", mod.bias.index_select(0, out_idx))
-            mod.out_features = len(out_idx)
-        if in_idx is not None:
-            w = w.index_select(1, in_idx)
-            mod.in_features = len(in_idx)
-        _set_param(mod, "weight", w)
+        _slice_dense(mod, out_idx, in_idx, out_dim=0, out_attr="out_features", in_attr="in_features")
     elif is_conv1d(mod):  # Hugging Face Conv1D: weight [in, out]
-        w = mod.weight
-        if out_idx is not None:
-            w = w.index_select(1, out_idx)
-            if mod.bias is not None:
-                _set_param(mod, "bias", mod.bias.index_select(0, out_idx))
-            mod.nf = len(out_idx)
-        if in_idx is not None:
-            w = w.index_select(0, in_idx)
-            mod.nx = len(in_idx)
-        _set_param(mod, "weight", w)
+        _slice_dense(mod, out_idx, in_idx, out_dim=1, out_attr="nf", in_attr="nx")
     elif isinstance(mod, _CONV + _CONVT):
         if ch_idx is not None:  # depthwise
             _set_param(mod, "weight", mod.weight.index_select(0, ch_idx))
@@ -121,8 +118,7 @@ def export_model(analysis: Analysis, keep: dict, uniform: bool = False) -> nn.Mo
     ``uniform=True`` (Hugging Face models): every layer must keep the same widths, which are then
     written to the config (``intermediate_size``…) so plain ``from_pretrained`` loads the result;
     ``ValueError`` otherwise (see :func:`gradprune.structured.hf.apply_uniform_config`)."""
-    if not isinstance(uniform, bool):
-        raise TypeError(f"uniform must be bool, got {type(uniform).__name__}")
+    check_bool("uniform", uniform)
     new = copy.deepcopy(analysis.model)
     modules = dict(new.named_modules())
     for name, roles in analysis.roles.items():

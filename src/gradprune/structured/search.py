@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from .._checks import check_choice, check_int
+from .._checks import check_bool, check_choice, check_int
 from .._progress import progress
 from .._table import format_table
 from .export import export_model
@@ -319,11 +319,9 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
         raise ValueError("example_input must be given (a tensor or a tuple of tensors), got None")
     _as_args(example_input)
     check_int("max_iter_data_loader", max_iter_data_loader, min_value=1)
-    if not isinstance(per_sample, bool):
-        raise TypeError(f"per_sample must be bool, got {type(per_sample).__name__}")
+    check_bool("per_sample", per_sample)
     check_choice("magnitude_norm", magnitude_norm, ("l1", "l2"))
-    if not isinstance(measure_latency, bool):
-        raise TypeError(f"measure_latency must be bool, got {type(measure_latency).__name__}")
+    check_bool("measure_latency", measure_latency)
     if method in ("gradnas", "taylor", "michel"):
         if data is None:
             raise ValueError(f"data must be an iterable of batches for method={method!r}, got None")
@@ -333,8 +331,7 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
     if method == "fastnas" and not callable(score_func):
         raise TypeError(f"score_func must be callable as score_func(model) -> float for method='fastnas', "
                         f"got {type(score_func).__name__}")
-    if not isinstance(uniform, bool):
-        raise TypeError(f"uniform must be bool, got {type(uniform).__name__}")
+    check_bool("uniform", uniform)
     if not isinstance(rules, SearchRules):
         rules = SearchRules(rules)
 
