@@ -627,7 +627,7 @@ def test_gradient_growth_picks_largest_abs_grad_among_inactive_and_magnitude_dro
 
 def test_momentum_growth_with_sgd():
     model, opt, trainer = _hand_layer(W, M, lambda ps: torch.optim.SGD(ps, lr=0.0, momentum=0.9),
-                                      grow="momentum")
+                                      grow="momentum", dense_gradients=True)
     mom = torch.zeros(4, 4)
     mom[2] = torch.tensor([0.5, -0.1, 0.2, -0.7])
     mom[3] = torch.tensor([0.3, 0.0, -0.6, 0.05])
@@ -640,14 +640,15 @@ def test_momentum_growth_with_sgd():
     expect_grown[2, 3] = expect_grown[3, 2] = True                # |m| = 0.7, 0.6
     assert torch.equal(m & ~M, expect_grown)
     buf = opt.state[model.weight]["momentum_buffer"]
-    assert bool((buf[expect_grown] == 0).all()) and bool((buf[~m] == 0).all())
-    assert float(buf[0, 2]) == 0.0 and float(buf[2, 0]) == 0.0   # inactive entries cleared too
+    assert bool((buf[expect_grown] == 0).all())                   # grown: state starts at 0
+    # dense gradients: the momentum of the other inactive entries is kept (SNFS reads it)
+    assert torch.equal(buf[~m & ~expect_grown], mom[~m & ~expect_grown])
 
 
 def test_momentum_growth_with_adam_uses_normalised_first_moment():
     eps = 1.0
     model, opt, trainer = _hand_layer(W, M, lambda ps: torch.optim.Adam(ps, lr=0.0, eps=eps),
-                                      grow="momentum")
+                                      grow="momentum", dense_gradients=True)
     exp_avg = torch.zeros(4, 4)
     exp_avg_sq = torch.zeros(4, 4)
     # inactive candidates (rows 2, 3): pairs (m, v)
@@ -675,7 +676,6 @@ def test_momentum_growth_with_adam_uses_normalised_first_moment():
     m = trainer.masks["weight"]
     assert torch.equal(m & ~M, expected)
     st = opt.state[model.weight]
-    assert bool((st["exp_avg"][~m] == 0).all()) and bool((st["exp_avg_sq"][~m] == 0).all())
     assert bool((st["exp_avg"][expected] == 0).all()) and bool((st["exp_avg_sq"][expected] == 0).all())
 
 
@@ -1365,3 +1365,142 @@ def test_dense_first_layer_larger_than_the_budget_is_an_error():
     with pytest.raises(ValueError, match="first layer alone .* exceeds the budget"):
         gp.SparseTrainer(m, torch.optim.SGD(m.parameters(), lr=0.1),
                          gp.SparseConfig.rigl(density=0.1, total_steps=100, init="erk", dense_first_layer=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# one masking pass per step for optimizers that keep zero weights at zero
+
+ZERO_KEEPING_CASES = [
+    (torch.optim.SGD, dict(lr=0.05)),
+    (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
+    (torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3, foreach=True)),
+    (torch.optim.SGD, dict(lr=0.05, momentum=0.9, dampening=0.1, maximize=True)),
+    (torch.optim.Adam, dict(lr=1e-2, weight_decay=1e-3)),
+    (torch.optim.Adam, dict(lr=1e-2, amsgrad=True, foreach=True)),
+    (torch.optim.Adam, dict(lr=1e-2, fused=True)),
+    (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    (torch.optim.Adamax, dict(lr=1e-2, weight_decay=1e-3)),
+    (torch.optim.NAdam, dict(lr=1e-2, weight_decay=1e-3, decoupled_weight_decay=True)),
+    (torch.optim.RAdam, dict(lr=1e-2, weight_decay=1e-3)),
+    (torch.optim.RMSprop, dict(lr=1e-3, momentum=0.5, centered=True, weight_decay=1e-3)),
+    (torch.optim.Adagrad, dict(lr=1e-2, lr_decay=1e-3, initial_accumulator_value=0.1)),
+    (torch.optim.Adadelta, dict(lr=1.0, weight_decay=1e-3)),
+]
+
+
+@pytest.mark.parametrize("opt_cls,opt_kw", ZERO_KEEPING_CASES,
+                         ids=[f"{c.__name__}-{i}" for i, (c, _) in enumerate(ZERO_KEEPING_CASES)])
+def test_skipping_the_weight_pass_is_bit_identical(opt_cls, opt_kw):
+    """With masked gradients these optimizers leave inactive weights at exactly 0, so the trainer
+    skips re-masking the weights; an optimizer subclass (unknown update rule) takes the path that
+    multiplies them after every step. Both give the same bits at every step."""
+    from gradprune.sparse_training import _ZERO_KEEPING
+    assert opt_cls in _ZERO_KEEPING
+    subclass = type(f"My{opt_cls.__name__}", (opt_cls,), {})   # not trusted: weights re-masked
+    runs = []
+    for cls in (opt_cls, subclass):
+        model = build("cnn", seed=3)
+        opt = cls(model.parameters(), **opt_kw)
+        trainer = gp.SparseTrainer(model, opt, gp.SparseConfig.rigl(density=0.3, total_steps=24,
+                                                                     update_interval=5, seed=1))
+        runs.append((model, opt, trainer))
+    applied = []
+    orig_apply = MaskSet.apply
+    for i, batch in enumerate(batches("cnn", 24, seed=3)):
+        for model, opt, trainer in runs:
+            opt.zero_grad()
+            loss_of(model, batch).backward()
+            calls = []
+            trainer.masks.apply = lambda optimizer=None, _m=trainer.masks, _c=calls: (
+                _c.append(1), orig_apply(_m, optimizer))[1]
+            trainer.step()
+            del trainer.masks.apply
+            applied.append(len(calls))
+            # weights only: Adamax's exp_inf and Adagrad's sum are not 0 at a zero gradient (on
+            # both paths: the state comparison below covers them)
+            assert_inactive_zero(trainer)
+        (m1, o1, t1), (m2, o2, t2) = runs
+        for (n, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
+            assert torch.equal(a, b), f"step {i}: {n} differs"
+        for n in t1.masks:
+            assert torch.equal(t1.masks[n], t2.masks[n])
+        for p1, p2 in zip(m1.parameters(), m2.parameters()):
+            for k, v in o1.state.get(p1, {}).items():
+                if isinstance(v, torch.Tensor):
+                    assert torch.equal(v, o2.state[p2][k]), f"step {i}: state {k} differs"
+    # the trusted optimizer really skipped the pass on ordinary steps, the subclass did not
+    fast, slow = applied[0::2], applied[1::2]
+    assert sum(slow) >= 24 - 4 and sum(fast) < sum(slow) / 2
+
+
+def test_weights_written_between_steps_are_masked_again():
+    """The weight pass is skipped only while nothing but the trainer wrote to the weights."""
+    model = build("mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    trainer = gp.SparseTrainer(model, opt, gp.SparseConfig.rigl(density=0.3, total_steps=100,
+                                                                 update_interval=50))
+    data = batches("mlp", 6)
+    train(model, opt, trainer, data[:3])
+    assert_inactive_zero(trainer, opt)
+    with torch.no_grad():                      # e.g. a checkpoint or an average written in place
+        for p in model.parameters():
+            p.fill_(0.5)
+    train(model, opt, trainer, data[3:4])
+    assert_inactive_zero(trainer, opt)
+    model.load_state_dict({k: torch.ones_like(v) for k, v in model.state_dict().items()})
+    train(model, opt, trainer, data[4:])
+    assert_inactive_zero(trainer, opt)
+
+
+# ---------------------------------------------------------------------------------------------
+# growth never lands on connections whose score is exactly 0
+
+def _dead_input_run(grow_zero_score: bool, density: float = 0.5):
+    """An MLP whose first four input features are always 0: the gradients of fc1's columns 0-3
+    are exactly 0, so growing there would add connections that cannot learn."""
+    model = build("mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    cfg = gp.SparseConfig.rigl(density=density, init="uniform", total_steps=40, update_interval=4,
+                               alpha=0.5, seed=2, grow_zero_score=grow_zero_score)
+    trainer = gp.SparseTrainer(model, opt, cfg)
+    data = [(x * (torch.arange(8) >= 4), y) for x, y in batches("mlp", 30, seed=5)]
+    start = counts(trainer)
+    records = train(model, opt, trainer, data)
+    return trainer, records, start
+
+
+def test_gradient_growth_skips_zero_score_connections_and_keeps_counts_exact():
+    trainer, records, start = _dead_input_run(grow_zero_score=False)
+    name = "0.weight"
+    updates = [r for r in records if r["updated"]]
+    assert updates
+    dead = torch.zeros(16, 8, dtype=torch.bool)
+    dead[:, :4] = True
+    for r in updates:
+        assert counts(trainer) == start
+        grown = r["masks_after"][name] & ~r["masks_before"][name]
+        assert not bool((grown & dead).any()), "grew a connection with a zero gradient"
+        dropped = r["masks_before"][name] & ~r["masks_after"][name]
+        assert int(dropped.sum()) == int(grown.sum())
+    # the live columns ran out of room at some update: fewer dropped than alpha asks for there
+    live_inactive = [int((~r["masks_before"][name] & ~dead).sum()) for r in updates]
+    assert min(live_inactive) < rhu(0.5 * 64)
+
+
+def test_grow_zero_score_restores_random_picks_among_zero_scores():
+    trainer, records, start = _dead_input_run(grow_zero_score=True)
+    dead = torch.zeros(16, 8, dtype=torch.bool)
+    dead[:, :4] = True
+    grown_dead = sum(int(((r["masks_after"]["0.weight"] & ~r["masks_before"]["0.weight"]) & dead).sum())
+                     for r in records if r["updated"])
+    assert grown_dead > 0
+    assert counts(trainer) == start
+
+
+def test_momentum_growth_without_dense_gradients_is_rejected():
+    with pytest.raises(ValueError, match="grow='momentum' needs dense_gradients=True"):
+        gp.SparseConfig.rigl(grow="momentum")
+    gp.SparseConfig.rigl(grow="momentum", dense_gradients=True)   # SNFS-style: fine
+    gp.SparseConfig.rigl(grow="momentum", grow_zero_score=True)   # upstream random ties: allowed
+    with pytest.raises(TypeError, match="grow_zero_score"):
+        gp.SparseConfig.rigl(grow_zero_score="yes")

@@ -13,7 +13,11 @@ Train a sparse network from scratch at a fixed parameter budget (sparselearning 
    never above full density). Grown weights and their optimizer state start at 0.
 2. Otherwise: gradients of inactive weights are zeroed (unless ``dense_gradients``), the optimizer
    steps, and weights (and, unless ``dense_gradients``, optimizer state: SGD momentum, Adam moments)
-   are multiplied by the masks, so inactive weights are exactly 0.
+   are multiplied by the masks, so inactive weights are exactly 0. With ``torch.optim`` SGD, Adam,
+   AdamW, Adamax, NAdam, RAdam, RMSprop, Adagrad or Adadelta the second multiplication is skipped:
+   with a zero gradient and zero state these optimizers leave an inactive weight at exactly 0, so it
+   would change nothing (a test checks the two paths bit for bit). Should anything else write to the
+   weights between steps (their version counter tells), the next step multiplies them again.
 
 The dense gradient used for growth is the one ``backward()`` already produced on the update step:
 nothing extra is computed or stored on other steps.
@@ -45,7 +49,12 @@ decay           ``cosine`` (``eta_min + (alpha - eta_min)/2 (1 + cos(pi t / end_
 ``ctx`` is a :class:`LayerContext` (``name``, ``grad``, ``momentum``, ``generator``); the masks that
 callables get and return are bool tensors shaped like the weight (with struct rules, whole kernels).
 Ties in the drop and grow scores are broken at random with the trainer's seeded generator
-(``global_magnitude`` breaks ties by position instead: later layer, higher index first);
+(``global_magnitude`` breaks ties by position instead: later layer, higher index first).
+Score-based growth (``gradient``, ``struct_gradient``, ``momentum``) never grows a connection whose
+score is exactly 0 (it leads into or out of a unit that is dead on the batch: grown at 0 it would
+stay 0): when a layer has fewer such candidates than it would drop, it drops only as many as it can
+regrow, so counts stay exact. ``grow_zero_score=True`` restores the upstream behaviour (random
+picks among zero-score candidates);
 everything random comes from that one generator, so the same seed gives the same masks.
 
 Example:
@@ -93,6 +102,13 @@ GROWS = ("gradient", "momentum", "random", "none", "struct_gradient")
 REDISTRIBUTES = ("none", "momentum", "gradient", "nonzero")
 DECAYS = ("cosine", "linear", "constant", "magnitude_prune")
 
+# Optimizers (exact classes: a subclass may do anything) whose update of a weight with a zero
+# gradient and zero state is exactly 0, with or without weight decay (the weight is 0 too): once the
+# gradients are masked, multiplying the weights by the masks after their step changes nothing.
+_ZERO_KEEPING = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax,
+                 torch.optim.NAdam, torch.optim.RAdam, torch.optim.RMSprop, torch.optim.Adagrad,
+                 torch.optim.Adadelta)
+
 
 def _name_or_callable(field_name: str, choices):
     def check(v):
@@ -128,6 +144,7 @@ class SparseConfig(Config):
     end_step: int = 1
     update_on: str = "step"
     dense_gradients: bool = False
+    grow_zero_score: bool = False
     struct_reduce: str = "mean"
     lottery_masks: Any = None
     lottery_shuffle: bool = False
@@ -157,6 +174,7 @@ class SparseConfig(Config):
 
     _validate_dense_first_layer = staticmethod(lambda v: check_bool("dense_first_layer", v))
     _validate_dense_gradients = staticmethod(lambda v: check_bool("dense_gradients", v))
+    _validate_grow_zero_score = staticmethod(lambda v: check_bool("grow_zero_score", v))
     _validate_lottery_shuffle = staticmethod(lambda v: check_bool("lottery_shuffle", v))
     _validate_include_classifier = staticmethod(lambda v: check_bool("include_classifier", v))
 
@@ -179,6 +197,10 @@ class SparseConfig(Config):
                              f"start_step={self.start_step!r}")
         if self.init == "lottery" and self.lottery_masks is None:
             raise ValueError("init='lottery' needs lottery_masks (a path or a mapping of bool masks)")
+        if self.grow == "momentum" and not self.dense_gradients and not self.grow_zero_score:
+            raise ValueError("grow='momentum' needs dense_gradients=True: with masked gradients the "
+                             "momentum of every inactive weight is 0, so nothing could be grown (the "
+                             "SNFS preset sets it; grow_zero_score=True would grow at random instead)")
         if self.update_on == "epoch" and self.decay == "magnitude_prune":
             raise ValueError("decay='magnitude_prune' prunes on its step schedule: use update_on='step'")
 
@@ -280,6 +302,17 @@ def _pick(scores: torch.Tensor, candidates: torch.Tensor, n: int, largest: bool,
     return out
 
 
+def _pick_random(candidates: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Bool mask of exactly ``n`` of ``candidates``, uniformly at random."""
+    if n <= 0:
+        return torch.zeros_like(candidates)
+    idx = torch.nonzero(candidates).flatten()
+    chosen = idx[torch.randperm(idx.numel(), generator=gen)[:n].to(idx.device)]
+    out = torch.zeros_like(candidates)
+    out[chosen] = True
+    return out
+
+
 def _allocate_counts(capacity: list[int], weights: list[float], total: int) -> list[int]:
     """Split ``total`` into integers proportional to ``weights``, each at most ``capacity[i]``;
     what a full layer cannot take is spread over the others (largest remainders, ties by order)."""
@@ -338,6 +371,7 @@ class SparseTrainer:
         self.step_count = 0
         self.updates = 0
         self._epoch_update_pending = False
+        self._versions = None  # weight version counters after our last step (see _before_step)
         self.history: list[dict] = []
         self.masks = MaskSet(model, names=list(self.params))
         self._units: dict[str, torch.Tensor] = {}
@@ -500,19 +534,39 @@ class SparseTrainer:
             self.step_count += 1
             return True
         pruning_event = self.config.decay == "magnitude_prune" and self.is_update_step()
-        if not self.config.dense_gradients:
-            self.masks.apply_to_grads()
+        self._before_step()
         if scaler is not None:
             scaler.step(self.optimizer)
         else:
             self.optimizer.step()
-        # Weights only: with masked gradients the optimizer state of inactive weights stays at the
-        # zero every update leaves it at, so re-masking the state each step would change nothing.
-        self.masks.apply()
+        self._after_step()
         if pruning_event:  # gradual magnitude pruning prunes after a normal step (Zhu & Gupta)
             self._update()
         self.step_count += 1
         return pruning_event
+
+    def _weight_versions(self) -> tuple:
+        return tuple(p._version for p in self.params.values())
+
+    def _before_step(self) -> None:
+        """Mask the gradients (unless ``dense_gradients``); re-mask the weights and state first if
+        anything but this trainer's own steps wrote to the weights since the last step."""
+        if self.config.dense_gradients:
+            return
+        if self._versions != self._weight_versions():
+            self.masks.apply(self.optimizer)
+        self.masks.apply_to_grads()
+
+    def _after_step(self) -> None:
+        """Zero the inactive weights after the optimizer step; a no-op (see the module docs) for
+        the optimizers in ``_ZERO_KEEPING`` when the gradients were masked."""
+        if self.config.dense_gradients or type(self.optimizer) not in _ZERO_KEEPING:
+            # with masked gradients the state of inactive weights stays at the zero every update
+            # leaves it at, so only the weights need re-masking
+            self.masks.apply()
+            self._versions = None
+        else:
+            self._versions = self._weight_versions()
 
     def before_optimizer_step(self) -> bool:
         """Hook form of :meth:`step` for loops you do not own (e.g. a Hugging Face ``Trainer``):
@@ -536,8 +590,7 @@ class SparseTrainer:
                     p.grad = None
             self._hook_state = "updated"
             return True
-        if not self.config.dense_gradients:
-            self.masks.apply_to_grads()
+        self._before_step()
         self._hook_state = "stepped"
         return False
 
@@ -551,7 +604,7 @@ class SparseTrainer:
             self.masks.apply()
             return
         if state == "stepped":
-            self.masks.apply()
+            self._after_step()
             if self.config.decay == "magnitude_prune" and self.is_update_step():
                 self._update()  # gradual magnitude pruning prunes after a normal step
         self.step_count += 1
@@ -603,17 +656,22 @@ class SparseTrainer:
         n_drop = {n: min(active[n], round_half_up(fraction * active[n])) for n in names}
         redistributing = callable(cfg.redistribute) or cfg.redistribute != "none"
         growing = callable(cfg.grow) or cfg.grow != "none"
+        # where each layer can regrow: connections inactive before the drop (nothing just dropped),
+        # with a nonzero score for score-based growth unless grow_zero_score
+        grow_scores = {n: self._grow_scores(n) for n in names} if growing else {}
+        room = {n: int((~before[n] if grow_scores.get(n) is None or cfg.grow_zero_score else
+                        ~before[n] & (grow_scores[n] != 0)).sum()) for n in names}
         if growing and not redistributing:
-            # a layer regrows what it dropped among connections inactive before the drop: it
-            # cannot drop more than it has inactive (a dense layer stays dense)
-            n_drop = {n: min(n_drop[n], before[n].numel() - active[n]) for n in names}
+            # a layer regrows what it dropped: it cannot drop more than it can regrow (a dense
+            # layer stays dense)
+            n_drop = {n: min(n_drop[n], room[n]) for n in names}
         if growing:
             # every dropped connection must find a place to regrow (the total is preserved exactly):
-            # with redistribution at high density, drop no more than all layers have inactive
-            room = sum(before[n].numel() - active[n] for n in names)
-            if sum(n_drop.values()) > room:
+            # with redistribution at high density, drop no more than all layers can regrow
+            if sum(n_drop.values()) > sum(room.values()):
                 n_drop = dict(zip(names, _allocate_counts([n_drop[n] for n in names],
-                                                          [float(n_drop[n]) for n in names], room)))
+                                                          [float(n_drop[n]) for n in names],
+                                                          sum(room.values()))))
         after = {}
         # drop
         if callable(cfg.prune):
@@ -639,7 +697,7 @@ class SparseTrainer:
                 after[n] = before[n] & ~dropped
         # how many to grow where
         if growing:
-            capacity = [int((~before[n]).sum()) for n in names]   # never regrow what was just dropped
+            capacity = [room[n] for n in names]
             total = min(sum(n_drop.values()), sum(capacity))
             # without redistribution each layer regrows what it dropped (exactly, whenever its
             # capacity allows; global magnitude may need to spread the rest)
@@ -656,8 +714,12 @@ class SparseTrainer:
                     if int(grown.sum()) != n_grow[n]:
                         raise ValueError(f"grow callable must add exactly {n_grow[n]} connections to {n!r}, "
                                          f"added {int(grown.sum())}")
+                elif grow_scores[n] is None:  # random
+                    grown = _pick_random(candidates, n_grow[n], self.generator)
                 else:
-                    grown = self._grow(n, candidates, n_grow[n])
+                    if not cfg.grow_zero_score:
+                        candidates = candidates & (grow_scores[n] != 0)
+                    grown = _pick(grow_scores[n], candidates, n_grow[n], largest=True, gen=self.generator)
                 after[n] = after[n] | grown
         for n in names:
             pat, p = self._unit_pattern[n], self.params[n]
@@ -669,17 +731,13 @@ class SparseTrainer:
                     if isinstance(v, torch.Tensor) and v.shape == p.shape:
                         v.masked_fill_(grown, 0)
 
-    def _grow(self, n: str, candidates: torch.Tensor, k: int) -> torch.Tensor:
+    def _grow_scores(self, n: str) -> torch.Tensor | None:
+        """Per-unit growth scores of layer ``n`` for the named score rules (``None`` for random
+        growth and callables)."""
         cfg = self.config
-        if k <= 0:
-            return torch.zeros_like(candidates)
+        if callable(cfg.grow) or cfg.grow == "random":
+            return None
         p = self.params[n]
-        if cfg.grow == "random":
-            idx = torch.nonzero(candidates).flatten()
-            chosen = idx[torch.randperm(idx.numel(), generator=self.generator)[:k].to(idx.device)]
-            out = torch.zeros_like(candidates)
-            out[chosen] = True
-            return out
         if cfg.grow in ("gradient", "struct_gradient"):
             if p.grad is None:
                 raise RuntimeError(f"grow='gradient' needs the gradient of {n!r} on update steps "
@@ -690,7 +748,7 @@ class SparseTrainer:
             if m is None:
                 raise RuntimeError(f"grow='momentum' needs SGD momentum or Adam moments for {n!r}")
             scores = self._unit_scores(n, m)
-        return _pick(scores, candidates, k, largest=True, gen=self.generator)
+        return scores
 
     def _redistribution_stat(self, n: str, units: torch.Tensor) -> float:
         cfg = self.config
