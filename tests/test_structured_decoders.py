@@ -1,7 +1,9 @@
-"""Hugging Face GPT-2 (Conv1D c_attn) and LLaMA (grouped-query attention): heads / KV groups and
-MLP neurons found by module classes, gates that are multipliers before the output projection,
-export with updated head counts, analytic params/FLOPs, save_pretrained round trips, search to a
-params budget, uniform widths for plain from_pretrained; and the rules short-form fix."""
+"""Hugging Face GPT-2 (Conv1D c_attn) and LLaMA-style decoders (LLaMA, Mistral, Qwen2 with q/k/v
+biases, Qwen3 with q_norm/k_norm; grouped-query attention, and multi-query attention with one KV
+head): heads / KV groups and MLP neurons found by module classes, gates that are multipliers
+before the output projection, export with updated head counts, analytic params/FLOPs,
+save_pretrained round trips, search to a params budget, uniform widths for plain from_pretrained,
+unsupported layers listed in skipped; and the rules short-form fix."""
 
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ import gradprune.structured as st
 
 transformers = pytest.importorskip("transformers")
 from transformers import (GPT2Config, GPT2LMHeadModel, GPT2Model, LlamaConfig,  # noqa: E402
-                          LlamaForCausalLM, LlamaModel)
+                          LlamaForCausalLM, LlamaModel, MistralConfig, MistralForCausalLM,
+                          MistralModel, Qwen2Config, Qwen2ForCausalLM, Qwen2Model, Qwen3Config,
+                          Qwen3ForCausalLM, Qwen3Model)
 
 torch.set_num_threads(1)
 
@@ -29,13 +33,35 @@ def _gpt2(cls=GPT2Model, seed=0, **kw):
     return cls(GPT2Config(**base)).eval()
 
 
-def _llama(cls=LlamaModel, seed=0, **kw):
+# LLaMA-style family -> (config class, base model, causal LM, config fields); "mqa": LLaMA with a
+# single KV head (its 6 query heads are the units), "qwen2-mqa" likewise with Qwen2's biases
+LLAMA_STYLE = {
+    "llama": (LlamaConfig, LlamaModel, LlamaForCausalLM, {}),
+    "mistral": (MistralConfig, MistralModel, MistralForCausalLM, {}),
+    "qwen2": (Qwen2Config, Qwen2Model, Qwen2ForCausalLM, {}),  # biases on q/k/v_proj
+    "qwen3": (Qwen3Config, Qwen3Model, Qwen3ForCausalLM, {"head_dim": 4}),  # q_norm/k_norm
+    "mqa": (LlamaConfig, LlamaModel, LlamaForCausalLM, {"num_key_value_heads": 1}),
+    "qwen2-mqa": (Qwen2Config, Qwen2Model, Qwen2ForCausalLM, {"num_key_value_heads": 1}),
+}
+MQA = ("mqa", "qwen2-mqa")
+
+
+def _llama(cls=LlamaModel, seed=0, family="llama", **kw):
     # 6 query heads sharing 3 KV heads (2 per group), head_dim 4
+    config_cls, base_cls, lm_cls, extra = LLAMA_STYLE[family]
     base = dict(vocab_size=VOCAB, hidden_size=24, num_hidden_layers=2, num_attention_heads=6,
                 num_key_value_heads=3, intermediate_size=20, max_position_embeddings=32, **TOKENS)
+    base.update(extra)
     base.update(kw)
     torch.manual_seed(seed)
-    return cls(LlamaConfig(**base)).eval()
+    cls = {LlamaModel: base_cls, LlamaForCausalLM: lm_cls}.get(cls, cls)
+    return cls(config_cls(**base)).eval()
+
+
+def _model(family, lm=False, **kw):
+    if family == "gpt2":
+        return _gpt2(GPT2LMHeadModel if lm else GPT2Model, **kw)
+    return _llama(LlamaForCausalLM if lm else LlamaModel, family=family, **kw)
 
 
 def _ids(seed=1, batch=3, length=7):
@@ -50,7 +76,23 @@ def _ids(seed=1, batch=3, length=7):
 KEEP = {"gpt2": {0: torch.tensor([0, 2]), 1: torch.arange(0, 24, 3), 2: torch.tensor([3]),
                  3: torch.tensor([1, 5, 6])},
         "llama": {0: torch.tensor([0, 2]), 1: torch.arange(0, 20, 3), 2: torch.tensor([1]),
-                  3: torch.tensor([1, 5, 6])}}
+                  3: torch.tensor([1, 5, 6])},
+        # a single KV head: units are query heads (3 kept in layer 0, 1 in layer 1)
+        "mqa": {0: torch.tensor([0, 2, 5]), 1: torch.arange(0, 20, 3), 2: torch.tensor([1]),
+                3: torch.tensor([1, 5, 6])}}
+
+
+def _keep(family):
+    return KEEP["mqa" if family in MQA else "gpt2" if family == "gpt2" else "llama"]
+
+
+# the attention heads of the two layers after _keep(family): (num_heads, num_key_value_heads,
+# num_key_value_groups) per layer
+HEADS = {"gqa": ((4, 2, 2), (2, 1, 2)), "mqa": ((3, 1, 3), (1, 1, 1))}
+
+
+def _heads(family):
+    return HEADS["mqa" if family in MQA else "gqa"]
 
 
 def test_gpt2_groups_are_heads_of_c_attn_and_mlp_neurons():
@@ -84,18 +126,36 @@ def test_llama_groups_are_kv_groups_with_their_query_heads():
         "layers.0.mlp.gate_proj", "layers.0.mlp.up_proj", "layers.0.mlp.down_proj"}
 
 
-CASES = [("gpt2", "sdpa"), ("gpt2", "eager"), ("llama", "sdpa"), ("llama", "eager")]
+def test_llama_style_groups_of_other_families_and_of_a_single_kv_head():
+    for family in ("mistral", "qwen2", "qwen3"):
+        analysis = st.find_groups(_llama(family=family), _ids()[0])
+        assert [(g.name, g.size, g.kind) for g in analysis.groups][:2] == [
+            ("layers.0.self_attn", 3, f"{family}.heads"), ("layers.0.mlp.up_proj", 20, f"{family}.ffn")]
+        assert analysis.groups[0].rule_type == f"{family.capitalize()}Attention"
+        assert len(analysis.skipped) == 1  # the hidden size only
+    # one KV head: a unit is one query head (q_proj rows, o_proj columns); k/v_proj are kept
+    analysis = st.find_groups(_llama(family="mqa"), _ids()[0])
+    assert [(g.name, g.unit, g.size) for g in analysis.groups][:2] == [
+        ("layers.0.self_attn", "heads", 6), ("layers.0.mlp.up_proj", "channels", 20)]
+    assert [s.describe() for s in analysis.groups[0].slices] == [
+        "layers.0.self_attn.q_proj.weight[dim 0] (4 per unit)",
+        "layers.0.self_attn.o_proj.weight[dim 1] (4 per unit)"]
+
+
+CASES = [("gpt2", "sdpa"), ("gpt2", "eager"), ("llama", "sdpa"), ("llama", "eager"),
+         ("mistral", "sdpa"), ("qwen2", "sdpa"), ("qwen2", "eager"), ("qwen3", "sdpa"),
+         ("mqa", "sdpa"), ("mqa", "eager"), ("qwen2-mqa", "sdpa")]
 
 
 @pytest.mark.parametrize("family,attn", CASES)
 def test_export_equals_gated_model_and_counts_are_analytic(family, attn):
-    model = (_gpt2 if family == "gpt2" else _llama)(attn_implementation=attn)
+    model = _model(family, attn_implementation=attn)
     ids, mask = _ids()
     analysis = st.find_groups(model, ids)
     ref = model(ids, attention_mask=mask).last_hidden_state
     with st.Gates(analysis):  # gates at 1 change nothing
         torch.testing.assert_close(model(ids, attention_mask=mask).last_hidden_state, ref)
-    keep = KEEP[family]
+    keep = _keep(family)
     with st.Gates(analysis, keep=keep):
         gated = model(ids, attention_mask=mask).last_hidden_state
     assert not torch.allclose(gated, ref, atol=1e-3)
@@ -109,11 +169,18 @@ def test_export_equals_gated_model_and_counts_are_analytic(family, attn):
         assert small.h[0].mlp.c_fc.nf == 8 and small.h[1].mlp.c_proj.weight.shape == (3, 16)
     else:
         a0, a1 = small.layers[0].self_attn, small.layers[1].self_attn
-        assert (a0.num_heads, a0.num_key_value_heads, a0.num_key_value_groups) == (4, 2, 2)
-        assert (a1.num_heads, a1.num_key_value_heads, a1.num_key_value_groups) == (2, 1, 2)
-        assert a0.q_proj.weight.shape == (16, 24) and a0.k_proj.weight.shape == (8, 24)
-        assert a1.o_proj.weight.shape == (24, 8)
+        h0, h1 = _heads(family)
+        assert (a0.num_heads, a0.num_key_value_heads, a0.num_key_value_groups) == h0
+        assert (a1.num_heads, a1.num_key_value_heads, a1.num_key_value_groups) == h1
+        assert a0.q_proj.weight.shape == (4 * h0[0], 24) and a0.k_proj.weight.shape == (4 * h0[1], 24)
+        assert a1.o_proj.weight.shape == (24, 4 * h1[0])
         assert small.layers[1].mlp.gate_proj.out_features == 3
+        dense = model.layers[1].self_attn
+        if dense.q_proj.bias is not None:  # Qwen2: the biases of the kept heads' rows
+            rows = torch.cat([torch.arange(4 * u, 4 * u + 4) for u in range(6)
+                              if u in ([1] if family in MQA else [2, 3])])
+            torch.testing.assert_close(a1.q_proj.bias, dense.q_proj.bias[rows])
+            assert a1.v_proj.bias.shape == (4 * h1[1],)
     torch.testing.assert_close(small(ids, attention_mask=mask).last_hidden_state, gated,
                                rtol=1e-4, atol=1e-5)
     cost = st.CostModel(analysis, ids)
@@ -132,6 +199,8 @@ def _by_hand_head_grads(model, family, loss):
     for layer in layers:
         if family == "gpt2":
             proj, n, per = layer.attn.c_proj, 4, 4
+        elif family in MQA:
+            proj, n, per = layer.self_attn.o_proj, 6, 4  # a query head: head_dim 4
         else:
             proj, n, per = layer.self_attn.o_proj, 3, 8  # a KV group: 2 query heads x head_dim 4
         g = torch.ones(n, requires_grad=True)
@@ -145,9 +214,9 @@ def _by_hand_head_grads(model, family, loss):
             h.remove()
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mqa"])
 def test_head_gates_are_multipliers_before_the_output_projection(family):
-    model = _gpt2(GPT2LMHeadModel) if family == "gpt2" else _llama(LlamaForCausalLM)
+    model = _model(family, lm=True)
     ids, mask = _ids()
     analysis = st.find_groups(model, ids)
 
@@ -162,13 +231,13 @@ def test_head_gates_are_multipliers_before_the_output_projection(family):
                                    rtol=1e-4, atol=1e-12)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2", "qwen3", "mqa"])
 def test_save_pretrained_and_load_back(family, tmp_path):
-    cls = GPT2LMHeadModel if family == "gpt2" else LlamaForCausalLM
-    model = _gpt2(cls) if family == "gpt2" else _llama(cls)
+    model = _model(family, lm=True)
+    cls = type(model)
     ids, mask = _ids()
     analysis = st.find_groups(model, ids)
-    small = st.export_model(analysis, KEEP[family])
+    small = st.export_model(analysis, _keep(family))
     small.save_pretrained(tmp_path / "pruned")
     again = st.load_pruned_pretrained(cls, tmp_path / "pruned")
     widths = again.config.gradprune_widths
@@ -178,18 +247,17 @@ def test_save_pretrained_and_load_back(family, tmp_path):
         assert again.transformer.h[1].attn.num_heads == 1
         assert again.lm_head.weight.data_ptr() == again.transformer.wte.weight.data_ptr()
     else:
-        assert widths["model.layers.1.self_attn"] == {
-            "num_heads": 2, "num_key_value_heads": 1, "num_key_value_groups": 2}
-        assert again.model.layers[0].self_attn.k_proj.out_features == 8
+        names = ("num_heads", "num_key_value_heads", "num_key_value_groups")
+        assert widths["model.layers.1.self_attn"] == dict(zip(names, _heads(family)[1]))
+        assert again.model.layers[0].self_attn.k_proj.out_features == 4 * _heads(family)[0][1]
     torch.testing.assert_close(again(ids, attention_mask=mask).logits,
                                small(ids, attention_mask=mask).logits)
     assert st.count_params(again) == st.count_params(small)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mqa"])
 def test_search_with_a_params_budget(family):
-    cls = GPT2LMHeadModel if family == "gpt2" else LlamaForCausalLM
-    model = _gpt2(cls) if family == "gpt2" else _llama(cls)
+    model = _model(family, lm=True)
     gen = torch.Generator().manual_seed(3)
     data = [torch.randint(1, VOCAB, (4, 6), generator=gen) for _ in range(3)]
 
@@ -209,16 +277,20 @@ def test_search_with_a_params_budget(family):
     with found.gates():
         gated = model(data[0]).logits
     torch.testing.assert_close(small(data[0]).logits, gated, rtol=1e-4, atol=1e-5)
-    rule_key = "hf.GPT2Attention" if family == "gpt2" else "hf.LlamaAttention"
+    attention = model.transformer.h[0].attn if family == "gpt2" else model.model.layers[0].self_attn
+    rule_key = f"hf.{type(attention).__name__}"  # hf.GPT2Attention, hf.Qwen2Attention…
     found = st.search(model, {"params": "75%"}, data, loss_fn, "magnitude", data[0],
                       rules={**FINE, rule_key: {"n_heads_divisor": 2}})
-    allowed = (2, 4) if family == "gpt2" else (2, 3)  # the full width is always a choice
+    # the full width is always a choice
+    allowed = {"gpt2": (2, 4), "mqa": (2, 4, 6)}.get(family, (2, 3))
     assert all(found.widths[gi] in allowed for gi, g in enumerate(found.groups) if g.unit == "heads")
     assert found.params <= 0.75 * found.dense_params
 
 
-def test_llama_uniform_search_loads_with_plain_from_pretrained(tmp_path):
-    model = _llama(LlamaForCausalLM)
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mqa"])
+def test_llama_uniform_search_loads_with_plain_from_pretrained(family, tmp_path):
+    model = _model(family, lm=True)
+    cls = type(model)
     gen = torch.Generator().manual_seed(4)
     data = [torch.randint(1, VOCAB, (4, 6), generator=gen) for _ in range(2)]
 
@@ -234,12 +306,15 @@ def test_llama_uniform_search_loads_with_plain_from_pretrained(tmp_path):
     small = found.export()
     assert st.count_params(small) == found.params
     (h,), (w,) = heads, ffn
-    assert h < 3 and w < 20  # both KV groups and neurons were cut, the same in every layer
+    # both heads (KV groups; MQA: query heads) and neurons were cut, the same in every layer
+    assert h < found.groups[0].size and w < 20
     cfg = small.config
+    expected = (1, h) if family in MQA else (h, 2 * h)
     assert (cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim, cfg.intermediate_size) \
-        == (h, 2 * h, 4, w)
+        == (*expected, 4, w)
+    assert not hasattr(model.config, "gradprune_widths")
     small.save_pretrained(tmp_path / "uniform")
-    again = LlamaForCausalLM.from_pretrained(tmp_path / "uniform").eval()
+    again = cls.from_pretrained(tmp_path / "uniform").eval()
     ids, mask = _ids()
     torch.testing.assert_close(again(ids, attention_mask=mask).logits,
                                small(ids, attention_mask=mask).logits)
@@ -247,12 +322,16 @@ def test_llama_uniform_search_loads_with_plain_from_pretrained(tmp_path):
         torch.testing.assert_close(again.state_dict()[k], v)
 
 
-def test_gpt2_uniform_keeps_heads_and_prunes_the_mlp(tmp_path):
-    model = _gpt2(GPT2LMHeadModel)
+@pytest.mark.parametrize("cross", [False, True])
+def test_gpt2_uniform_keeps_heads_and_prunes_the_mlp(cross, tmp_path):
+    # cross: a decoder with cross-attention (heads kept too) on fixed encoder states
+    model = _gpt2(GPT2LMHeadModel, add_cross_attention=cross)
     gen = torch.Generator().manual_seed(5)
     data = [torch.randint(1, VOCAB, (4, 6), generator=gen) for _ in range(2)]
-    found = st.search(model, {"params": "90%"}, data, lambda m, b: m(b, labels=b).loss, "taylor",
-                      data[0], rules=FINE, uniform=True)
+    memory = {"encoder_hidden_states": torch.randn(4, 9, 16, generator=gen)} if cross else {}
+    found = st.search(model, {"params": "90%"}, data, lambda m, b: m(b, labels=b, **memory).loss,
+                      "taylor", data[0], rules=FINE, uniform=True)
+    assert {g.kind for g in found.groups} >= ({"gpt2.cross_heads"} if cross else {"gpt2.heads"})
     assert all(found.widths[gi] == g.size for gi, g in enumerate(found.groups) if g.unit == "heads")
     (w,) = {found.widths[gi] for gi, g in enumerate(found.groups) if g.unit == "channels"}
     assert w < 24
@@ -260,7 +339,7 @@ def test_gpt2_uniform_keeps_heads_and_prunes_the_mlp(tmp_path):
     assert small.config.n_inner == w
     small.save_pretrained(tmp_path / "u")
     again = GPT2LMHeadModel.from_pretrained(tmp_path / "u").eval()
-    torch.testing.assert_close(again(data[1]).logits, small(data[1]).logits)
+    torch.testing.assert_close(again(data[1], **memory).logits, small(data[1], **memory).logits)
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,12 +377,14 @@ def test_rules_short_and_pattern_forms_still_parse():
         st.SearchRules({"nn.Linear": {"*": {"feature_divisr": 4}}})
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2", "qwen3", "mqa"])
 def test_save_pruned_and_load_pruned_with_a_factory(family, tmp_path):
-    make = (lambda: _gpt2(GPT2LMHeadModel)) if family == "gpt2" else (lambda: _llama(LlamaForCausalLM))
+    def make():
+        return _model(family, lm=True)
+
     model = make()
     ids, mask = _ids()
-    small = st.export_model(st.find_groups(model, ids), KEEP[family])
+    small = st.export_model(st.find_groups(model, ids), _keep(family))
     st.save_pruned(small, tmp_path / "p")
     again = st.load_pruned(make, tmp_path / "p").eval()
     torch.testing.assert_close(again(ids, attention_mask=mask).logits,
@@ -311,4 +392,39 @@ def test_save_pruned_and_load_pruned_with_a_factory(family, tmp_path):
     if family == "gpt2":
         assert (again.transformer.h[0].attn.num_heads, again.transformer.h[0].attn.split_size) == (2, 8)
     else:
-        assert again.model.layers[1].self_attn.num_key_value_heads == 1
+        a1 = again.model.layers[1].self_attn
+        assert (a1.num_heads, a1.num_key_value_heads, a1.num_key_value_groups) == _heads(family)[1]
+
+
+# --------------------------------------------------------------------------------------------
+# layers that stay unpruned are listed in skipped
+
+
+def test_unsupported_llama_style_layers_are_listed_in_skipped():
+    model = _llama(family="qwen2", num_attention_heads=1, num_key_value_heads=1, head_dim=24)
+    analysis = st.find_groups(model, _ids()[0])
+    assert [g.name for g in analysis.groups] == ["layers.0.mlp.up_proj", "layers.1.mlp.up_proj"]
+    assert {"module": "layers.0.self_attn",
+            "reason": "Qwen2Attention: heads not pruned (a single query head)"} in analysis.skipped
+    # an attention or MLP of another class than the family's is not assumed to work alike
+    model = _llama(family="mistral")
+    model.layers[1].self_attn = _llama().layers[1].self_attn
+    model.layers[1].mlp = torch.nn.Identity()
+    analysis = st.find_groups(model, _ids()[0])
+    assert [g.name for g in analysis.groups] == ["layers.0.self_attn", "layers.0.mlp.up_proj"]
+    reasons = {s["module"]: s["reason"] for s in analysis.skipped}
+    assert "an unknown attention class, not MistralAttention" in reasons["layers.1.self_attn"]
+    assert reasons["layers.1.mlp"].startswith("Identity: neurons not pruned")
+
+
+def test_an_unsupported_family_is_listed_and_left_untouched():
+    from transformers import GemmaConfig, GemmaModel
+    torch.manual_seed(0)
+    model = GemmaModel(GemmaConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                   intermediate_size=20, **TOKENS)).eval()
+    analysis = st.find_groups(model, _ids()[0])
+    assert analysis.groups == []
+    (skip,) = analysis.skipped
+    assert "GemmaModel is not a supported family" in skip["reason"]
+    assert "mistral, qwen2, qwen3" in skip["reason"]

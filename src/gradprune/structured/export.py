@@ -35,6 +35,7 @@ from torch import nn
 from .._checks import check_bool
 from ..config import atomic_write
 from .groups import _BN, _CONV, _CONVT, _IN, Analysis, is_conv1d
+from .hf import ATTENTION_ATTRS, apply_uniform_config, record_widths
 
 __all__ = ["export_model", "save_pruned", "load_pruned", "ARCH_FILE", "WEIGHTS_FILE"]
 
@@ -133,24 +134,14 @@ def export_model(analysis: Analysis, keep: dict, uniform: bool = False) -> nn.Mo
             units = keep.get(gi, torch.arange(g.size))
             g.handler.export(new, modules, torch.as_tensor(units, dtype=torch.long))
     if any(g.handler is not None or g.kind is not None for g in analysis.groups):
-        from .hf import record_widths
         record_widths(new, analysis)
     if uniform:
-        from .hf import apply_uniform_config
         apply_uniform_config(new, analysis, keep)
     return new
 
 
 # --------------------------------------------------------------------------------------------
 # save / load
-
-
-# Hugging Face attention modules: the head-count attributes export changes
-_HF_ATTENTION_ATTRS = {
-    "BertSelfAttention": ("num_attention_heads", "all_head_size"),
-    "GPT2Attention": ("num_heads", "split_size"),
-    "LlamaAttention": ("num_heads", "num_key_value_heads", "num_key_value_groups"),
-}
 
 
 def _arch_of(mod: nn.Module) -> dict | None:
@@ -165,7 +156,7 @@ def _arch_of(mod: nn.Module) -> dict | None:
         return {"in_features": mod.in_features, "out_features": mod.out_features}
     if is_conv1d(mod):
         return {"nx": mod.nx, "nf": mod.nf}
-    attrs = _HF_ATTENTION_ATTRS.get(type(mod).__name__)
+    attrs = ATTENTION_ATTRS.get(type(mod).__name__)  # Hugging Face attention: head counts
     if attrs is not None:
         return {a: getattr(mod, a) for a in attrs if isinstance(getattr(mod, a, None), int)}
     if isinstance(mod, _CONV + _CONVT):

@@ -11,9 +11,11 @@ is not given keeps its default ``{"*": {...}}``.
 - ``nn.Linear``, ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``, ``nn.InstanceNorm1d/2d/3d``,
   ``nn.LayerNorm``: ``features_ratio`` and ``feature_divisor`` (same defaults).
 - attention, per attention module (``nn.MultiheadAttention``, ``hf.BertSelfAttention``,
-  ``hf.GPT2Attention``, ``hf.LlamaAttention``): ``n_heads_ratio`` (default ``None``: any number of
-  heads) and ``n_heads_divisor`` (default 1); a ratio list gives the widths as above, in heads
-  (for LLaMA, in KV groups: a unit is one key/value head with its query heads). FFN neurons of a
+  ``hf.BertCrossAttention``, ``hf.GPT2Attention`` (self- and cross-attention),
+  ``hf.LlamaAttention``, ``hf.MistralAttention``, ``hf.Qwen2Attention``, ``hf.Qwen3Attention``):
+  ``n_heads_ratio`` (default ``None``: any number of heads) and ``n_heads_divisor`` (default 1);
+  a ratio list gives the widths as above, in heads (for LLaMA-style attention, in KV groups: a
+  unit is one key/value head with its query heads; with a single key/value head, a query head). FFN neurons of a
   transformer layer follow the ``nn.Linear`` rule of the layer producing them (``linear1``,
   ``intermediate.dense``, ``mlp.up_proj``/``gate_proj``, and GPT-2's ``mlp.c_fc`` although it
   is a ``Conv1D``).
@@ -50,6 +52,7 @@ from torch import nn
 
 from .._checks import check_int, round_half_up
 from ..config import Config
+from .hf import ATTENTION_ATTRS
 
 __all__ = ["ChannelRule", "FeatureRule", "HeadRule", "SearchRules", "candidate_widths",
            "DEFAULT_RATIOS", "CHANNEL_TYPES", "FEATURE_TYPES", "HEAD_TYPES"]
@@ -60,8 +63,8 @@ CHANNEL_TYPES = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose
 FEATURE_TYPES = ("Linear", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm",
                  "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm")
 # attention modules whose units are heads; "hf." types are Hugging Face classes
-HEAD_TYPES = ("MultiheadAttention", "BertSelfAttention", "GPT2Attention", "LlamaAttention")
-_HF_TYPES = ("BertSelfAttention", "GPT2Attention", "LlamaAttention")
+_HF_TYPES = tuple(ATTENTION_ATTRS)
+HEAD_TYPES = ("MultiheadAttention", *_HF_TYPES)
 
 
 def _check_ratios(name: str, v: Any) -> tuple:

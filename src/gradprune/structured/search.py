@@ -174,11 +174,11 @@ class SearchResult:
     def uniform_keep(self) -> dict:
         """``keep`` with every family of groups (same role in every layer of a Hugging Face
         model) cut to its minimum width over layers, keeping the highest-scored units."""
-        from .hf import families
+        from .hf import FAMILIES, families
         fams = families(self.analysis)
         if not fams:
             raise ValueError("uniform widths need a Hugging Face model of a supported family "
-                             "(bert, gpt2, llama)")
+                             f"({', '.join(FAMILIES)})")
         keep = dict(self.keep)
         for gis in fams.values():
             w = min(self.widths[gi] for gi in gis)
@@ -341,11 +341,11 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
     analysis = find_groups(model, example_input)
     fams = {}
     if uniform:
-        from .hf import families, uniform_width_ok
+        from .hf import FAMILIES, families, uniform_width_ok
         fams = families(analysis)
         if not fams:
             raise ValueError("uniform=True needs a Hugging Face model of a supported family "
-                             "(bert, gpt2, llama)")
+                             f"({', '.join(FAMILIES)})")
     cost = CostModel(analysis, example_input)
     bounds = parse_constraints(constraints, {"params": cost.dense_params, "flops": cost.dense_flops})
     choices = _group_choices(analysis, rules)
