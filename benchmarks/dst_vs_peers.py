@@ -120,6 +120,15 @@ METHODS = {
     "rigl_torch": ("rigl-torch RigL (uniform, dense first layer)", "rigl-torch"),
 }
 SPARSE_METHODS = [k for k in METHODS if k not in ("dense", "dense2")]
+# the extended-training block (RigL paper's "RigL_Nx"): these methods again, N times the steps
+EXTENDED_METHODS = ["gp_rigl_erk", "gp_rigl_uniform_dfl", "rigl_torch"]
+
+
+def method_label(key):
+    """Label of a method key; ``<key>@xN`` is the same method trained N times as long."""
+    base, _, mult = key.partition("@x")
+    label = METHODS[base][0]
+    return f"{label}, {mult}× steps" if mult else label
 
 
 STATIC_NOTES = [
@@ -164,8 +173,8 @@ def gp_config(key, density, steps, interval, seed):
 class Run:
     """One model being trained by one method; advanced a chunk of steps at a time."""
 
-    def __init__(self, kind, key, sparsity, init_state, args, seed):
-        self.kind, self.key, self.sparsity, self.seed = kind, key, sparsity, seed
+    def __init__(self, kind, key, sparsity, init_state, args, seed, tag=""):
+        self.kind, self.key, self.sparsity, self.seed = kind, key + tag, sparsity, seed
         self.model = MODELS[kind]()
         self.model.load_state_dict(init_state)
         self.model.train()
@@ -282,20 +291,22 @@ def lr_at(step, steps, base):
 # --------------------------------------------------------------------------------------------
 # one (model, seed) block: all runs interleaved in chunks
 # --------------------------------------------------------------------------------------------
-def run_block(kind, seed, data, args, methods, sparsities, log):
+def run_block(kind, seed, data, args, methods, sparsities, log, baselines=("dense", "dense2"), tag=""):
+    """Train every method of ``methods`` (plus ``baselines``) for ``args.steps`` steps, interleaved in
+    chunks; record keys get ``tag`` appended (the extended block uses ``@xN``)."""
     xtr, ytr, xte, yte = data
     torch.manual_seed(seed)
     init_state = {k: v.clone() for k, v in MODELS[kind]().state_dict().items()}
     order = batches(len(xtr), args.batch, args.steps, seed)
     runs, skipped = [], []
-    for key in ["dense", "dense2"] + [m for m in methods if m in SPARSE_METHODS]:
+    for key in list(baselines) + [m for m in methods if m in SPARSE_METHODS]:
         if key.startswith("gp_") and GP_ERROR:
             skipped.append((key, GP_ERROR)); continue
         if key == "rigl_torch" and RIGL_ERROR:
             skipped.append((key, RIGL_ERROR)); continue
         for s in ([None] if key in ("dense", "dense2") else sparsities):
             try:
-                runs.append(Run(kind, key, s, init_state, args, seed))
+                runs.append(Run(kind, key, s, init_state, args, seed, tag))
             except Exception as exc:
                 skipped.append((f"{key}@{s}", f"{type(exc).__name__}: {exc}"))
     # warm-up outside the timed steps: one forward/backward per model shape is enough for the
@@ -320,7 +331,7 @@ def run_block(kind, seed, data, args, methods, sparsities, log):
                 log(f"  {kind} seed {seed} {r.key}@{r.sparsity}: FAILED at step {r.step}: {r.error}")
     log(f"  {kind} seed {seed}: {len(runs)} runs x {args.steps} steps in {time.perf_counter() - t_block:.0f} s")
 
-    dense = next(r for r in runs if r.key == "dense")
+    dense = next(r for r in runs if r.key == "dense" + tag)
     records = []
     for r in runs:
         rec = {"model": kind, "seed": seed, "method": r.key, "target_sparsity": r.sparsity}
@@ -335,9 +346,12 @@ def run_block(kind, seed, data, args, methods, sparsities, log):
         rec["mask_count_initial"], rec["mask_count_final"] = r.count0, r.mask_counts()
         rec["nonzero_outside_mask"] = r.nonzero_outside_mask()
         rec["nonzero_count_final"] = {n: int((w != 0).sum()) for n, w in weight_layers(r.model).items()}
+        rec["steps"] = args.steps
         if r.sparse is not None:
             rec["gradprune_reported_sparsity_per_layer"] = r.sparse.masks.sparsity(per_layer=True)
             rec["updates"] = int(r.sparse.updates)
+            # RigL's accounting of one training step, relative to a dense step (gradprune's estimate)
+            rec["train_flops_per_step_over_dense"] = r.sparse.training_flops(xtr[:1])["ratio"]
         elif r.sched is not None:
             rec["updates"] = int(r.sched.rigl_steps)
         else:
@@ -361,6 +375,14 @@ def run_block(kind, seed, data, args, methods, sparsities, log):
 # --------------------------------------------------------------------------------------------
 # summary and report
 # --------------------------------------------------------------------------------------------
+BASE_STEPS = [1500]  # the main block's steps (set in main; the extended block trains N times longer)
+
+
+def sort_key(r):
+    base, _, mult = r["method"].partition("@x")
+    return (r["target_sparsity"] or 0, int(mult or 1), list(METHODS).index(base))
+
+
 def mean_std(v):
     v = [x for x in v if x is not None]
     if not v:
@@ -375,12 +397,17 @@ def summarise(records):
     rows = []
     for (kind, key, s), rs in groups.items():
         ok = [r for r in rs if "error" not in r]
-        row = {"model": kind, "method": key, "label": METHODS[key][0], "target_sparsity": s,
+        row = {"model": kind, "method": key, "label": method_label(key), "target_sparsity": s,
                "n_seeds": len(ok), "errors": [r["error"] for r in rs if "error" in r]}
         if ok:
             for f in ("test_acc", "train_acc", "density", "step_over_dense", "update_step_over_dense",
-                      "total_over_dense", "step_ms_median", "updates"):
+                      "total_over_dense", "step_ms_median", "updates", "train_flops_per_step_over_dense"):
                 row[f] = mean_std([r.get(f) for r in ok])
+            # whole-run training FLOPs over a dense run of the base length (RigL's accounting)
+            row["train_flops_total_over_dense"] = mean_std(
+                [r["train_flops_per_step_over_dense"] * r["steps"] / BASE_STEPS[0]
+                 if r.get("train_flops_per_step_over_dense") is not None else
+                 (r["steps"] / BASE_STEPS[0] if r["method"].startswith("dense") else None) for r in ok])
             layers = list(ok[0]["density_per_layer"])
             row["density_per_layer"] = {n: mean_std([r["density_per_layer"][n] for r in ok]) for n in layers}
             row["mask_density_per_layer"] = {n: mean_std([r["mask_density_per_layer"][n] for r in ok])
@@ -403,7 +430,7 @@ def count_checks(records):
     bad = []
     for r in ok:
         a, b = r["mask_count_initial"], r["mask_count_final"]
-        if r["method"] in per_layer_methods and a != b:
+        if r["method"].partition("@x")[0] in per_layer_methods and a != b:
             bad.append(f"{r['model']} {r['method']}@{r['target_sparsity']} seed {r['seed']}: {a} -> {b}")
         if r["method"] == "gp_snfs" and sum(v or 0 for v in a.values()) != sum(v or 0 for v in b.values()):
             bad.append(f"{r['model']} SNFS total changed seed {r['seed']}")
@@ -506,6 +533,18 @@ def write_markdown(path, meta, rows, skipped):
     L.append("- **update step / dense**: median over the connectivity-update steps of (update step time / "
              "median dense step in the same chunk).")
     L.append("- **total / dense**: total training wall time (update steps included) over the dense run's.")
+    L.append("- **training FLOPs / dense run**: FLOPs of the whole run over a dense run of the base length, "
+             "RigL's accounting (forward 1x, backward 2x, sparse layers at their mask density, the dense "
+             "gradient on update steps), from gradprune's `SparseTrainer.training_flops` (gradprune runs "
+             "only; dense rows: the number of steps relative to the base run).")
+    if a.get("extended"):
+        L.append(f"- **{a['extended']}× steps** rows (the RigL paper's \"RigL_{a['extended']}x\" protocol): the "
+                 f"same method trained {a['extended']} times as long at "
+                 + ", ".join(f"{100 * x:.0f}%" for x in a["extended_sparsities"]) + f" sparsity ({a['extended'] * a['steps']} steps, "
+                 "the cosine learning rate, ΔT, T_end = 3/4 of training and the batch order stretched with "
+                 "it), in a second block with its own dense run of that length for timing. Sparse "
+                 "training costs a fraction of dense training per step, so a longer sparse run can still "
+                 "cost fewer FLOPs than the dense run of the base length (last column).")
     L.append("")
     for kind in a["models"]:
         mrows = [r for r in rows if r["model"] == kind]
@@ -519,19 +558,19 @@ def write_markdown(path, meta, rows, skipped):
                      f"dense step {fmt(dense['step_ms_median'], 2)} ms (median).")
             L.append("")
         L.append("| target sparsity | method | test acc | density (measured, %) | step / dense | "
-                 "update step / dense | total / dense | updates |")
-        L.append("|---|---|---|---|---|---|---|---|")
-        key_order = list(METHODS)
-        srt = sorted(mrows, key=lambda r: (r["target_sparsity"] or 0, key_order.index(r["method"])))
+                 "update step / dense | total / dense | updates | training FLOPs / dense run |")
+        L.append("|---|---|---|---|---|---|---|---|---|")
+        srt = sorted(mrows, key=sort_key)
         for r in srt:
             tgt = "none" if r["target_sparsity"] is None else f"{100 * r['target_sparsity']:.0f}%"
             if "test_acc" not in r:
-                L.append(f"| {tgt} | {r['label']} | failed: {'; '.join(r['errors'])[:200]} | | | | | |")
+                L.append(f"| {tgt} | {r['label']} | failed: {'; '.join(r['errors'])[:200]} | | | | | | |")
                 continue
             upd = r["updates"][0] if r["updates"] else 0
+            fl = r.get("train_flops_total_over_dense")
             L.append(f"| {tgt} | {r['label']} | {fmt(r['test_acc'])} | {fmt(r['density'], pct=True)} | "
                      f"{fmt(r['step_over_dense'], 2)} | {fmt(r['update_step_over_dense'], 2)} | "
-                     f"{fmt(r['total_over_dense'], 2)} | {upd:.0f} |")
+                     f"{fmt(r['total_over_dense'], 2)} | {upd:.0f} | {f'{fl[0]:.2f}' if fl else '–'} |")
         L.append("")
         layers = None
         for r in srt:
@@ -562,6 +601,7 @@ def write_markdown(path, meta, rows, skipped):
         for k, why in sorted(set(skipped)):
             L.append(f"- {k}: {why}")
         L.append("")
+    L += goals(rows, a)
     notes = list(meta.get("notes") or []) + list(meta.get("extra_notes") or [])
     if notes:
         L.append("## Notes")
@@ -570,6 +610,54 @@ def write_markdown(path, meta, rows, skipped):
             L.append(f"- {n}")
         L.append("")
     Path(path).write_text("\n".join(L))
+
+
+def goals(rows, a):
+    """The issue's goals, checked on the means of this run (the ± columns give the spread)."""
+    def row(kind, key, s):
+        return next((r for r in rows if r["model"] == kind and r["method"] == key
+                     and r["target_sparsity"] == s and "test_acc" in r), None)
+    L = ["## Goals (checked on the means of this run)", ""]
+    if "cnn" in a["models"]:
+        dense = row("cnn", "dense", None)
+        for key in ("gp_rigl_erk", f"gp_rigl_erk@x{a.get('extended')}"):
+            r = row("cnn", key, 0.9)
+            if dense and r:
+                gap = dense["test_acc"][0] - r["test_acc"][0]
+                fl = r.get("train_flops_total_over_dense")
+                L.append(f"- CNN, {r['label']} at 90%: {r['test_acc'][0]:.3f} vs dense {dense['test_acc'][0]:.3f} "
+                         f"({a['steps']} steps): {100 * gap:+.1f} points below dense -> "
+                         + ("within 1 point" if gap <= 0.01 else "NOT within 1 point")
+                         + (f" (training FLOPs {fl[0]:.2f}x the dense run's)" if fl else ""))
+    tags = [""] + ([f"@x{a['extended']}"] if a.get("extended") else [])
+    for kind in a["models"]:
+        for s, tag in [(s, tag) for tag in tags for s in a["sparsities"]]:
+            g, t = row(kind, "gp_rigl_uniform_dfl" + tag, s), row(kind, "rigl_torch" + tag, s)
+            if g and t:
+                d = g["test_acc"][0] - t["test_acc"][0]
+                L.append(f"- {kind.upper()} {100 * s:.0f}%{', ' + tag[2:] + '× steps' if tag else ''}: gradprune RigL (rigl-torch's allocation) "
+                         f"{g['test_acc'][0]:.3f} ± {g['test_acc'][1]:.3f} vs rigl-torch {t['test_acc'][0]:.3f} "
+                         f"± {t['test_acc'][1]:.3f} -> " + ("met" if d >= 0 else "NOT met") + f" ({d:+.3f})")
+    over = {}
+    for r in rows:
+        base = r["method"].partition("@x")[0]
+        if base.startswith("gp_") and "@x" not in r["method"] and r.get("step_over_dense"):
+            over.setdefault(r["model"], []).append(r["step_over_dense"][0] - 1)
+    tor = {r["model"]: [] for r in rows}
+    for r in rows:
+        if r["method"] == "rigl_torch" and r.get("step_over_dense"):
+            tor[r["model"]].append(r["step_over_dense"][0] - 1)
+    allv = [v for vs in over.values() for v in vs]
+    if allv:
+        per = "; ".join(f"{k.upper()} {100 * statistics.mean(v):+.1f}% (max {100 * max(v):+.1f}%)"
+                        + (f", rigl-torch {100 * statistics.mean(tor[k]):+.1f}%" if tor.get(k) else "")
+                        for k, v in over.items())
+        m = statistics.mean(allv)
+        L.append(f"- Per-step overhead vs dense (median step, ΔT = {a['interval']}), mean over every gradprune "
+                 f"method and sparsity: {100 * m:+.1f}% -> " + ("met (≤ 5%)" if m <= 0.05 else "NOT met (> 5%)")
+                 + f"; per model: {per}.")
+    L.append("")
+    return L
 
 
 # --------------------------------------------------------------------------------------------
@@ -588,6 +676,10 @@ def main(argv=None):
     p.add_argument("--alpha", type=float, default=0.3, help="rigl-torch's alpha (gradprune RigL preset: 0.3)")
     p.add_argument("--chunk", type=int, default=50, help="steps per timing chunk")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--extended", type=int, default=None,
+                   help="also train RigL-ERK and both RigL-uniform-dense-first-layer runs N times as long "
+                        "(RigL_Nx; full run: 5, quick: off)")
+    p.add_argument("--extended-sparsities", nargs="+", type=float, default=[0.9])
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/dst_vs_peers[_quick])")
     p.add_argument("--render", metavar="JSON", default=None,
                    help="only rewrite the Markdown next to JSON from its records (no training)")
@@ -595,6 +687,7 @@ def main(argv=None):
     if args.render:
         src = Path(args.render)
         d = json.load(open(src))
+        BASE_STEPS[0] = d["meta"]["args"]["steps"]
         d["meta"]["notes"] = list(STATIC_NOTES) + count_checks(d["records"])
         write_markdown(src.with_suffix(".md"), d["meta"], summarise(d["records"]), d.get("skipped", []))
         json.dump(d, open(src, "w"), indent=1, default=str)
@@ -604,8 +697,11 @@ def main(argv=None):
         args.seeds = args.seeds or [0]
         args.steps = args.steps or 300
         args.sparsities = args.sparsities or [0.9]
+    elif args.extended is None:
+        args.extended = 5
     args.seeds = args.seeds or [0, 1, 2]
     args.steps = args.steps or 1500
+    BASE_STEPS[0] = args.steps
     args.sparsities = args.sparsities or [0.8, 0.9, 0.95]
     torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else HERE / "results" / ("dst_vs_peers_quick" if args.quick else "dst_vs_peers")
@@ -671,6 +767,12 @@ def main(argv=None):
         for seed in args.seeds:
             load_before = os.getloadavg()[0]
             recs, sk = run_block(kind, seed, data, args, args.methods, args.sparsities, log)
+            if args.extended and args.extended > 1:
+                ext = argparse.Namespace(**{**vars(args), "steps": args.steps * args.extended,
+                                            "interval": args.interval})
+                r2, s2 = run_block(kind, seed, data, ext, [m for m in EXTENDED_METHODS if m in args.methods],
+                                   args.extended_sparsities, log, baselines=("dense",), tag=f"@x{args.extended}")
+                recs, sk = recs + r2, sk + s2
             meta.setdefault("loadavg_per_block", []).append(
                 {"model": kind, "seed": seed, "load1_before": load_before, "load1_after": os.getloadavg()[0]})
             records += recs

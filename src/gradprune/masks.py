@@ -142,15 +142,22 @@ class MaskSet(Mapping):
 
     def _plan(self):
         """``(params, factors, detached params)`` for the hot path, rebuilt only when a mask (or a
-        parameter's storage) changed. Multiplying the detached views needs no autograd context."""
-        versions = tuple((id(m), m._version, p.shape, p.data_ptr())
-                         for m, p in zip(self._masks.values(), self._params.values()))
+        parameter's storage) changed. Multiplying the detached views needs no autograd context.
+
+        The check runs every step, so it is kept small: the masks' version counters (they only
+        grow, so their sum changes whenever any mask was edited in place; replacing a mask resets
+        the cache) and the parameters' storage addresses and shapes."""
         plan = self._plan_cache
-        if plan is None or plan[0] != versions:
-            params = list(self._params.values())
-            plan = (versions, params, [self._factor(n, p) for n, p in self._params.items()],
-                    [p.detach() for p in params])
-            self._plan_cache = plan
+        if plan is not None:
+            masks, params = plan[4], plan[1]
+            if (sum([m._version for m in masks]) == plan[0][0]
+                    and [(p.data_ptr(), p.shape) for p in params] == plan[0][1]):
+                return plan[1], plan[2], plan[3]
+        masks, params = list(self._masks.values()), list(self._params.values())
+        key = (sum([m._version for m in masks]), [(p.data_ptr(), p.shape) for p in params])
+        plan = (key, params, [self._factor(n, p) for n, p in self._params.items()],
+                [p.detach() for p in params], masks)
+        self._plan_cache = plan
         return plan[1], plan[2], plan[3]
 
     # -- enforcement --------------------------------------------------------------------
@@ -168,10 +175,11 @@ class MaskSet(Mapping):
         """Zero the gradients of pruned weights in place."""
         params, factors, _ = self._plan()
         grads = [p.grad for p in params]
+        if all([g is not None and g.dtype == p.dtype and not g.requires_grad
+                for g, p in zip(grads, params)]):
+            self._multiply(grads, factors)  # plain gradients: no autograd context needed
+            return
         with torch.no_grad():
-            if all(g is not None and g.dtype == p.dtype for g, p in zip(grads, params)):
-                self._multiply(grads, factors)
-                return
             ps = [(n, p.grad) for n, p in self._params.items() if p.grad is not None]
             self._multiply([g for _, g in ps], [self._factor(n, g) for n, g in ps])
 

@@ -528,12 +528,14 @@ class SparseTrainer:
                 scaler.step(self.optimizer)  # records the skip for scaler.update()
                 self.masks.apply()
                 return False
-        if self.is_update_step() and self.config.decay != "magnitude_prune":
+        update = self.is_update_step()
+        gradual = self.config.decay == "magnitude_prune"
+        if update and not gradual:
             self._update()
             self._epoch_update_pending = False
             self.step_count += 1
             return True
-        pruning_event = self.config.decay == "magnitude_prune" and self.is_update_step()
+        pruning_event = update and gradual
         self._before_step()
         if scaler is not None:
             scaler.step(self.optimizer)
