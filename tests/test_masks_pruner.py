@@ -269,6 +269,31 @@ def test_in_place_mask_edits_are_honoured_by_apply(mlp):
     assert float(w.detach()[0, 3]) == 0.0
 
 
+def test_apply_follows_replaced_parameter_storage_and_in_place_edits_of_grads(mlp):
+    """The hot path caches detached views and float masks; it must notice a parameter whose
+    storage was replaced (``p.data = ...``, e.g. after loading or casting) and mask edits between
+    gradient passes."""
+    model = mlp.build()
+    masks = gp.MaskSet(model)
+    masks["0.weight"][0] = False
+    masks.apply()
+    w = model[0].weight
+    w.data = torch.full_like(w.data, 2.0)           # new storage: the cached view is stale
+    masks.apply()
+    assert bool((w.detach()[0] == 0).all()) and bool((w.detach()[1:] == 2.0).all())
+    w.grad = torch.ones_like(w)
+    masks.apply_to_grads()
+    assert bool((w.grad[0] == 0).all()) and bool((w.grad[1:] == 1).all())
+    masks["0.weight"][1] = False                    # in place, between two gradient passes
+    w.grad = torch.ones_like(w)
+    masks.apply_to_grads()
+    assert bool((w.grad[:2] == 0).all()) and bool((w.grad[2:] == 1).all())
+    g = torch.ones_like(w, requires_grad=True) * 1  # a gradient that is part of a graph (create_graph)
+    w.grad = g
+    masks.apply_to_grads()                          # falls back to the no_grad path
+    assert bool((w.grad[:2] == 0).all()) and bool((w.grad[2:] == 1).all())
+
+
 # -- torch.nn.utils.prune interop -------------------------------------------------------------
 
 def test_to_torch_prune_is_what_torch_forward_uses(mlp):
