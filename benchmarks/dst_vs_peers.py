@@ -440,16 +440,17 @@ def count_checks(records):
     gap = [(r, n) for r in ok for n, c in r["nonzero_count_final"].items()
            if r["mask_count_final"].get(n) is not None and c < r["mask_count_final"][n]]
     if gap:
-        notes.append(f"In {len({(r['model'], r['method'], r['target_sparsity'], r['seed']) for r, _ in gap})} "
-                     "runs some ACTIVE weights are exactly 0 at the end (measured density below mask "
-                     "density, shown in brackets in the per-layer tables): connections grown at 0 that "
-                     "never received a nonzero gradient afterwards because they lead into or out of dead "
-                     "ReLU units, so growth fell back to ties at zero score (checked for SNFS on the CNN at "
-                     "90%, seed 0: all 40 such conv1 weights lie in 8 conv1 channels that SNFS's first "
-                     "update (α=0.5 magnitude drop on the then-dense conv1) left all-zero; those channels "
-                     "output 0 on the whole training set, and momentum redistribution later regrew the "
-                     "layer to full density, partly into them). Not a bookkeeping error, but budget "
-                     "spent on connections that cannot learn.")
+        runs = {(r["model"], r["method"], r["target_sparsity"], r["seed"]) for r, _ in gap}
+        by_method = sorted({METHODS[m.partition("@x")[0]][0] for _, m, _, _ in runs})
+        notes.append(f"In {len(runs)} runs ({', '.join(by_method)}) some ACTIVE weights are exactly 0 at the "
+                     "end (measured density below mask density, shown in brackets in the per-layer tables "
+                     "where the difference is large enough): connections grown at 0 that never received a "
+                     "nonzero gradient afterwards because they lead into or out of ReLU units that are dead "
+                     "on the training data. Random growth (SET) can pick such connections by design; "
+                     "gradprune's score-based growth (RigL, SNFS) never grows a connection whose score is "
+                     "exactly 0 (`grow_zero_score=False`, the default), so budget is not spent on them there.")
+    else:
+        notes.append("Active weights that are exactly 0 at the end: none in any run.")
     return notes
 
 
