@@ -599,6 +599,7 @@ def run_bert(seed, cfg, budgets, log, notes, modelopt_python):
     log(f"bert seed={seed} params={d_params} (encoder {enc_params}) flops@{L}tok={d_flops} "
         f"eval={len(eval_s)} calib={len(calib)}x{2 * B} distill pool={len(ds_ids)}")
     recs = [{"part": "bert", "seed": seed, "budget": None, "method": "dense", "params": d_params,
+             "n_eval": len(eval_s),
              "flops": d_flops, "fid_oneshot": 1.0, "fid_distill": 1.0, "search_s": 0.0,
              "heads": bert_widths(dense)[0], "ffn": bert_widths(dense)[1]}]
     models = {"dense": dense}
@@ -892,7 +893,7 @@ def write_markdown(path, meta, rows, notes):
                  "`pydoc_data.topics` (a loss whose gate gradients are not zero at the dense model, unlike "
                  "distillation to itself).")
         L.append(f"  - Fidelity: mean cosine similarity of mean-pooled embeddings to the dense model's on "
-                 f"{a['bert_eval']} held-out sentences (every 4th topic, never used for calibration or distillation). "
+                 f"{meta.get('bert_n_eval', a['bert_eval'])} held-out sentences (every 4th topic, never used for calibration or distillation). "
                  f"Distilled: {a['bert_distill_steps']} steps of Adam {a['bert_distill_lr']}, batch "
                  f"{a['bert_distill_batch']}, MSE + (1 − cos) to the dense embeddings of training-topic "
                  "sentences, same batches for all.")
@@ -1093,6 +1094,9 @@ def write_results(args, argv, cfg, records, notes, t_all, load_start, prov, done
             "provenance": prov, "args": {**{k: v for k, v in cfg.items() if k != "seeds"},
                                          "seeds": done, "seeds_planned": cfg["seeds"], "parts": args.parts,
                                          "quick": args.quick}, "partial": partial}
+    n_eval = {r["n_eval"] for r in records if r.get("n_eval")}
+    if n_eval:  # the held-out set can be smaller than asked for (it depends on pydoc_data)
+        meta["bert_n_eval"] = min(n_eval)
     rows = summarise(records)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
