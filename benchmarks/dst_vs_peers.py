@@ -769,8 +769,7 @@ def main(argv=None):
             load_before = os.getloadavg()[0]
             recs, sk = run_block(kind, seed, data, args, args.methods, args.sparsities, log)
             if args.extended and args.extended > 1:
-                ext = argparse.Namespace(**{**vars(args), "steps": args.steps * args.extended,
-                                            "interval": args.interval})
+                ext = argparse.Namespace(**{**vars(args), "steps": args.steps * args.extended})
                 r2, s2 = run_block(kind, seed, data, ext, [m for m in EXTENDED_METHODS if m in args.methods],
                                    args.extended_sparsities, log, baselines=("dense",), tag=f"@x{args.extended}")
                 recs, sk = recs + r2, sk + s2

@@ -221,3 +221,12 @@ def test_uniform_refuses_what_a_plain_config_cannot_express():
         st.search(net, {"params": "80%"}, None, None, "magnitude", x, uniform=True)
     with pytest.raises(TypeError, match="uniform must be bool"):
         st.search(net, {"params": "80%"}, None, None, "magnitude", x, uniform="yes")
+
+
+def test_bert_head_handler_config_fields_only_express_the_unpruned_count():
+    from gradprune.structured.hf import BertHeads, GPT2Heads
+    for cls in (BertHeads, GPT2Heads):
+        h = cls("layer.attention.self", 4, 8)
+        assert h.config_fields(4) == {}
+        with pytest.raises(ValueError, match="cannot express 3 of 4 heads"):
+            h.config_fields(3)

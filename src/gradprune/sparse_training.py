@@ -53,8 +53,8 @@ Ties in the drop and grow scores are broken at random with the trainer's seeded 
 Score-based growth (``gradient``, ``struct_gradient``, ``momentum``) never grows a connection whose
 score is exactly 0 (it leads into or out of a unit that is dead on the batch: grown at 0 it would
 stay 0): when a layer has fewer such candidates than it would drop, it drops only as many as it can
-regrow, so counts stay exact. ``grow_zero_score=True`` restores the upstream behaviour (random
-picks among zero-score candidates);
+regrow, so counts stay exact. ``grow_zero_score=True`` lets zero-score candidates compete again,
+as upstream did (ties among them broken at random);
 everything random comes from that one generator, so the same seed gives the same masks.
 
 Example:

@@ -119,9 +119,14 @@ class BertHeads(HeadHandler):
         return {a: getattr(mod, a) for a in self.attrs}
 
     def config_fields(self, n: int) -> dict:
-        """The config fields that make ``from_pretrained`` build ``n`` units in every layer (only
-        called when :attr:`uniform_heads`)."""
-        raise NotImplementedError
+        """The config fields that make ``from_pretrained`` build ``n`` units in every layer.
+
+        BERT and GPT-2 configs derive the head size from ``hidden_size / num_attention_heads``,
+        so only the unpruned head count can be expressed (:attr:`uniform_heads` is False)."""
+        if n == self.n_heads:
+            return {}
+        raise ValueError(f"{type(self).__name__}: a config derives the head size from hidden_size / "
+                         f"num_attention_heads, so it cannot express {n} of {self.n_heads} heads")
 
 
 class BertCrossHeads(BertHeads):
