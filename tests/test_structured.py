@@ -140,7 +140,10 @@ def mlp_case():
 @pytest.mark.parametrize("constraints, exc, words", [
     ([("flops", 1)], TypeError, "constraints must be a dict"),
     ({}, ValueError, "at least one"),
-    ({"latency": 3}, ValueError, "'latency'"),
+    ({"latncy": 3}, ValueError, "'latncy'.*valid keys: params, flops, latency"),
+    ({"latency": "0%"}, ValueError, "'0%'"),
+    ({"latency": -1.5}, ValueError, "-1.5"),
+    ({"latency": "fast"}, ValueError, "'fast'"),
     ({"flops": "fifty"}, ValueError, "'fifty'"),
     ({"flops": "150%"}, ValueError, "'150%'"),
     ({"flops": "0%"}, ValueError, "'0%'"),

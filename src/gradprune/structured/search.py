@@ -12,7 +12,8 @@
    Params and FLOPs only decrease as ``t`` grows, so a binary search finds the smallest ``t`` whose
    subnet meets every constraint. The search runs over the sorted distinct sensitivities, so it is
    exact and scale-free (it stops when the bracket holds two neighbouring candidate thresholds; no
-   absolute tolerance).
+   absolute tolerance). A ``latency`` constraint is measured, not counted: a candidate that meets
+   the params/FLOPs bounds is exported and timed on ``example_input`` (see :class:`LatencyProbe`).
 4. The result reports per-group widths, params and FLOPs (a dry run: nothing is cut) and
    :meth:`SearchResult.export` returns the smaller model.
 
@@ -55,19 +56,20 @@ from .groups import Analysis, _as_args, find_groups
 from .rules import SearchRules
 from .scoring import gate_statistics, magnitude_scores
 
-__all__ = ["search", "SearchResult", "METHODS", "parse_constraints"]
+__all__ = ["search", "SearchResult", "METHODS", "parse_constraints", "LatencyProbe"]
 
 METHODS = ("gradnas", "taylor", "michel", "magnitude", "fastnas")
-CONSTRAINT_KEYS = ("params", "flops")
+CONSTRAINT_KEYS = ("params", "flops", "latency")
 _PCT = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*%\s*$")
 
 
 def parse_constraints(constraints: Any, dense: dict) -> dict:
-    """``{"params": N or "NN%", "flops": ...}`` -> absolute upper bounds (percentages of ``dense``)."""
+    """``{"params": N or "NN%", "flops": ..., "latency": ms or "NN%"}`` -> absolute upper bounds
+    (percentages of ``dense[key]``; ``latency`` in milliseconds)."""
     if not isinstance(constraints, dict):
         raise TypeError(f"constraints must be a dict like {{'flops': '50%'}}, got {type(constraints).__name__}")
     if not constraints:
-        raise ValueError("constraints must name at least one of params, flops; got {}")
+        raise ValueError(f"constraints must name at least one of {', '.join(CONSTRAINT_KEYS)}; got {{}}")
     out = {}
     for key, value in constraints.items():
         if key not in CONSTRAINT_KEYS:
@@ -96,7 +98,10 @@ class SearchResult:
 
     Attributes: ``analysis`` (groups, skipped modules), ``choices`` / ``widths`` / ``keep`` per
     group index, ``scores`` and ``sensitivity`` per group, ``params``/``flops`` of the subnet and
-    of the dense model, ``constraints`` (absolute bounds), ``threshold``, ``method``, ``batches``.
+    of the dense model, ``constraints`` (absolute bounds; ``latency`` in ms), ``threshold``,
+    ``method``, ``batches``, ``latency_ms`` (:meth:`latency`) and ``latency_search`` (the
+    measurement a ``latency`` constraint was checked on: batch size, dense and pruned ms, bound,
+    candidates timed).
     """
 
     analysis: Analysis
@@ -116,6 +121,7 @@ class SearchResult:
     score_summary: dict = field(default_factory=dict)
     example_input: Any = None
     latency_ms: dict = field(default_factory=dict)  # {"dense"/"pruned": {batch size: median ms}}
+    latency_search: dict = field(default_factory=dict)  # the measurement a latency constraint used
     uniform: bool = False  # searched with one common width per family of layers
 
     @property
@@ -146,6 +152,14 @@ class SearchResult:
                 lines.append(f"latency batch {bs}: {dense[bs]:.3f} ms -> {pruned[bs]:.3f} ms "
                              f"({pruned[bs] / max(dense[bs], 1e-12):.1%}; CPU median of "
                              f"{self.latency_ms['repeats']} runs)")
+        if self.latency_search:
+            ls = self.latency_search
+            bound = (f"{ls['bound_ratio']:.1%} of dense" if ls["bound_ratio"] is not None
+                     else f"{ls['bound_ms']:.3f} ms")
+            lines.append(f"latency constraint (batch {ls['batch_size']}, measured): {ls['dense_ms']:.3f} ms -> "
+                         f"{ls['pruned_ms']:.3f} ms ({ls['pruned_ms'] / max(ls['dense_ms'], 1e-12):.1%}; "
+                         f"bound {bound}; {ls['candidates_timed']} candidates timed, "
+                         f"median of {ls['repeats']} interleaved runs)")
         if self.analysis.skipped:
             lines.append("not pruned:")
             lines += [f"  {s['module'] or '<model>'}: {s['reason']}" for s in self.analysis.skipped]
@@ -218,6 +232,74 @@ class SearchResult:
         return out
 
 
+class LatencyProbe:
+    """Measures candidate subnets for a ``latency`` constraint.
+
+    Each candidate is exported (:func:`export_model`) and timed on ``example_input`` (its batch
+    size is the one that counts), on the model's device, eval mode, no grad: ``warmup`` untimed
+    forwards, then ``repeats`` timed forwards alternating with the dense model, so both see the
+    same machine load. ``measure(keep)`` returns ``(candidate ms, dense ms)`` (medians), cached
+    per set of widths. A bound given as a percentage is checked on the ratio of the two medians
+    of the same measurement; one in milliseconds on the candidate's median.
+
+    Latency is measured, so it is noisy: two searches can pick neighbouring subnets, and near
+    the bound a candidate can pass in one measurement and fail in another. ``report()`` shows the
+    measurement the search used.
+    """
+
+    def __init__(self, analysis: Analysis, example_input, uniform: bool = False,
+                 repeats: int = 15, warmup: int = 2):
+        self.analysis, self.args, self.uniform = analysis, _as_args(example_input), uniform
+        self.repeats = check_int("repeats", repeats, min_value=1)
+        self.warmup = check_int("warmup", warmup, min_value=0)
+        self.batch_size = int(self.args[0].shape[0]) if self.args and self.args[0].dim() else 1
+        self._cache: dict = {}
+        self.calls = 0  # candidates exported and timed
+
+    def measure(self, widths: dict, keep: dict) -> tuple:
+        key = tuple(sorted(widths.items()))
+        if key not in self._cache:
+            self.calls += 1
+            pruned = export_model(self.analysis, keep, uniform=self.uniform)
+            times = _interleaved_ms({"pruned": pruned, "dense": self.analysis.model}, self.args,
+                                    self.repeats, self.warmup)
+            self._cache[key] = (times["pruned"], times["dense"])
+        return self._cache[key]
+
+    def dense_ms(self) -> float:
+        """The dense model alone (for a percentage bound's value in milliseconds)."""
+        return _interleaved_ms({"dense": self.analysis.model}, self.args, self.repeats, self.warmup)["dense"]
+
+
+def _sync(model: nn.Module) -> None:
+    p = next(model.parameters(), None)
+    if p is not None and p.device.type == "cuda":
+        torch.cuda.synchronize(p.device)
+
+
+def _interleaved_ms(models: dict, args: tuple, repeats: int, warmup: int) -> dict:
+    """Median forward time (ms) of each model, timed round-robin (eval mode, no grad)."""
+    modes = {k: m.training for k, m in models.items()}
+    times = {k: [] for k in models}
+    try:
+        with torch.no_grad():
+            for m in models.values():
+                m.eval()
+                for _ in range(warmup):
+                    m(*args)
+                _sync(m)
+            for _ in range(repeats):
+                for k, m in models.items():
+                    start = time.perf_counter()
+                    m(*args)
+                    _sync(m)
+                    times[k].append((time.perf_counter() - start) * 1e3)
+    finally:
+        for k, m in models.items():
+            m.train(modes[k])
+    return {k: float(statistics.median(v)) for k, v in times.items()}
+
+
 def _median_ms(model: nn.Module, args: tuple, repeats: int, warmup: int) -> float:
     was_training = model.training
     times = []
@@ -227,6 +309,7 @@ def _median_ms(model: nn.Module, args: tuple, repeats: int, warmup: int) -> floa
             for i in range(warmup + repeats):
                 start = time.perf_counter()
                 model(*args)
+                _sync(model)
                 if i >= warmup:
                     times.append((time.perf_counter() - start) * 1e3)
     finally:
@@ -287,8 +370,11 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
     Args:
         model: any ``nn.Module`` that :func:`torch.fx.symbolic_trace` can trace (untraceable
             submodules are left unpruned and listed in ``result.skipped``).
-        constraints: ``{"params": N or "NN%", "flops": N or "NN%"}`` (one or both); percentages
-            are of the dense model; FLOPs are 2 x MACs of one forward on ``example_input``.
+        constraints: ``{"params": N or "NN%", "flops": N or "NN%", "latency": ms or "NN%"}``
+            (any of them at once); percentages are of the dense model; FLOPs are 2 x MACs of one
+            forward on ``example_input``; latency is the measured median forward time on
+            ``example_input`` (its batch size, the model's device; see :class:`LatencyProbe`):
+            each candidate that meets the other bounds is exported and timed.
         data, loss_fn: batches and ``loss_fn(model, batch) -> scalar`` for the gradient methods.
         method: ``gradnas``, ``taylor``, ``michel``, ``magnitude`` or ``fastnas``.
         example_input: a tensor or a tuple of tensors for one forward (batch on dim 0).
@@ -309,8 +395,8 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
             layers; the export then has a plain config that ``from_pretrained`` loads. BERT and
             GPT-2 heads are kept (their config derives the head size from the head count).
 
-    Raises ``ValueError`` naming the smallest reachable params and FLOPs when no subnet meets
-    the constraints.
+    Raises ``ValueError`` naming the smallest reachable params and FLOPs (and latency) when no
+    subnet meets the constraints.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -332,6 +418,7 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
         raise TypeError(f"score_func must be callable as score_func(model) -> float for method='fastnas', "
                         f"got {type(score_func).__name__}")
     check_bool("uniform", uniform)
+    parse_constraints(constraints, {k: 1.0 for k in CONSTRAINT_KEYS})  # syntax, before any work
     if not isinstance(rules, SearchRules):
         rules = SearchRules(rules)
 
@@ -347,7 +434,14 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
             raise ValueError("uniform=True needs a Hugging Face model of a supported family "
                              f"({', '.join(FAMILIES)})")
     cost = CostModel(analysis, example_input)
-    bounds = parse_constraints(constraints, {"params": cost.dense_params, "flops": cost.dense_flops})
+    dense = {"params": cost.dense_params, "flops": cost.dense_flops}
+    probe = lat_frac = None
+    if "latency" in constraints:
+        probe = LatencyProbe(analysis, example_input, uniform=uniform)
+        dense["latency"] = probe.dense_ms()
+        if isinstance(constraints["latency"], str):
+            lat_frac = float(_PCT.match(constraints["latency"]).group(1)) / 100.0
+    bounds = parse_constraints(constraints, dense)
     choices = _group_choices(analysis, rules)
     for gis in fams.values():  # uniform: the widths every layer of the family allows
         common = {w for w in set.intersection(*(set(choices[gi]) for gi in gis))
@@ -380,19 +474,32 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
         return {gi: min(w for w in choices[gi] if sens[gi][w] <= t or w == analysis.groups[gi].size)
                 for gi in choices}
 
+    def measured(widths: dict) -> tuple:
+        return probe.measure(widths, {gi: _keep_for(ranks[gi], widths[gi]) for gi in widths})
+
     def meets(widths: dict) -> bool:
         p, f = cost.costs(widths)
         values = {"params": p, "flops": f}
-        return all(values[k] <= b for k, b in bounds.items())
+        if not all(values[k] <= b for k, b in bounds.items() if k != "latency"):
+            return False
+        if probe is None:
+            return True
+        ms, dense_ms = measured(widths)
+        return ms / dense_ms <= lat_frac if lat_frac is not None else ms <= bounds["latency"]
 
     thresholds = sorted({v for s in sens.values() for v in s.values()} | {0.0})
     hi = len(thresholds) - 1
     if not meets(pick(thresholds[hi])):
-        p, f = cost.costs(pick(thresholds[hi]))
+        smallest = pick(thresholds[hi])
+        p, f = cost.costs(smallest)
         asked = ", ".join(f"{k} <= {b:g}" for k, b in bounds.items())
+        lat = ""
+        if probe is not None:
+            ms, dense_ms = measured(smallest)
+            lat = f", latency={ms:.3f} ms ({ms / dense_ms:.1%} of the dense {dense_ms:.3f} ms, measured)"
         raise ValueError(f"no subnet meets constraints ({asked}): the smallest reachable are "
                          f"params={p} ({p / cost.dense_params:.1%}) and flops={f} "
-                         f"({f / max(cost.dense_flops, 1):.1%}) with these rules")
+                         f"({f / max(cost.dense_flops, 1):.1%}){lat} with these rules")
     lo = -1  # thresholds[lo] fails (or lo = -1: nothing checked yet)
     bar = progress(total=max(1, math.ceil(math.log2(len(thresholds) + 1))), desc="budget search",
                    enable=show_progress)
@@ -415,6 +522,11 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
                           dense_params=cost.dense_params, dense_flops=cost.dense_flops,
                           constraints=bounds, threshold=t, batches=batches, score_summary=summary,
                           example_input=example_input, uniform=uniform)
+    if probe is not None:
+        ms, dense_ms = measured(widths)
+        result.latency_search = {"batch_size": probe.batch_size, "dense_ms": dense_ms, "pruned_ms": ms,
+                                 "bound_ms": bounds["latency"], "bound_ratio": lat_frac,
+                                 "repeats": probe.repeats, "candidates_timed": probe.calls}
     if measure_latency:
         result.latency()
     return result
