@@ -182,15 +182,30 @@ def test_threshold_is_the_smallest_that_meets_the_budget():
             assert s[keep].min() >= s[dropped].max()
 
 
-def test_fastnas_evaluates_once_per_group_choice():
+def _zeroed_units_score(model, x):
+    """score_func for the tiny MLP: minus the number of hidden units that are off (all-zero
+    columns entering the activations): every removed unit strictly lowers the score."""
+    off = []
+    hooks = [model[i].register_forward_hook(lambda mod, inp, out: off.append(int((inp[0] == 0).all(0).sum())))
+             for i in (1, 3)]
+
+    def score_func(m):
+        off.clear()
+        with torch.no_grad():
+            m(x)
+        return -float(sum(off))
+    return score_func, hooks
+
+
+def test_fastnas_evaluates_once_per_group_choice_while_removal_costs():
     model = build("mlp")
     data = batches("mlp", 2)
+    score, hooks = _zeroed_units_score(model, data[1][0])
     calls = []
 
     def score_func(m):
         calls.append(1)
-        with torch.no_grad():
-            return -float(loss_fn(m, data[1]))
+        return score(m)
 
     rules = {"nn.Linear": {"features_ratio": [0.25, 0.5, 0.75], "feature_divisor": 1}}
     found = st.search(model, {"params": "60%"}, None, None, "fastnas", data[0][0], rules=rules,
@@ -198,6 +213,102 @@ def test_fastnas_evaluates_once_per_group_choice():
     assert len(calls) == 1 + sum(len(c) - 1 for c in found.choices.values())
     assert found.params <= 0.6 * found.dense_params
     assert st.count_params(found.export()) == found.params
+    for gi, sens in found.sensitivity.items():  # a narrower width always costs more
+        widths = sorted(sens)
+        assert all(sens[a] > sens[b] for a, b in zip(widths, widths[1:]))
+        assert sens[found.groups[gi].size] == 0.0
+    for h in hooks:
+        h.remove()
+
+
+def test_fastnas_stops_at_the_first_lossless_width_and_ties_do_not_overprune():
+    model = build("mlp")
+    data = batches("mlp", 2)
+    calls = []
+
+    def score_func(m):  # nothing ever loses: every width is lossless
+        calls.append(1)
+        return 1.0
+
+    rules = {"nn.Linear": {"features_ratio": [0.25, 0.5, 0.75], "feature_divisor": 1}}
+    found = st.search(model, {"params": "60%"}, None, None, "fastnas", data[0][0], rules=rules,
+                      score_func=score_func)
+    # the baseline, then only the narrowest width of each group (the wider ones are lossless too)
+    assert len(calls) == 1 + sum(1 for c in found.choices.values() if len(c) > 1)
+    assert found.params <= 0.6 * found.dense_params
+    # the tie-breaker (removed consumer weight norm) orders the widths, so the search stops at the
+    # budget instead of cutting every group to its narrowest lossless width
+    smallest = {gi: min(c) for gi, c in found.choices.items()}
+    assert found.widths != smallest
+    for sens in found.sensitivity.values():
+        widths = sorted(sens)
+        assert all(sens[a] > sens[b] for a, b in zip(widths, widths[1:]))
+        assert max(sens.values()) < 1e-6  # far below any measured difference
+
+
+def test_fastnas_recalibrates_batchnorm_per_candidate_and_restores_it():
+    torch.manual_seed(0)
+    model = build("mlp_bn1d").eval()
+    bn = model[1]
+    with torch.no_grad():  # distinctive statistics that a recalibration would overwrite
+        bn.running_mean.fill_(5.0)
+        bn.running_var.fill_(3.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calib = batches("mlp_bn1d", 3, seed=2)
+    seen = []
+
+    def score_func(m):
+        seen.append((bn.running_mean.clone(), bn.running_var.clone(), bn.training))
+        return -float(loss_fn(m, calib[0]))
+
+    found = st.search(model, {"params": "70%"}, calib, loss_fn, "fastnas", calib[0][0],
+                      rules={"nn.Linear": {"feature_divisor": 4}, "nn.BatchNorm1d": {"feature_divisor": 4}},
+                      score_func=score_func)
+    # the baseline is scored with statistics of the calibration batches (cumulative average)
+    with torch.no_grad():
+        h = [model[0](x) for x, _ in calib]
+    mean = torch.stack([t.mean(0) for t in h]).mean(0)
+    var = torch.stack([t.var(0, unbiased=True) for t in h]).mean(0)
+    assert torch.allclose(seen[0][0], mean, atol=1e-5) and torch.allclose(seen[0][1], var, atol=1e-5)
+    assert seen[0][2] is False  # scored in eval mode
+    assert len(seen) > 1 and not torch.equal(seen[1][0], seen[0][0])  # re-estimated per candidate
+    for k, v in model.state_dict().items():  # the user's statistics are back, bit for bit
+        assert torch.equal(v, before[k]), k
+    assert bn.momentum == 0.1 and not model.training
+    assert found.params <= 0.7 * found.dense_params
+
+
+def test_recalibrate_batchnorm():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Dropout(0.5)).eval()
+    data = [(torch.randn(8, 4) * 2 + 1, None) for _ in range(5)]
+    out = st.recalibrate_batchnorm(net, data, max_batches=3)
+    assert out is net and not net.training and not net[1].training and net[1].momentum == 0.1
+    with torch.no_grad():
+        h = [net[0](x) for x, _ in data[:3]]
+    assert torch.allclose(net[1].running_mean, torch.stack([t.mean(0) for t in h]).mean(0), atol=1e-6)
+    assert int(net[1].num_batches_tracked) == 3
+    seen = []
+    st.recalibrate_batchnorm(net, [torch.ones(2, 4)], forward=lambda m, b: seen.append(m(b)))
+    assert len(seen) == 1 and torch.allclose(net[1].running_mean, net[0](torch.ones(1, 4)).detach()[0])
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
+        st.recalibrate_batchnorm("net", data)
+    with pytest.raises(TypeError, match="forward must be callable"):
+        st.recalibrate_batchnorm(net, data, forward=3)
+    with pytest.raises(ValueError, match="max_batches must be >= 1, got 0"):
+        st.recalibrate_batchnorm(net, data, max_batches=0)
+
+
+def test_magnitude_scores_consumer_side():
+    model = build("mlp")
+    analysis = st.find_groups(model, batches("mlp", 1)[0][0])
+    out_side = st.magnitude_scores(analysis, "l2")
+    in_side = st.magnitude_scores(analysis, "l2", side="in")
+    first = next(gi for gi, g in enumerate(analysis.groups) if g.size == 16)
+    assert torch.allclose(out_side[first], model[0].weight.detach().double().norm(dim=1))
+    assert torch.allclose(in_side[first], model[2].weight.detach().double().norm(dim=0))
+    with pytest.raises(ValueError, match="side must be one of out, in; got 'both'"):
+        st.magnitude_scores(analysis, "l2", side="both")
 
 
 def test_dry_run_report_lists_groups_and_skipped():

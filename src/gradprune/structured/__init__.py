@@ -2,10 +2,11 @@
 
 See ``docs/structured.md``. The main entry points:
 
-- :func:`search` — scores and a binary search on a global threshold to a params/FLOPs budget;
+- :func:`search` — scores and a binary search on a global threshold to a params/FLOPs/latency budget;
 - :meth:`SearchResult.export` — an ordinary, physically smaller ``nn.Module``;
 - :func:`save_pruned` / :func:`load_pruned` — a plain state dict plus a JSON width record;
 - :func:`load_pruned_pretrained` — a pruned Hugging Face model saved with ``save_pretrained``;
+- :func:`recalibrate_batchnorm` — re-estimate BatchNorm statistics of an exported model;
 - :func:`find_groups`, :class:`Gates`, :class:`SearchRules`, :class:`CostModel` — the parts.
 """
 
@@ -17,12 +18,12 @@ from .groups import Analysis, Group, Layout, Slice, find_groups
 from .hf import load_pruned_pretrained
 from .rules import ChannelRule, FeatureRule, HeadRule, SearchRules, candidate_widths
 from .scoring import GateStatistics, gate_statistics, magnitude_scores
-from .search import METHODS, SearchResult, parse_constraints, search
+from .search import METHODS, LatencyProbe, SearchResult, parse_constraints, recalibrate_batchnorm, search
 
 __all__ = [
     "find_groups", "Analysis", "Group", "Slice", "Layout", "Gates", "SearchRules", "ChannelRule",
     "FeatureRule", "candidate_widths", "CostModel", "count_params", "count_flops",
     "GateStatistics", "gate_statistics", "magnitude_scores", "search", "SearchResult", "METHODS",
     "parse_constraints", "export_model", "save_pruned", "load_pruned", "load_pruned_pretrained",
-    "HeadRule", "PrunedMultiheadAttention",
+    "HeadRule", "PrunedMultiheadAttention", "LatencyProbe", "recalibrate_batchnorm",
 ]

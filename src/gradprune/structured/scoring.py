@@ -137,10 +137,18 @@ def gate_statistics(analysis: Analysis, data: Iterable, loss_fn: Callable, *, n_
     return stats
 
 
-def magnitude_scores(analysis: Analysis, norm: str = "l2") -> dict:
-    """``{group index: per-unit norm of the producers' output weights}`` (``norm``: l1 or l2)."""
+def magnitude_scores(analysis: Analysis, norm: str = "l2", side: str = "out") -> dict:
+    """``{group index: per-unit weight norm}`` (``norm``: l1 or l2).
+
+    ``side="out"``: the producers' output rows; ``side="in"``: the consumers' input columns
+    (how much the next layers use a unit; ModelOpt's channel importance, meaningful behind a
+    BatchNorm, which rescales a producer's outputs whatever their norm); a group without
+    consumers falls back to its producers. Attention heads use their handler's norm either way.
+    """
     if norm not in ("l1", "l2"):
         raise ValueError(f"norm must be one of l1, l2; got {norm!r}")
+    if side not in ("out", "in"):
+        raise ValueError(f"side must be one of out, in; got {side!r}")
     modules = dict(analysis.model.named_modules())
     out = {}
     with torch.no_grad():
@@ -150,9 +158,10 @@ def magnitude_scores(analysis: Analysis, norm: str = "l2") -> dict:
                 if m is not None:
                     out[gi] = m
                     continue
+            role = side if any(s.role == side for s in g.slices) else "out"
             acc = torch.zeros(g.size, dtype=torch.float64)
             for s in g.slices:
-                if s.role != "out":
+                if s.role != role:
                     continue
                 w = modules[s.module].weight.detach().to(torch.float64).transpose(0, s.dim)
                 w = w[s.offset:s.offset + s.size * s.inner].reshape(s.size, -1)

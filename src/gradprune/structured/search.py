@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import statistics
@@ -56,7 +57,7 @@ from .groups import Analysis, _as_args, find_groups
 from .rules import SearchRules
 from .scoring import gate_statistics, magnitude_scores
 
-__all__ = ["search", "SearchResult", "METHODS", "parse_constraints", "LatencyProbe"]
+__all__ = ["search", "SearchResult", "METHODS", "parse_constraints", "LatencyProbe", "recalibrate_batchnorm"]
 
 METHODS = ("gradnas", "taylor", "michel", "magnitude", "fastnas")
 CONSTRAINT_KEYS = ("params", "flops", "latency")
@@ -376,6 +377,10 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
             ``example_input`` (its batch size, the model's device; see :class:`LatencyProbe`):
             each candidate that meets the other bounds is exported and timed.
         data, loss_fn: batches and ``loss_fn(model, batch) -> scalar`` for the gradient methods.
+            For ``fastnas`` both are optional: with ``data``, BatchNorm statistics are
+            re-estimated on its first ``max_iter_data_loader`` batches (held in memory; run with
+            ``loss_fn``, or ``model(batch[0])`` without it) before every evaluation, with the
+            candidate's units off (see :func:`recalibrate_batchnorm`).
         method: ``gradnas``, ``taylor``, ``michel``, ``magnitude`` or ``fastnas``.
         example_input: a tensor or a tuple of tensors for one forward (batch on dim 0).
         rules: search-space rules (see :mod:`gradprune.structured.rules`).
@@ -457,12 +462,18 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
         kind = {"gradnas": "gradnas_per_sample" if per_sample else "gradnas"}.get(method, method)
         scores = stats.score(kind) if analysis.groups else {}
         batches, summary = stats.count, stats.summary()
+    elif method == "fastnas":  # units ordered as ModelOpt sorts channels: by the consumers' weights
+        scores = magnitude_scores(analysis, "l2", side="in")
     else:
-        scores = magnitude_scores(analysis, magnitude_norm if method == "magnitude" else "l2")
+        scores = magnitude_scores(analysis, magnitude_norm)
 
     ranks = {gi: _ranking(scores[gi], g.balance) for gi, g in enumerate(analysis.groups)}
     if method == "fastnas":
-        sens = _fastnas_sensitivities(analysis, choices, ranks, score_func, show_progress)
+        calib = None
+        if data is not None:
+            calib = list(itertools.islice(iter(data), max_iter_data_loader))
+        sens = _fastnas_sensitivities(analysis, choices, ranks, score_func, show_progress, calib,
+                                      loss_fn if callable(loss_fn) else None)
     else:
         sens = {gi: _sensitivities(scores[gi], ranks[gi], choices[gi]) for gi in choices}
     for gis in fams.values():  # uniform: a family's width costs the sum over its layers
@@ -532,30 +543,134 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
     return result
 
 
-def _fastnas_sensitivities(analysis, choices, ranks, score_func, show_progress) -> dict:
+def _fastnas_sensitivities(analysis, choices, ranks, score_func, show_progress,
+                           calib=None, forward=None) -> dict:
+    """``score(dense) - score(group at width w)`` per group and width, one evaluation each.
+
+    Widths are tried from the smallest up; once a width loses nothing (``<= 0``), the wider ones
+    are not evaluated (they are 0). With ``calib`` (batches, run with ``forward(model, batch)``)
+    BatchNorm running statistics are re-estimated before every evaluation, with the candidate's
+    units off (the dense baseline too), so a score measures the pruning and not statistics that
+    no longer match; the model's own statistics are restored at the end. Sensitivities are made
+    monotone: a narrower width never looks less sensitive than a wider one.
+    """
     model = analysis.model
     was_training = model.training
+    bns = [m for m in model.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    recalibrate = calib is not None and bool(bns)
+    saved = [(b.running_mean.clone(), b.running_var.clone(), b.num_batches_tracked.clone(), b.momentum)
+             for b in bns] if recalibrate else []
+
+    def evaluate() -> float:
+        if recalibrate:
+            recalibrate_batchnorm(model, calib, forward, modules=bns)
+        return _score(score_func, model)
+
     n_evals = sum(len(c) - 1 for c in choices.values())
     bar = progress(total=n_evals + 1, desc="fastnas", enable=show_progress)
     out = {}
     try:
         model.eval()
         with torch.no_grad():
-            base = _score(score_func, model)
+            base = evaluate()
             bar.update(1)
             for gi, ch in choices.items():
                 size = analysis.groups[gi].size
                 out[gi] = {size: 0.0}
-                for w in ch:
+                lossless = False
+                for w in sorted(ch):
                     if w == size:
                         continue
-                    with Gates(analysis, keep={gi: _keep_for(ranks[gi], w)}):
-                        out[gi][w] = base - _score(score_func, model)
+                    if not lossless:
+                        with Gates(analysis, keep={gi: _keep_for(ranks[gi], w)}):
+                            out[gi][w] = base - evaluate()
+                        lossless = out[gi][w] <= 0.0
+                    else:
+                        out[gi][w] = 0.0
                     bar.update(1)
+                running = 0.0  # monotone: from the widest down, never below a wider width's value
+                for w in sorted(out[gi], reverse=True):
+                    running = out[gi][w] = max(out[gi][w], running)
+        _break_ties(out, analysis, ranks)
     finally:
         bar.close()
+        for b, (mean, var, count, momentum) in zip(bns, saved):
+            with torch.no_grad():
+                b.running_mean.copy_(mean)
+                b.running_var.copy_(var)
+                b.num_batches_tracked.copy_(count)
+            b.momentum = momentum
         model.train(was_training)
     return out
+
+
+def _break_ties(sens: dict, analysis, ranks: dict) -> None:
+    """Measured sensitivities tie often (an accuracy moves in steps of one sample; every lossless
+    width is 0), and the smallest width under a threshold would then cut more than the budget
+    needs. Add a tie-breaker far below any measured difference: the fraction of the group's
+    consumer-side weight norm the width removes (monotone in the width, like the sensitivity)."""
+    values = sorted({v for d in sens.values() for v in d.values()})
+    gaps = [b - a for a, b in zip(values, values[1:]) if b - a > 0]
+    delta = 1e-3 * min(gaps) if gaps else 1e-9
+    norms = magnitude_scores(analysis, "l2", side="in")
+    for gi, d in sens.items():
+        total = float(norms[gi].sum()) or 1.0
+        for w in d:
+            if w != analysis.groups[gi].size:
+                kept = float(norms[gi][_keep_for(ranks[gi], w)].sum())
+                d[w] += delta * (total - kept) / total
+
+
+def recalibrate_batchnorm(model: nn.Module, data: Iterable, forward: Callable | None = None,
+                          max_batches: int | None = None, modules: list | None = None) -> nn.Module:
+    """Re-estimate the running statistics of every BatchNorm layer of ``model`` on ``data``
+    (no weight changes): statistics are reset, then averaged over the batches (cumulative
+    average, as ``momentum=None``), with only the BatchNorm layers in training mode. Useful after
+    :meth:`SearchResult.export`, whose BatchNorm statistics were estimated with the removed
+    channels present.
+
+    ``forward(model, batch)`` runs one batch (default: ``model(batch[0])`` for a tuple/list
+    batch, else ``model(batch)``; a ``loss_fn(model, batch)`` works too, its value is ignored);
+    at most ``max_batches`` batches are used. Returns ``model``.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> from gradprune.structured import recalibrate_batchnorm
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8)).eval()
+        >>> batches = [(torch.randn(16, 4) + 3.0, None) for _ in range(4)]
+        >>> _ = recalibrate_batchnorm(net, batches)
+        >>> bool(net[1].running_mean.abs().sum() > 0), net.training
+        (True, False)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if forward is not None and not callable(forward):
+        raise TypeError(f"forward must be callable as forward(model, batch), got {type(forward).__name__}")
+    if max_batches is not None:
+        check_int("max_batches", max_batches, min_value=1)
+    if modules is None:
+        modules = [m for m in model.modules()
+                   if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if forward is None:
+        def forward(m, batch):
+            return m(batch[0]) if isinstance(batch, (tuple, list)) else m(batch)
+    modes = [(b.training, b.momentum) for b in modules]
+    try:
+        for b in modules:
+            b.reset_running_stats()
+            b.momentum = None
+            b.train()
+        with torch.no_grad():
+            for i, batch in enumerate(data):
+                if max_batches is not None and i >= max_batches:
+                    break
+                forward(model, batch)
+    finally:
+        for b, (training, momentum) in zip(modules, modes):
+            b.train(training)
+            b.momentum = momentum
+    return model
 
 
 def _score(score_func, model) -> float:
