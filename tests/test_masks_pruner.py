@@ -87,6 +87,27 @@ def test_apply_to_grads(mlp):
         assert torch.equal(p[n].grad[m], grads[n][m])
 
 
+def test_fully_dense_masks_are_skipped_until_edited(mlp):
+    # a mask that keeps everything is left out of the multiply; pruning it in place later must
+    # bring it back (the plan follows the masks' version counters)
+    model = mlp.build()
+    masks = random_masks(model)
+    dense_name = next(iter(masks.keys()))
+    masks[dense_name].fill_(True)
+    for step in range(2):
+        model.zero_grad()
+        mlp.loss_fn(model, mlp.batches(1)[0]).backward()
+        p = params_of(model)
+        grads = {n: p[n].grad.clone() for n in masks}
+        masks.apply_to_grads()
+        masks.apply()
+        for n, m in masks.items():
+            assert bool((p[n].grad[~m] == 0.0).all()) and torch.equal(p[n].grad[m], grads[n][m])
+            assert bool((p[n].detach()[~m] == 0.0).all())
+        masks[dense_name][0, :3] = False  # prune three entries of the dense layer in place
+    assert int((~masks[dense_name]).sum()) == 3
+
+
 @pytest.mark.parametrize("make_opt,keys", [
     (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), ("momentum_buffer",)),
     (lambda ps: torch.optim.Adam(ps, lr=0.01), ("exp_avg", "exp_avg_sq")),

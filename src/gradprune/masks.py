@@ -142,21 +142,24 @@ class MaskSet(Mapping):
 
     def _plan(self):
         """``(params, factors, detached params)`` for the hot path, rebuilt only when a mask (or a
-        parameter's storage) changed. Multiplying the detached views needs no autograd context.
+        parameter's storage) changed; parameters whose mask keeps everything are left out.
+        Multiplying the detached views needs no autograd context.
 
         The check runs every step, so it is kept small: the masks' version counters (they only
         grow, so their sum changes whenever any mask was edited in place; replacing a mask resets
         the cache) and the parameters' storage addresses and shapes."""
         plan = self._plan_cache
         if plan is not None:
-            masks, params = plan[4], plan[1]
+            masks, params = plan[4], plan[5]
             if (sum([m._version for m in masks]) == plan[0][0]
                     and [(p.data_ptr(), p.shape) for p in params] == plan[0][1]):
                 return plan[1], plan[2], plan[3]
         masks, params = list(self._masks.values()), list(self._params.values())
         key = (sum([m._version for m in masks]), [(p.data_ptr(), p.shape) for p in params])
-        plan = (key, params, [self._factor(n, p) for n, p in self._params.items()],
-                [p.detach() for p in params], masks)
+        # a fully dense mask (a dense first layer, an ERK layer capped at 1) would multiply by ones
+        sparse = [n for n, m in self._masks.items() if not bool(m.all())]
+        plan = (key, [self._params[n] for n in sparse], [self._factor(n, self._params[n]) for n in sparse],
+                [self._params[n].detach() for n in sparse], masks, params)
         self._plan_cache = plan
         return plan[1], plan[2], plan[3]
 
