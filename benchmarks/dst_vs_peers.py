@@ -463,7 +463,7 @@ def fmt(ms, d=3, pct=False):
     return f"{m:.{d}f} ± {s:.{d}f}"
 
 
-def write_markdown(path, meta, rows, skipped):
+def write_markdown(path, meta, rows, skipped, records=()):
     a = meta["args"]
     L = []
     L.append("# Dynamic sparse training from scratch: gradprune vs rigl-torch")
@@ -602,7 +602,7 @@ def write_markdown(path, meta, rows, skipped):
         for k, why in sorted(set(skipped)):
             L.append(f"- {k}: {why}")
         L.append("")
-    L += goals(rows, a)
+    L += goals(rows, a, records)
     notes = list(meta.get("notes") or []) + list(meta.get("extra_notes") or [])
     if notes:
         L.append("## Notes")
@@ -613,11 +613,23 @@ def write_markdown(path, meta, rows, skipped):
     Path(path).write_text("\n".join(L))
 
 
-def goals(rows, a):
+def goals(rows, a, records=()):
     """The issue's goals, checked on the means of this run (the ± columns give the spread)."""
     def row(kind, key, s):
         return next((r for r in rows if r["model"] == kind and r["method"] == key
                      and r["target_sparsity"] == s and "test_acc" in r), None)
+    def paired(kind, k1, k2, s):
+        """Per-seed differences (same seed: same initial weights and batch order for both)."""
+        acc = {(r["method"], r["seed"]): r["test_acc"] for r in records
+               if r.get("model") == kind and r.get("target_sparsity") == s and "test_acc" in r}
+        d = [acc[(k1, sd)] - acc[(k2, sd)] for (m, sd) in acc if m == k1 and (k2, sd) in acc]
+        if len(d) < 2:
+            return ""
+        se = statistics.stdev(d) / math.sqrt(len(d))
+        t = statistics.mean(d) / se if se > 0 else float("nan")
+        return (f"; paired over {len(d)} seeds: mean difference {statistics.mean(d):+.4f} ± {se:.4f} (s.e.), "
+                f"t = {t:+.2f}, gradprune ahead in {sum(x > 0 for x in d)}, behind in {sum(x < 0 for x in d)}")
+
     L = ["## Goals (checked on the means of this run)", ""]
     if "cnn" in a["models"]:
         dense = row("cnn", "dense", None)
@@ -638,7 +650,8 @@ def goals(rows, a):
                 d = g["test_acc"][0] - t["test_acc"][0]
                 L.append(f"- {kind.upper()} {100 * s:.0f}%{', ' + tag[2:] + '× steps' if tag else ''}: gradprune RigL (rigl-torch's allocation) "
                          f"{g['test_acc'][0]:.3f} ± {g['test_acc'][1]:.3f} vs rigl-torch {t['test_acc'][0]:.3f} "
-                         f"± {t['test_acc'][1]:.3f} -> " + ("met" if d >= 0 else "NOT met") + f" ({d:+.3f})")
+                         f"± {t['test_acc'][1]:.3f} -> " + ("met" if d >= 0 else "NOT met") + f" ({d:+.3f}"
+                         + paired(kind, "gp_rigl_uniform_dfl" + tag, "rigl_torch" + tag, s) + ")")
     over = {}
     for r in rows:
         base = r["method"].partition("@x")[0]
@@ -690,7 +703,7 @@ def main(argv=None):
         d = json.load(open(src))
         BASE_STEPS[0] = d["meta"]["args"]["steps"]
         d["meta"]["notes"] = list(STATIC_NOTES) + count_checks(d["records"])
-        write_markdown(src.with_suffix(".md"), d["meta"], summarise(d["records"]), d.get("skipped", []))
+        write_markdown(src.with_suffix(".md"), d["meta"], summarise(d["records"]), d.get("skipped", []), d["records"])
         json.dump(d, open(src, "w"), indent=1, default=str)
         print(f"rewrote {src.with_suffix('.md')}")
         return
@@ -762,7 +775,7 @@ def main(argv=None):
         rows = summarise(records)
         json.dump({"meta": meta, "summary": rows, "records": records, "skipped": skipped},
                   open(out.with_suffix(".json"), "w"), indent=1, default=str)
-        write_markdown(out.with_suffix(".md"), meta, rows, skipped)
+        write_markdown(out.with_suffix(".md"), meta, rows, skipped, records)
 
     for kind in args.models:
         for seed in args.seeds:
