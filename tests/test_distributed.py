@@ -556,6 +556,39 @@ def _search_worker(rank, world):
     return _search(model, _shard(_search_batches(), rank, world), process_group=dist.group.WORLD)
 
 
+def _latency_worker(rank, world):
+    import importlib
+
+    import torch.distributed as dist
+
+    search_mod = importlib.import_module("gradprune.structured.search")
+    model = _search_cnn(0)
+    dense_params = sum(p.numel() for p in model.parameters())
+
+    def timer(models, args, repeats, warmup):
+        # deterministic stand-in: 1 ms per 1000 parameters, and rank 1 has a fixed overhead, so
+        # the ranks' own ratios would disagree (rank 0 alone: params <= 60%; rank 1 alone: <= 48%)
+        return {k: sum(p.numel() for p in m.parameters()) / 1000 + rank * 0.3 * dense_params / 1000
+                for k, m in models.items()}
+
+    search_mod._interleaved_ms = timer
+    res = search_mod.search(model, {"latency": "60%"}, _shard(_search_batches(), rank, world), _ce, "gradnas",
+                            example_input=torch.randn(2, 1, 6, 6), rules=_SEARCH_RULES,
+                            process_group=dist.group.WORLD)
+    return res.widths, res.latency_search, res.params, res.dense_params
+
+
+def test_structured_latency_constraint_agrees_across_ranks(tmp_path):
+    (w0, ls0, p0, d0), (w1, ls1, p1, _) = run_ranks(tmp_path, _latency_worker)
+    assert w0 == w1 and p0 == p1
+    for key in ("dense_ms", "pruned_ms", "bound_ms"):
+        assert ls0[key] == ls1[key]
+    # the averaged timer is params/1000 + 0.15 * dense/1000 on both ranks
+    assert ls0["dense_ms"] == pytest.approx(1.15 * d0 / 1000)
+    assert ls0["pruned_ms"] == pytest.approx(p0 / 1000 + 0.15 * d0 / 1000)
+    assert ls0["pruned_ms"] / ls0["dense_ms"] <= 0.6
+
+
 def test_structured_search_distributed_matches_single_process(tmp_path):
     results = run_ranks(tmp_path, _search_worker)
     expect = _search(_search_cnn(0), _search_batches())

@@ -245,12 +245,14 @@ class LatencyProbe:
 
     Latency is measured, so it is noisy: two searches can pick neighbouring subnets, and near
     the bound a candidate can pass in one measurement and fail in another. ``report()`` shows the
-    measurement the search used.
+    measurement the search used. Under ``torch.distributed`` (``group``), every rank times the
+    candidate and the medians are averaged over the ranks, so all ranks take the same decisions.
     """
 
     def __init__(self, analysis: Analysis, example_input, uniform: bool = False,
-                 repeats: int = 15, warmup: int = 2):
+                 repeats: int = 15, warmup: int = 2, group=None):
         self.analysis, self.args, self.uniform = analysis, _as_args(example_input), uniform
+        self.group = group
         self.repeats = check_int("repeats", repeats, min_value=1)
         self.warmup = check_int("warmup", warmup, min_value=0)
         self.batch_size = int(self.args[0].shape[0]) if self.args and self.args[0].dim() else 1
@@ -264,12 +266,23 @@ class LatencyProbe:
             pruned = export_model(self.analysis, keep, uniform=self.uniform)
             times = _interleaved_ms({"pruned": pruned, "dense": self.analysis.model}, self.args,
                                     self.repeats, self.warmup)
-            self._cache[key] = (times["pruned"], times["dense"])
+            self._cache[key] = self._agree(times["pruned"], times["dense"])
         return self._cache[key]
 
     def dense_ms(self) -> float:
         """The dense model alone (for a percentage bound's value in milliseconds)."""
-        return _interleaved_ms({"dense": self.analysis.model}, self.args, self.repeats, self.warmup)["dense"]
+        ms = _interleaved_ms({"dense": self.analysis.model}, self.args, self.repeats, self.warmup)["dense"]
+        return self._agree(ms)[0]
+
+    def _agree(self, *values: float) -> tuple:
+        """``values`` averaged over the ranks of the process group (as they are without one)."""
+        if self.group is None:
+            return tuple(values)
+        from .._distributed import all_reduce_tensors
+        p = next(self.analysis.model.parameters(), None)
+        t = torch.tensor(values, dtype=torch.float64, device=p.device if p is not None else None)
+        all_reduce_tensors([t], self.group, average=True)
+        return tuple(float(v) for v in t.tolist())
 
 
 def _sync(model: nn.Module) -> None:
@@ -392,7 +405,8 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
         process_group: score under ``torch.distributed`` (or pass a ``DistributedDataParallel``
             model): every rank feeds its own shard of each batch; gate gradients are averaged over
             the ranks per batch (per-sample sums are added), so every rank finds the same subnet
-            as one process on the global batches.
+            as one process on the global batches; latency measurements are averaged over the
+            ranks.
         measure_latency: also time the dense and the exported model on CPU at batch sizes 1
             and 32 (:meth:`SearchResult.latency`); the report then shows it.
         uniform: (Hugging Face models) search one common width per family of groups (the
@@ -442,7 +456,7 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
     dense = {"params": cost.dense_params, "flops": cost.dense_flops}
     probe = lat_frac = None
     if "latency" in constraints:
-        probe = LatencyProbe(analysis, example_input, uniform=uniform)
+        probe = LatencyProbe(analysis, example_input, uniform=uniform, group=group)
         dense["latency"] = probe.dense_ms()
         if isinstance(constraints["latency"], str):
             lat_frac = float(_PCT.match(constraints["latency"]).group(1)) / 100.0
