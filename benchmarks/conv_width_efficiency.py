@@ -5,8 +5,8 @@
    widths and sequence lengths of the structured benchmark's MNIST-1D ResNet: if narrow
    convolutions ran as many FLOPs per second as wide ones, latency would follow FLOPs.
 2. The dense ResNet (96/192/384) against uniformly narrowed copies (~50% and ~30% of its FLOPs),
-   each as it is and with every BatchNorm folded into the convolution before it (the usual
-   inference rewrite; outputs checked equal): if BatchNorm, which FLOPs counts leave out, were the
+   each as it is and with every BatchNorm folded into the convolution before it
+   (``gradprune.structured.fold_batchnorm``, the usual inference rewrite; outputs checked equal): if BatchNorm, which FLOPs counts leave out, were the
    cause, folding would close the gap between the latency ratio and the FLOPs ratio.
 
 Timings are medians over interleaved repeats in one process; FLOPs are 2 x MACs counted with
@@ -52,25 +52,11 @@ def median_ms(fns: dict, repeats: int, warmup: int = 3) -> dict:
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """A copy of a ResNet1d with each BatchNorm folded into the convolution before it."""
+    """A copy of ``model`` with each BatchNorm folded into the convolution before it
+    (``gradprune.structured.fold_batchnorm``)."""
+    from gradprune.structured import fold_batchnorm as fold
     m = copy.deepcopy(model).eval()
-
-    def fold(conv, bn):
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        out = nn.Conv1d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                        conv.padding, bias=True)
-        with torch.no_grad():
-            out.weight.copy_(conv.weight * scale[:, None, None])
-            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-            out.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
-        return out
-
-    m.stem = nn.Sequential(fold(m.stem[0], m.stem[1]), m.stem[2])
-    for block in (m.layer1, m.layer2, m.layer3):
-        block.conv1, block.bn1 = fold(block.conv1, block.bn1), nn.Identity()
-        block.conv2, block.bn2 = fold(block.conv2, block.bn2), nn.Identity()
-        if block.down is not None:
-            block.down = fold(block.down[0], block.down[1])
+    fold(m)
     return m
 
 

@@ -7,12 +7,14 @@ See ``docs/structured.md``. The main entry points:
 - :func:`save_pruned` / :func:`load_pruned` — a plain state dict plus a JSON width record;
 - :func:`load_pruned_pretrained` — a pruned Hugging Face model saved with ``save_pretrained``;
 - :func:`recalibrate_batchnorm` — re-estimate BatchNorm statistics of an exported model;
+- :func:`fold_batchnorm` — fold eval-mode BatchNorm into the convolutions before it, for inference;
 - :func:`find_groups`, :class:`Gates`, :class:`SearchRules`, :class:`CostModel` — the parts.
 """
 
 from .attention import PrunedMultiheadAttention
 from .export import export_model, load_pruned, save_pruned
 from .flops import CostModel, count_flops, count_params
+from .fold import fold_batchnorm
 from .gates import Gates
 from .groups import Analysis, Group, Layout, Slice, find_groups
 from .hf import load_pruned_pretrained
@@ -25,5 +27,5 @@ __all__ = [
     "FeatureRule", "candidate_widths", "CostModel", "count_params", "count_flops",
     "GateStatistics", "gate_statistics", "magnitude_scores", "search", "SearchResult", "METHODS",
     "parse_constraints", "export_model", "save_pruned", "load_pruned", "load_pruned_pretrained",
-    "HeadRule", "PrunedMultiheadAttention", "LatencyProbe", "recalibrate_batchnorm",
+    "HeadRule", "PrunedMultiheadAttention", "LatencyProbe", "recalibrate_batchnorm", "fold_batchnorm",
 ]
