@@ -278,6 +278,21 @@ def test_fastnas_recalibrates_batchnorm_per_candidate_and_restores_it():
     assert found.params <= 0.7 * found.dense_params
 
 
+def test_fastnas_keeps_the_units_their_consumers_weigh_most():
+    # producer rows and consumer columns rank the hidden units in opposite orders: fastnas keeps
+    # the units the next layer uses most (ModelOpt's channel order)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        scale = torch.arange(1.0, 9.0)
+        model[0].weight.copy_(torch.ones(8, 4) * scale[:, None])          # unit 7 largest row
+        model[2].weight.copy_(torch.ones(2, 8) * scale.flip(0)[None, :])  # unit 0 largest column
+    x = torch.randn(4, 4)
+    found = st.search(model, {"params": "60%"}, None, None, "fastnas", x,
+                      rules={"nn.Linear": {"feature_divisor": 2}}, score_func=lambda m: 1.0)
+    kept = found.keep[0].tolist()
+    assert kept == list(range(len(kept))) and len(kept) < 8
+
+
 def test_recalibrate_batchnorm():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Dropout(0.5)).eval()
