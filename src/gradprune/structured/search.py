@@ -228,7 +228,7 @@ class SearchResult:
         out = {"dense": {}, "pruned": {}, "repeats": repeats}
         for key, model in (("dense", self.analysis.model), ("pruned", pruned)):
             for bs in sizes:
-                out[key][bs] = _median_ms(model, _as_args(example_input_fn(bs)), repeats, warmup)
+                out[key][bs] = _interleaved_ms({key: model}, _as_args(example_input_fn(bs)), repeats, warmup)[key]
         self.latency_ms = out
         return out
 
@@ -312,23 +312,6 @@ def _interleaved_ms(models: dict, args: tuple, repeats: int, warmup: int) -> dic
         for k, m in models.items():
             m.train(modes[k])
     return {k: float(statistics.median(v)) for k, v in times.items()}
-
-
-def _median_ms(model: nn.Module, args: tuple, repeats: int, warmup: int) -> float:
-    was_training = model.training
-    times = []
-    try:
-        model.eval()
-        with torch.no_grad():
-            for i in range(warmup + repeats):
-                start = time.perf_counter()
-                model(*args)
-                _sync(model)
-                if i >= warmup:
-                    times.append((time.perf_counter() - start) * 1e3)
-    finally:
-        model.train(was_training)
-    return float(statistics.median(times))
 
 
 def _group_choices(analysis: Analysis, rules: SearchRules) -> dict:
@@ -488,6 +471,7 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
             calib = list(itertools.islice(iter(data), max_iter_data_loader))
         sens = _fastnas_sensitivities(analysis, choices, ranks, score_func, show_progress, calib,
                                       loss_fn if callable(loss_fn) else None)
+        _break_ties(sens, analysis, ranks, scores)
     else:
         sens = {gi: _sensitivities(scores[gi], ranks[gi], choices[gi]) for gi in choices}
     for gis in fams.values():  # uniform: a family's width costs the sum over its layers
@@ -606,7 +590,6 @@ def _fastnas_sensitivities(analysis, choices, ranks, score_func, show_progress,
                 running = 0.0  # monotone: from the widest down, never below a wider width's value
                 for w in sorted(out[gi], reverse=True):
                     running = out[gi][w] = max(out[gi][w], running)
-        _break_ties(out, analysis, ranks)
     finally:
         bar.close()
         for b, (mean, var, count, momentum) in zip(bns, saved):
@@ -619,15 +602,15 @@ def _fastnas_sensitivities(analysis, choices, ranks, score_func, show_progress,
     return out
 
 
-def _break_ties(sens: dict, analysis, ranks: dict) -> None:
+def _break_ties(sens: dict, analysis, ranks: dict, norms: dict) -> None:
     """Measured sensitivities tie often (an accuracy moves in steps of one sample; every lossless
     width is 0), and the smallest width under a threshold would then cut more than the budget
     needs. Add a tie-breaker far below any measured difference: the fraction of the group's
-    consumer-side weight norm the width removes (monotone in the width, like the sensitivity)."""
+    consumer-side weight norm (``norms``, the scores fastnas ranks units by) the width removes
+    (monotone in the width, like the sensitivity)."""
     values = sorted({v for d in sens.values() for v in d.values()})
     gaps = [b - a for a, b in zip(values, values[1:]) if b - a > 0]
     delta = 1e-3 * min(gaps) if gaps else 1e-9
-    norms = magnitude_scores(analysis, "l2", side="in")
     for gi, d in sens.items():
         total = float(norms[gi].sum()) or 1.0
         for w in d:
