@@ -1504,3 +1504,97 @@ def test_momentum_growth_without_dense_gradients_is_rejected():
     gp.SparseConfig.rigl(grow="momentum", grow_zero_score=True)   # upstream random ties: allowed
     with pytest.raises(TypeError, match="grow_zero_score"):
         gp.SparseConfig.rigl(grow_zero_score="yes")
+
+
+# ---------------------------------------------------------------------------------------------
+# regrow_dropped: the RigL reference implementation's growth among everything inactive after the drop
+
+def _regrow_run(regrow_dropped: bool):
+    """RigL on the MLP with every update's dense gradient, weights, momentum and masks recorded."""
+    model = build("mlp", seed=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    cfg = gp.SparseConfig.rigl(density=0.3, total_steps=30, update_interval=3, alpha=0.5,
+                               regrow_dropped=regrow_dropped, seed=1)
+    trainer = gp.SparseTrainer(model, opt, cfg)
+    params = params_of(trainer)
+    init = counts(trainer)
+    updates = []
+    for batch in batches("mlp", 30, seed=4):
+        opt.zero_grad()
+        loss_of(model, batch).backward()
+        rec = {"masks": clone_masks(trainer), "step": trainer.step_count,
+               "grad": {n: p.grad.detach().clone() for n, p in params.items()},
+               "w": {n: p.detach().clone() for n, p in params.items()},
+               "buf": {n: opt.state[p]["momentum_buffer"].clone() for n, p in params.items() if p in opt.state}}
+        if trainer.step():
+            rec["after"] = clone_masks(trainer)
+            rec["w_after"] = {n: p.detach().clone() for n, p in params.items()}
+            rec["buf_after"] = {n: opt.state[p]["momentum_buffer"].clone() for n, p in params.items()}
+            updates.append(rec)
+        assert counts(trainer) == init
+    return trainer, cfg, init, updates
+
+
+def test_regrow_dropped_grows_among_everything_inactive_after_the_drop():
+    trainer, cfg, init, updates = _regrow_run(True)
+    assert len(updates) == 7  # steps 3, 6, ..., 21 (end_step = 22)
+    replaced = asked = 0
+    for rec in updates:
+        f = 0.5 * cfg.alpha * (1 + math.cos(math.pi * rec["step"] / cfg.end_step))
+        for n, before in rec["masks"].items():
+            after, g = rec["after"][n], rec["grad"][n].abs()
+            n_drop = rhu(f * init[n])
+            new, gone = after & ~before, before & ~after
+            assert int(new.sum()) == int(gone.sum()) <= n_drop
+            replaced, asked = replaced + int(new.sum()), asked + n_drop
+            # the drop: every connection that left was among the n_drop smallest active ones
+            if gone.any():
+                cut = rec["w"][n].abs()[before].kthvalue(n_drop).values
+                assert float(rec["w"][n].abs()[gone].max()) <= float(cut)
+            # the growth: top |gradient| among all connections inactive after the drop, so no
+            # connection left inactive (a just-dropped one included) beats a newly grown one
+            if new.any():
+                assert float(g[new].min()) >= float(g[~after].max())
+            # a connection kept (or dropped and regrown at once) keeps its weight and momentum;
+            # a new one starts at exactly 0 with 0 momentum
+            stay = before & after
+            assert torch.equal(rec["w_after"][n][stay], rec["w"][n][stay])
+            if n in rec["buf"]:
+                assert torch.equal(rec["buf_after"][n][stay], rec["buf"][n][stay])
+            assert bool((rec["w_after"][n][new] == 0).all())
+            assert bool((rec["buf_after"][n][new] == 0).all())
+    # some dropped connections were regrown at once (fewer replaced than dropped), but not all
+    assert 0 < replaced < asked
+    assert_inactive_zero(trainer, trainer.optimizer)
+
+
+def test_without_regrow_dropped_every_dropped_connection_is_replaced():
+    # the default (and the issue's invariant): dropped and grown are disjoint, so each update
+    # replaces exactly the dropped count, even where a just-dropped connection has the larger
+    # gradient (this run has such updates: the property the test above checks fails here)
+    _, cfg, init, updates = _regrow_run(False)
+    beaten = 0
+    for rec in updates:
+        f = 0.5 * cfg.alpha * (1 + math.cos(math.pi * rec["step"] / cfg.end_step))
+        for n, before in rec["masks"].items():
+            after, g = rec["after"][n], rec["grad"][n].abs()
+            new, gone = after & ~before, before & ~after
+            assert int(new.sum()) == int(gone.sum()) == rhu(f * init[n])
+            beaten += int(new.any() and float(g[gone].max()) > float(g[new].min()))
+    assert beaten > 0
+
+
+def test_regrow_dropped_is_validated_and_saved_with_the_trainer():
+    with pytest.raises(TypeError, match="regrow_dropped"):
+        gp.SparseConfig.rigl(regrow_dropped="yes")
+    trainer, _, _, _ = _regrow_run(True)
+    state = trainer.state_dict()
+    model = build("mlp", seed=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    cfg = gp.SparseConfig.rigl(density=0.3, total_steps=30, update_interval=3, alpha=0.5, seed=1)
+    with pytest.raises(ValueError, match=r"different config \(fields \['regrow_dropped'\]\)"):
+        gp.SparseTrainer(model, opt, cfg).load_state_dict(state)
+    fresh = gp.SparseTrainer(model, opt, cfg.replace(regrow_dropped=True))
+    fresh.load_state_dict(state)
+    assert fresh.config.regrow_dropped is True
+    assert all(torch.equal(fresh.masks[n], trainer.masks[n]) for n in trainer.masks)

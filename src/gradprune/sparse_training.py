@@ -38,7 +38,8 @@ prune           ``magnitude`` (per layer), ``global_magnitude`` (one exact thres
 grow            ``gradient`` (RigL: largest ``|dense grad|``), ``momentum`` (SNFS; Adam:
                 ``exp_avg / (sqrt(exp_avg_sq) + eps)``), ``random``, ``none``, ``struct_gradient``;
                 callable ``grow(weight, mask, n, ctx) -> mask`` with exactly ``n`` more active
-                (``mask`` is the one from before the drop, so nothing just dropped is regrown)
+                (``mask`` is the one from before the drop, so nothing just dropped is regrown;
+                with ``regrow_dropped=True`` the one after the drop)
 redistribute    ``none``, ``momentum`` (mean ``|m|`` over active), ``gradient`` (mean ``|g|`` over
                 active), ``nonzero``; callable ``redistribute(weight, mask, ctx) -> float``
 decay           ``cosine`` (``eta_min + (alpha - eta_min)/2 (1 + cos(pi t / end_step))``), ``linear``,
@@ -56,6 +57,13 @@ stay 0): when a layer has fewer such candidates than it would drop, it drops onl
 regrow, so counts stay exact. ``grow_zero_score=True`` lets zero-score candidates compete again,
 as upstream did (ties among them broken at random);
 everything random comes from that one generator, so the same seed gives the same masks.
+
+By default a connection dropped in an update cannot be regrown in the same update, so the
+dropped and the grown sets are disjoint and every update replaces exactly the dropped count.
+``regrow_dropped=True`` grows among every connection inactive after the drop, as the RigL
+authors' reference implementation (``reinit_when_same=False``) and rigl-torch do: a dropped
+connection that is regrown keeps its weight and optimizer state (it never left), so an update
+may replace fewer connections than it dropped; counts stay exact either way.
 
 Example:
     >>> import torch, torch.nn as nn
@@ -145,6 +153,7 @@ class SparseConfig(Config):
     update_on: str = "step"
     dense_gradients: bool = False
     grow_zero_score: bool = False
+    regrow_dropped: bool = False
     struct_reduce: str = "mean"
     lottery_masks: Any = None
     lottery_shuffle: bool = False
@@ -175,6 +184,7 @@ class SparseConfig(Config):
     _validate_dense_first_layer = staticmethod(lambda v: check_bool("dense_first_layer", v))
     _validate_dense_gradients = staticmethod(lambda v: check_bool("dense_gradients", v))
     _validate_grow_zero_score = staticmethod(lambda v: check_bool("grow_zero_score", v))
+    _validate_regrow_dropped = staticmethod(lambda v: check_bool("regrow_dropped", v))
     _validate_lottery_shuffle = staticmethod(lambda v: check_bool("lottery_shuffle", v))
     _validate_include_classifier = staticmethod(lambda v: check_bool("include_classifier", v))
 
@@ -659,10 +669,12 @@ class SparseTrainer:
         redistributing = callable(cfg.redistribute) or cfg.redistribute != "none"
         growing = callable(cfg.grow) or cfg.grow != "none"
         # where each layer can regrow: connections inactive before the drop (nothing just dropped),
-        # with a nonzero score for score-based growth unless grow_zero_score
+        # with a nonzero score for score-based growth unless grow_zero_score; with regrow_dropped
+        # the dropped connections too (whatever their score: regrowing one is keeping it)
         grow_scores = {n: self._grow_scores(n) for n in names} if growing else {}
-        room = {n: int((~before[n] if grow_scores.get(n) is None or cfg.grow_zero_score else
+        free = {n: int((~before[n] if grow_scores.get(n) is None or cfg.grow_zero_score else
                         ~before[n] & (grow_scores[n] != 0)).sum()) for n in names}
+        room = {n: free[n] + (n_drop[n] if cfg.regrow_dropped else 0) for n in names}
         if growing and not redistributing:
             # a layer regrows what it dropped: it cannot drop more than it can regrow (a dense
             # layer stays dense)
@@ -699,7 +711,8 @@ class SparseTrainer:
                 after[n] = before[n] & ~dropped
         # how many to grow where
         if growing:
-            capacity = [room[n] for n in names]
+            capacity = [free[n] + (active[n] - int(after[n].sum()) if cfg.regrow_dropped else 0)
+                        for n in names]
             total = min(sum(n_drop.values()), sum(capacity))
             # without redistribution each layer regrows what it dropped (exactly, whenever its
             # capacity allows; global magnitude may need to spread the rest)
@@ -707,10 +720,11 @@ class SparseTrainer:
                 else [float(n_drop[n]) for n in names]
             n_grow = dict(zip(names, _allocate_counts(capacity, stats, total)))
             for n in names:
-                candidates = ~before[n]
+                # just-dropped connections are candidates only with regrow_dropped
+                base = after[n] if cfg.regrow_dropped else before[n]
+                candidates = ~base
                 if callable(cfg.grow):
-                    # it gets the mask from before the drop: just-dropped connections are no candidates
-                    res = cfg.grow(self.params[n].detach(), self._weight_mask(n, before[n]), n_grow[n],
+                    res = cfg.grow(self.params[n].detach(), self._weight_mask(n, base), n_grow[n],
                                    self._ctx(n))
                     grown = self._units_from_callable(n, res, "grow") & candidates
                     if int(grown.sum()) != n_grow[n]:
@@ -720,7 +734,8 @@ class SparseTrainer:
                     grown = _pick_random(candidates, n_grow[n], self.generator)
                 else:
                     if not cfg.grow_zero_score:
-                        candidates = candidates & (grow_scores[n] != 0)
+                        keep_room = (before[n] & ~after[n]) if cfg.regrow_dropped else False
+                        candidates = candidates & ((grow_scores[n] != 0) | keep_room)
                     grown = _pick(grow_scores[n], candidates, n_grow[n], largest=True, gen=self.generator)
                 after[n] = after[n] | grown
         for n in names:
