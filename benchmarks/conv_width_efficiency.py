@@ -8,6 +8,10 @@
    each as it is and with every BatchNorm folded into the convolution before it
    (``gradprune.structured.fold_batchnorm``, the usual inference rewrite; outputs checked equal): if BatchNorm, which FLOPs counts leave out, were the
    cause, folding would close the gap between the latency ratio and the FLOPs ratio.
+3. The same models' convolutions alone (each run on the input it receives inside the model, in
+   the same rounds): the latency ratio of the convolutions against the FLOPs ratio, and the time
+   of everything else in the forward (BatchNorm, ReLU, additions, pooling, the Linear head, the
+   Python calls), which does not shrink with the widths the way FLOPs do.
 
 Timings are medians over interleaved repeats in one process; FLOPs are 2 x MACs counted with
 ``torch.utils.flop_counter`` (convolutions and the final Linear).
@@ -60,6 +64,20 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return m
 
 
+def conv_calls(model: nn.Module, x: torch.Tensor) -> list:
+    """``[(conv, its input)]`` for every ``Conv1d`` of ``model`` in one forward on ``x``."""
+    calls = []
+    hooks = [c.register_forward_pre_hook(lambda mod, args: calls.append((mod, args[0])))
+             for c in model.modules() if isinstance(c, nn.Conv1d)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=40)
@@ -101,17 +119,19 @@ def main(argv=None):
     for name, (m, f, _, _) in models.items():
         fns[(name, "as is")] = (lambda m=m: m(x))
         fns[(name, "BN folded")] = (lambda f=f: f(x))
+        fns[(name, "convolutions alone")] = (lambda calls=conv_calls(m, x): [c(a) for c, a in calls])
     with torch.no_grad():
         lat = median_ms(fns, args.repeats)
     model_rows = []
     d_flops = models["dense"][2]
     for name, (m, f, flops, err) in models.items():
-        for variant in ("as is", "BN folded"):
+        for variant in ("as is", "BN folded", "convolutions alone"):
             ms = lat[(name, variant)]
             ratio = ms / lat[("dense", variant)]
             model_rows.append({"model": name, "variant": variant, "flops_ratio": flops / d_flops,
                                "ms_b32": ms, "latency_ratio": ratio,
-                               "gap_vs_flops": ratio / (flops / d_flops) - 1.0, "fold_max_abs_err": err})
+                               "gap_vs_flops": ratio / (flops / d_flops) - 1.0, "fold_max_abs_err": err,
+                               "rest_ms": lat[(name, "as is")] - ms if variant == "convolutions alone" else None})
             print(f"{name:12s} {variant:9s}: FLOPs {flops / d_flops:.3f}, {ms:7.2f} ms, latency ratio "
                   f"{ratio:.3f} ({ratio / (flops / d_flops) - 1.0:+.0%} vs FLOPs)", flush=True)
 
@@ -140,6 +160,9 @@ def main(argv=None):
     for r in model_rows:
         L.append(f"| {r['model']} | {r['variant']} | {r['flops_ratio']:.3f} | {r['ms_b32']:.2f} | "
                  f"{r['latency_ratio']:.3f} | {r['gap_vs_flops']:+.0%} |")
+    rest = {r["model"]: r["rest_ms"] for r in model_rows if r["rest_ms"] is not None}
+    L += ["", "Everything but the convolutions (as is minus convolutions alone, ms): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in rest.items()) + "."]
     L += ["", "Widths: dense 96/192/384, ~50% 64/128/288, ~30% 48/96/224 (stem and stage 1, stage 2, stage 3). "
           "Folded models equal the originals to "
           f"{max(r['fold_max_abs_err'] for r in model_rows):.1e} (max abs difference of the outputs).", ""]
