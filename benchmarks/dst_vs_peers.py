@@ -27,6 +27,8 @@ Reported, all measured by this script:
 Usage:
     .dst-venv/bin/python benchmarks/dst_vs_peers.py            # full run (3 seeds, ~20 min)
     .dst-venv/bin/python benchmarks/dst_vs_peers.py --quick    # smoke run (1 seed, 300 steps, 90%)
+    .dst-venv/bin/python benchmarks/dst_vs_peers.py --merge A.json B.json --out STEM
+        # one table from runs that differ only in their seeds (e.g. more seeds run later)
 """
 
 from __future__ import annotations
@@ -115,11 +117,15 @@ METHODS = {
     "gp_rigl_erk": ("gradprune RigL-ERK", "gradprune"),
     "gp_rigl_uniform": ("gradprune RigL-uniform (all layers)", "gradprune"),
     "gp_rigl_uniform_dfl": ("gradprune RigL-uniform, dense first layer (= rigl-torch allocation)", "gradprune"),
+    "gp_rigl_uniform_dfl_regrow": ("gradprune RigL-uniform, dense first layer, regrow_dropped=True "
+                                   "(= rigl-torch allocation and regrowth)", "gradprune"),
     "gp_snfs": ("gradprune SNFS (momentum growth + redistribution, α=0.5)", "gradprune"),
     "gp_gmp": ("gradprune gradual magnitude pruning (Zhu & Gupta)", "gradprune"),
     "rigl_torch": ("rigl-torch RigL (uniform, dense first layer)", "rigl-torch"),
 }
 SPARSE_METHODS = [k for k in METHODS if k not in ("dense", "dense2")]
+# run by default (the regrow_dropped variant only when asked for: --methods ...)
+DEFAULT_METHODS = [k for k in SPARSE_METHODS if k != "gp_rigl_uniform_dfl_regrow"]
 # the extended-training block (RigL paper's "RigL_Nx"): these methods again, N times the steps
 EXTENDED_METHODS = ["gp_rigl_erk", "gp_rigl_uniform_dfl", "rigl_torch"]
 
@@ -143,7 +149,7 @@ STATIC_NOTES = [
     "steps, 0-based: rigl-torch 99, 199, …, 1099 (it counts the call itself), gradprune 100, 200, …, "
     "1100 (after 100 optimizer steps)): rigl-torch drops floor(f·n_active) per layer, gradprune round-half-up; rigl-torch lets a "
     "connection dropped in an update be regrown in the same update (it then keeps its value), "
-    "gradprune grows only among connections that were inactive before the drop; rigl-torch resets "
+    "gradprune grows only among connections that were inactive before the drop unless `regrow_dropped=True` (the row that says so), which does what rigl-torch and the RigL authors' code do; rigl-torch resets "
     "only SGD's momentum buffer, gradprune every optimizer state tensor shaped like the weight (same "
     "thing for SGD); rigl-torch masks gradients with a tensor hook during backward, gradprune after "
     "backward inside `step()`; ties: rigl-torch topk order, gradprune seeded random. Initial random "
@@ -163,6 +169,9 @@ def gp_config(key, density, steps, interval, seed):
         return gp.SparseConfig.rigl(density=density, init="uniform", **common)
     if key == "gp_rigl_uniform_dfl":
         return gp.SparseConfig.rigl(density=density, init="uniform", dense_first_layer=True, **common)
+    if key == "gp_rigl_uniform_dfl_regrow":
+        return gp.SparseConfig.rigl(density=density, init="uniform", dense_first_layer=True,
+                                    regrow_dropped=True, **common)
     if key == "gp_snfs":
         return gp.SparseConfig.snfs(density=density, **common)
     if key == "gp_gmp":
@@ -643,15 +652,19 @@ def goals(rows, a, records=()):
                          + ("within 1 point" if gap <= 0.01 else "NOT within 1 point")
                          + (f" (training FLOPs {fl[0]:.2f}x the dense run's)" if fl else ""))
     tags = [""] + ([f"@x{a['extended']}"] if a.get("extended") else [])
+    like = {"gp_rigl_uniform_dfl": "gradprune RigL (rigl-torch's allocation)",
+            "gp_rigl_uniform_dfl_regrow": "gradprune RigL (rigl-torch's allocation, regrow_dropped=True)"}
     for kind in a["models"]:
         for s, tag in [(s, tag) for tag in tags for s in a["sparsities"]]:
-            g, t = row(kind, "gp_rigl_uniform_dfl" + tag, s), row(kind, "rigl_torch" + tag, s)
-            if g and t:
+            for key, label in like.items():
+                g, t = row(kind, key + tag, s), row(kind, "rigl_torch" + tag, s)
+                if not (g and t):
+                    continue
                 d = g["test_acc"][0] - t["test_acc"][0]
-                L.append(f"- {kind.upper()} {100 * s:.0f}%{', ' + tag[2:] + '× steps' if tag else ''}: gradprune RigL (rigl-torch's allocation) "
+                L.append(f"- {kind.upper()} {100 * s:.0f}%{', ' + tag[2:] + '× steps' if tag else ''}: {label} "
                          f"{g['test_acc'][0]:.3f} ± {g['test_acc'][1]:.3f} vs rigl-torch {t['test_acc'][0]:.3f} "
                          f"± {t['test_acc'][1]:.3f} -> " + ("met" if d >= 0 else "NOT met") + f" ({d:+.3f}"
-                         + paired(kind, "gp_rigl_uniform_dfl" + tag, "rigl_torch" + tag, s) + ")")
+                         + paired(kind, key + tag, "rigl_torch" + tag, s) + ")")
     over = {}
     for r in rows:
         base = r["method"].partition("@x")[0]
@@ -675,11 +688,64 @@ def goals(rows, a, records=()):
 
 
 # --------------------------------------------------------------------------------------------
+MERGE_MAY_DIFFER = ("seeds", "extended", "extended_sparsities", "out", "render", "merge")
+
+
+def merge_runs(paths, out):
+    """Write one result from several runs' JSON files (e.g. more seeds run later). The runs must
+    agree on every setting but the seeds and the extended runs, and no (model, method, sparsity,
+    seed) may appear twice; the Markdown then reports every seed of every run."""
+    runs = [json.load(open(p)) for p in paths]
+    a0 = runs[0]["meta"]["args"]
+    for p, d in zip(paths[1:], runs[1:]):
+        diff = sorted(k for k in set(a0) | set(d["meta"]["args"])
+                      if k not in MERGE_MAY_DIFFER and a0.get(k) != d["meta"]["args"].get(k))
+        if diff:
+            raise ValueError(f"{p} differs from {paths[0]} in {', '.join(diff)}: only seeds may differ")
+    records, seen = [], set()
+    for p, d in zip(paths, runs):
+        for r in d["records"]:
+            key = (r.get("model"), r.get("method"), r.get("target_sparsity"), r.get("seed"))
+            if key in seen:
+                raise ValueError(f"{p}: {key} is already in an earlier run")
+            seen.add(key)
+            records.append(r)
+    meta = dict(runs[0]["meta"])
+    args = dict(a0)
+    args["seeds"] = sorted({sd for d in runs for sd in d["meta"]["args"]["seeds"]})
+    args["extended"] = max((d["meta"]["args"].get("extended") or 0) for d in runs)
+    args["out"] = str(out)
+    meta["args"] = args
+    meta["command"] = " ".join([".dst-venv/bin/python", "benchmarks/dst_vs_peers.py", "--merge"]
+                               + [str(p) for p in paths] + ["--out", str(out)])
+    meta["merged_from"] = [{"path": str(p), "command": d["meta"]["command"], "git": d["meta"].get("git"),
+                            "seeds": d["meta"]["args"]["seeds"], "wall_s": d["meta"].get("wall_s")}
+                           for p, d in zip(paths, runs)]
+    meta["wall_s"] = sum(d["meta"].get("wall_s") or 0.0 for d in runs)
+    meta["loadavg_per_block"] = [b for d in runs for b in d["meta"].get("loadavg_per_block", [])]
+    meta["notes"] = list(STATIC_NOTES) + count_checks(records)
+    meta["extra_notes"] = [f"Merged from {len(runs)} runs: " + "; ".join(
+        f"`{m['command']}` (seeds {m['seeds'][0]}-{m['seeds'][-1]}, git {str((m['git'] or {}).get('commit', ''))[:10]})"
+        for m in meta["merged_from"]) + ". Timing ratios are per run (each divides by its own dense "
+        "steps), so averaging them over the runs is fair; runs with extended steps contribute the "
+        "extended rows alone; the wall time above is the sum of the runs' (they may have run at the same time)."]
+    BASE_STEPS[0] = args["steps"]
+    skipped = [x for d in runs for x in d.get("skipped", [])]
+    rows = summarise(records)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    json.dump({"meta": meta, "summary": rows, "records": records, "skipped": skipped},
+              open(tmp, "w"), indent=1, default=str)
+    os.replace(tmp, out.with_suffix(".json"))
+    write_markdown(out.with_suffix(".md"), meta, rows, skipped, records)
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 300 steps, 90%% only")
     p.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=list(MODELS))
-    p.add_argument("--methods", nargs="+", default=SPARSE_METHODS, choices=SPARSE_METHODS)
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=SPARSE_METHODS)
     p.add_argument("--sparsities", nargs="+", type=float, default=None)
     p.add_argument("--seeds", nargs="+", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
@@ -697,7 +763,15 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/dst_vs_peers[_quick])")
     p.add_argument("--render", metavar="JSON", default=None,
                    help="only rewrite the Markdown next to JSON from its records (no training)")
+    p.add_argument("--merge", metavar="JSON", nargs="+", default=None,
+                   help="combine the records of runs that differ only in their seeds (and --extended) "
+                        "into --out (JSON + Markdown; no training)")
     args = p.parse_args(argv)
+    if args.merge:
+        if not args.out:
+            p.error("--merge needs --out")
+        merge_runs([Path(x) for x in args.merge], Path(args.out))
+        return
     if args.render:
         src = Path(args.render)
         d = json.load(open(src))
