@@ -653,7 +653,9 @@ def goals(rows, a, records=()):
                          + (f" (training FLOPs {fl[0]:.2f}x the dense run's)" if fl else ""))
     tags = [""] + ([f"@x{a['extended']}"] if a.get("extended") else [])
     like = {"gp_rigl_uniform_dfl": "gradprune RigL (rigl-torch's allocation)",
-            "gp_rigl_uniform_dfl_regrow": "gradprune RigL (rigl-torch's allocation, regrow_dropped=True)"}
+            "gp_rigl_uniform_dfl_regrow": "gradprune RigL (rigl-torch's allocation, regrow_dropped=True)",
+            # dst_rigl_details.py's experiment: every remaining rigl-torch detail matched
+            "gp_rigl_matched": "gradprune RigL (rigl-torch's allocation, timing, drop count, regrowth)"}
     for kind in a["models"]:
         for s, tag in [(s, tag) for tag in tags for s in a["sparsities"]]:
             for key, label in like.items():
@@ -688,6 +690,13 @@ def goals(rows, a, records=()):
 
 
 # --------------------------------------------------------------------------------------------
+def script_path() -> str:
+    """How the running script is named in the recorded command (this one, or a script that
+    imports it, such as ``dst_rigl_details.py``)."""
+    name = Path(sys.argv[0]).name
+    return f"benchmarks/{name}" if name.endswith(".py") else "benchmarks/dst_vs_peers.py"
+
+
 MERGE_MAY_DIFFER = ("seeds", "extended", "extended_sparsities", "out", "render", "merge")
 
 
@@ -716,7 +725,7 @@ def merge_runs(paths, out):
     args["extended"] = max((d["meta"]["args"].get("extended") or 0) for d in runs)
     args["out"] = str(out)
     meta["args"] = args
-    meta["command"] = " ".join([".dst-venv/bin/python", "benchmarks/dst_vs_peers.py", "--merge"]
+    meta["command"] = " ".join([".dst-venv/bin/python", script_path(), "--merge"]
                                + [str(p) for p in paths] + ["--out", str(out)])
     meta["merged_from"] = [{"path": str(p), "command": d["meta"]["command"], "git": d["meta"].get("git"),
                             "seeds": d["meta"]["args"]["seeds"], "wall_s": d["meta"].get("wall_s")}
@@ -832,7 +841,7 @@ def main(argv=None):
                 "dirty_gradprune_files": git("status", "--porcelain", "--", "src/gradprune").splitlines()}
     meta = {
         "git": meta_git,
-        "command": " ".join([".dst-venv/bin/python", "benchmarks/dst_vs_peers.py"] +
+        "command": " ".join([".dst-venv/bin/python", script_path()] +
                             [shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv)]),
         "machine": f"{os.cpu_count()}-core CPU ({cpu}), {platform.system()} {platform.machine()}, no GPU",
         "threads": args.threads, "versions": versions, "args": vars(args),
