@@ -1598,3 +1598,37 @@ def test_regrow_dropped_is_validated_and_saved_with_the_trainer():
     fresh.load_state_dict(state)
     assert fresh.config.regrow_dropped is True
     assert all(torch.equal(fresh.masks[n], trainer.masks[n]) for n in trainer.masks)
+
+
+@pytest.mark.parametrize("preset", ["set", "snfs", "rigl_global", "rigl_dense_layer"])
+def test_regrow_dropped_keeps_counts_exact_with_every_rule(preset):
+    """regrow_dropped with random growth, redistribution, global magnitude and a layer that is
+    dense (nothing inactive before the drop: it can only regrow what it dropped)."""
+    model = build("mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    common = dict(total_steps=24, update_interval=3, regrow_dropped=True)
+    cfg = {"set": lambda: gp.SparseConfig.set(density=0.3, **common),
+           "snfs": lambda: gp.SparseConfig.snfs(density=0.5, **common),
+           "rigl_global": lambda: gp.SparseConfig.rigl(density=0.3, prune="global_magnitude", **common),
+           "rigl_dense_layer": lambda: gp.SparseConfig.rigl(density=0.3, init="uniform",
+                                                            dense_first_layer=True, **common)}[preset]()
+    trainer = gp.SparseTrainer(model, opt, cfg)
+    start = counts(trainer)
+    numel = {n: p.numel() for n, p in params_of(trainer).items()}
+
+    def on_step(rec):
+        c = {n: int(m.sum()) for n, m in rec["masks_after"].items()}
+        if cfg.redistribute == "none" and cfg.prune != "global_magnitude":
+            assert c == start
+        assert sum(c.values()) == sum(start.values())
+        assert all(c[n] <= numel[n] for n in c)
+        assert_inactive_zero(trainer)
+        if rec["updated"]:
+            for n, (_, grown) in dropped_grown(rec).items():
+                assert bool((params_of(trainer)[n].detach()[grown] == 0).all())
+
+    records = train(model, opt, trainer, batches("mlp", 24), on_step=on_step)
+    assert sum(r["updated"] for r in records) == 5
+    if preset == "rigl_dense_layer":
+        first = next(iter(trainer.masks))
+        assert trainer.masks[first].all()
