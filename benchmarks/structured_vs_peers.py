@@ -190,6 +190,10 @@ def tp_bisect(dense, make_pruner, grads, measure, bound, iters, hi=0.95):
 CNN_WIDTHS = (96, 192, 384)  # stem/stage 1, stage 2, stage 3 (see the module docstring for why)
 CNN_KERNEL = 7
 CNN_DIVISOR = 16             # channel/feature divisor of the gradprune and ModelOpt search spaces
+LATENCY_SLACK = 1.15         # "+latency" methods: batch-32 latency bound = 1.15 x the FLOPs budget
+CNN_METHODS = ["gradprune:gradnas", "gradprune:taylor", "gradprune:fastnas", "tp:taylor", "tp:magnitude",
+               "modelopt:fastnas"]
+CNN_EXTRA_METHODS = ["gradprune:gradnas+latency", "gradprune:fastnas+latency"]  # only when asked for
 
 
 def load_mnist1d_split():
@@ -316,18 +320,24 @@ def run_cnn(seed, data, cfg, budgets, log, notes):
                 if lib == "gradprune":
                     if gp_st is None:
                         raise RuntimeError(f"gradprune.structured not importable: {gp_err}")
-                    gp_method = method.split(":")[1]
+                    gp_method, _, latency = method.split(":")[1].partition("+")
                     # fastnas: the same score as ModelOpt fastnas (validation accuracy) and the same
                     # calibration batches (BatchNorm statistics re-estimated per candidate)
                     extra = ({"score_func": lambda m: accuracy(m, data["xv"], data["yv"])}
                              if gp_method == "fastnas" else {})
+                    constraints, example = {"flops": f"{100 * frac:g}%"}, x1
+                    if latency:  # "+latency": also a measured batch-32 latency bound, 1.15 x the budget
+                        constraints["latency"] = f"{100 * LATENCY_SLACK * frac:g}%"
+                        example = data["x"][:32]
                     t0 = time.perf_counter()
-                    res = gp_st.search(copy.deepcopy(dense), {"flops": f"{100 * frac:g}%"}, calib, ce,
-                                       gp_method, example_input=x1, rules=CNN_RULES,
+                    res = gp_st.search(copy.deepcopy(dense), constraints, calib, ce,
+                                       gp_method, example_input=example, rules=CNN_RULES,
                                        show_progress=False, **extra)
                     pruned = res.export()
                     rec["search_s"] = time.perf_counter() - t0
                     rec["library_flops_ratio"] = res.flops / res.dense_flops
+                    if res.latency_search:
+                        rec["latency_search"] = dict(res.latency_search)
                 elif lib == "tp":
                     if tp is None:
                         raise RuntimeError(f"torch_pruning not importable: {tp_err}")
@@ -790,6 +800,8 @@ METHOD_LABEL = {
     "dense": "dense (unpruned)",
     "gradprune:gradnas": "gradprune gradnas", "gradprune:taylor": "gradprune taylor",
     "gradprune:fastnas": "gradprune fastnas",
+    "gradprune:gradnas+latency": "gradprune gradnas, latency ≤ 1.15 × budget",
+    "gradprune:fastnas+latency": "gradprune fastnas, latency ≤ 1.15 × budget",
     "tp:taylor": "Torch-Pruning Taylor", "tp:magnitude": "Torch-Pruning magnitude (L2)",
     "modelopt:fastnas": "ModelOpt fastnas", "modelopt:gradnas": "ModelOpt gradnas",
 }
@@ -881,6 +893,12 @@ def write_markdown(path, meta, rows, notes):
                  "method. Budget = FLOPs ≤ 50% / 30% of dense.")
         L.append(f"  - gradprune `search(model, {{'flops': 'NN%'}}, ..., method, rules=divisor {dv} for Conv1d / "
                  "BatchNorm1d / Linear)` then `export()`.")
+        if any("+latency" in m for m in a.get("cnn_methods", ())):
+            L.append("  - gradprune '…, latency ≤ 1.15 × budget': the same search with a second constraint, "
+                     "`{'flops': 'NN%', 'latency': '(1.15 × NN)%'}`, on a batch of 32 (`example_input`): "
+                     "every candidate that meets the FLOPs bound is exported and timed against the dense "
+                     "model (15 interleaved runs, medians) and must also meet the latency ratio; the table's "
+                     "latency is this script's own measurement afterwards.")
         L.append(f"  - Torch-Pruning 1.6.1 `MetaPruner(importance=TaylorImportance() or "
                  f"GroupMagnitudeImportance(p=2), ignored_layers=[fc])` (per-layer ratio, its default "
                  f"`global_pruning=False`; no `round_to`, so it can get as close to the budget as its uniform ratio "
@@ -995,14 +1013,16 @@ def goals(rows):
                              f"{METHOD_LABEL[ref['method']]} {ref['search_s'][0]:.2f} s -> {'met' if ok else 'NOT met'}"
                              + (" (the issue's goal is about gradnas; shown for comparison)"
                                 if m == "gradprune:fastnas" else ""))
-            for m in ("gradprune:gradnas", "gradprune:taylor", "gradprune:fastnas"):
+            for m in ("gradprune:gradnas", "gradprune:taylor", "gradprune:fastnas") + tuple(CNN_EXTRA_METHODS):
                 r = br.get(m)
                 if r is not None and r.get("lat32_ratio"):
                     lr, fr = r["lat32_ratio"][0], r["flops_ratio"][0]
                     ok = abs(lr - fr) <= 0.15 * fr
                     L.append(f"- {part} {budget:.0%} latency: {METHOD_LABEL[m]} batch-32 latency ratio {lr:.2f} vs "
                              f"FLOPs ratio {fr:.2f} -> {'within' if ok else 'NOT within'} 15% "
-                             f"(relative gap {(lr - fr) / fr:+.0%})")
+                             f"(relative gap {(lr - fr) / fr:+.0%})"
+                             + (f"; vs the FLOPs budget {budget:.2f}: {(lr - budget) / budget:+.0%}"
+                                if "+latency" in m else ""))
     L.append("")
     return L
 
@@ -1037,6 +1057,9 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--parts", nargs="+", default=["cnn", "bert"], choices=["cnn", "bert"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cnn-methods", nargs="+", default=None, choices=CNN_METHODS + CNN_EXTRA_METHODS,
+                    help="CNN methods to run (default: every one but the '+latency' variants, which add a "
+                         "measured batch-32 latency bound of 1.15 x the FLOPs budget to gradprune's search)")
     ap.add_argument("--bert-distill-steps", type=int, default=None)
     ap.add_argument("--bert-calib", type=int, default=None)
     ap.add_argument("--modelopt-python", default=str(ROOT / ".modelopt-venv" / "bin" / "python"))
@@ -1066,8 +1089,7 @@ def main(argv=None):
                    bert_eval=256, bert_distill_pool=1024, bert_distill_steps=args.bert_distill_steps
                    if args.bert_distill_steps is not None else 40, bert_distill_batch=32, bert_distill_lr=1e-4)
     cfg.update(cnn_data="mnist1d", cnn_widths=list(CNN_WIDTHS), cnn_kernel=CNN_KERNEL, cnn_divisor=CNN_DIVISOR)
-    cfg["cnn_methods"] = ["gradprune:gradnas", "gradprune:taylor", "gradprune:fastnas", "tp:taylor", "tp:magnitude",
-                          "modelopt:fastnas"]
+    cfg["cnn_methods"] = list(args.cnn_methods or CNN_METHODS)
     cfg["bert_methods"] = ["gradprune:gradnas", "tp:taylor", "modelopt:gradnas"]
     t_all = time.perf_counter()
     load_start = os.getloadavg()
