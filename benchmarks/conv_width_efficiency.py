@@ -27,7 +27,6 @@ import copy
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,22 +36,7 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from structured_vs_peers import CNN_KERNEL, ResNet1d, count_flops  # noqa: E402
-
-
-def median_ms(fns: dict, repeats: int, warmup: int = 3) -> dict:
-    """Median wall time (ms) of each zero-argument callable, timed round-robin."""
-    for f in fns.values():
-        for _ in range(warmup):
-            f()
-    times = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(repeats):
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
-            fns[k]()
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+from structured_vs_peers import CNN_KERNEL, ResNet1d, count_flops, median_ms  # noqa: E402
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:

@@ -9,7 +9,7 @@ method, ``gp_rigl_matched``: gradprune's RigL with all three matched to rigl-tor
 the trainer in this process only:
 
 - the update happens one step earlier (rigl-torch's steps 99, 199, ...: it counts its own call;
-  gradprune updates after ``update_interval`` optimizer steps, RigL Algorithm 1's t mod ΔT = 0),
+  gradprune updates after ``update_interval`` optimizer steps),
 - the drop count is floor(f · n_active) (gradprune rounds half up),
 - ``regrow_dropped=True`` (a library option: growth among everything inactive after the drop).
 

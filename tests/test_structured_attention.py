@@ -296,7 +296,8 @@ def test_latency_fields_in_the_report():
         return torch.randn(bs, 5, 6)
 
     lat = found.latency(make, batch_sizes=(2,), repeats=2, warmup=1)
-    assert calls == [2, 2] and set(lat["dense"]) == {2} and lat["repeats"] == 2
+    # one input per batch size, timed on both models in alternation
+    assert calls == [2] and set(lat["dense"]) == set(lat["pruned"]) == {2} and lat["repeats"] == 2
     with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
         found.latency(make, repeats=0)
     with pytest.raises(TypeError, match="measure_latency must be bool, got int"):

@@ -205,7 +205,8 @@ class SearchResult:
     def latency(self, example_input_fn: Callable | None = None, batch_sizes=(1, 32),
                 repeats: int = 20, warmup: int = 3) -> dict:
         """Measure the CPU latency (median over ``repeats`` timed forwards after ``warmup``, eval
-        mode, no grad) of the dense and the exported model at each batch size.
+        mode, no grad; the two models alternate, so both see the same machine load) of the dense
+        and the exported model at each batch size.
 
         ``example_input_fn(batch_size)`` gives the input (a tensor or a tuple of tensors); by
         default the rows of the search's ``example_input`` are repeated to the batch size.
@@ -226,9 +227,11 @@ class SearchResult:
         sizes = tuple(check_int("batch_sizes item", b, min_value=1) for b in batch_sizes)
         pruned = self.export()
         out = {"dense": {}, "pruned": {}, "repeats": repeats}
-        for key, model in (("dense", self.analysis.model), ("pruned", pruned)):
-            for bs in sizes:
-                out[key][bs] = _interleaved_ms({key: model}, _as_args(example_input_fn(bs)), repeats, warmup)[key]
+        for bs in sizes:
+            ms = _interleaved_ms({"dense": self.analysis.model, "pruned": pruned},
+                                 _as_args(example_input_fn(bs)), repeats, warmup)
+            for key in ("dense", "pruned"):
+                out[key][bs] = ms[key]
         self.latency_ms = out
         return out
 
@@ -557,7 +560,8 @@ def _fastnas_sensitivities(analysis, choices, ranks, score_func, show_progress,
     bns = [m for m in model.modules()
            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     recalibrate = calib is not None and bool(bns)
-    saved = [(b.running_mean.clone(), b.running_var.clone(), b.num_batches_tracked.clone(), b.momentum)
+    # recalibrate_batchnorm restores each layer's mode and momentum itself; the statistics are ours
+    saved = [(b.running_mean.clone(), b.running_var.clone(), b.num_batches_tracked.clone())
              for b in bns] if recalibrate else []
 
     def evaluate() -> float:
@@ -592,12 +596,11 @@ def _fastnas_sensitivities(analysis, choices, ranks, score_func, show_progress,
                     running = out[gi][w] = max(out[gi][w], running)
     finally:
         bar.close()
-        for b, (mean, var, count, momentum) in zip(bns, saved):
-            with torch.no_grad():
+        with torch.no_grad():
+            for b, (mean, var, count) in zip(bns, saved):
                 b.running_mean.copy_(mean)
                 b.running_var.copy_(var)
                 b.num_batches_tracked.copy_(count)
-            b.momentum = momentum
         model.train(was_training)
     return out
 
