@@ -21,11 +21,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar
 
 from ._checks import check_bool, check_choice, check_float, check_int, check_str_list, check_topk
+from ._io import atomic_write  # re-exported: gradprune.config.atomic_write
 
 __all__ = ["Config", "PruneConfig", "SCHEDULES", "SCOPES", "ALLOCATIONS", "REDUCTIONS",
            "parse_pattern", "atomic_write"]
@@ -69,25 +69,6 @@ def parse_pattern(value: Any) -> tuple:
         f"pattern must be '1x1', 'NxM' (e.g. '4x1'), 'N:M' (e.g. '2:4'), 'channel' or 'kernel'; "
         f"got {value!r}"
     )
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` and move the result over ``path`` only if it succeeded.
-
-    A failure leaves whatever was at ``path`` untouched.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class Config:

@@ -3,7 +3,8 @@
 A recipe names its ``workflow`` and where the model, data and loss come from
 (``package.module:name``; a callable is called with no arguments), plus one section for the
 workflow. Every section is validated with the same errors as the Python configs (unknown keys list
-the valid ones) *before* anything runs; outputs are written atomically to ``output``.
+the valid ones) *before* anything runs; outputs are written to ``output`` as one set (a failure
+leaves the previous set as it was).
 
 =============== ============================================ ======================================
 workflow         section                                      writes
@@ -44,7 +45,7 @@ import torch
 from torch import nn
 
 from ._checks import check_choice, check_float, check_int
-from .config import atomic_write
+from ._io import write_file_set
 
 __all__ = ["RecipeError", "load_recipe", "run_recipe", "WORKFLOWS", "RECIPE_KEYS", "TRAIN_KEYS"]
 
@@ -226,17 +227,18 @@ def _train_loop(model, data, loss_fn, train, before_step, step):
 
 
 def _write_common(out: str, model: nn.Module, masks, report: dict) -> list[str]:
-    atomic_write(os.path.join(out, "pruned_model.pt"), lambda t: torch.save(model.state_dict(), t))
-    atomic_write(os.path.join(out, "masks.pt"), lambda t: torch.save(masks.state_dict(), t))
-    _write_json(os.path.join(out, "report.json"), report)
-    return ["pruned_model.pt", "masks.pt", "report.json"]
+    files = {"pruned_model.pt": lambda t: torch.save(model.state_dict(), t),
+             "masks.pt": lambda t: torch.save(masks.state_dict(), t),
+             "report.json": _json_writer(report)}
+    write_file_set(out, files)  # one set: a failure leaves the previous outputs as they were
+    return list(files)
 
 
-def _write_json(path: str, obj: dict) -> None:
+def _json_writer(obj: dict):
     def write(t):
         with open(t, "w", encoding="utf-8") as fh:
             json.dump(obj, fh, indent=2, default=str)
-    atomic_write(path, write)
+    return write
 
 
 def run_recipe(recipe: dict, base_dir: str = ".", verbose: bool = True) -> dict:
@@ -291,11 +293,10 @@ def run_recipe(recipe: dict, base_dir: str = ".", verbose: bool = True) -> dict:
         found = search(model, sec["constraints"], data=data, loss_fn=loss_fn, method=sec["method"],
                        example_input=example, **kwargs)
         small = found.export()
-        save_pruned(small, os.path.join(out, "pruned"))
         text = str(found.report())
         report.update(search=text, constraints=sec["constraints"], method=sec["method"],
                       params=sum(p.numel() for p in small.parameters()))
-        _write_json(os.path.join(out, "report.json"), report)
+        write_file_set(out, {"pruned": lambda t: save_pruned(small, t), "report.json": _json_writer(report)})
         files = ["pruned/", "report.json"]
     else:  # preprune
         from .preprune import pre_prune
@@ -303,13 +304,12 @@ def run_recipe(recipe: dict, base_dir: str = ".", verbose: bool = True) -> dict:
         if data is None or loss_fn is None:
             raise RecipeError("workflow 'preprune' needs data: (a dataset of dict items) and loss_fn:")
         sel = pre_prune(model, data, recipe["preprune"], loss_fn)
-        atomic_write(os.path.join(out, "selection.pt"), lambda t: torch.save(
-            {"indices": sel.indices, "masks": sel.masks.state_dict()}, t))
         report.update({k: v for k, v in sel.report.items()},
                       config={k: v for k, v in recipe["preprune"].to_dict().items()
                               if k not in ("dataset", "mask")})
         text = f"kept {sel.report['kept_total']} of {sel.report['total']} entries"
-        _write_json(os.path.join(out, "report.json"), report)
+        write_file_set(out, {"selection.pt": lambda t: torch.save(
+            {"indices": sel.indices, "masks": sel.masks.state_dict()}, t), "report.json": _json_writer(report)})
         files = ["selection.pt", "report.json"]
     if verbose:
         print(text)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .._checks import check_bool
-from ..config import atomic_write
+from .._io import load_json, load_torch, write_file_set
 from .groups import _BN, _CONV, _CONVT, _IN, Analysis, is_conv1d
 from .hf import ATTENTION_ATTRS, apply_uniform_config, record_widths
 
@@ -182,14 +182,16 @@ def architecture(model: nn.Module) -> dict:
 
 def save_pruned(model: nn.Module, path: str | os.PathLike) -> None:
     """Save ``model`` (e.g. an exported, pruned one) to directory ``path``: ``model.pt`` holds its
-    plain state dict, ``architecture.json`` the widths of its layers. Files are written
-    atomically."""
+    plain state dict, ``architecture.json`` the widths of its layers. The two are written as a set
+    (see :func:`gradprune._io.write_file_set`): a failure at any point leaves the previous pair
+    intact and loadable.
+
+    Example: see the module docstring."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
     record = {"format": _FORMAT, "version": 1, "modules": architecture(model)}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
@@ -197,14 +199,44 @@ def save_pruned(model: nn.Module, path: str | os.PathLike) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(record, fh, indent=1, sort_keys=True)
 
-    atomic_write(os.path.join(path, WEIGHTS_FILE), lambda tmp: torch.save(state, tmp))
-    atomic_write(os.path.join(path, ARCH_FILE), write_json)
+    write_file_set(path, {WEIGHTS_FILE: lambda tmp: torch.save(state, tmp), ARCH_FILE: write_json})
+
+
+def _expected_shapes(mod: nn.Module) -> dict:
+    """The parameter shapes ``mod``'s recorded width attributes imply (empty where unknown)."""
+    if isinstance(mod, nn.Linear):
+        return {"weight": (mod.out_features, mod.in_features), "bias": (mod.out_features,)}
+    if is_conv1d(mod):
+        return {"weight": (mod.nx, mod.nf), "bias": (mod.nf,)}
+    if isinstance(mod, _CONV + _CONVT):
+        k = tuple(mod.kernel_size)
+        if isinstance(mod, _CONVT):
+            w = (mod.in_channels, mod.out_channels // mod.groups) + k
+        else:
+            w = (mod.out_channels, mod.in_channels // mod.groups) + k
+        return {"weight": w, "bias": (mod.out_channels,)}
+    if isinstance(mod, _BN + _IN):
+        n = (mod.num_features,)
+        return {"weight": n, "bias": n, "running_mean": n, "running_var": n}
+    if isinstance(mod, nn.GroupNorm):
+        return {"weight": (mod.num_channels,), "bias": (mod.num_channels,)}
+    if isinstance(mod, nn.LayerNorm):
+        return {"weight": tuple(mod.normalized_shape), "bias": tuple(mod.normalized_shape)}
+    return {}
 
 
 def load_pruned(factory, path: str | os.PathLike, map_location="cpu") -> nn.Module:
     """Rebuild a model saved by :func:`save_pruned`: ``factory()`` gives a fresh (dense) model of
     the same architecture, whose recorded layers are narrowed to the saved widths before the state
-    dict is loaded (strictly, with ``torch.load(weights_only=True)``)."""
+    dict is loaded (strictly, with ``torch.load(weights_only=True)``).
+
+    A record that disagrees with the weights raises ``ValueError`` naming the file and the tensor;
+    a damaged file raises ``ValueError`` naming its path.
+
+    Example: see the module docstring."""
+    if isinstance(factory, nn.Module):
+        raise TypeError(f"factory must be a function or class that builds the dense model, not a model "
+                        f"instance ({type(factory).__name__}); pass e.g. lambda: MyModel()")
     if not callable(factory):
         raise TypeError(f"factory must be callable and return the dense model, got {type(factory).__name__}")
     if not isinstance(path, (str, os.PathLike)):
@@ -214,11 +246,13 @@ def load_pruned(factory, path: str | os.PathLike, map_location="cpu") -> nn.Modu
     for p in (arch_path, weights_path):
         if not os.path.isfile(p):
             raise FileNotFoundError(f"path must be a directory written by save_pruned; missing {p}")
-    with open(arch_path, encoding="utf-8") as fh:
-        record = json.load(fh)
-    if not isinstance(record, dict) or record.get("format") != _FORMAT:
+    record = load_json(arch_path)
+    if (not isinstance(record, dict) or record.get("format") != _FORMAT
+            or not isinstance(record.get("modules"), dict)):
         raise ValueError(f"{arch_path} is not a gradprune architecture record")
-    state = torch.load(weights_path, map_location=map_location, weights_only=True)
+    state = load_torch(weights_path, map_location=map_location)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{weights_path} is not a state dict of tensors")
     model = factory()
     if not isinstance(model, nn.Module):
         raise TypeError(f"factory must return a torch.nn.Module, got {type(model).__name__}")
@@ -240,6 +274,12 @@ def load_pruned(factory, path: str | os.PathLike, map_location="cpu") -> nn.Modu
                 continue
             setattr(mod, key, tuple(value) if key == "normalized_shape" else value)
         prefix = f"{name}." if name else ""
+        expected = _expected_shapes(mod)
+        for tname, shape in expected.items():
+            saved = state.get(prefix + tname)
+            if saved is not None and tuple(saved.shape) != tuple(shape):
+                raise ValueError(f"{weights_path}: tensor {prefix + tname!r} has shape {tuple(saved.shape)} "
+                                 f"but {arch_path} records module {name!r} as {arch} (shape {tuple(shape)})")
         for pname, p in list(mod.named_parameters(recurse=False)):
             saved = state.get(prefix + pname)
             if saved is not None and saved.shape != p.shape:
@@ -249,5 +289,9 @@ def load_pruned(factory, path: str | os.PathLike, map_location="cpu") -> nn.Modu
             saved = state.get(prefix + bname)
             if b is not None and saved is not None and saved.shape != b.shape:
                 mod._buffers[bname] = torch.empty(saved.shape, dtype=b.dtype)
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{weights_path} does not match the model factory() builds with the widths "
+                         f"of {arch_path}: {exc}") from exc
     return model
