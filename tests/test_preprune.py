@@ -270,11 +270,9 @@ def test_ties_keep_lowest_flat_index():
 def test_cache_hit_reuses_and_any_change_recomputes(tmp_path):
     items = _data()
     model = _model()
-    calls = []
-
-    def loss(m, batch, target):
-        calls.append(1)
-        return _loss(m, batch, target)
+    calls = []  # counted by a hook: state the loss reads is part of the cache key
+    model.register_forward_pre_hook(lambda m, args: calls.append(1))
+    loss = _loss
 
     cfg = gp.PrePruneConfig(n_samples=8, topk=5, cache_dir=str(tmp_path))
     first = gp.pre_prune(model, items, cfg, loss)

@@ -25,9 +25,17 @@ Semantics:
   importance >= threshold) -> ``topk`` (int: a count, capped at what remains; float in (0, 1]:
   ``ceil(topk * remaining)``); ties keep the lowest flat index (parameters in model order). The
   global top-k uses a bisection over the score order, never one tensor of all importances.
-- **Cache.** With ``cache_dir``, the result is stored under a key fingerprinting the parameters'
-  names, shapes and values, the sampled items and their indices, and every config field that
-  changes the result; an identical call reuses it, any change recomputes. With
+- **Cache.** With ``cache_dir``, the result is stored under a key fingerprinting everything it
+  depends on: every parameter and buffer of the model (not only the scored ones: BatchNorm
+  statistics too), each module's type and train/eval mode, the names of the scored parameters, the
+  code of ``loss_fn`` and ``collate_fn`` (bytecode, constants, names, defaults, closure cells and
+  the globals they read, recursively; installed libraries by name), the sampled items and their
+  indices, and every config field that changes the result; an identical call reuses it, any change
+  recomputes. State that the loss reads is part of the key, so a loss that appends to a list on
+  every call misses every time. An input that cannot be fingerprinted honestly (a callable without
+  Python code, an object of a library class holding native state, such as a fast tokenizer) raises
+  ``ValueError`` unless ``config.cache_key`` is given; that string then stands in for it, and the
+  caller changes it whenever that input changes. With
   ``use_cached_gradients=True``, a call that differs only in the selection (``topk``,
   ``threshold``, ``mask``) also reuses the importances of an earlier run.
 
@@ -49,8 +57,12 @@ Example:
 
 from __future__ import annotations
 
+import enum
+import functools
 import hashlib
 import os
+import sys
+import types
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -85,7 +97,9 @@ class PrePruneConfig(Config):
     backward pass, default 8), ``dataset`` (use this instead of the one passed to ``pre_prune``),
     ``feature_class_key`` (default ``"feature_class_id"``), ``target_feature_class_ids`` (classes to
     stratify over), ``use_cached_gradients``, ``seed``, ``mask`` (``{name: bool tensor}``: in the
-    parameters it names, only its True entries are candidates; others are unrestricted), ``cache_dir``, ``statistic`` (``mean`` | ``mean_abs`` | ``mean_sq``).
+    parameters it names, only its True entries are candidates; others are unrestricted), ``cache_dir``,
+    ``statistic`` (``mean`` | ``mean_abs`` | ``mean_sq``), ``cache_key`` (stands in, in the cache
+    key, for inputs that cannot be fingerprinted: see :func:`pre_prune`).
 
     Example:
         >>> import gradprune as gp
@@ -110,6 +124,7 @@ class PrePruneConfig(Config):
     mask: Any = None
     cache_dir: str | None = None
     statistic: str = "mean"
+    cache_key: str | None = None
 
     _validate_n_samples = staticmethod(lambda v: check_int("n_samples", v, min_value=1))
     _validate_topk = staticmethod(lambda v: check_topk("topk", v))
@@ -160,6 +175,12 @@ class PrePruneConfig(Config):
             if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
                 raise TypeError(f"mask[{k!r}] must be a bool tensor, got "
                                 f"{m.dtype if isinstance(m, torch.Tensor) else type(m).__name__}")
+        return v
+
+    @staticmethod
+    def _validate_cache_key(v):
+        if v is not None and (not isinstance(v, str) or not v):
+            raise TypeError(f"cache_key must be a non-empty str or None, got {v!r}")
         return v
 
     @staticmethod
@@ -231,41 +252,267 @@ def sample_indices(classes: Sequence[Any], targets: Sequence[Any], n_samples: in
 # ---------------------------------------------------------------------------------------------
 # fingerprints for the cache
 
-def _feed(h, obj) -> None:
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous().reshape(-1)
-        h.update(f"T{t.dtype}{tuple(obj.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    elif isinstance(obj, Mapping):
-        h.update(b"{")
-        for k in sorted(obj, key=repr):
-            _feed(h, k)
-            _feed(h, obj[k])
-        h.update(b"}")
-    elif isinstance(obj, (list, tuple)):
-        h.update(b"[")
-        for v in obj:
-            _feed(h, v)
-        h.update(b"]")
-    elif obj is None or isinstance(obj, (str, int, float, bool)):
-        h.update(f"{type(obj).__name__}:{obj!r};".encode())
-    else:
-        try:
+class _Unkeyable(Exception):
+    """An input whose content cannot be fingerprinted honestly (see ``PrePruneConfig.cache_key``)."""
+
+
+def _library_paths() -> tuple:
+    import sysconfig
+
+    paths = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    return tuple(os.path.realpath(p) + os.sep for p in paths if p)
+
+
+_LIBRARY_PATHS = None
+
+
+def _is_library(module_name: str | None) -> bool:
+    """Installed or standard-library code (keyed by name; its version is fixed for a process)."""
+    global _LIBRARY_PATHS
+    if _LIBRARY_PATHS is None:
+        _LIBRARY_PATHS = _library_paths()
+    if not module_name:
+        return False
+    mod = sys.modules.get(module_name)
+    if mod is None:
+        return False
+    path = getattr(mod, "__file__", None)
+    if path is None:  # built into the interpreter
+        return True
+    return os.path.realpath(path).startswith(_LIBRARY_PATHS)
+
+
+def _global_names(code) -> set:
+    names = set(code.co_names)
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            names |= _global_names(c)
+    return names
+
+
+class _Hasher:
+    """Feeds values into a sha256: tensors by their bytes, functions by their code, closure cells,
+    defaults and the globals they read (recursively), objects by their class and ``__dict__``.
+    Anything else raises :class:`_Unkeyable`."""
+
+    def __init__(self):
+        self.h = hashlib.sha256()
+        self.seen: dict[int, int] = {}
+        self._keep = []  # keeps visited objects alive, so their ids are not reused
+
+    def tag(self, text: str) -> None:
+        self.h.update(text.encode() + b";")
+
+    def _enter(self, obj) -> bool:
+        """False (after feeding a back-reference) when ``obj`` was fed already."""
+        if id(obj) in self.seen:
+            self.tag(f"@{self.seen[id(obj)]}")
+            return False
+        self.seen[id(obj)] = len(self.seen)
+        self._keep.append(obj)
+        return True
+
+    def value(self, obj) -> None:
+        if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, bytearray)):
+            self.tag(f"{type(obj).__name__}:{obj!r}")
+        elif obj is Ellipsis or obj is NotImplemented:
+            self.tag(repr(obj))
+        elif isinstance(obj, torch.Tensor):
+            t = obj.detach()
+            if t.layout != torch.strided:
+                t = t.to_dense()
+            t = t.cpu().contiguous().reshape(-1)
+            self.tag(f"T{t.dtype}{tuple(obj.shape)}")
+            self.h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(obj, enum.Enum):
+            self.cls(type(obj))
+            self.tag(f"enum:{obj.name}")
+        elif isinstance(obj, types.ModuleType):
+            self.tag(f"module:{obj.__name__}")
+        elif isinstance(obj, (torch.dtype, torch.device)):
+            self.tag(f"{type(obj).__name__}:{obj}")
+        elif _is_numpy(obj):
             import numpy as np
 
-            if isinstance(obj, np.ndarray):
-                _feed(h, torch.from_numpy(np.ascontiguousarray(obj)))
+            arr = np.asarray(obj)
+            if arr.dtype == object:
+                self.value(arr.tolist())
+            else:
+                self.tag(f"np{arr.dtype}")
+                self.value(torch.from_numpy(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
+                self.tag(str(arr.shape))
+        elif isinstance(obj, (list, tuple)):
+            if self._enter(obj):
+                self.tag(f"{type(obj).__name__}[{len(obj)}")
+                for v in obj:
+                    self.value(v)
+                self.tag("]")
+        elif isinstance(obj, Mapping):
+            if self._enter(obj):
+                self.tag(f"{{{len(obj)}")
+                for k in sorted(obj, key=repr):
+                    self.value(k)
+                    self.value(obj[k])
+                self.tag("}")
+        elif isinstance(obj, (set, frozenset)):
+            sub = []
+            for v in obj:
+                one = _Hasher()
+                one.value(v)
+                sub.append(one.h.hexdigest())
+            self.tag(f"set:{sorted(sub)}")
+        elif isinstance(obj, type):
+            self.cls(obj)
+        elif callable(obj) and not hasattr(obj, "__dict__") or isinstance(
+                obj, (types.FunctionType, types.MethodType, types.BuiltinFunctionType, functools.partial)):
+            self.func(obj)
+        elif isinstance(obj, (staticmethod, classmethod)):
+            self.tag(type(obj).__name__)
+            self.func(obj.__func__)
+        elif isinstance(obj, property):
+            self.tag("property")
+            for f in (obj.fget, obj.fset, obj.fdel):
+                self.value(f)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type) and _plain_state(obj):
+            if self._enter(obj):
+                self.cls(type(obj))
+                self.value(vars(obj))
+        else:
+            raise _Unkeyable(f"a {type(obj).__module__}.{type(obj).__qualname__} object (no content "
+                             f"to fingerprint)")
+
+    def _open(self, obj, kind: str) -> bool:
+        """Tag a class or function by name; True when its content is to be fed (user code, first visit)."""
+        name = f"{obj.__module__}.{obj.__qualname__}"
+        if _is_library(obj.__module__):
+            self.tag(f"lib{kind}:{name}")
+            return False
+        if not self._enter(obj):
+            return False
+        self.tag(f"{kind}:{name}")
+        return True
+
+    def cls(self, c: type) -> None:
+        if not self._open(c, "class"):
+            return
+        for base in c.__bases__:
+            self.cls(base)
+        for k, v in sorted(vars(c).items()):
+            if k in ("__dict__", "__weakref__", "__doc__", "__module__", "__qualname__"):
+                continue
+            self.tag(k)
+            self.value(v)
+
+    def code(self, code: types.CodeType) -> None:
+        self.tag(f"code:{code.co_name}")
+        self.h.update(code.co_code)
+        self.tag(repr((code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars)))
+        for c in code.co_consts:
+            if isinstance(c, types.CodeType):
+                self.code(c)
+            else:
+                self.value(c)
+
+    def func(self, fn) -> None:
+        if isinstance(fn, functools.partial):
+            self.tag("partial")
+            self.func(fn.func)
+            self.value(fn.args)
+            self.value(fn.keywords)
+        elif isinstance(fn, types.MethodType):
+            self.tag("method")
+            self.func(fn.__func__)
+            self.value(fn.__self__)
+        elif isinstance(fn, types.FunctionType):
+            if not self._open(fn, "fn"):
                 return
-        except ImportError:  # pragma: no cover
-            pass
-        h.update(f"{type(obj).__qualname__}:{obj!r};".encode())  # unknown objects: by repr
+            self.code(fn.__code__)
+            self.value(fn.__defaults__)
+            self.value(fn.__kwdefaults__)
+            for cell in fn.__closure__ or ():
+                try:
+                    self.value(cell.cell_contents)
+                except ValueError:  # an empty cell
+                    self.tag("<empty cell>")
+            for gname in sorted(_global_names(fn.__code__)):
+                if gname in fn.__globals__:
+                    self.tag(f"global:{gname}")
+                    self.value(fn.__globals__[gname])
+        elif isinstance(fn, (types.BuiltinFunctionType, types.BuiltinMethodType, types.WrapperDescriptorType,
+                             types.MethodDescriptorType, types.MethodWrapperType)):
+            owner = getattr(fn, "__self__", None)
+            self.tag(f"builtin:{getattr(fn, '__module__', None)}.{getattr(fn, '__qualname__', fn)}")
+            if owner is not None and not isinstance(owner, types.ModuleType):
+                self.value(owner)
+        elif isinstance(fn, type):
+            self.cls(fn)
+        else:
+            raise _Unkeyable(f"a callable {type(fn).__module__}.{type(fn).__qualname__} object without "
+                             f"code to fingerprint")
+
+    def hexdigest(self) -> str:
+        return self.h.hexdigest()
+
+
+def _is_numpy(obj) -> bool:
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(obj, (np.ndarray, np.generic))
+
+
+def _plain_state(obj) -> bool:
+    """Objects whose whole state is their ``__dict__``: instances of user classes and of
+    ``nn.Module`` (parameters and buffers live in the ``__dict__``)."""
+    return isinstance(obj, nn.Module) or not _is_library(type(obj).__module__)
 
 
 def _fingerprint(*parts) -> str:
-    h = hashlib.sha256()
+    """sha256 of ``parts``; raises :class:`_Unkeyable` for content that cannot be fingerprinted."""
+    h = _Hasher()
     for p in parts:
-        _feed(h, p)
+        h.value(p)
     return h.hexdigest()
+
+
+def _model_fingerprint(model: nn.Module) -> str:
+    """Every module's type and mode and every parameter and buffer (persistent or not)."""
+    h = _Hasher()
+    for name, mod in model.named_modules(remove_duplicate=False):
+        h.tag(f"{name}:{type(mod).__module__}.{type(mod).__qualname__}:{mod.training}")
+        for pname, p in mod.named_parameters(recurse=False):
+            h.tag(f"p:{pname}:{p.requires_grad}")
+            h.value(p)
+        for bname, b in mod.named_buffers(recurse=False):
+            h.tag(f"b:{bname}")
+            h.value(b)
+    return h.hexdigest()
+
+
+def _cache_keys(config, model, chosen, loss_fn, collate, data, indices, targets) -> tuple[str, str]:
+    """``(gradient key, selection key)``: everything the result depends on. An input that cannot
+    be fingerprinted is replaced by ``config.cache_key``; without one, ``ValueError``."""
+    unkeyed = []
+
+    def part(what, *values):
+        try:
+            return _fingerprint(*values)
+        except _Unkeyable as exc:
+            unkeyed.append(f"{what} holds {exc}")
+            return "unkeyed"
+
+    model_fp = _model_fingerprint(model)
+    inputs = (part("loss_fn", loss_fn), part("collate_fn", collate),
+              part("the sampled data", indices, [data[i] for i in indices]),
+              part("target_feature_class_ids", targets), part("mask", config.mask))
+    if unkeyed and config.cache_key is None:
+        raise ValueError(
+            "pre_prune cannot key its cache on every input: " + "; ".join(unkeyed) + ". Pass "
+            "PrePruneConfig(cache_key='...') naming that input's version (change it whenever the input "
+            "changes), or drop cache_dir")
+    grad_key = _fingerprint("grad-v2", model_fp, list(chosen), inputs[:4], config.source,
+                            config.statistic, config.batch_size, config.feature_class_key, config.seed,
+                            config.n_samples, config.cache_key)
+    sel_key = _fingerprint("sel-v2", grad_key, config.topk, config.threshold, inputs[4])
+    return grad_key, sel_key
 
 
 def _load_cache(path: str, key: str):
@@ -431,6 +678,8 @@ def pre_prune(
         raise TypeError(f"config must be a PrePruneConfig, got {type(config).__name__}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(model, batch, target), got {type(loss_fn).__name__}")
+    if config.cache_dir is not None and os.path.exists(config.cache_dir) and not os.path.isdir(config.cache_dir):
+        raise ValueError(f"cache_dir must be a folder, but {config.cache_dir} is an existing file")
     data = config.dataset if config.dataset is not None else dataset
     if data is None or not isinstance(data, Sequence) or isinstance(data, (str, bytes)):
         raise TypeError(f"dataset must be a sequence of dict items, got {type(data).__name__}")
@@ -487,12 +736,7 @@ def pre_prune(
     importance = None
     cache_hit = None
     if config.cache_dir is not None:
-        model_fp = _fingerprint([(n, tuple(p.shape), p) for n, p in chosen.items()])
-        data_fp = _fingerprint(indices, [data[i] for i in indices])
-        grad_key = _fingerprint("grad-v1", model_fp, data_fp, config.source, config.statistic,
-                                config.batch_size, config.feature_class_key, targets, config.seed,
-                                config.n_samples, getattr(loss_fn, "__qualname__", repr(loss_fn)))
-        sel_key = _fingerprint("sel-v1", grad_key, config.topk, config.threshold, config.mask)
+        grad_key, sel_key = _cache_keys(config, model, chosen, loss_fn, collate, data, indices, targets)
         sel_path = os.path.join(config.cache_dir, f"preprune-sel-{sel_key[:40]}.pt")
         grad_path = os.path.join(config.cache_dir, f"preprune-grad-{grad_key[:40]}.pt")
         cached = _load_cache(sel_path, sel_key)
