@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 
 import gradprune as gp
-import gradprune._io
 from gradprune import cli
 from gradprune.config import atomic_write
 from gradprune.structured import export as export_mod
@@ -48,7 +47,8 @@ def _entries(root):
 @pytest.mark.parametrize("swap", ["exchange", "two_renames"])
 def test_save_pruned_failure_on_the_second_file_keeps_the_previous_set(tmp_path, monkeypatch, swap):
     if swap == "two_renames":  # where the OS has no atomic exchange
-        monkeypatch.setattr(gp._io, "_exchange", lambda a, b: False)
+        from gradprune import _io
+        monkeypatch.setattr(_io, "_exchange", lambda a, b: False)
     path = tmp_path / "small"
     old = _small(3)
     save_pruned(old, path)
@@ -227,3 +227,26 @@ def test_outputs_get_the_umask_permissions(tmp_path, umask):
     for f in ("small/model.pt", "small/architecture.json", "x.pt", "c.yaml"):
         assert stat.S_IMODE(os.stat(tmp_path / f).st_mode) == 0o666 & ~umask, f
     assert stat.S_IMODE(os.stat(tmp_path / "small").st_mode) == 0o777 & ~umask
+
+
+def test_damaged_pretrained_weights_are_named(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    from gradprune.structured import load_pruned_pretrained
+
+    cfg = transformers.BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=16, max_position_embeddings=16)
+    transformers.BertModel(cfg).save_pretrained(tmp_path / "bert")
+    weights = tmp_path / "bert" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=str(weights).replace(".", r"\.")):
+        load_pruned_pretrained(transformers.BertModel, tmp_path / "bert")
+
+
+def test_a_linked_output_folder_stays_a_link(tmp_path):
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    save_pruned(_small(3), tmp_path / "link")
+    save_pruned(_small(5), tmp_path / "link")
+    assert os.path.islink(tmp_path / "link")
+    assert load_pruned(_make, tmp_path / "real")[0].out_features == 5

@@ -35,7 +35,7 @@ import shutil
 import socket
 from typing import Callable, Mapping
 
-__all__ = ["atomic_write", "write_file_set", "load_torch", "load_json"]
+__all__ = ["atomic_write", "write_file_set", "load_torch", "load_json", "load_safetensors"]
 
 _TAG = "gradprune-tmp"
 _OLD = "gradprune-old"
@@ -178,6 +178,8 @@ def write_file_set(folder: str | os.PathLike, writers: Mapping[str, Callable[[st
 
     Example: see the module docstring.
     """
+    if os.path.islink(folder):  # replace the folder the link points to, keep the link
+        folder = os.path.realpath(folder)
     folder, parent, base = _split(folder)
     for name in writers:
         if not name or os.sep in name or name in (".", ".."):
@@ -223,9 +225,19 @@ def write_file_set(folder: str | os.PathLike, writers: Mapping[str, Callable[[st
         raise
 
 
+def _read(path, what: str, read: Callable[[str], object], errors=(Exception,)):
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        return read(path)
+    except errors as exc:
+        raise ValueError(f"{path} is not {what} (truncated or damaged?): {exc}") from exc
+
+
 def load_torch(path: str | os.PathLike, map_location="cpu"):
     """``torch.load(path, weights_only=True)``; a damaged or foreign file raises ``ValueError``
-    naming ``path``.
+    naming ``path`` (so do :func:`load_json` and :func:`load_safetensors`).
 
     Example:
         >>> import tempfile, torch
@@ -239,33 +251,29 @@ def load_torch(path: str | os.PathLike, map_location="cpu"):
     """
     import torch
 
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such file: {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path} is not a readable torch file (truncated or damaged?): {exc}") from exc
+    return _read(path, "a readable torch file",
+                 lambda p: torch.load(p, map_location=map_location, weights_only=True))
+
+
+def _read_json(path: str):
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
 
 
 def load_json(path: str | os.PathLike):
     """Parse the JSON file ``path``; a truncated or invalid file raises ``ValueError`` naming it.
 
-    Example:
-        >>> import tempfile
-        >>> from gradprune._io import load_json
-        >>> with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
-        ...     _ = f.write('{"a": '); f.flush()
-        ...     load_json(f.name)  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        ValueError: ... is not valid JSON ...
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such file: {path}")
+    Example: like :func:`load_torch`."""
+    return _read(path, "valid JSON", _read_json, (ValueError, UnicodeDecodeError))
+
+
+def load_safetensors(path: str | os.PathLike) -> dict:
+    """``safetensors.torch.load_file(path)``; a truncated or foreign file raises ``ValueError``
+    naming ``path``.
+
+    Example: like :func:`load_torch`."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON (truncated or damaged?): {exc}") from exc
+        import safetensors.torch as st
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("safetensors is needed: pip install 'gradprune[hf]'") from exc
+    return _read(path, "a readable safetensors file", st.load_file)

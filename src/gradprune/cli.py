@@ -29,11 +29,11 @@ traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Sequence
 
+from ._io import load_json
 from .recipes import RECIPE_KEYS, WORKFLOWS, RecipeError, load_recipe, resolve, run_recipe
 
 __all__ = ["main"]
@@ -94,8 +94,7 @@ def _report(args) -> None:
     if args.results:
         if not os.path.isfile(args.results):
             raise RecipeError(f"results file not found: {args.results}")
-        with open(args.results, encoding="utf-8") as fh:
-            results = json.load(fh)
+        results = load_json(args.results)
     rep = checkpoint_report(args.checkpoint, factory, example)
     print(format_report(rep))
     plot = args.plot or os.path.splitext(args.checkpoint)[0] + "_report.png"

@@ -384,8 +384,9 @@ class _Hasher:
     def _open(self, obj, kind: str) -> bool:
         """Tag a class or function by name; True when its content is to be fed (user code, first visit)."""
         name = f"{obj.__module__}.{obj.__qualname__}"
-        if _is_library(obj.__module__):
-            self.tag(f"lib{kind}:{name}")
+        if _is_library(obj.__module__):  # by name and the installed package's version
+            top = sys.modules.get(obj.__module__.partition(".")[0])
+            self.tag(f"lib{kind}:{name}@{getattr(top, '__version__', '')}")
             return False
         if not self._enter(obj):
             return False

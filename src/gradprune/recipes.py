@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from ._checks import check_choice, check_float, check_int
-from ._io import write_file_set
+from ._io import load_torch, write_file_set
 
 __all__ = ["RecipeError", "load_recipe", "run_recipe", "WORKFLOWS", "RECIPE_KEYS", "TRAIN_KEYS"]
 
@@ -192,7 +192,7 @@ def _build(recipe: dict, base_dir: str):
         ckpt = os.path.join(base_dir, recipe["checkpoint"])
         if not os.path.isfile(ckpt):
             raise RecipeError(f"checkpoint not found: {ckpt}")
-        model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
+        model.load_state_dict(load_torch(ckpt))
     data = loss_fn = None
     if recipe.get("data"):
         data = resolve(recipe["data"], "data")

@@ -28,7 +28,8 @@ import os
 
 import torch
 
-from ..config import PruneConfig, atomic_write
+from .._io import atomic_write, load_torch
+from ..config import PruneConfig
 from ..prune import make_config
 from ..pruner import Pruner
 from ..sparse_training import SparseConfig, SparseTrainer
@@ -61,8 +62,7 @@ class _StatefulCallback(_Base):
 
     def _restore(self, engine) -> None:
         if self.resume_from is not None:
-            engine.load_state_dict(torch.load(os.path.join(self.resume_from, STATE_FILE),
-                                              map_location="cpu", weights_only=True))
+            engine.load_state_dict(load_torch(os.path.join(self.resume_from, STATE_FILE)))
 
     def _save(self, engine, args, state) -> None:
         if engine is None:

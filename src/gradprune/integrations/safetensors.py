@@ -21,7 +21,7 @@ from typing import Mapping
 
 import torch
 
-from .._io import atomic_write
+from .._io import atomic_write, load_safetensors
 
 __all__ = ["save_masks", "load_masks", "save_selection", "load_selection"]
 
@@ -32,15 +32,6 @@ def _st():
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("safetensors is needed: pip install 'gradprune[hf]'") from exc
     return st
-
-
-def _load_file(st, path) -> dict:
-    """``safetensors.torch.load_file``; a truncated or foreign file raises ``ValueError`` naming it."""
-    try:
-        return st.load_file(os.fspath(path))
-    except Exception as exc:  # safetensors raises its own SafetensorError (and OSError)
-        raise ValueError(f"{os.fspath(path)} is not a readable safetensors file (truncated or damaged?): "
-                         f"{exc}") from exc
 
 
 def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike,
@@ -63,7 +54,7 @@ def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     st = _st()
     if not os.path.isfile(path):
         raise FileNotFoundError(f"mask file not found: {path}")
-    out = _load_file(st, path)
+    out = load_safetensors(path)
     bad = [n for n, t in out.items() if t.dtype != torch.bool]
     if bad:
         raise ValueError(f"{path} is not a mask file: {bad[:3]} are not bool tensors")
@@ -86,7 +77,7 @@ def load_selection(path: str | os.PathLike) -> tuple[dict, dict]:
     st = _st()
     if not os.path.isfile(path):
         raise FileNotFoundError(f"selection file not found: {path}")
-    raw = _load_file(st, path)
+    raw = load_safetensors(path)
     indices = {k.split("/", 1)[1]: v for k, v in raw.items() if k.startswith("indices/")}
     importance = {k.split("/", 1)[1]: v for k, v in raw.items() if k.startswith("importance/")}
     if not indices:

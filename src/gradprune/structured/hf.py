@@ -51,7 +51,6 @@ widths cannot be uniform (its config holds none).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import NamedTuple
@@ -557,18 +556,20 @@ def _read_state(path: str) -> dict:
     single = os.path.join(path, "model.safetensors")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(single) or os.path.isfile(index):
-        from safetensors.torch import load_file
+        from .._io import load_json, load_safetensors
         if os.path.isfile(single):
-            return load_file(single)
-        with open(index, encoding="utf-8") as fh:
-            files = sorted(set(json.load(fh)["weight_map"].values()))
+            return load_safetensors(single)
+        weight_map = load_json(index)
+        if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict):
+            raise ValueError(f"{index} is not a safetensors index (no weight_map)")
         state = {}
-        for f in files:
-            state.update(load_file(os.path.join(path, f)))
+        for f in sorted(set(weight_map["weight_map"].values())):
+            state.update(load_safetensors(os.path.join(path, f)))
         return state
     binary = os.path.join(path, "pytorch_model.bin")
     if os.path.isfile(binary):
-        return torch.load(binary, map_location="cpu", weights_only=True)
+        from .._io import load_torch
+        return load_torch(binary)
     raise FileNotFoundError(f"path must be a directory written by save_pretrained; no weights in {path}")
 
 
