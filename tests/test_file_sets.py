@@ -69,6 +69,16 @@ def test_save_pruned_failure_on_the_second_file_keeps_the_previous_set(tmp_path,
     assert _entries(tmp_path) == before
 
 
+def test_save_pruned_into_the_working_directory(tmp_path, monkeypatch):
+    path = tmp_path / "small"
+    save_pruned(_small(3), path)
+    monkeypatch.chdir(path)
+    save_pruned(_small(5), ".")
+    assert load_pruned(_make, path)[0].out_features == 5
+    assert sorted(os.listdir(tmp_path)) == ["small"]
+    assert sorted(os.listdir(path)) == ["architecture.json", "model.pt"]
+
+
 def test_save_pruned_keeps_other_files_in_the_folder(tmp_path):
     path = tmp_path / "small"
     save_pruned(_small(3), path)
@@ -88,19 +98,31 @@ _KILLED = textwrap.dedent("""
         real(obj, f, *a, **k)
         os._exit(3)                       # killed mid-set: after the first file, before the rename
     torch.save = dying_save
-    if sys.argv[1] == "set":
+    if sys.argv[1] == "swap":             # killed between moving the old folder aside and the new in
+        from gradprune import _io
+        torch.save = real
+        _io._exchange = lambda a, b: False
+        real_rename = os.rename
+        def dying_rename(a, b):
+            real_rename(a, b)
+            if ".gradprune-old-" in os.fspath(b):
+                os._exit(3)
+        os.rename = dying_rename
+        save_pruned(nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2)), sys.argv[2])
+    elif sys.argv[1] == "set":
         save_pruned(nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2)), sys.argv[2])
     else:
         atomic_write(sys.argv[2], lambda t: torch.save({{"a": torch.ones(2)}}, t))
 """)
 
 
-@pytest.mark.parametrize("kind", ["set", "file"])
+@pytest.mark.parametrize("kind", ["set", "file", "swap"])
 def test_killed_write_leaves_old_output_and_next_write_cleans_up(tmp_path, kind):
-    target = tmp_path / ("small" if kind == "set" else "x.pt")
+    target = tmp_path / ("x.pt" if kind == "file" else "small")
     old = _small(3)
-    if kind == "set":
+    if kind != "file":
         save_pruned(old, target)
+        (target / "notes.txt").write_text("mine")
     else:
         atomic_write(target, lambda t: torch.save({"a": torch.zeros(2)}, t))
     before = _entries(tmp_path)
@@ -109,11 +131,12 @@ def test_killed_write_leaves_old_output_and_next_write_cleans_up(tmp_path, kind)
     assert proc.returncode == 3, proc.stderr
     if kind == "set":
         assert _same(load_pruned(_make, target), old)
-    else:
+    elif kind == "file":
         assert torch.equal(torch.load(target, weights_only=True)["a"], torch.zeros(2))
     assert _entries(tmp_path) != before                 # the killed process left a temporary
-    if kind == "set":
-        save_pruned(old, target)
+    if kind != "file":
+        save_pruned(old, target)                        # "swap": the folder moved aside is restored first
+        assert (target / "notes.txt").read_text() == "mine"
     else:
         atomic_write(target, lambda t: torch.save({"a": torch.zeros(2)}, t))
     assert _entries(tmp_path) == before                 # ... which the next write removed
