@@ -202,3 +202,26 @@ def test_docs_example_runs(capsys):
     for block in blocks:
         exec(compile(block, "docs/files.md", "exec"), {})
     assert capsys.readouterr().out.split() == ["None", "selection", "None"]
+
+
+def test_code_of_a_module_without_a_file_is_keyed(tmp_path):
+    """A notebook's ``__main__`` has no ``__file__``: its functions are user code, keyed by code."""
+    import types
+
+    model = _model()
+    losses = []
+    for extra in ("", " * 2.0"):
+        mod = types.ModuleType("notebook_cell")
+        exec("import torch.nn.functional as F\n"
+             "def loss(model, batch, target):\n"
+             f"    return F.cross_entropy(model(batch['x']){extra}, batch[target])\n", mod.__dict__)
+        losses.append(mod)
+    import sys
+    try:
+        sys.modules["notebook_cell"] = losses[0]
+        assert _run(model, losses[0].loss, tmp_path)[0] is None
+        assert _run(model, losses[0].loss, tmp_path)[0] == "selection"
+        sys.modules["notebook_cell"] = losses[1]
+        assert _run(model, losses[1].loss, tmp_path)[0] is None
+    finally:
+        sys.modules.pop("notebook_cell", None)

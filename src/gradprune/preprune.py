@@ -277,8 +277,8 @@ def _is_library(module_name: str | None) -> bool:
     if mod is None:
         return False
     path = getattr(mod, "__file__", None)
-    if path is None:  # built into the interpreter
-        return True
+    if path is None:  # built into the interpreter; else e.g. a notebook's __main__: user code
+        return module_name.partition(".")[0] in sys.builtin_module_names
     return os.path.realpath(path).startswith(_LIBRARY_PATHS)
 
 
