@@ -148,10 +148,26 @@ def test_sparse_trainer_resumes_bit_for_bit_in_any_order(preset, opt_name, order
         assert any(h["step"] >= STOP for h in straight.history)  # the resumed part updated connectivity
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Bit-for-bit comparisons of two runs in one process: one thread, so that no matrix product
+    depends on how the threads were scheduled."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------------------------
 # Pruner
 
-PRUNER_CRITERIA = ["snip_momentum", "magnitude"]
+PRUNER_CASES = ["snip_momentum", "magnitude", "magnitude_from_a_mask"]
+
+
+def _initial_mask():
+    gen = torch.Generator().manual_seed(5)
+    return {n: torch.rand(p.shape, generator=gen) > 0.3 for n, p in build().named_parameters()
+            if n in ("0.weight", "2.weight")}
 
 
 def run_pruner(model, opt, pruner, batches):
@@ -171,11 +187,14 @@ def _prune_config(criterion):
 
 @pytest.mark.parametrize("order", list(ORDERS))
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
-@pytest.mark.parametrize("criterion", PRUNER_CRITERIA)
-def test_pruner_resumes_bit_for_bit_in_any_order(criterion, opt_name, order):
-    cfg = _prune_config(criterion)
-    straight, resumed, first = straight_and_resumed(order, opt_name, lambda m, o: gp.Pruner(m, cfg, optimizer=o),
-                                                    run_pruner)
+@pytest.mark.parametrize("case", PRUNER_CASES)
+def test_pruner_resumes_bit_for_bit_in_any_order(case, opt_name, order):
+    """With ``mask=`` (pruned from the start), too: building the pruner applies it, which must not
+    damage an optimizer state loaded before."""
+    cfg = _prune_config(case.removesuffix("_from_a_mask"))
+    mask = _initial_mask() if case.endswith("mask") else None
+    straight, resumed, first = straight_and_resumed(
+        order, opt_name, lambda m, o: gp.Pruner(m, cfg, optimizer=o, mask=mask), run_pruner)
     assert first.history and not first.done      # an event before the checkpoint, more after it
     assert resumed.history == straight.history and resumed.step == straight.step == N_STEPS
     assert any(step >= STOP for step, _ in straight.history)
@@ -439,3 +458,16 @@ def test_hf_sparse_training_callback_resume_keeps_the_loaded_weights_and_optimiz
     cb.on_train_begin(None, None, None, model=fresh, optimizer=fresh_opt)
     assert cb.sparse.step_count == STOP
     assert_same_run(model, opt, trainer, fresh, fresh_opt, cb.sparse)
+
+
+def test_a_fresh_model_and_optimizer_keep_nothing_for_resume():
+    """What the initial masks zero is kept only when it may be a checkpoint's, and only until the
+    first step: a fresh model costs no memory."""
+    model = build()
+    opt = OPTIMIZERS["adam"](model.parameters())
+    assert gp.SparseTrainer(model, opt, PRESETS["rigl"]())._provisional is None
+    model, opt, trainer = _trained_trainer()
+    again = gp.SparseTrainer(model, opt, PRESETS["set"]())          # weights with zeros, optimizer state
+    assert again._provisional
+    run_trainer(model, opt, again, data(1))
+    assert again._provisional is None

@@ -48,6 +48,7 @@ from .prune import make_config
 from .schedules import SparsitySchedule
 from .scores import get_criterion
 from ._checks import check_int
+from ._resume import apply_keeping, restore_zeroed
 from .targets import find_targets
 
 __all__ = ["Pruner"]
@@ -114,7 +115,8 @@ class Pruner:
                 raise ValueError(f"mask names parameters this pruner does not prune: {unknown}")
             for n, m in mask.items():
                 self.masks[n] = m
-            self.masks.apply(optimizer)
+        # a checkpoint's optimizer state loaded before the pruner is kept for load_state_dict
+        self._provisional = apply_keeping(self.masks, optimizer) if mask is not None else None
         self.step = 0
         self.skipped_steps = 0
         self.history: list[tuple[int, float]] = []
@@ -131,6 +133,7 @@ class Pruner:
     def on_before_optimizer_step(self) -> None:
         """Call after ``backward()`` (and ``scaler.unscale_``), before ``optimizer.step()``."""
         self._skip_this_step = False  # decided afresh: a skipped step may never reach on_after
+        self._provisional = None      # the masks given at construction are final now
         if self.step <= self._last_event:
             # every gradient, not only the prunable weights': GradScaler skips a step on any inf/NaN
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -238,6 +241,8 @@ class Pruner:
             self.criterion.load_state_dict(previous_criterion)
             raise ValueError(f"pruner state 'criterion' does not fit criterion {self.config.criterion!r}: "
                              f"{type(e).__name__}: {e}") from e
+        restore_zeroed(self._provisional, self.masks, self.optimizer)
+        self._provisional = None
         self.step = step
         self.skipped_steps = skipped
         self.history = [tuple(h) for h in history]

@@ -89,13 +89,13 @@ from __future__ import annotations
 import math
 import os
 import warnings
-import weakref
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from ._resume import apply_keeping, restore_zeroed
 from ._checks import check_bool, check_choice, check_float, check_int, check_str_list, round_half_up
 from .config import DEFAULT_MODULE_TYPES, Config
 from .masks import MaskSet, SparsityReport
@@ -402,7 +402,7 @@ class SparseTrainer:
         self._warned_past_end = False
         self._hook_state = None
         # what the initial masks zeroed in weights/optimizer state that may be a checkpoint's,
-        # until the first step (see _apply_initial_masks and load_state_dict)
+        # until the first step (see gradprune._resume and load_state_dict)
         self._provisional: list | None = None
         self._init_masks()
 
@@ -512,47 +512,9 @@ class SparseTrainer:
                 self._set_units(n, units.to(p.device))
         self._initial_density = {n: float(u.float().mean()) for n, u in self._units.items()}
         self._final_density = self._layer_densities("uniform") if cfg.decay == "magnitude_prune" else None
-        self._apply_initial_masks()
-
-    @torch.no_grad()
-    def _apply_initial_masks(self) -> None:
-        """Zero the weights and optimizer state outside the initial masks, keeping what is zeroed
-        when it may belong to a checkpoint: when a masked weight already holds an exact 0 (a sparse
-        checkpoint loaded before the trainer was built) or the optimizer already holds state, the
-        nonzero entries the masks zero are kept (positions and values) until the first step, so that
-        :meth:`load_state_dict` can put them back before it applies the saved masks. A fresh
-        model with a fresh optimizer keeps nothing."""
-        ps = self.params
-        keep = any(bool(self.optimizer.state.get(p)) for p in ps.values()) or \
-            any(bool((p.detach() == 0).any()) for p in ps.values())
-        records = []
-        for n, p in (ps.items() if keep else ()):
-            zeroed = ~self.masks[n]
-            if not bool(zeroed.any()):
-                continue
-            state = self.optimizer.state.get(p, {})
-            for key, t in [(None, p)] + [(k, v) for k, v in state.items()
-                                         if isinstance(v, torch.Tensor) and v.shape == p.shape]:
-                lost = zeroed & (t.detach() != 0)
-                if bool(lost.any()):
-                    records.append([n, key, weakref.ref(t), lost, t.detach()[lost].clone()])
-        self.masks.apply(self.optimizer)
-        for r in records:  # what the tensor looks like after masking: anything else wrote to it
-            t = r[2]()
-            r.append((t._version, t.data_ptr()))
-        self._provisional = records or None
-
-    @torch.no_grad()
-    def _restore_provisional(self) -> None:
-        """Put back what the initial masks zeroed, in every weight and optimizer state tensor that
-        nothing has written to (or replaced) since: a model or optimizer state loaded after the
-        trainer was built is left as loaded."""
-        records, self._provisional = self._provisional, None
-        for n, key, ref, lost, values, stamp in records or ():
-            t, p = ref(), self.params[n]
-            current = p if key is None else self.optimizer.state.get(p, {}).get(key)
-            if t is not None and current is t and (t._version, t.data_ptr()) == stamp:
-                t.detach()[lost] = values
+        # zeroes weights and optimizer state: what may be a checkpoint's is kept until the first
+        # step, for load_state_dict to put back (a model or optimizer loaded before the trainer)
+        self._provisional = apply_keeping(self.masks, self.optimizer)
 
     # -- the step ----------------------------------------------------------------------------
     def is_update_step(self, step: int | None = None) -> bool:
@@ -986,7 +948,8 @@ class SparseTrainer:
                 raise ValueError(f"mask for {n!r} does not cover whole {pat.spec} units, as this config's "
                                  "structured rules need")
         # everything validated: nothing below can fail
-        self._restore_provisional()
+        restore_zeroed(self._provisional, self.masks, self.optimizer)
+        self._provisional = None
         self._units = units
         self.step_count, self.updates, self._epoch_update_pending = step_count, updates, pending
         self.generator.set_state(gen_state)
