@@ -35,7 +35,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -46,6 +47,8 @@ from .patterns import get_pattern
 from .prune import make_config
 from .schedules import SparsitySchedule
 from .scores import get_criterion
+from ._checks import check_int
+from ._resume import apply_keeping, restore_zeroed
 from .targets import find_targets
 
 __all__ = ["Pruner"]
@@ -81,10 +84,16 @@ class Pruner:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        cfg = make_config(config, fields)
+        # a copy: editing the caller's config afterwards must not desynchronise the pruner
+        cfg = copy.deepcopy(make_config(config, fields))
         target = cfg.effective_target()
         if target is None:
             raise ValueError("Pruner needs target_sparsity (topk/threshold are for one-shot prune())")
+        if optimizer is not None:
+            held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            if not any(id(p) in held for p in model.parameters()):
+                raise ValueError("optimizer holds none of the model's parameters (was it built for "
+                                 "another model?)")
         self.config = cfg
         self.model = model
         self.optimizer = optimizer
@@ -106,7 +115,8 @@ class Pruner:
                 raise ValueError(f"mask names parameters this pruner does not prune: {unknown}")
             for n, m in mask.items():
                 self.masks[n] = m
-            self.masks.apply(optimizer)
+        # a checkpoint's optimizer state loaded before the pruner is kept for load_state_dict
+        self._provisional = apply_keeping(self.masks, optimizer) if mask is not None else None
         self.step = 0
         self.skipped_steps = 0
         self.history: list[tuple[int, float]] = []
@@ -123,6 +133,7 @@ class Pruner:
     def on_before_optimizer_step(self) -> None:
         """Call after ``backward()`` (and ``scaler.unscale_``), before ``optimizer.step()``."""
         self._skip_this_step = False  # decided afresh: a skipped step may never reach on_after
+        self._provisional = None      # the masks given at construction are final now
         if self.step <= self._last_event:
             # every gradient, not only the prunable weights': GradScaler skips a step on any inf/NaN
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -190,19 +201,50 @@ class Pruner:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume from :meth:`state_dict` (into a new pruner of a new model is fine)."""
-        if not isinstance(state, dict):
+        """Resume from :meth:`state_dict` (into a new pruner of a new model is fine).
+
+        The run continues bit for bit as if it had not stopped whatever the order: the model's
+        weights and the optimizer's state may be loaded before the pruner is built, or after it,
+        before or after this call. Everything is validated before anything changes: the config
+        (every saved field), ``step``/``skipped_steps`` (ints >= 0), the history, the masks (names,
+        dtype, shape) and the criterion's state. Then the masks are applied to the weights; the
+        optimizer state is left as loaded (it is zeroed for pruned entries at prune events only).
+        """
+        if not isinstance(state, Mapping):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
         missing = {"config", "step", "masks", "criterion"} - set(state)
         if missing:
             raise ValueError(f"pruner state is missing {sorted(missing)}")
-        saved = PruneConfig.from_dict(state["config"])
+        if not isinstance(state["config"], Mapping):
+            raise TypeError(f"pruner state 'config' must be a dict, got {type(state['config']).__name__}")
+        mine = self.config.to_dict()
+        absent = sorted(set(mine) - set(state["config"]))
+        if absent:
+            raise ValueError(f"pruner state was saved with a different config: the saved config lacks {absent}")
+        saved = PruneConfig.from_dict(dict(state["config"]))
         if saved != self.config:
-            diff = [k for k, v in saved.to_dict().items() if self.config.to_dict()[k] != v]
+            diff = [k for k, v in saved.to_dict().items() if mine[k] != v]
             raise ValueError(f"pruner state was saved with a different config (fields {diff})")
-        self.masks.load_state_dict(state["masks"])
-        self.criterion.load_state_dict(state["criterion"])
-        self.step = int(state["step"])
-        self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.history = [tuple(h) for h in state.get("history", [])]
-        self.masks.apply(self.optimizer)
+        step = check_int("step", state["step"], min_value=0)
+        skipped = check_int("skipped_steps", state.get("skipped_steps", 0), min_value=0)
+        history = state.get("history", [])
+        if not isinstance(history, (list, tuple)) or not all(
+                isinstance(h, (list, tuple)) and len(h) == 2 for h in history):
+            raise ValueError("pruner state 'history' must be a list of (step, sparsity) pairs")
+        previous_masks = self.masks.state_dict()
+        previous_criterion = copy.deepcopy(self.criterion.state_dict())
+        self.masks.load_state_dict(state["masks"])  # validates names, dtypes and shapes first
+        try:
+            self.criterion.load_state_dict(state["criterion"])
+        except Exception as e:
+            self.masks.load_state_dict(previous_masks)
+            self.criterion.load_state_dict(previous_criterion)
+            raise ValueError(f"pruner state 'criterion' does not fit criterion {self.config.criterion!r}: "
+                             f"{type(e).__name__}: {e}") from e
+        restore_zeroed(self._provisional, self.masks, self.optimizer)
+        self._provisional = None
+        self.step = step
+        self.skipped_steps = skipped
+        self.history = [tuple(h) for h in history]
+        self._skip_this_step = False
+        self.masks.apply()

@@ -88,12 +88,14 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from ._resume import apply_keeping, restore_zeroed
 from ._checks import check_bool, check_choice, check_float, check_int, check_str_list, round_half_up
 from .config import DEFAULT_MODULE_TYPES, Config
 from .masks import MaskSet, SparsityReport
@@ -102,7 +104,7 @@ from .schedules import drop_fraction, sparsity_at, prune_events
 from .select import Units, _global_lowest, allocate_densities, raw_density
 from .targets import find_targets
 
-__all__ = ["SparseConfig", "SparseTrainer", "LayerContext"]
+__all__ = ["SparseConfig", "SparseTrainer", "LayerContext", "StepsPastEndWarning"]
 
 INITS = ("uniform", "er", "erk", "struct_random", "struct_erk", "lottery", "resume", "dense")
 PRUNES = ("magnitude", "global_magnitude", "struct_magnitude")
@@ -116,6 +118,11 @@ DECAYS = ("cosine", "linear", "constant", "magnitude_prune")
 _ZERO_KEEPING = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax,
                  torch.optim.NAdam, torch.optim.RAdam, torch.optim.RMSprop, torch.optim.Adagrad,
                  torch.optim.Adadelta)
+
+
+class StepsPastEndWarning(UserWarning):
+    """A :class:`SparseTrainer` stepped past its config's ``total_steps`` (issued once per trainer):
+    the schedule (``end_step``, the decay, the pruning events) was planned for a shorter run."""
 
 
 def _name_or_callable(field_name: str, choices):
@@ -134,8 +141,10 @@ class SparseConfig(Config):
     ``density`` is the target fraction of active weights over the masked layers (with
     ``init="uniform"`` and ``dense_first_layer=True``: the density of every layer but the dense
     first one, rigl-torch's allocation, so the overall density is higher); ``end_step``
-    (RigL's ``T_end``) the last step with a connectivity update; ``include_classifier`` defaults to
-    True here (sparse training usually sparsifies every layer).
+    (RigL's ``T_end``) the last step with a connectivity update; ``total_steps`` the planned length
+    of training (the presets set it, and derive ``end_step`` from it): a trainer whose schedule has
+    updates warns once (:class:`StepsPastEndWarning`) when it steps past it; ``include_classifier``
+    defaults to True here (sparse training usually sparsifies every layer).
     """
 
     density: float = 0.1
@@ -162,6 +171,7 @@ class SparseConfig(Config):
     module_types: tuple = DEFAULT_MODULE_TYPES
     include_classifier: bool = True
     seed: int = 0
+    total_steps: int | None = None
 
     _validate_init = _name_or_callable("init", INITS)
     _validate_prune = _name_or_callable("prune", PRUNES)
@@ -177,6 +187,7 @@ class SparseConfig(Config):
     _validate_update_on = staticmethod(lambda v: check_choice("update_on", v, ("step", "epoch")))
     _validate_struct_reduce = staticmethod(lambda v: check_choice("struct_reduce", v, ("mean", "max")))
     _validate_seed = staticmethod(lambda v: check_int("seed", v, min_value=0))
+    _validate_total_steps = staticmethod(lambda v: check_int("total_steps", v, min_value=1, allow_none=True))
     _validate_include = staticmethod(lambda v: check_str_list("include", v, allow_none=True))
     _validate_exclude = staticmethod(lambda v: check_str_list("exclude", v) if v is not None else ())
     _validate_module_types = staticmethod(lambda v: check_str_list("module_types", v))
@@ -221,14 +232,15 @@ class SparseConfig(Config):
         update every 100 steps, cosine decay, updates stop at 3/4 of training."""
         base = dict(density=density, init="erk", prune="magnitude", grow="gradient",
                     redistribute="none", decay="cosine", alpha=0.3, update_interval=100,
-                    end_step=_three_quarters(total_steps))
+                    end_step=_three_quarters(total_steps), total_steps=total_steps)
         return cls.from_dict({**base, **overrides})
 
     @classmethod
     def set(cls, density: float = 0.1, total_steps: int = 1000, **overrides) -> "SparseConfig":
         """SET (Mocanu et al. 2018): random (ER) init, magnitude drop, random growth, alpha=0.5."""
         base = dict(density=density, init="er", prune="magnitude", grow="random", redistribute="none",
-                    decay="cosine", alpha=0.5, update_interval=100, end_step=_three_quarters(total_steps))
+                    decay="cosine", alpha=0.5, update_interval=100, end_step=_three_quarters(total_steps),
+                    total_steps=total_steps)
         return cls.from_dict({**base, **overrides})
 
     @classmethod
@@ -237,14 +249,14 @@ class SparseConfig(Config):
         momentum redistribution, dense gradients, alpha=0.5."""
         base = dict(density=density, init="erk", prune="magnitude", grow="momentum",
                     redistribute="momentum", decay="cosine", alpha=0.5, update_interval=100,
-                    dense_gradients=True, end_step=_three_quarters(total_steps))
+                    dense_gradients=True, end_step=_three_quarters(total_steps), total_steps=total_steps)
         return cls.from_dict({**base, **overrides})
 
     @classmethod
     def static(cls, density: float = 0.1, total_steps: int = 1000, **overrides) -> "SparseConfig":
         """A fixed random (ERK) mask: no connectivity updates."""
         base = dict(density=density, init="erk", grow="none", decay="constant", alpha=0.0,
-                    end_step=0)
+                    end_step=0, total_steps=total_steps)
         return cls.from_dict({**base, **overrides})
 
     @classmethod
@@ -253,7 +265,8 @@ class SparseConfig(Config):
         ``1 - density`` between 1/8 and 3/4 of training, every ``update_interval`` steps."""
         base = dict(density=density, init="dense", prune="magnitude", grow="none",
                     decay="magnitude_prune", update_interval=100,
-                    start_step=max(1, total_steps // 8), end_step=_three_quarters(total_steps))
+                    start_step=max(1, total_steps // 8), end_step=_three_quarters(total_steps),
+                    total_steps=total_steps)
         return cls.from_dict({**base, **overrides})
 
     @classmethod
@@ -386,6 +399,11 @@ class SparseTrainer:
         self.masks = MaskSet(model, names=list(self.params))
         self._units: dict[str, torch.Tensor] = {}
         self._initial_density: dict[str, float] = {}
+        self._warned_past_end = False
+        self._hook_state = None
+        # what the initial masks zeroed in weights/optimizer state that may be a checkpoint's,
+        # until the first step (see gradprune._resume and load_state_dict)
+        self._provisional: list | None = None
         self._init_masks()
 
     # -- unit helpers -----------------------------------------------------------------------
@@ -494,7 +512,9 @@ class SparseTrainer:
                 self._set_units(n, units.to(p.device))
         self._initial_density = {n: float(u.float().mean()) for n, u in self._units.items()}
         self._final_density = self._layer_densities("uniform") if cfg.decay == "magnitude_prune" else None
-        self.masks.apply(self.optimizer)
+        # zeroes weights and optimizer state: what may be a checkpoint's is kept until the first
+        # step, for load_state_dict to put back (a model or optimizer loaded before the trainer)
+        self._provisional = apply_keeping(self.masks, self.optimizer)
 
     # -- the step ----------------------------------------------------------------------------
     def is_update_step(self, step: int | None = None) -> bool:
@@ -528,6 +548,7 @@ class SparseTrainer:
         With an AMP ``GradScaler`` pass ``scaler=``: gradients are unscaled here, a step with
         inf/NaN gradients is skipped (nothing advances) and ``scaler.update()`` is yours to call.
         """
+        self._begin_step()
         if scaler is not None:
             try:
                 scaler.unscale_(self.optimizer)
@@ -556,6 +577,24 @@ class SparseTrainer:
             self._update()
         self.step_count += 1
         return pruning_event
+
+    def _has_schedule(self) -> bool:
+        cfg = self.config
+        return cfg.decay == "magnitude_prune" or callable(cfg.grow) or cfg.grow != "none" or callable(cfg.decay)
+
+    def _begin_step(self) -> None:
+        """Start of a step: the initial masks are final now; warn once past ``total_steps``."""
+        self._provisional = None
+        cfg = self.config
+        if self._warned_past_end or cfg.total_steps is None or self.step_count < cfg.total_steps \
+                or not self._has_schedule():
+            return
+        self._warned_past_end = True
+        warnings.warn(
+            f"SparseTrainer: step {self.step_count + 1} is past total_steps={cfg.total_steps}, the run "
+            f"length its schedule was planned for (end_step={cfg.end_step}: no connectivity update "
+            "after it); give the preset total_steps=<the number of optimizer steps you train for>",
+            StepsPastEndWarning, stacklevel=3)
 
     def _weight_versions(self) -> tuple:
         return tuple(p._version for p in self.params.values())
@@ -590,6 +629,7 @@ class SparseTrainer:
         update replaces the step, as with :meth:`step`). A step whose gradients hold inf/NaN (one
         an AMP scaler skips) changes nothing and is not counted. Returns True on update steps.
         """
+        self._begin_step()
         grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         if grads and not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
             self._hook_state = "skipped"
@@ -823,38 +863,100 @@ class SparseTrainer:
                 "train_step": per_step, "ratio": per_step / (3 * f_dense) if f_dense else float("nan")}
 
     # -- state ------------------------------------------------------------------------------------
+    def _config_state(self) -> dict:
+        """The config fields a state records (callables and ``lottery_masks`` cannot be saved)."""
+        return {k: v for k, v in self.config.to_dict().items() if not callable(v) and k != "lottery_masks"}
+
     def state_dict(self) -> dict:
         """Masks, counters and the random generator's state (tensors and plain values only)."""
-        return {"config": {k: v for k, v in self.config.to_dict().items() if not callable(v)
-                           and k != "lottery_masks"},
+        return {"config": self._config_state(),
                 "step_count": self.step_count, "updates": self.updates,
                 "epoch_update_pending": self._epoch_update_pending,
                 "masks": self.masks.state_dict(), "generator": self.generator.get_state(),
-                "history": list(self.history)}
+                "history": list(self.history), "initial_density": dict(self._initial_density)}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict` (a new model, optimizer and trainer are fine).
 
-        Build the trainer before loading the model's weights: building it applies fresh initial
-        masks, which would zero saved weights that they do not cover.
+        The run continues bit for bit as if it had not stopped, whatever the order of loading the
+        model's weights, the optimizer's state and this state: the weights (and optimizer state)
+        may be loaded before the trainer is built (the entries its initial masks zeroed are put back
+        here), or after, before or after this call. Everything is validated before anything
+        changes: the config (every saved field, so a state with an empty or partial config is
+        refused), counters (ints >= 0), the generator state and the masks (names, dtype, shape).
+        Then the masks are applied to the weights, and to the optimizer state unless
+        ``dense_gradients`` (SNFS keeps the dense momentum of inactive weights).
+
+        Example:
+            >>> import copy, torch, torch.nn as nn
+            >>> import gradprune as gp
+            >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            >>> cfg = gp.SparseConfig.rigl(density=0.5, total_steps=8, update_interval=2)
+            >>> sparse = gp.SparseTrainer(model, opt, cfg)
+            >>> ckpt = copy.deepcopy({"model": model.state_dict(), "sparse": sparse.state_dict()})
+            >>> fresh = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+            >>> _ = fresh.load_state_dict(ckpt["model"])          # weights first ...
+            >>> resumed = gp.SparseTrainer(fresh, torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9), cfg)
+            >>> resumed.load_state_dict(ckpt["sparse"])           # ... then the trainer's state
+            >>> all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
+            True
         """
-        if not isinstance(state, dict) or "masks" not in state:
+        if not isinstance(state, Mapping) or "masks" not in state:
             raise TypeError("state must be a dict from SparseTrainer.state_dict()")
-        mine = {k: v for k, v in self.config.to_dict().items() if not callable(v) and k != "lottery_masks"}
-        diff = sorted(k for k in mine if k in state["config"] and state["config"][k] != mine[k])
+        missing = sorted({"config", "step_count", "updates", "epoch_update_pending", "generator"} - set(state))
+        if missing:
+            raise ValueError(f"trainer state is missing {missing}")
+        saved = state["config"]
+        if not isinstance(saved, Mapping):
+            raise TypeError(f"trainer state 'config' must be a dict, got {type(saved).__name__}")
+        mine = self._config_state()
+        diff = sorted(set(mine) ^ set(saved) | {k for k in set(mine) & set(saved) if saved[k] != mine[k]})
         if diff:
-            raise ValueError(f"trainer state was saved with a different config (fields {diff})")
-        self.masks.load_state_dict(state["masks"])
-        for n in self.params:
-            pat = self._unit_pattern[n]
-            self._units[n] = self.masks[n].reshape(-1).clone() if pat.spec == "1x1" else \
-                pat.unit_scores(self.masks[n].float(), "max", True) > 0
-        self.step_count = int(state["step_count"])
-        self.updates = int(state["updates"])
-        self._epoch_update_pending = bool(state["epoch_update_pending"])
-        self.generator.set_state(state["generator"])
-        self.history = list(state.get("history", []))
-        self.masks.apply(self.optimizer)
+            absent = sorted(set(mine) - set(saved))
+            raise ValueError(f"trainer state was saved with a different config (fields {diff})"
+                             + (f"; the saved config lacks {absent}" if absent else ""))
+        step_count = check_int("step_count", state["step_count"], min_value=0)
+        updates = check_int("updates", state["updates"], min_value=0)
+        pending = check_bool("epoch_update_pending", state["epoch_update_pending"])
+        gen_state = state["generator"]
+        want = self.generator.get_state()
+        if not isinstance(gen_state, torch.Tensor) or gen_state.dtype != torch.uint8 or gen_state.shape != want.shape:
+            raise ValueError(f"trainer state 'generator' must be a torch.uint8 tensor of shape {tuple(want.shape)} "
+                             "(torch.Generator.get_state()), got "
+                             + (f"{gen_state.dtype} {tuple(gen_state.shape)}" if isinstance(gen_state, torch.Tensor)
+                                else type(gen_state).__name__))
+        try:
+            torch.Generator(device=self.generator.device).set_state(gen_state)
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"trainer state 'generator' is not a valid generator state: {e}") from e
+        history = state.get("history", [])
+        if not isinstance(history, list):
+            raise TypeError(f"trainer state 'history' must be a list, got {type(history).__name__}")
+        initial = state.get("initial_density", self._initial_density)
+        if not isinstance(initial, Mapping) or set(initial) != set(self.params) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in initial.values()):
+            raise ValueError("trainer state 'initial_density' must map every masked parameter to a density in [0, 1]")
+        previous = self.masks.state_dict()
+        self.masks.load_state_dict(state["masks"])  # validates names, dtypes and shapes first
+        units = {}
+        for n, p in self.params.items():
+            pat, m = self._unit_pattern[n], self.masks[n]
+            units[n] = m.reshape(-1).clone() if pat.spec == "1x1" else pat.unit_scores(m.float(), "max", True) > 0
+            if pat.spec != "1x1" and not torch.equal(pat.expand(units[n], p.detach(), True), m):
+                self.masks.load_state_dict(previous)
+                raise ValueError(f"mask for {n!r} does not cover whole {pat.spec} units, as this config's "
+                                 "structured rules need")
+        # everything validated: nothing below can fail
+        restore_zeroed(self._provisional, self.masks, self.optimizer)
+        self._provisional = None
+        self._units = units
+        self.step_count, self.updates, self._epoch_update_pending = step_count, updates, pending
+        self.generator.set_state(gen_state)
+        self.history = list(history)
+        self._initial_density = {n: float(initial[n]) for n in self.params}
+        self._versions, self._hook_state = None, None
+        self.masks.apply(None if self.config.dense_gradients else self.optimizer)
 
 
 def layer_macs(model: nn.Module, example_input: Any, names: set) -> dict[str, float]:

@@ -19,7 +19,9 @@ replaces it, as in RigL.
 The callbacks use ``on_step_begin``, ``on_pre_optimizer_step`` (after gradient clipping, which
 also unscales AMP gradients) and ``on_optimizer_step``; ``on_save`` writes the pruner's or sparse
 trainer's state (``gradprune_state.pt``) into each checkpoint folder, and ``resume_from=`` (a
-checkpoint folder) restores it.
+checkpoint folder) restores it. The ``Trainer`` loads the model's weights and the optimizer's state
+before ``on_train_begin`` builds the pruner or sparse trainer; ``load_state_dict`` then puts back
+what the fresh initial masks zeroed, so the run continues exactly (see ``docs/resume.md``).
 """
 
 from __future__ import annotations
