@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 import gradprune as gp
 from gradprune.patterns import get_pattern
+from gradprune.scores.criteria import _REGISTRY
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +224,25 @@ def test_accumulation_options_are_validated():
     param = {"w": nn.Parameter(torch.ones(4, 4))}
     with pytest.raises(ValueError, match="accumulate='last'.*snip_momentum"):
         gp.get_criterion(gp.PruneConfig(criterion="snip_momentum", accumulate="last"), param)
-    assert gp.get_criterion(gp.PruneConfig(criterion="magnitude", accumulate="last"), param).ready()
+    for crit in ("magnitude", "random"):       # nothing accumulated: both options are no-ops
+        cfg = gp.PruneConfig(criterion=crit, accumulate="last", reduce_each_step=True, reduce="max",
+                             pattern="4x1")
+        assert torch.equal(gp.get_criterion(cfg, param).scores["w"],
+                           gp.get_criterion(crit, param).scores["w"])
+
+    @gp.register_criterion("test_parity_custom", overwrite=True)
+    class Custom(gp.Criterion):
+        @property
+        def scores(self):
+            return {n: p.detach().abs() for n, p in self.params.items()}
+
+    try:
+        with pytest.raises(ValueError, match="reduce_each_step"):
+            gp.get_criterion(gp.PruneConfig(criterion="test_parity_custom", reduce_each_step=True,
+                                            reduce="max", pattern="4x1"), param)
+        with pytest.raises(ValueError, match="accumulate"):
+            gp.get_criterion(gp.PruneConfig(criterion="test_parity_custom", accumulate="last"), param)
+    finally:
+        _REGISTRY.pop("test_parity_custom", None)   # other tests loop over every registered criterion
     round_trip = gp.PruneConfig(accumulate="last", reduce_each_step=True)
     assert gp.PruneConfig.from_dict(round_trip.to_dict()) == round_trip

@@ -307,7 +307,8 @@ class MagnitudeCriterion(Criterion):
     """``|W|`` (absolute value: upstream once used the signed weight, a bug)."""
 
     needs_grad = False
-    accumulate_modes = ACCUMULATIONS  # nothing accumulated: both modes read the current weights
+    accumulate_modes = ACCUMULATIONS  # nothing accumulated: both modes read the current weights,
+    reduces_each_step = True          # and reducing once is reducing the one step
 
     @property
     def scores(self):
@@ -414,7 +415,8 @@ class RandomCriterion(Criterion):
 
     needs_grad = False
     option_names = ("seed",)
-    accumulate_modes = ACCUMULATIONS
+    accumulate_modes = ACCUMULATIONS  # nothing accumulated (see MagnitudeCriterion)
+    reduces_each_step = True
 
     def __init__(self, params, seed: int = 0):
         super().__init__(params)
