@@ -14,7 +14,8 @@ from gradprune import PruneConfig
 from gradprune.config import DEFAULT_MODULE_TYPES, parse_pattern
 
 FIELDS = [
-    "criterion", "criterion_options", "pattern", "reduce", "target_sparsity", "topk", "threshold",
+    "criterion", "criterion_options", "pattern", "reduce", "accumulate", "reduce_each_step",
+    "target_sparsity", "topk", "threshold",
     "initial_sparsity", "scope", "allocation", "min_sparsity", "max_sparsity", "schedule",
     "start_step", "end_step", "frequency", "include", "exclude", "module_types",
     "include_classifier", "seed",

@@ -108,6 +108,13 @@ def expected_pruned_entries(pattern: str, shape, s: float) -> int:
     return w * min(n_units, round_half_up(s * numel / w))
 
 
+def nm_groups(t: torch.Tensor) -> torch.Tensor:
+    """``[out, groups, 4]``: a conv's groups are 4 input channels at one kernel position."""
+    if t.dim() > 2:
+        t = t.movedim(1, -1)
+    return t.reshape(t.shape[0], -1, 4)
+
+
 def pruned_units(pattern: str, mask: torch.Tensor) -> torch.Tensor:
     """1-D bool over the pattern's units (row-major); asserts the mask has the pattern's structure."""
     m = mask.reshape(mask.shape[0], -1)
@@ -118,7 +125,7 @@ def pruned_units(pattern: str, mask: torch.Tensor) -> torch.Tensor:
         assert (blocks == blocks[:, :1, :]).all(), "4x1 mask is not made of whole 4x1 blocks"
         return ~blocks[:, 0, :].reshape(-1)
     if pattern == "2:4":
-        groups = m.reshape(m.shape[0], -1, 4)
+        groups = nm_groups(mask)
         n_pruned = (~groups).sum(-1)
         assert ((n_pruned == 0) | (n_pruned == 2)).all(), "2:4 group with a pruned count other than 0 or 2"
         return (n_pruned == 2).reshape(-1)
@@ -142,7 +149,7 @@ def unit_scores(pattern: str, scores: torch.Tensor, signed: bool) -> torch.Tenso
     if pattern == "4x1":
         return s.reshape(s.shape[0] // 4, 4, s.shape[1]).mean(1).reshape(-1)
     if pattern == "2:4":
-        return s.reshape(s.shape[0], -1, 4).sort(-1).values[..., :2].mean(-1).reshape(-1)
+        return nm_groups(s.reshape(scores.shape)).sort(-1).values[..., :2].mean(-1).reshape(-1)
     if pattern == "channel":
         return s.mean(1)
     if pattern == "kernel":

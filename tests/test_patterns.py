@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from gradprune.patterns import as_matrix, get_pattern
 
-PATTERNS = ["1x1", "4x1", "2x2", "1x4", "2:4", "1:4", "channel", "kernel"]
+PATTERNS = ["1x1", "4x1", "2x2", "1x4", "2:4", "1:4", "2:4-flat", "channel", "kernel"]
 LINEAR = (8, 16)
 CONV2D = (8, 4, 3, 3)      # input flattened with the kernel: 36
 CONV1D = (4, 2, 4)         # 8
@@ -48,11 +48,20 @@ def ref_units(spec, shape):
         k = math.prod(shape[2:])
         return [[(o, i * k + j) for j in range(k)] for o in range(out) for i in range(shape[1])]
     if ":" in spec:
-        m = int(spec.split(":")[1])
+        m = nm_of(spec)[1]
+        if len(shape) > 2 and not spec.endswith("-flat"):   # m input channels at one kernel position
+            k = math.prod(shape[2:])
+            return [[(o, (g * m + j) * k + pos) for j in range(m)]
+                    for o in range(out) for pos in range(k) for g in range(shape[1] // m)]
         return [[(o, g * m + j) for j in range(m)] for o in range(out) for g in range(inp // m)]
     r, c = map(int, spec.split("x"))
     return [[(br * r + i, bc * c + j) for i in range(r) for j in range(c)]
             for br in range(out // r) for bc in range(inp // c)]
+
+
+def nm_of(spec):
+    n, m = spec.removesuffix("-flat").split(":")
+    return int(n), int(m)
 
 
 def reduce_ref(values, how):
@@ -76,7 +85,7 @@ def ref_unit_scores(spec, scores, how, signed=False):
     for unit in ref_units(spec, scores.shape):
         vals = [float(mat[r, c]) for r, c in unit]
         if ":" in spec:
-            n, m = map(int, spec.split(":"))
+            n, m = nm_of(spec)
             order = nm_prune_order(vals)
             out.append(reduce_ref([vals[j] for j in order[: m - n]], how))
         else:
@@ -93,7 +102,7 @@ def ref_expand(spec, keep, scores, signed=False):
         if keep[u]:
             continue
         if ":" in spec:
-            n, m = map(int, spec.split(":"))
+            n, m = nm_of(spec)
             vals = [float(mat[r, c]) for r, c in unit]
             for j in nm_prune_order(vals)[: m - n]:
                 mask[unit[j]] = False
@@ -143,7 +152,7 @@ def test_expand_all_true_and_all_false(spec, shape):
     pruned = int((~m).sum())
     assert pruned == n * p.unit_weight(size)
     assert pruned / m.numel() == p.max_sparsity(size)
-    expected = {"2:4": 0.5, "1:4": 0.75}.get(spec, 1.0)
+    expected = {"2:4": 0.5, "2:4-flat": 0.5, "1:4": 0.75}.get(spec, 1.0)
     assert p.max_sparsity(size) == expected
 
 
@@ -221,25 +230,31 @@ def test_one_by_one_is_the_identity():
 
 @settings(max_examples=40, deadline=None)
 @given(nm=st.sampled_from([(2, 4), (1, 4), (3, 4), (1, 2), (2, 8)]), out=st.integers(1, 4),
-       groups=st.integers(1, 3), conv=st.booleans(), pool=st.sampled_from(["ties", "floats"]),
-       data=st.data())
+       groups=st.integers(1, 3), conv=st.sampled_from(["", "-flat", "-conv2d"]),
+       pool=st.sampled_from(["ties", "floats"]), data=st.data())
 def test_nm_keeps_n_of_every_m(nm, out, groups, conv, pool, data):
     n, m = nm
-    if conv:  # [out, in, k]: the input is flattened with the kernel
+    if conv == "-flat":  # [out, in, k]: the input is flattened with the kernel
         shape = (out, groups, m)
+    elif conv == "-conv2d":  # [out, in, kh, kw]: m channels at each of the kh*kw positions
+        shape = (out, m, 1, groups)
     else:
         shape = (out, groups * m)
     numel = math.prod(shape)
     elem = st.sampled_from([-1.0, 0.0, 1.0, 2.0]) if pool == "ties" else st.floats(-10, 10, width=32)
     scores = torch.tensor(data.draw(st.lists(elem, min_size=numel, max_size=numel)),
                           dtype=torch.float32).reshape(shape)
-    p = get_pattern(f"{n}:{m}")
+    p = get_pattern(f"{n}:{m}" + ("-flat" if conv == "-flat" else ""))
     assert p.misfit(torch.Size(shape)) is None
     units = p.n_units(torch.Size(shape))
     assert units == out * groups and p.unit_weight(torch.Size(shape)) == m - n
     mask = p.expand(torch.zeros(units, dtype=torch.bool), scores)
-    g_mask = as_matrix(mask).reshape(out, groups, m)
-    g_abs = as_matrix(scores).abs().reshape(out, groups, m)
+    if conv == "-conv2d":
+        g_mask = mask.permute(0, 2, 3, 1).reshape(out, groups, m)
+        g_abs = scores.abs().permute(0, 2, 3, 1).reshape(out, groups, m)
+    else:
+        g_mask = as_matrix(mask).reshape(out, groups, m)
+        g_abs = as_matrix(scores).abs().reshape(out, groups, m)
     assert (g_mask.sum(-1) == n).all()                                  # exactly N kept of M
     for o in range(out):
         for g in range(groups):
@@ -250,7 +265,7 @@ def test_nm_keeps_n_of_every_m(nm, out, groups, conv, pool, data):
             assert g_mask[o, g].tolist() == want
     # a kept group is untouched; a mix prunes only the chosen groups
     keep = torch.tensor(data.draw(st.lists(st.booleans(), min_size=units, max_size=units)))
-    mixed = as_matrix(p.expand(keep, scores)).reshape(out * groups, m)
+    mixed = p.groups(p.expand(keep, scores)).reshape(out * groups, m)
     assert mixed[keep].all()
     assert torch.equal(mixed[~keep], g_mask.reshape(-1, m)[~keep])
 
@@ -269,8 +284,8 @@ def test_nm_docstring_example_and_ties():
     assert ms.tolist() == [[True, True, True, True, False, True, False, True]]
 
 
-def test_nm_conv_groups_run_over_the_flattened_kernel():
-    p = get_pattern("2:4")
+def test_nm_flat_conv_groups_run_over_the_flattened_kernel():
+    p = get_pattern("2:4-flat")
     w = torch.arange(1.0, 17.0).reshape(1, 2, 2, 4).flip(-1)   # in*kh*kw = 16 -> 4 groups
     mask = p.expand(torch.zeros(4, dtype=torch.bool), w)
     flat = as_matrix(w)
@@ -286,6 +301,8 @@ def test_nm_conv_groups_run_over_the_flattened_kernel():
 @pytest.mark.parametrize("spec, shape", [
     ("2:4", (4, 9)),             # in not divisible by 4
     ("2:4", (4, 2, 3)),          # conv: in*kernel = 6
+    ("2:4", (4, 2, 2)),          # conv: in = 2 channels per kernel position
+    ("2:4-flat", (4, 2, 3)),
     ("1:4", (4, 10)),
     ("kernel", (4, 8)),          # kernel needs a conv weight
     ("kernel", (8,)),
@@ -304,7 +321,7 @@ def test_misfit_gives_a_reason(spec, shape):
 
 
 @pytest.mark.parametrize("spec, shape", [
-    ("2:4", (4, 8)), ("2:4", (4, 2, 2)), ("kernel", (4, 2, 3)), ("kernel", (4, 2, 3, 3)),
+    ("2:4", (4, 8)), ("2:4", (4, 4, 2)), ("2:4-flat", (4, 2, 2)), ("kernel", (4, 2, 3)), ("kernel", (4, 2, 3, 3)),
     ("4x1", (8, 3)), ("1x4", (3, 8)), ("2x2", (4, 2, 1, 2)), ("1x1", (5, 7)), ("channel", (3, 5)),
     ("channel", (3, 2, 5, 5)),
 ])

@@ -34,10 +34,11 @@ SCHEDULES = ("oneshot", "cubic", "exp", "linear", "cos", "cube")
 SCOPES = ("global", "local")
 ALLOCATIONS = ("uniform", "er", "erk")
 REDUCTIONS = ("mean", "sum", "max")
+ACCUMULATIONS = ("mean", "last")
 DEFAULT_MODULE_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "MultiheadAttention")
 
 _BLOCK_RE = re.compile(r"^(\d+)x(\d+)$")
-_NM_RE = re.compile(r"^(\d+):(\d+)$")
+_NM_RE = re.compile(r"^(\d+):(\d+)(?:-flat)?$")
 
 
 def parse_pattern(value: Any) -> tuple:
@@ -45,7 +46,9 @@ def parse_pattern(value: Any) -> tuple:
 
     ``"1x1"`` -> ``("block", 1, 1)``; ``"4x1"`` -> ``("block", 4, 1)`` (4 output rows x 1 input
     column); ``"2:4"`` -> ``("nm", 2, 4)`` (2 weights KEPT in every 4 consecutive along the input
-    dimension, NVIDIA's meaning); ``"channel"`` and ``"kernel"`` -> ``(kind, 0, 0)``.
+    dimension, NVIDIA's meaning; a conv groups input channels at each kernel position, and
+    ``"2:4-flat"`` groups its flattened ``(in, kernel)`` axis instead); ``"channel"`` and ``"kernel"``
+    -> ``(kind, 0, 0)``.
 
     Neural Compressor's ``"N:M"`` meant N *pruned* of M: its ``"1:4"`` is gradprune's ``"3:4"``.
     """
@@ -66,7 +69,7 @@ def parse_pattern(value: Any) -> tuple:
             raise ValueError(f"pattern N:M needs 1 <= N < M, got {value!r}")
         return ("nm", n, k)
     raise ValueError(
-        f"pattern must be '1x1', 'NxM' (e.g. '4x1'), 'N:M' (e.g. '2:4'), 'channel' or 'kernel'; "
+        f"pattern must be '1x1', 'NxM' (e.g. '4x1'), 'N:M' (e.g. '2:4', '2:4-flat'), 'channel' or 'kernel'; "
         f"got {value!r}"
     )
 
@@ -184,6 +187,12 @@ class PruneConfig(Config):
         pattern: unit of removal: ``"1x1"``, ``"NxM"`` blocks, ``"N:M"`` (N kept of M), ``"channel"``,
             ``"kernel"``.
         reduce: how a multi-entry unit's score is reduced from its entries' absolute scores.
+        accumulate: how criteria that average over batches (gradient, snip, taylor, movement,
+            fisher) combine the batches since the last prune event: ``"mean"`` of them, or only the
+            ``"last"`` one (Neural Compressor's gradient and snip).
+        reduce_each_step: reduce each step's entry scores to block units (``NxM``, ``channel``,
+            ``kernel``) before accumulating, as Neural Compressor did, instead of reducing the
+            accumulated scores once. Only ``reduce="max"`` gives different units.
         target_sparsity: fraction of prunable weights to remove (``None`` with an N:M pattern means
             the pattern's own ratio, e.g. 0.5 for ``"2:4"``).
         topk, threshold: alternative selections: keep the ``topk`` best units (int count, or float
@@ -210,6 +219,8 @@ class PruneConfig(Config):
     criterion_options: dict = field(default_factory=dict)
     pattern: str = "1x1"
     reduce: str = "mean"
+    accumulate: str = "mean"
+    reduce_each_step: bool = False
     target_sparsity: float | None = None
     topk: int | float | None = None
     threshold: float | None = None
@@ -256,6 +267,14 @@ class PruneConfig(Config):
     @staticmethod
     def _validate_reduce(v):
         return check_choice("reduce", v, REDUCTIONS)
+
+    @staticmethod
+    def _validate_accumulate(v):
+        return check_choice("accumulate", v, ACCUMULATIONS)
+
+    @staticmethod
+    def _validate_reduce_each_step(v):
+        return check_bool("reduce_each_step", v)
 
     @staticmethod
     def _validate_target_sparsity(v):

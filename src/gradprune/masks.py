@@ -386,7 +386,7 @@ def _units_pruned(pattern, prev: torch.Tensor) -> torch.Tensor:
     """Units that an earlier weight mask removed entirely (N:M: groups with >= M-N pruned)."""
     pruned = (~prev).float()
     if isinstance(pattern, NMPattern):  # count pruned entries per group
-        per_group = pruned.reshape(prev.shape[0], -1, pattern.m).sum(-1).reshape(-1)
+        per_group = pattern.groups(pruned).sum(-1).reshape(-1)
         return per_group >= (pattern.m - pattern.n)
     per_unit = pattern.unit_scores(pruned, "mean", True)
     return per_unit >= 1.0

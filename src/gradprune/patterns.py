@@ -11,7 +11,12 @@ pattern           unit                                           entries pruned 
 ``"NxM"``         a block of N output rows x M input columns     N*M
 ``"N:M"``         a group of M consecutive inputs of one row;    M-N
                   pruning it zeroes its M-N lowest-scored
-                  entries (so N of every M are KEPT)
+                  entries (so N of every M are KEPT); for a
+                  conv, M consecutive *input channels* at one
+                  kernel position (see below)
+``"N:M-flat"``    as ``"N:M"``, but a conv's M consecutive       M-N
+                  entries of the flattened ``(in, *kernel)``
+                  axis (gradprune < 0.2's conv grouping)
 ``"channel"``     a whole output row (a conv filter)             in * prod(kernel)
 ``"kernel"``      one conv kernel ``weight[o, i]``               prod(kernel)
 ================ ============================================== ======================
@@ -21,6 +26,14 @@ scores, such as movement's, are reduced as they are). An ``N:M`` layer at its fu
 group pruned; a lower sparsity (during a gradual schedule) prunes the lowest-scored groups first.
 
 Within an N:M group, among equal scores the higher input index is pruned first.
+
+Conv N:M layout: for a conv weight ``[out, in, kh, kw]``, ``"N:M"`` groups M consecutive input
+channels at a fixed kernel position, i.e. along ``in`` of the permuted layout ``[out, kh, kw, in]``
+-- the layout that NVIDIA's ASP and Intel Neural Compressor use and that sparse tensor cores
+accelerate. It needs ``in`` divisible by M. ``"N:M-flat"`` keeps the older grouping along the
+flattened ``(in, kh, kw)`` axis (kernel positions of one channel grouped together, ``in * kh * kw``
+divisible by M), which sparse tensor cores do not accelerate. For a ``Linear`` weight both are the
+same.
 
 Example:
     >>> import torch
@@ -169,18 +182,42 @@ class KernelPattern(Pattern):
 class NMPattern(Pattern):
     """N of every M consecutive input weights KEPT (NVIDIA's meaning of ``"2:4"``)."""
 
-    def __init__(self, spec: str, n: int, m: int):
+    def __init__(self, spec: str, n: int, m: int, layout: str = "channels"):
         super().__init__(spec)
-        self.n, self.m = n, m
+        if layout not in ("channels", "flat"):
+            raise ValueError(f"layout must be 'channels' or 'flat'; got {layout!r}")
+        self.n, self.m, self.layout = n, m, layout
 
     def misfit(self, shape):
         why = super().misfit(shape)
         if why:
             return why
+        if self.layout == "channels" and len(shape) > 2:
+            if shape[1] % self.m:
+                return (f"pattern {self.spec!r} groups input channels at each kernel position: it needs "
+                        f"in ({shape[1]}) divisible by {self.m} (the {self.n}:{self.m}-flat pattern "
+                        "groups the flattened (in, kernel) axis instead)")
+            return None
         inp = math.prod(shape[1:])
         if inp % self.m:
             return f"pattern {self.spec!r} needs in ({inp}) divisible by {self.m}"
         return None
+
+    def groups(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (shaped like the weight) as ``[out, groups, M]``, one row of M per N:M group.
+
+        ``"channels"`` layout: a conv ``[out, in, *kernel]`` is read as ``[out, *kernel, in]``, so a
+        group is M consecutive input channels at one kernel position.
+        """
+        if self.layout == "channels" and t.dim() > 2:
+            t = t.movedim(1, -1)
+        return t.reshape(t.shape[0], -1, self.m)
+
+    def _ungroup(self, g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Inverse of :meth:`groups`: ``[out, groups, M]`` back to ``shape``."""
+        if self.layout == "channels" and len(shape) > 2:
+            return g.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1).contiguous()
+        return g.reshape(shape)
 
     def unit_weight(self, shape):
         return self.m - self.n
@@ -190,10 +227,10 @@ class NMPattern(Pattern):
 
     def _order(self, scores, signed):
         """Per group, entry indices from first-to-prune to last (ties: higher index first)."""
-        s = as_matrix(scores).float()
+        s = scores.float()
         if not signed:
             s = s.abs()
-        g = s.reshape(s.shape[0], -1, self.m).flip(-1)
+        g = self.groups(s).flip(-1)
         vals, idx = torch.sort(g, dim=-1, stable=True)
         return vals, (self.m - 1) - idx
 
@@ -211,16 +248,17 @@ class NMPattern(Pattern):
         drop = torch.zeros_like(mask)
         drop.scatter_(-1, idx[..., : self.m - self.n], True)
         mask &= ~(drop & pruned_groups)
-        return mask.reshape(shape)
+        return self._ungroup(mask, shape)
 
 
 def get_pattern(spec: str) -> Pattern:
-    """Parse ``spec`` (``"1x1"``, ``"4x1"``, ``"2:4"``, ``"channel"``, ``"kernel"``) into a Pattern."""
+    """Parse ``spec`` (``"1x1"``, ``"4x1"``, ``"2:4"``, ``"2:4-flat"``, ``"channel"``, ``"kernel"``)
+    into a Pattern."""
     kind, a, b = parse_pattern(spec)
     if kind == "block":
         return BlockPattern(spec, a, b)
     if kind == "nm":
-        return NMPattern(spec, a, b)
+        return NMPattern(spec, a, b, layout="flat" if spec.endswith("-flat") else "channels")
     if kind == "channel":
         return ChannelPattern(spec)
     return KernelPattern(spec)

@@ -9,7 +9,16 @@ It follows Neural Compressor's three training-loop hooks:
 
 ``scores`` is ``{parameter name: tensor}`` shaped like each parameter. Criteria that accumulate
 over batches (gradient, snip, taylor, movement, fisher) report the *mean* over the batches they saw
-since the last ``reset()``; ``snip_momentum`` is an exponential accumulation by definition.
+since the last ``reset()`` (``accumulate="mean"``), or only the last batch's term
+(``accumulate="last"``, Neural Compressor's gradient and snip); ``snip_momentum`` is an exponential
+accumulation by definition.
+
+``reduce_each_step=True`` (with a block pattern ``NxM``, ``channel`` or ``kernel``) replaces each
+step's term, before it is accumulated, by its unit's reduced value at every entry of the unit, as
+Neural Compressor reduced every step's score before accumulating. A unit's final score is then the
+accumulation of per-step unit scores; for ``reduce="mean"`` and ``"sum"`` that equals reducing the
+accumulated entries once, for ``"max"`` it does not. Both options are fields of
+:class:`~gradprune.PruneConfig`, read by :func:`get_criterion`.
 
 Built in:
 
@@ -48,7 +57,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .._checks import check_float, check_int
+from .._checks import check_choice, check_float, check_int
+from ..config import ACCUMULATIONS, parse_pattern
 
 __all__ = [
     "Criterion",
@@ -102,18 +112,34 @@ def get_criterion(name_or_config: Any, params: Mapping[str, torch.Tensor], **opt
     """Instantiate a registered criterion for ``params`` (``{name: parameter}``).
 
     ``name_or_config`` is a registered name or a :class:`~gradprune.PruneConfig` (its
-    ``criterion`` and ``criterion_options`` are used; ``random`` takes the config's ``seed``).
+    ``criterion`` and ``criterion_options`` are used; ``random`` takes the config's ``seed``; its
+    ``accumulate`` and ``reduce_each_step`` set how scores are accumulated over batches).
+
+    Example:
+        >>> import torch, gradprune as gp
+        >>> w = torch.nn.Parameter(torch.ones(1, 2))
+        >>> crit = gp.get_criterion(gp.PruneConfig(criterion="gradient", accumulate="last"), {"w": w})
+        >>> for g in ([[1.0, 4.0]], [[3.0, 2.0]]):
+        ...     w.grad = torch.tensor(g)
+        ...     crit.on_before_optimizer_step()
+        >>> crit.scores["w"]           # the last batch only (accumulate="mean" gives [[2., 3.]])
+        tensor([[3., 2.]])
     """
+    accumulate, step_reduce = "mean", None
     if isinstance(name_or_config, str):
         name = name_or_config
     elif hasattr(name_or_config, "criterion") and hasattr(name_or_config, "criterion_options"):
-        name = name_or_config.criterion
-        merged = dict(name_or_config.criterion_options)
+        cfg = name_or_config
+        name = cfg.criterion
+        merged = dict(cfg.criterion_options)
         cls = criterion_class(name)
         if "seed" in getattr(cls, "option_names", ()) and "seed" not in merged:
-            merged["seed"] = name_or_config.seed
+            merged["seed"] = cfg.seed
         merged.update(options)
         options = merged
+        accumulate = check_choice("accumulate", getattr(cfg, "accumulate", "mean"), ACCUMULATIONS)
+        if getattr(cfg, "reduce_each_step", False):
+            step_reduce = _unit_spread(cfg.pattern, cfg.reduce)
     else:
         raise TypeError(f"criterion must be a name or a PruneConfig, got {type(name_or_config).__name__}")
     cls = criterion_class(name)
@@ -124,7 +150,36 @@ def get_criterion(name_or_config: Any, params: Mapping[str, torch.Tensor], **opt
             f"unknown option(s) {', '.join(map(repr, unknown))} for criterion {name!r}; "
             f"valid options: {', '.join(allowed) if allowed else '(none)'}"
         )
-    return cls(params, **options)
+    if accumulate not in cls.accumulate_modes:
+        raise ValueError(f"accumulate={accumulate!r} does not apply to criterion {name!r} "
+                         f"(it supports {', '.join(map(repr, cls.accumulate_modes))})")
+    if step_reduce is not None and not cls.reduces_each_step:
+        raise ValueError(f"reduce_each_step=True does not apply to criterion {name!r} "
+                         "(it does not accumulate per-step terms)")
+    crit = cls(params, **options)
+    crit.accumulate, crit.step_reduce = accumulate, step_reduce
+    return crit
+
+
+def _unit_spread(pattern: str, reduce: str):
+    """A function mapping one step's entry scores to the same shape with every entry replaced by
+    its block unit's reduced value; ``None`` where reducing once at the end gives the same units
+    (``mean``/``sum`` are linear; ``1x1`` and ``N:M`` units are not block reductions)."""
+    kind, rows, cols = parse_pattern(pattern)
+    if reduce != "max" or kind == "nm" or (kind == "block" and rows == cols == 1):
+        return None
+
+    def spread(t: torch.Tensor) -> torch.Tensor:
+        if kind == "channel":
+            dims = tuple(range(1, t.dim()))
+            return t.amax(dim=dims, keepdim=True).expand_as(t)
+        if kind == "kernel":
+            dims = tuple(range(2, t.dim()))
+            return t.amax(dim=dims, keepdim=True).expand_as(t)
+        m = t.reshape(t.shape[0] // rows, rows, -1, cols)
+        return m.amax(dim=(1, 3), keepdim=True).expand_as(m).reshape(t.shape)
+
+    return spread
 
 
 class Criterion(ABC):
@@ -139,6 +194,12 @@ class Criterion(ABC):
     needs_grad: bool = True
     signed: bool = False
     option_names: tuple = ()
+    #: values of ``PruneConfig.accumulate`` the criterion honours
+    accumulate_modes: tuple = ("mean",)
+    #: whether it honours ``PruneConfig.reduce_each_step`` (applies ``step_reduce`` to each term)
+    reduces_each_step: bool = False
+    accumulate: str = "mean"
+    step_reduce = None
 
     def __init__(self, params: Mapping[str, torch.Tensor], **options):
         if not isinstance(params, Mapping) or not params:
@@ -179,7 +240,11 @@ def _acc_like(p: torch.Tensor) -> torch.Tensor:
 
 
 class _MeanCriterion(Criterion):
-    """Mean over batches of a per-batch term of ``(w, g)``, accumulated in place."""
+    """Mean over batches of a per-batch term of ``(w, g)``, accumulated in place (or, with
+    ``accumulate="last"``, only the last batch's term)."""
+
+    accumulate_modes = ACCUMULATIONS
+    reduces_each_step = True
 
     def __init__(self, params, **options):
         super().__init__(params, **options)
@@ -196,7 +261,19 @@ class _MeanCriterion(Criterion):
             if p.grad is None:
                 continue
             acc = self._sums[n]
-            self._accumulate(acc, p.detach().to(acc.dtype), p.grad.to(acc.dtype))
+            if self.accumulate == "last":
+                acc.zero_()
+            if self.step_reduce is None:
+                self._accumulate(acc, p.detach().to(acc.dtype), p.grad.to(acc.dtype))
+            else:
+                term = torch.zeros_like(acc)
+                self._accumulate(term, p.detach().to(acc.dtype), p.grad.to(acc.dtype))
+                acc.add_(self.step_reduce(term))
+        if self.accumulate == "last":
+            for n, p in self.params.items():  # a parameter without a gradient now scores 0
+                if p.grad is None:
+                    self._sums[n].zero_()
+            self._count = 0
         self._count += 1
 
     def ready(self) -> bool:
@@ -230,6 +307,8 @@ class MagnitudeCriterion(Criterion):
     """``|W|`` (absolute value: upstream once used the signed weight, a bug)."""
 
     needs_grad = False
+    accumulate_modes = ACCUMULATIONS  # nothing accumulated: both modes read the current weights,
+    reduces_each_step = True          # and reducing once is reducing the one step
 
     @property
     def scores(self):
@@ -288,6 +367,7 @@ class SnipMomentumCriterion(Criterion):
     """
 
     option_names = ("alpha", "beta")
+    reduces_each_step = True
 
     def __init__(self, params, alpha: float = 0.9, beta: float = 1.0):
         super().__init__(params)
@@ -302,7 +382,10 @@ class SnipMomentumCriterion(Criterion):
             s = self._scores[n]
             s.mul_(self.alpha)
             if p.grad is not None:
-                s.add_(torch.mul(p.detach().to(s.dtype), p.grad.to(s.dtype)).abs_(), alpha=self.beta)
+                term = torch.mul(p.detach().to(s.dtype), p.grad.to(s.dtype)).abs_()
+                if self.step_reduce is not None:
+                    term = self.step_reduce(term)
+                s.add_(term, alpha=self.beta)
         self._count += 1
 
     def ready(self) -> bool:
@@ -332,6 +415,8 @@ class RandomCriterion(Criterion):
 
     needs_grad = False
     option_names = ("seed",)
+    accumulate_modes = ACCUMULATIONS  # nothing accumulated (see MagnitudeCriterion)
+    reduces_each_step = True
 
     def __init__(self, params, seed: int = 0):
         super().__init__(params)
