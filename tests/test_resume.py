@@ -471,3 +471,17 @@ def test_a_fresh_model_and_optimizer_keep_nothing_for_resume():
     assert again._provisional
     run_trainer(model, opt, again, data(1))
     assert again._provisional is None
+
+
+def test_sparse_trainer_copies_its_config():
+    cfg = PRESETS["rigl"]()
+    model = build()
+    opt = OPTIMIZERS["sgd"](model.parameters())
+    trainer = gp.SparseTrainer(model, opt, cfg)
+    cfg.alpha = 0.9
+    assert trainer.config == PRESETS["rigl"]()
+    assert trainer.config is not cfg
+    # the trainer's state carries its own config, not the caller's edited one
+    fresh_model = build(seed=1)
+    fresh = gp.SparseTrainer(fresh_model, OPTIMIZERS["sgd"](fresh_model.parameters()), PRESETS["rigl"]())
+    fresh.load_state_dict(trainer.state_dict())

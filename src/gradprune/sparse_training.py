@@ -86,6 +86,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import warnings
@@ -378,7 +379,8 @@ class SparseTrainer:
             raise TypeError(f"config must be a SparseConfig, got {type(config).__name__}")
         elif fields:
             config = SparseConfig.from_dict({**config.to_dict(), **fields})
-        self.config = cfg = config
+        # A private copy: later edits to the caller's object cannot desynchronise config and state.
+        self.config = cfg = copy.deepcopy(config)
         self.model, self.optimizer = model, optimizer
         targets = find_targets(model, cfg.include, cfg.exclude, cfg.module_types, cfg.include_classifier)
         in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
