@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .config import PruneConfig
+from ._modes import keeps_modes
 from .masks import MaskSet, SparsityReport, build_masks, fitting_targets
 from .patterns import get_pattern
 from .scores import get_criterion, stream_gradients
@@ -70,6 +71,7 @@ def make_config(config: PruneConfig | None, fields: Mapping[str, Any]) -> PruneC
     return config
 
 
+@keeps_modes
 def prune(
     model: nn.Module,
     config: PruneConfig | None = None,

@@ -95,6 +95,7 @@ import torch
 from torch import nn
 
 from ._checks import check_bool, check_choice, check_float, check_int, check_str_list, round_half_up
+from ._modes import keeps_modes
 from .config import DEFAULT_MODULE_TYPES, Config
 from .masks import MaskSet, SparsityReport
 from .patterns import get_pattern
@@ -857,6 +858,7 @@ class SparseTrainer:
         self.masks.apply(self.optimizer)
 
 
+@keeps_modes
 def layer_macs(model: nn.Module, example_input: Any, names: set) -> dict[str, float]:
     """Multiply-accumulates per masked parameter for one forward pass of ``example_input``."""
     macs: dict[str, float] = {}

@@ -1,0 +1,75 @@
+"""The model is left as it was found (issue #13 point 4): every submodule's train/eval flag after
+prune / pre_prune / search / training_flops, and MaskSet re-binding after parameters are replaced."""
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+import gradprune as gp
+
+
+def _cnn(seed=0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(8 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 4))
+    net.train()
+    net[1].eval()  # a frozen BatchNorm inside a model in training mode
+    return net
+
+
+def _modes(model):
+    return {n: m.training for n, m in model.named_modules()}
+
+
+def _batches(n=2):
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(4, 1, 6, 6, generator=g), torch.randint(0, 4, (4,), generator=g)) for _ in range(n)]
+
+
+def _ce(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def _run_prune(model):
+    gp.prune(model, sparsity=0.5, criterion="snip", data=_batches(), loss_fn=_ce)
+
+
+def _run_pre_prune(model):
+    items = [{"x": torch.randn(1, 6, 6), "feature_class_id": i % 2, "factual": i % 4, "alternative": (i + 1) % 4} for i in range(4)]
+    gp.pre_prune(model, items, gp.PrePruneConfig(n_samples=4, topk=5),
+                 lambda m, b, t: F.cross_entropy(m(b["x"]), b[t]))
+
+
+def _run_search(model):
+    from gradprune.structured import search
+
+    search(model, {"params": "70%"}, _batches(), _ce, "gradnas", example_input=torch.randn(2, 1, 6, 6),
+           rules={"nn.Conv2d": {"channel_divisor": 1, "channels_ratio": [0.5, 1.0]}})
+
+
+def _run_training_flops(model):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gp.SparseTrainer(model, opt, gp.SparseConfig.rigl(density=0.5)).training_flops(torch.randn(2, 1, 6, 6))
+
+
+@pytest.mark.parametrize("run", [_run_prune, _run_pre_prune, _run_search,
+                                 _run_training_flops])
+def test_every_submodule_mode_is_restored(run):
+    model = _cnn()
+    before = _modes(model)
+    assert before["1"] is False and before[""] is True
+    run(model)
+    assert _modes(model) == before
+
+
+def test_modes_restored_when_the_workflow_raises():
+    model = _cnn()
+    before = _modes(model)
+
+    def bad_loss(m, b):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        gp.prune(model, sparsity=0.5, criterion="snip", data=_batches(), loss_fn=bad_loss)
+    assert _modes(model) == before
