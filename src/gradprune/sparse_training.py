@@ -136,7 +136,7 @@ class SparseConfig(Config):
     ``init="uniform"`` and ``dense_first_layer=True``: the density of every layer but the dense
     first one, rigl-torch's allocation, so the overall density is higher); ``end_step``
     (RigL's ``T_end``) the last step with a connectivity update; ``include_classifier`` defaults to
-    True here (sparse training usually sparsifies every layer).
+    False, as in every config (the final classifier / a tied LM head stays dense).
     """
 
     density: float = 0.1
@@ -161,7 +161,7 @@ class SparseConfig(Config):
     include: tuple | None = None
     exclude: tuple = ()
     module_types: tuple = DEFAULT_MODULE_TYPES
-    include_classifier: bool = True
+    include_classifier: bool = False
     seed: int = 0
 
     _validate_init = _name_or_callable("init", INITS)
