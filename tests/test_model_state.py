@@ -73,3 +73,58 @@ def test_modes_restored_when_the_workflow_raises():
     with pytest.raises(RuntimeError, match="boom"):
         gp.prune(model, sparsity=0.5, criterion="snip", data=_batches(), loss_fn=bad_loss)
     assert _modes(model) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# MaskSet re-binds parameters replaced after the masks were built
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def _zeros_match(model, masks):
+    live = dict(model.named_parameters())
+    return all(bool((live[n].detach()[~m] == 0).all()) for n, m in masks.items())
+
+
+def test_load_state_dict_assign_rebinds_and_reapplies():
+    model = _mlp()
+    masks = gp.prune(model, sparsity=0.5, criterion="magnitude").masks
+    dense = {k: torch.randn_like(v) for k, v in _mlp(1).state_dict().items()}
+    model.load_state_dict(dense, assign=True)  # new Parameter objects, dense values
+    assert masks.params()["0.weight"] is model[0].weight
+    assert _zeros_match(model, masks)
+    kept, total = masks.count()
+    live_kept = sum(int((p.detach() != 0).sum()) for n, p in model.named_parameters() if n in masks)
+    assert kept == live_kept and abs(masks.sparsity() - 0.5) < 1e-6
+
+
+def test_replaced_parameter_is_kept_at_zero_by_the_optimizer_hook():
+    model = _mlp()
+    masks = gp.prune(model, sparsity=0.5, criterion="magnitude").masks
+    model[0].weight = nn.Parameter(torch.randn(8, 8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    masks.attach(opt)
+    model(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    assert _zeros_match(model, masks)
+
+
+def test_storage_replaced_in_place_is_detected():
+    model = _mlp()
+    masks = gp.prune(model, sparsity=0.5, criterion="magnitude").masks
+    model[2].weight.data = torch.randn(8, 8)  # same Parameter, new storage
+    assert abs(masks.sparsity() - 0.5) < 1e-6
+    assert _zeros_match(model, masks)
+
+
+def test_replacement_of_another_shape_raises():
+    model = _mlp()
+    masks = gp.prune(model, sparsity=0.5, criterion="magnitude").masks
+    model[0].weight = nn.Parameter(torch.randn(4, 8))
+    with pytest.raises(ValueError, match=r"0\.weight.*\(4, 8\)"):
+        masks.sparsity()
+    with pytest.raises(ValueError, match=r"0\.weight"):
+        masks.apply()

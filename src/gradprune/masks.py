@@ -151,7 +151,8 @@ class MaskSet(Mapping):
             if live is bound and live.data_ptr() == ptr:
                 continue
             mask = self._masks[n]
-            if live.shape != mask.shape and not self._is_shard(n, live):
+            flat = live.dim() == 1 and live.shape != mask.shape  # a flat (FSDP) shard
+            if live.shape != mask.shape and not flat:
                 raise ValueError(f"parameter {n!r} was replaced by one of shape {tuple(live.shape)}; "
                                  f"its mask has shape {tuple(mask.shape)}: rebuild the MaskSet")
             if live.is_meta:
@@ -161,7 +162,7 @@ class MaskSet(Mapping):
                 self._masks[n] = mask.to(live.device)
             self._plan_cache = None
             self._bound[n] = (live, live.data_ptr())
-            if not bool(self._masks[n].all()):
+            if not bool(self._masks[n].all()) and (not flat or self._is_shard(n, live)):
                 live.detach().mul_(self._factor(n, live))
 
     def _factor(self, name: str, like: torch.Tensor) -> torch.Tensor:
