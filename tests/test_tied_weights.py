@@ -165,3 +165,14 @@ def test_glob_matching_nothing_warns(field):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         gp.find_targets(model, **{field: ["0.weight"]})
+
+
+def test_training_flops_counts_gpt2_conv1d():
+    model = _gpt2()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparse = gp.SparseTrainer(model, opt, gp.SparseConfig.rigl(density=0.5, total_steps=4))
+    ids = torch.randint(0, 100, (2, 8))
+    macs = gp.sparse_training.layer_macs(model, ids, set(sparse.params))
+    w = model.transformer.h[0].mlp.c_fc.weight  # [in=32, out=128]
+    assert macs["transformer.h.0.mlp.c_fc.weight"] == 2 * 8 * w.numel()
+    assert set(macs) == set(sparse.params)

@@ -84,6 +84,7 @@ class MaskSet(Mapping):
         self.shard_spans: dict[str, tuple[int, int]] = {}
         for n, p in self._params.items():
             self._masks[n] = torch.ones(p.shape, dtype=torch.bool, device=p.device)
+        self._where: dict[str, tuple] = {}  # name -> (its module's _parameters, attr, attr_orig)
         self._bound = {n: (p, p.data_ptr()) for n, p in self._params.items()}
         for n, m in (masks or {}).items():
             self[n] = m
@@ -124,13 +125,20 @@ class MaskSet(Mapping):
 
     def _live(self, name: str) -> torch.Tensor:
         """The parameter the model holds under ``name`` now (``<name>_orig`` under
-        ``torch.nn.utils.prune``)."""
-        mod_name, _, attr = name.rpartition(".")
-        try:
-            module = self.model.get_submodule(mod_name) if mod_name else self.model
-        except AttributeError:
-            module = None
-        found = None if module is None else module._parameters.get(attr, module._parameters.get(attr + "_orig"))
+        ``torch.nn.utils.prune``). The module is looked up once per name (a module replaced in
+        the model is not followed; a parameter replaced in its module is)."""
+        where = self._where.get(name)
+        if where is None:
+            mod_name, _, attr = name.rpartition(".")
+            try:
+                module = self.model.get_submodule(mod_name) if mod_name else self.model
+            except AttributeError:
+                raise ValueError(f"the model no longer has a parameter {name!r}: rebuild the MaskSet") from None
+            where = self._where[name] = (module._parameters, attr, attr + "_orig")
+        params, attr, orig = where
+        found = params.get(attr)
+        if found is None:
+            found = params.get(orig)
         if found is None:
             raise ValueError(f"the model no longer has a parameter {name!r}: rebuild the MaskSet")
         return found

@@ -893,6 +893,8 @@ def layer_macs(model: nn.Module, example_input: Any, names: set) -> dict[str, fl
             macs[q] = macs.get(q, 0.0) + out.numel() * module.in_features
         elif isinstance(module, nn.modules.conv._ConvNd) and w is not None:
             macs[q] = macs.get(q, 0.0) + out.numel() * w[0].numel()
+        elif type(module).__name__ == "Conv1D" and w is not None:  # GPT-2: weight [in, out]
+            macs[q] = macs.get(q, 0.0) + out.numel() * w.shape[0]
 
     for _, module in by_module.values():
         hooks.append(module.register_forward_hook(hook))
