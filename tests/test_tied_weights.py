@@ -176,3 +176,40 @@ def test_training_flops_counts_gpt2_conv1d():
     w = model.transformer.h[0].mlp.c_fc.weight  # [in=32, out=128]
     assert macs["transformer.h.0.mlp.c_fc.weight"] == 2 * 8 * w.numel()
     assert set(macs) == set(sparse.params)
+
+
+@pytest.mark.parametrize("spec", ["1x1", "4x1", "1x4", "2x2", "2:4", "1:4", "channel"])
+def test_conv1d_masks_are_the_transpose_of_the_equivalent_linear(spec):
+    """A Conv1D weight [in, out] is pruned exactly as a Linear holding its transpose [out, in]."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = nn.Sequential(Conv1D(16, 8), nn.ReLU(), Conv1D(8, 16))  # Conv1D(nf=out, nx=in)
+    lin = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+    with torch.no_grad():
+        for c, l in ((conv[0], lin[0]), (conv[2], lin[2])):
+            l.weight.copy_(c.weight.t())
+    kw = dict(criterion="magnitude", pattern=spec, include_classifier=True, module_types=["Linear", "Conv1D"])
+    if ":" not in spec:
+        kw["sparsity"] = 0.5
+    mc = gp.prune(conv, **kw).masks
+    ml = gp.prune(lin, **kw).masks
+    for n in ("0.weight", "2.weight"):
+        assert torch.equal(mc[n].t(), ml[n]), n
+
+
+def test_pruner_nm_on_conv1d_runs_along_the_input_dimension():
+    model = _gpt2()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    pruner = gp.Pruner(model, pattern="2:4", criterion="magnitude", schedule="linear", start_step=0,
+                       end_step=2, frequency=1, optimizer=opt, module_types=["Conv1D"])
+    ids = torch.randint(0, 100, (2, 8))
+    for _ in range(3):
+        pruner.on_step_begin()
+        opt.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        pruner.on_before_optimizer_step()
+        opt.step()
+        pruner.on_after_optimizer_step()
+    m = pruner.masks["transformer.h.1.mlp.c_proj.weight"]  # [in=128, out=32]
+    assert bool(((~m).t().reshape(m.shape[1], -1, 4).sum(-1) == 2).all())
