@@ -158,9 +158,9 @@ STATIC_NOTES = [
 
 
 def gp_config(key, density, steps, interval, seed):
-    common = dict(total_steps=steps, update_interval=interval, seed=seed)
+    common = dict(total_steps=steps, update_interval=interval, seed=seed, include_classifier=True)
     if key == "gp_static":
-        return gp.SparseConfig.static(density=density, total_steps=steps, seed=seed)
+        return gp.SparseConfig.static(density=density, total_steps=steps, seed=seed, include_classifier=True)
     if key == "gp_set":
         return gp.SparseConfig.set(density=density, **common)
     if key == "gp_rigl_erk":
@@ -502,7 +502,7 @@ def write_markdown(path, meta, rows, skipped, records=()):
              "test sequences of length 40, 10 classes.")
     L.append("- Models: " + "; ".join(MODEL_TEXT[k] for k in a["models"]) + ". Sparsified: every "
              "Linear/Conv weight (classifier included, biases never) — rigl-torch with "
-             "`ignore_linear_layers=False`, gradprune with its default `include_classifier=True`.")
+             "`ignore_linear_layers=False`, gradprune with `include_classifier=True`.")
     L.append(f"- Seeds {a['seeds']}: the seed fixes the initialisation (one state dict loaded into every "
              "method's model), the batch order (identical for every method) and the libraries' mask "
              "randomness (gradprune `seed=`; rigl-torch draws from the global RNG, seeded just before "

@@ -302,7 +302,7 @@ def test_erk_er_densities_at_most_one_and_total_matches(init):
     model = _saturating_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     density = 0.3
-    trainer = gp.SparseTrainer(model, opt, gp.SparseConfig(density=density, init=init, end_step=0))
+    trainer = gp.SparseTrainer(model, opt, gp.SparseConfig(density=density, init=init, end_step=0, include_classifier=True))
     c = counts(trainer)
     numel = {n: p.numel() for n, p in params_of(trainer).items()}
     N = sum(numel.values())
@@ -381,7 +381,7 @@ def test_struct_inits_use_whole_conv_kernels(init):
     model = build("cnn")
     density = 0.3
     trainer = gp.SparseTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                               gp.SparseConfig(density=density, init=init, end_step=0))
+                               gp.SparseConfig(density=density, init=init, end_step=0, include_classifier=True))
     N = kept = 0
     slack = 0
     for n, p in params_of(trainer).items():
@@ -465,7 +465,7 @@ def test_lottery_masks_reproduced_exactly_and_kept_through_training():
     model = build("mlp")
     given = _random_masks(model, 0.3, seed=7)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    trainer = gp.SparseTrainer(model, opt, gp.SparseConfig.lottery(given))
+    trainer = gp.SparseTrainer(model, opt, gp.SparseConfig.lottery(given, include_classifier=True))
     for n, m in given.items():
         assert torch.equal(trainer.masks[n], m)
     recs = train(model, opt, trainer, batches("mlp", 6))
@@ -479,7 +479,7 @@ def test_lottery_shuffle_keeps_counts_but_moves_connections():
     model = build("mlp")
     given = _random_masks(model, 0.3, seed=7)
     trainer = gp.SparseTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                               gp.SparseConfig.lottery(given, shuffle=True))
+                               gp.SparseConfig.lottery(given, shuffle=True, include_classifier=True))
     for n, m in given.items():
         assert int(trainer.masks[n].sum()) == int(m.sum())
         assert not torch.equal(trainer.masks[n], m)
@@ -493,13 +493,13 @@ def test_lottery_masks_from_a_saved_maskset(tmp_path):
     torch.save(ms.state_dict(), path)
     model = build("mlp")
     trainer = gp.SparseTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                               gp.SparseConfig.lottery(str(path)))
+                               gp.SparseConfig.lottery(str(path), include_classifier=True))
     for n in ms:
         assert torch.equal(trainer.masks[n], ms[n])
         assert trainer.masks[n].dtype == torch.bool
     # a PathLike works too
     trainer2 = gp.SparseTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                                gp.SparseConfig.lottery(path))
+                                gp.SparseConfig.lottery(path, include_classifier=True))
     assert all(torch.equal(trainer2.masks[n], ms[n]) for n in ms)
 
 
@@ -526,7 +526,7 @@ def test_resume_init_takes_mask_from_nonzero_weights():
             if n in pattern:
                 p.mul_(pattern[n])
     trainer = gp.SparseTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                               gp.SparseConfig(init="resume", end_step=0))
+                               gp.SparseConfig(init="resume", end_step=0, include_classifier=True))
     for n, m in pattern.items():
         assert torch.equal(trainer.masks[n], m)
 
@@ -709,7 +709,7 @@ def test_global_magnitude_drops_the_globally_smallest():
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     cfg = gp.SparseConfig(init="lottery", lottery_masks={"0.weight": mask, "1.weight": mask},
                           prune="global_magnitude", grow="random", decay="constant", alpha=0.25,
-                          update_interval=1, end_step=3)
+                          update_interval=1, end_step=3, include_classifier=True)
     trainer = gp.SparseTrainer(model, opt, cfg)
     trainer.step()
     assert trainer.step() is True
@@ -806,7 +806,7 @@ def test_callable_rules_are_used_with_documented_signatures():
         return 0.25
 
     cfg = gp.SparseConfig(density=0.25, init=init, prune=prune, grow=grow, redistribute=redistribute,
-                          decay=decay, update_interval=3, end_step=10)
+                          decay=decay, update_interval=3, end_step=10, include_classifier=True)
     trainer = gp.SparseTrainer(model, opt, cfg)
     assert calls["init"] and calls["init"][0][1] == 0.25
     shapes = {n: p.shape for n, p in params_of(trainer).items()}
@@ -1156,7 +1156,7 @@ def test_training_flops_formulas(preset):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     dt = 7
     cfg = {"rigl": gp.SparseConfig.rigl, "snfs": gp.SparseConfig.snfs, "set": gp.SparseConfig.set,
-           "static": gp.SparseConfig.static}[preset](density=0.2, total_steps=100, update_interval=dt)
+           "static": gp.SparseConfig.static}[preset](density=0.2, total_steps=100, update_interval=dt, include_classifier=True)
     trainer = gp.SparseTrainer(model, opt, cfg)
     B = 5
     fl = trainer.training_flops(torch.randn(B, 8))
@@ -1178,7 +1178,7 @@ def test_training_flops_formulas(preset):
 def test_training_flops_counts_conv_and_attention_projections():
     model = build("transformer")
     trainer = gp.SparseTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                               gp.SparseConfig.rigl(density=0.3, total_steps=100))
+                               gp.SparseConfig.rigl(density=0.3, total_steps=100, include_classifier=True))
     B, L, D = 2, 5, 16
     fl = trainer.training_flops(torch.randn(B, L, D))
     tokens = B * L
@@ -1186,7 +1186,7 @@ def test_training_flops_counts_conv_and_attention_projections():
     assert fl["forward_dense"] == pytest.approx(2.0 * macs)
 
     cnn = build("cnn")
-    t2 = gp.SparseTrainer(cnn, torch.optim.SGD(cnn.parameters(), lr=0.1), gp.SparseConfig.static(density=0.3))
+    t2 = gp.SparseTrainer(cnn, torch.optim.SGD(cnn.parameters(), lr=0.1), gp.SparseConfig.static(density=0.3, include_classifier=True))
     fl2 = t2.training_flops(torch.randn(3, 1, 8, 8))
     conv = 3 * 8 * 8 * 8 * (1 * 9) + 3 * 8 * 8 * 8 * (8 * 9)
     lin = 3 * 16 * 32 + 3 * 4 * 16

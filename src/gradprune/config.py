@@ -35,7 +35,7 @@ SCOPES = ("global", "local")
 ALLOCATIONS = ("uniform", "er", "erk")
 REDUCTIONS = ("mean", "sum", "max")
 ACCUMULATIONS = ("mean", "last")
-DEFAULT_MODULE_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "MultiheadAttention")
+DEFAULT_MODULE_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "MultiheadAttention")
 
 _BLOCK_RE = re.compile(r"^(\d+)x(\d+)$")
 _NM_RE = re.compile(r"^(\d+):(\d+)(?:-flat)?$")

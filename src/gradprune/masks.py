@@ -65,7 +65,17 @@ class MaskSet(Mapping):
         missing = [n for n in names if n not in params]
         if missing:
             raise ValueError(f"names not in the model's parameters: {missing}")
-        self._params = {n: params[n] for n in names}
+        on_meta = [n for n in names if params[n].is_meta]
+        if on_meta:
+            raise ValueError(f"parameters on the meta device have no values to mask: {on_meta}")
+        # a tensor shared by several names (tied weights) is one unit under its first name
+        self.aliases: dict[str, str] = {}
+        first: dict[int, str] = {}
+        for n in names:
+            kept = first.setdefault(id(params[n]), n)
+            if kept != n:
+                self.aliases[n] = kept
+        self._params = {n: params[n] for n in names if n not in self.aliases}
         self._masks: dict[str, torch.Tensor] = {}
         self._pruned: dict[tuple, tuple] = {}  # (name, dtype, device, shape) -> (mask version, float mask)
         self._plan_cache = None
@@ -74,12 +84,14 @@ class MaskSet(Mapping):
         self.shard_spans: dict[str, tuple[int, int]] = {}
         for n, p in self._params.items():
             self._masks[n] = torch.ones(p.shape, dtype=torch.bool, device=p.device)
+        self._where: dict[str, tuple] = {}  # name -> (its module's _parameters, attr, attr_orig)
+        self._bound = {n: (p, p.data_ptr()) for n, p in self._params.items()}
         for n, m in (masks or {}).items():
             self[n] = m
 
     # -- mapping ------------------------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self._masks[name]
+        return self._masks[self.aliases.get(name, name)]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._masks)
@@ -88,6 +100,8 @@ class MaskSet(Mapping):
         return len(self._masks)
 
     def __setitem__(self, name: str, mask: torch.Tensor) -> None:
+        name = self.aliases.get(name, name)
+        self._sync()
         if name not in self._params:
             raise KeyError(f"{name!r} is not one of this MaskSet's parameters: {list(self._params)}")
         if not isinstance(mask, torch.Tensor):
@@ -106,7 +120,58 @@ class MaskSet(Mapping):
         return f"MaskSet({len(self)} parameters, sparsity={self.sparsity():.4f})"
 
     def params(self) -> dict[str, nn.Parameter]:
+        self._sync()
         return dict(self._params)
+
+    def _live(self, name: str) -> torch.Tensor:
+        """The parameter the model holds under ``name`` now (``<name>_orig`` under
+        ``torch.nn.utils.prune``). The module is looked up once per name (a module replaced in
+        the model is not followed; a parameter replaced in its module is)."""
+        where = self._where.get(name)
+        if where is None:
+            mod_name, _, attr = name.rpartition(".")
+            try:
+                module = self.model.get_submodule(mod_name) if mod_name else self.model
+            except AttributeError:
+                raise ValueError(f"the model no longer has a parameter {name!r}: rebuild the MaskSet") from None
+            where = self._where[name] = (module._parameters, attr, attr + "_orig")
+        params, attr, orig = where
+        found = params.get(attr)
+        if found is None:
+            found = params.get(orig)
+        if found is None:
+            raise ValueError(f"the model no longer has a parameter {name!r}: rebuild the MaskSet")
+        return found
+
+    @torch.no_grad()
+    def _sync(self) -> None:
+        """Re-bind masks to parameters replaced after the masks were built.
+
+        ``model.load_state_dict(state, assign=True)``, ``module.weight = nn.Parameter(...)`` or a
+        conversion that replaces parameters (``torch.__future__.set_overwrite_module_params_on_conversion``)
+        leave the masks pointing at tensors the model no longer uses; so does ``param.data = t``
+        for the storage. Each such parameter is re-bound by name, its mask moved to its device and
+        applied to it at once, so the reported sparsity is the live weights'. A replacement whose
+        shape no longer fits the mask raises ``ValueError``.
+        """
+        for n, (bound, ptr) in self._bound.items():
+            live = self._live(n)
+            if live is bound and live.data_ptr() == ptr:
+                continue
+            mask = self._masks[n]
+            flat = live.dim() == 1 and live.shape != mask.shape  # a flat (FSDP) shard
+            if live.shape != mask.shape and not flat:
+                raise ValueError(f"parameter {n!r} was replaced by one of shape {tuple(live.shape)}; "
+                                 f"its mask has shape {tuple(mask.shape)}: rebuild the MaskSet")
+            if live.is_meta:
+                raise ValueError(f"parameter {n!r} was moved to the meta device: it has no values to mask")
+            self._params[n] = live
+            if mask.device != live.device and live.shape == mask.shape:
+                self._masks[n] = mask.to(live.device)
+            self._plan_cache = None
+            self._bound[n] = (live, live.data_ptr())
+            if not bool(self._masks[n].all()) and (not flat or self._is_shard(n, live)):
+                live.detach().mul_(self._factor(n, live))
 
     def _factor(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """The mask as 1.0/0.0 in ``like``'s dtype and device, cached (masks may be edited in
@@ -148,6 +213,7 @@ class MaskSet(Mapping):
         The check runs every step, so it is kept small: the masks' version counters (they only
         grow, so their sum changes whenever any mask was edited in place; replacing a mask resets
         the cache) and the parameters' storage addresses and shapes."""
+        self._sync()
         plan = self._plan_cache
         if plan is not None:
             masks, params = plan[4], plan[5]
@@ -191,6 +257,7 @@ class MaskSet(Mapping):
         """Zero every per-parameter state tensor shaped like a masked parameter."""
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self._sync()
         tensors, factors = [], []
         for n, p in self._params.items():
             state = optimizer.state.get(p)
@@ -214,7 +281,11 @@ class MaskSet(Mapping):
 
     # -- reporting ----------------------------------------------------------------------
     def sparsity(self, per_layer: bool = False):
-        """Fraction of masked-out entries: overall (float), or ``{name: fraction}`` per layer."""
+        """Fraction of masked-out entries: overall (float), or ``{name: fraction}`` per layer.
+
+        Parameters replaced since the masks were built are re-bound first (see :meth:`_sync`), so
+        this is the sparsity of the weights the model holds now."""
+        self._sync()
         if per_layer:
             return {n: 1.0 - float(m.sum()) / m.numel() for n, m in self._masks.items()}
         total = sum(m.numel() for m in self._masks.values())
@@ -222,7 +293,8 @@ class MaskSet(Mapping):
         return 1.0 - kept / total
 
     def count(self) -> tuple[int, int]:
-        """``(kept, total)`` entries over all masks."""
+        """``(kept, total)`` entries over all masks (a shared tensor counts once)."""
+        self._sync()
         return (sum(int(m.sum()) for m in self._masks.values()),
                 sum(m.numel() for m in self._masks.values()))
 
@@ -314,16 +386,24 @@ class MaskSet(Mapping):
 # ---------------------------------------------------------------------------------------------
 # scores -> masks (shared by one-shot and gradual pruning)
 
-def fitting_targets(names_shapes: Mapping[str, torch.Size], pattern) -> tuple[list[str], dict[str, str]]:
+def _oriented(shape: torch.Size, transposed: bool) -> torch.Size:
+    """The ``[out, in]`` shape patterns see: a ``[in, out]`` (Conv1D) weight's transpose."""
+    return torch.Size((shape[1], shape[0], *shape[2:])) if transposed else shape
+
+
+def fitting_targets(names_shapes: Mapping[str, torch.Size], pattern,
+                    transposed: Iterable[str] = ()) -> tuple[list[str], dict[str, str]]:
     """Split parameter names into those that fit ``pattern`` and ``{skipped name: reason}``.
 
-    Warns once per skipped layer, naming it.
+    ``transposed`` names weights stored ``[in, out]`` (see :attr:`gradprune.targets.Target.transposed`):
+    the pattern is checked against their transpose. Warns once per skipped layer, naming it.
     """
     import warnings
 
+    transposed = set(transposed)
     fit, skipped = [], {}
     for n, shape in names_shapes.items():
-        why = pattern.misfit(shape)
+        why = pattern.misfit(_oriented(shape, n in transposed))
         if why is None:
             fit.append(n)
         else:
@@ -344,22 +424,30 @@ def build_masks(
     signed: bool = False,
     reduce: str = "mean",
     allocation: str = "uniform",
+    transposed: Iterable[str] = (),
     **selection,
 ) -> dict[str, torch.Tensor]:
     """Bool masks (shaped like each parameter) from entry scores, a pattern and a selection.
 
     ``selection`` holds :func:`gradprune.select.select`'s keywords (``sparsity``/``topk``/
     ``threshold``, ``scope``, ``min_sparsity``, ``max_sparsity``). Entries pruned in ``previous``
-    stay pruned and count toward the target.
+    stay pruned and count toward the target. Weights named in ``transposed`` are stored
+    ``[in, out]`` (GPT-2's ``Conv1D``): the pattern works on their transpose (N:M groups and blocks
+    run along the input dimension, channels are output neurons), and the mask comes back in the
+    parameter's own layout.
     """
     from .select import Units, raw_density, select
 
+    transposed = set(transposed)
+    flip = lambda n, t: t.transpose(0, 1) if n in transposed else t  # noqa: E731
     layers, eff_scores = [], {}
     for n, p in params.items():
         s = scores[n]
         if s.shape != p.shape:
             raise ValueError(f"scores for {n!r} must have shape {tuple(p.shape)}, got {tuple(s.shape)}")
+        s = flip(n, s)
         prev = None if previous is None else previous.get(n)
+        prev = None if prev is None else flip(n, prev)
         layer_signed = signed
         if prev is not None and not bool(prev.all()):
             s = (s if signed else s.abs()).float().masked_fill(~prev, float("-inf"))
@@ -369,13 +457,13 @@ def build_masks(
         unit_pruned = None
         if prev is not None and not bool(prev.all()):
             unit_pruned = _units_pruned(pattern, prev)
-        layers.append(Units(n, unit_scores, pattern.unit_weight(p.shape), p.numel(), unit_pruned,
+        layers.append(Units(n, unit_scores, pattern.unit_weight(s.shape), p.numel(), unit_pruned,
                             raw_density(p.shape, allocation)))
     keep = select(layers, allocation=allocation, **selection)
     out = {}
     for n, p in params.items():
         s, layer_signed = eff_scores[n]
-        m = pattern.expand(keep[n], s, layer_signed)
+        m = flip(n, pattern.expand(keep[n], s, layer_signed)).contiguous()
         if previous is not None and n in previous:
             m = m & previous[n]
         out[n] = m

@@ -74,6 +74,7 @@ from torch import nn
 
 from ._checks import check_bool, check_choice, check_float, check_int, check_topk
 from ._progress import progress
+from ._modes import keeps_modes
 from .config import Config, atomic_write
 from ._distributed import (all_reduce_gradients, all_reduce_tensors, resolve_process_group,
                                        sum_over_ranks)
@@ -642,6 +643,7 @@ def _check_tensor_leaves(batch, path="batch"):
 
 # ---------------------------------------------------------------------------------------------
 
+@keeps_modes
 def pre_prune(
     model: nn.Module,
     dataset: Sequence[Mapping] | None,

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .config import PruneConfig
+from ._modes import keeps_modes
 from .masks import MaskSet, SparsityReport, build_masks, fitting_targets
 from .patterns import get_pattern
 from .scores import get_criterion, stream_gradients
@@ -70,6 +71,7 @@ def make_config(config: PruneConfig | None, fields: Mapping[str, Any]) -> PruneC
     return config
 
 
+@keeps_modes
 def prune(
     model: nn.Module,
     config: PruneConfig | None = None,
@@ -110,7 +112,8 @@ def prune(
         raise ValueError("prune needs one of sparsity (target_sparsity), topk or threshold")
     targets = find_targets(model, cfg.include, cfg.exclude, cfg.module_types, cfg.include_classifier)
     pattern = get_pattern(cfg.pattern)
-    fit, skipped = fitting_targets({n: t.shape for n, t in targets.items()}, pattern)
+    transposed = [n for n, t in targets.items() if t.transposed]
+    fit, skipped = fitting_targets({n: t.shape for n, t in targets.items()}, pattern, transposed)
     params = {n: targets[n].param for n in fit}
     criterion = get_criterion(cfg, params)
     if criterion.needs_grad and (data is None or loss_fn is None):
@@ -122,7 +125,11 @@ def prune(
     if mask is not None:
         if not isinstance(mask, Mapping):
             raise TypeError(f"mask must be a MaskSet or a mapping name -> bool tensor, got {type(mask).__name__}")
-        previous = {n: m for n, m in mask.items() if n in params}
+        unknown = sorted(set(mask) - set(params))
+        if unknown:
+            raise ValueError(f"mask names parameters this prune does not prune: {unknown} "
+                             f"(pruned: {list(params)})")
+        previous = dict(mask.items())
         for n, m in previous.items():
             if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or m.shape != params[n].shape:
                 raise ValueError(f"mask for {n!r} must be a bool tensor of shape {tuple(params[n].shape)}")
@@ -138,7 +145,7 @@ def prune(
                                    desc=f"scoring ({cfg.criterion})", process_group=process_group)
     scores = criterion.scores
     new = build_masks(params, scores, pattern, previous=previous, signed=criterion.signed,
-                      reduce=cfg.reduce, allocation=cfg.allocation, sparsity=target,
+                      reduce=cfg.reduce, allocation=cfg.allocation, transposed=transposed, sparsity=target,
                       topk=cfg.topk, threshold=cfg.threshold, scope=cfg.scope,
                       min_sparsity=cfg.min_sparsity, max_sparsity=cfg.max_sparsity)
     masks = MaskSet(model, names=fit, masks=new)

@@ -99,7 +99,8 @@ class Pruner:
         self.optimizer = optimizer
         targets = find_targets(model, cfg.include, cfg.exclude, cfg.module_types, cfg.include_classifier)
         self.pattern = get_pattern(cfg.pattern)
-        fit, self.skipped = fitting_targets({n: t.shape for n, t in targets.items()}, self.pattern)
+        self._transposed = [n for n, t in targets.items() if t.transposed]  # Conv1D: [in, out]
+        fit, self.skipped = fitting_targets({n: t.shape for n, t in targets.items()}, self.pattern, self._transposed)
         self._skipped_shapes = {n: targets[n].shape for n in self.skipped}
         self.params = {n: targets[n].param for n in fit}
         self.criterion = get_criterion(cfg, self.params)
@@ -171,7 +172,7 @@ class Pruner:
         new = build_masks(self.params, self.criterion.scores, self.pattern, previous=dict(self.masks),
                           signed=self.criterion.signed, reduce=cfg.reduce, allocation=cfg.allocation,
                           sparsity=sparsity, scope=cfg.scope, min_sparsity=cfg.min_sparsity,
-                          max_sparsity=cfg.max_sparsity)
+                          max_sparsity=cfg.max_sparsity, transposed=self._transposed)
         for n, m in new.items():
             self.masks[n] = m
         if self.optimizer is not None:

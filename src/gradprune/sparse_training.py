@@ -98,6 +98,7 @@ from torch import nn
 
 from ._resume import apply_keeping, restore_zeroed
 from ._checks import check_bool, check_choice, check_float, check_int, check_str_list, round_half_up
+from ._modes import keeps_modes
 from .config import DEFAULT_MODULE_TYPES, Config
 from .masks import MaskSet, SparsityReport
 from .patterns import get_pattern
@@ -145,7 +146,7 @@ class SparseConfig(Config):
     (RigL's ``T_end``) the last step with a connectivity update; ``total_steps`` the planned length
     of training (the presets set it, and derive ``end_step`` from it): a trainer whose schedule has
     updates warns once (:class:`StepsPastEndWarning`) when it steps past it; ``include_classifier``
-    defaults to True here (sparse training usually sparsifies every layer).
+    defaults to False, as in every config (the final classifier / a tied LM head stays dense).
     """
 
     density: float = 0.1
@@ -170,7 +171,7 @@ class SparseConfig(Config):
     include: tuple | None = None
     exclude: tuple = ()
     module_types: tuple = DEFAULT_MODULE_TYPES
-    include_classifier: bool = True
+    include_classifier: bool = False
     seed: int = 0
     total_steps: int | None = None
 
@@ -961,6 +962,7 @@ class SparseTrainer:
         self.masks.apply(None if self.config.dense_gradients else self.optimizer)
 
 
+@keeps_modes
 def layer_macs(model: nn.Module, example_input: Any, names: set) -> dict[str, float]:
     """Multiply-accumulates per masked parameter for one forward pass of ``example_input``."""
     macs: dict[str, float] = {}
@@ -995,6 +997,8 @@ def layer_macs(model: nn.Module, example_input: Any, names: set) -> dict[str, fl
             macs[q] = macs.get(q, 0.0) + out.numel() * module.in_features
         elif isinstance(module, nn.modules.conv._ConvNd) and w is not None:
             macs[q] = macs.get(q, 0.0) + out.numel() * w[0].numel()
+        elif type(module).__name__ == "Conv1D" and w is not None:  # GPT-2: weight [in, out]
+            macs[q] = macs.get(q, 0.0) + out.numel() * w.shape[0]
 
     for _, module in by_module.values():
         hooks.append(module.register_forward_hook(hook))

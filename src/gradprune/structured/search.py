@@ -49,6 +49,7 @@ from torch import nn
 
 from .._checks import check_bool, check_choice, check_int
 from .._progress import progress
+from .._modes import keeps_modes
 from .._table import format_table
 from .export import export_model
 from .flops import CostModel
@@ -359,6 +360,7 @@ def _sensitivities(scores: torch.Tensor, ranks: list, choices: tuple) -> dict:
     return out
 
 
+@keeps_modes
 def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
            loss_fn: Callable | None = None, method: str = "gradnas", example_input=None,
            rules: dict | SearchRules | None = None, score_func: Callable | None = None, *,
