@@ -25,7 +25,8 @@ import tempfile
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar
 
-from ._checks import check_bool, check_choice, check_float, check_int, check_str_list, check_topk
+from ._checks import (check_bool, check_choice, check_float, check_int, check_str_list, check_threshold,
+                      check_topk)
 
 __all__ = ["Config", "PruneConfig", "SCHEDULES", "SCOPES", "ALLOCATIONS", "REDUCTIONS",
            "parse_pattern", "atomic_write"]
@@ -286,7 +287,7 @@ class PruneConfig(Config):
 
     @staticmethod
     def _validate_threshold(v):
-        return check_float("threshold", v, allow_none=True)
+        return check_threshold("threshold", v)
 
     @staticmethod
     def _validate_initial_sparsity(v):

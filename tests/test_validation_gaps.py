@@ -1,0 +1,142 @@
+"""Validation gaps of issue #13 point 6: each raised before any work, naming the field."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import gradprune as gp
+from gradprune.select import Units, select
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def loss_fn(model, batch):
+    return model(batch).pow(2).mean()
+
+
+def batches(n=3):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(5, 4, generator=g) for _ in range(n)]
+
+
+# -- threshold=inf -------------------------------------------------------------------------
+
+def test_threshold_inf_is_refused_like_sparsity_one():
+    with pytest.raises(ValueError, match="target_sparsity"):
+        gp.PruneConfig(target_sparsity=1.0)
+    with pytest.raises(ValueError, match="threshold=inf"):
+        gp.PruneConfig(threshold=math.inf)
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="threshold=inf"):
+        gp.prune(model, threshold=math.inf)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="threshold=inf"):
+        select([Units("w", torch.tensor([1.0, 2.0]), 1, 2)], threshold=math.inf)
+    # a finite threshold and -inf (prunes nothing) still work
+    assert select([Units("w", torch.tensor([1.0, 2.0]), 1, 2)], threshold=-math.inf)["w"].all()
+
+
+# -- max_sparsity is hard ------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(1, 12), min_size=1, max_size=4),
+       pct=st.integers(0, 99), max_pct=st.integers(1, 100), scope=st.sampled_from(["local", "global"]))
+def test_max_sparsity_is_a_hard_per_layer_bound_tiny_layers_included(sizes, pct, max_pct, scope):
+    s, mx = pct / 100, max_pct / 100
+    g = torch.Generator().manual_seed(sum(sizes))
+    layers = [Units(f"l{i}", torch.rand(n, generator=g), 1, n) for i, n in enumerate(sizes)]
+    try:
+        keep = select(layers, sparsity=s, scope=scope, max_sparsity=mx, min_sparsity=0.0)
+    except ValueError as err:
+        assert "not reachable" in str(err)
+        return
+    for u in layers:
+        pruned = int((~keep[u.name]).sum())
+        assert pruned <= mx * u.n + 1e-9, (u.n, pruned, mx)
+
+
+def test_a_four_weight_layer_at_ninety_percent_keeps_a_weight():
+    keep = select([Units("w", torch.tensor([0.1, 0.2, 0.3, 0.4]), 1, 4)], sparsity=0.9)
+    assert int(keep["w"].sum()) == 1  # round(3.6) = 4 would exceed max_sparsity=0.98
+
+
+# -- endless iterators ---------------------------------------------------------------------
+
+def endless():
+    """An endless stream, cut at 100 batches so that a missing check fails instead of hanging."""
+    for i, b in enumerate(itertools.cycle(batches())):
+        if i >= 100:
+            raise AssertionError("an endless iterator was consumed without n_batches")
+        yield b
+
+
+@pytest.mark.parametrize("make", [
+    endless,
+    lambda: itertools.islice(itertools.cycle(batches()), 50),
+    lambda: (b for b in batches()),
+])
+def test_an_iterator_without_length_needs_n_batches(make):
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="n_batches"):
+        gp.prune(model, sparsity=0.5, criterion="snip", data=make(), loss_fn=loss_fn)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    res = gp.prune(model, sparsity=0.5, criterion="snip", data=make(), loss_fn=loss_fn, n_batches=2)
+    assert res.batches == 2
+
+
+def test_lists_and_list_iterators_need_no_n_batches():
+    assert gp.prune(tiny_model(), sparsity=0.5, criterion="snip", data=batches(3),
+                    loss_fn=loss_fn).batches == 3
+    assert gp.prune(tiny_model(), sparsity=0.5, criterion="snip", data=iter(batches(2)),
+                    loss_fn=loss_fn).batches == 2
+
+
+# -- loss not connected to the model -------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [
+    lambda m, x: m(x).pow(2).mean().detach(),
+    lambda m, x: torch.tensor(1.0, requires_grad=True) * 2,
+    lambda m, x: (m(x).detach() * torch.ones(1, requires_grad=True)).mean(),
+    lambda m, x: x.sum() * 0 + torch.tensor(0.5),
+])
+def test_a_loss_not_connected_to_the_model_is_a_value_error(bad):
+    model = tiny_model()
+    with pytest.raises(ValueError, match="does not depend on the model's parameters"):
+        gp.prune(model, sparsity=0.5, criterion="snip", data=batches(), loss_fn=bad)
+    assert model[0].weight.grad is None
+
+
+# -- wrong types ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"n_batches": "x"}, "n_batches"),
+    ({"n_batches": True}, "n_batches"),
+    ({"show_progress": "yes"}, "show_progress"),
+    ({"show_progress": 1}, "show_progress"),
+])
+def test_wrong_types_in_prune_are_type_errors(kwargs, field):
+    for criterion in ("magnitude", "snip"):  # also where no batch is read
+        with pytest.raises(TypeError, match=field):
+            gp.prune(tiny_model(), sparsity=0.5, criterion=criterion, data=batches(),
+                     loss_fn=loss_fn, **kwargs)
+
+
+def test_wrong_types_in_stream_gradients_are_type_errors():
+    model = tiny_model()
+    params = {"0.weight": model[0].weight}
+    with pytest.raises(TypeError, match="n_batches"):
+        gp.stream_gradients(model, batches(), loss_fn, params, n_batches="x")
+    with pytest.raises(TypeError, match="show_progress"):
+        gp.stream_gradients(model, batches(), loss_fn, params, show_progress="yes")
