@@ -140,3 +140,76 @@ def test_wrong_types_in_stream_gradients_are_type_errors():
         gp.stream_gradients(model, batches(), loss_fn, params, n_batches="x")
     with pytest.raises(TypeError, match="show_progress"):
         gp.stream_gradients(model, batches(), loss_fn, params, show_progress="yes")
+
+
+# -- process_group -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("group", ["world", 0, object()])
+def test_a_process_group_that_is_not_a_group_is_a_type_error(group):
+    with pytest.raises(TypeError, match="process_group must be a torch.distributed.ProcessGroup"):
+        gp.prune(tiny_model(), sparsity=0.5, process_group=group)  # magnitude: no batch read
+    with pytest.raises(TypeError, match="process_group"):
+        gp.prune(tiny_model(), sparsity=0.5, criterion="snip", data=batches(), loss_fn=loss_fn,
+                 process_group=group)
+    model = tiny_model()
+    with pytest.raises(TypeError, match="process_group"):
+        gp.stream_gradients(model, batches(), loss_fn, {"0.weight": model[0].weight},
+                            process_group=group)
+
+
+# -- decay callables -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("value, exc", [(1.5, ValueError), (-0.1, ValueError), (math.nan, ValueError),
+                                        (math.inf, ValueError), ("0.3", TypeError), (None, TypeError)])
+def test_a_decay_callable_must_return_a_finite_value_in_0_1(value, exc):
+    torch.manual_seed(0)
+    model = nn.Linear(6, 4, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    cfg = gp.SparseConfig(density=0.5, grow="random", decay=lambda t: value, update_interval=1,
+                          end_step=3, include_classifier=True)
+    trainer = gp.SparseTrainer(model, opt, cfg)
+    trainer.step()
+    before = trainer.masks["weight"].clone()
+    w = model.weight.detach().clone()
+    with pytest.raises(exc, match=r"decay\(1\)"):
+        model(torch.randn(2, 6)).sum().backward()
+        trainer.step()
+    assert torch.equal(trainer.masks["weight"], before) and torch.equal(model.weight.detach(), w)
+
+
+def test_a_decay_callable_may_return_a_tensor_scalar():
+    model = nn.Linear(6, 4, bias=False)
+    cfg = gp.SparseConfig(density=0.5, grow="random", decay=lambda t: torch.tensor(0.25),
+                          update_interval=1, end_step=3, include_classifier=True)
+    trainer = gp.SparseTrainer(model, torch.optim.SGD(model.parameters(), lr=0.0), cfg)
+    for _ in range(2):
+        model(torch.randn(2, 6)).sum().backward()
+        trainer.step()
+    assert int(trainer.masks["weight"].sum()) == 12
+
+
+# -- more wrong types ----------------------------------------------------------------------
+
+def test_strict_must_be_a_bool():
+    model = tiny_model()
+    masks = gp.MaskSet(model, names=["0.weight"])
+    with pytest.raises(TypeError, match="strict must be bool"):
+        masks.load_state_dict(masks.state_dict(), strict="no")
+
+
+def test_a_string_where_a_list_of_names_is_expected_is_a_type_error():
+    model = tiny_model()
+    with pytest.raises(TypeError, match=r"names must be a list of str.*\['0.weight'\]"):
+        gp.MaskSet(model, names="0.weight")
+
+
+@pytest.mark.parametrize("step", [True, False, "3", 1.0])
+def test_a_bool_or_non_int_step_is_a_type_error(step):
+    sched = gp.SparsitySchedule("cubic", 0.0, 0.5, start_step=0, end_step=4, frequency=1)
+    with pytest.raises(TypeError, match="step must be int"):
+        sched.sparsity_for_step(step)
+    model = nn.Linear(6, 4, bias=False)
+    trainer = gp.SparseTrainer(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                               gp.SparseConfig(density=0.5, include_classifier=True))
+    with pytest.raises(TypeError, match="step must be int"):
+        trainer.is_update_step(step)

@@ -60,7 +60,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ._checks import check_bool, check_choice, check_float, check_int, check_topk
+from ._checks import check_bool, check_choice, check_float, check_int, check_names, check_topk
 from ._progress import progress
 from .config import Config, atomic_write
 from ._distributed import (all_reduce_gradients, all_reduce_tensors, resolve_process_group,
@@ -465,6 +465,7 @@ def pre_prune(
     if params is None:
         chosen = {n: p for n, p in all_params.items() if p.requires_grad}
     else:
+        params = check_names("params", params)
         missing = [n for n in params if n not in all_params]
         if missing:
             raise ValueError(f"params not in the model: {missing}")

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ._checks import check_int, check_optional_bool
+from ._distributed import resolve_process_group
 from .config import PruneConfig
 from .masks import MaskSet, SparsityReport, build_masks, fitting_targets
 from .patterns import get_pattern
@@ -108,6 +109,8 @@ def prune(
     cfg = make_config(config, fields)
     check_int("n_batches", n_batches, min_value=1, allow_none=True)
     check_optional_bool("show_progress", show_progress)
+    if process_group is not None:
+        resolve_process_group(model, process_group)  # a TypeError for what is not a group
     target = cfg.effective_target()
     if target is None and cfg.topk is None and cfg.threshold is None:
         raise ValueError("prune needs one of sparsity (target_sparsity), topk or threshold")
