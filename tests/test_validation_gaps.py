@@ -213,3 +213,44 @@ def test_a_bool_or_non_int_step_is_a_type_error(step):
                                gp.SparseConfig(density=0.5, include_classifier=True))
     with pytest.raises(TypeError, match="step must be int"):
         trainer.is_update_step(step)
+
+
+# -- YAML: unquoted 2:4 and 5e-1 -----------------------------------------------------------
+
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (3, 8), (4, 8)])
+def test_from_yaml_reads_an_unquoted_nm_pattern_and_exponent_floats(n, m):
+    cfg = gp.PruneConfig.from_yaml(f"pattern: {n}:{m}\ntarget_sparsity: {(m - n) / m * 10:g}e-1\n"
+                                   "min_sparsity: 1e-2\n")
+    assert cfg.pattern == f"{n}:{m}"
+    assert cfg.target_sparsity == pytest.approx((m - n) / m) and cfg.min_sparsity == 0.01
+    assert gp.PruneConfig.from_yaml(cfg.to_yaml()) == cfg
+
+
+def test_a_yaml_1_1_integer_pattern_says_how_to_write_it():
+    yaml = pytest.importorskip("yaml")
+    data = yaml.safe_load("pattern: 2:4")  # what a plain yaml.safe_load gives: 124
+    with pytest.raises(TypeError, match=r'base-60 integer 124; quote it: pattern: "2:4"'):
+        gp.PruneConfig.from_dict(data)
+    with pytest.raises(TypeError, match=r"target_sparsity must be float \(write '5e-1' as the number 0.5"):
+        gp.PruneConfig.from_dict(yaml.safe_load("target_sparsity: 5e-1"))
+
+
+def test_cli_recipe_reads_an_unquoted_nm_pattern(tmp_path, monkeypatch, capsys):
+    import pathlib
+    import shutil
+    import sys
+
+    from gradprune import cli
+
+    recipes = pathlib.Path(__file__).resolve().parents[1] / "examples" / "recipes"
+    shutil.copy(recipes / "tiny.py", tmp_path / "tiny.py")
+    (tmp_path / "r.yaml").write_text(
+        "workflow: prune\nmodel: tiny:make_model\ndata: tiny:make_batches\nloss_fn: tiny:loss_fn\n"
+        "output: out\nn_batches: 2\nprune: {criterion: snip, pattern: 2:4, min_sparsity: 0e-1}\n")
+    try:
+        assert cli.main(["run", str(tmp_path / "r.yaml")]) == 0, capsys.readouterr().err
+    finally:
+        sys.modules.pop("tiny", None)
+    masks = torch.load(tmp_path / "out" / "masks.pt", weights_only=True)
+    for m in masks.values():
+        assert int(m.sum()) * 2 == m.numel()

@@ -53,7 +53,14 @@ def check_float(
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be float, got {_type_name(value)}")
+        hint = ""
+        if isinstance(value, str):
+            try:
+                hint = (f" (write {value!r} as the number {float(value)!r}: YAML 1.1, as in "
+                        "yaml.safe_load, reads 5e-1 without a dot as a string)")
+            except ValueError:
+                pass
+        raise TypeError(f"{name} must be float{hint}, got {_type_name(value)}")
     value = float(value)
     if math.isnan(value):
         raise ValueError(f"{name} must not be NaN, got {value!r}")
