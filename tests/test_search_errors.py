@@ -59,3 +59,17 @@ def test_an_example_input_the_model_cannot_take_names_example_input(bad):
 def test_an_empty_model_is_a_value_error(empty):
     with pytest.raises(ValueError, match="no parameters"):
         st.search(empty, {"flops": "50%"}, [X], loss_fn, "gradnas", X)
+
+
+@pytest.mark.parametrize("method", ["gradnas", "magnitude", "fastnas"])
+def test_show_progress_must_be_a_bool_before_any_work(method):
+    calls = []
+
+    def score(model):
+        calls.append(1)
+        return 0.0
+
+    with pytest.raises(TypeError, match="show_progress must be bool"):
+        st.search(small_cnn(), {"flops": "90%"}, [X], loss_fn, method, X, score_func=score,
+                  show_progress="yes")
+    assert calls == []

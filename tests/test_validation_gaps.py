@@ -254,3 +254,15 @@ def test_cli_recipe_reads_an_unquoted_nm_pattern(tmp_path, monkeypatch, capsys):
     masks = torch.load(tmp_path / "out" / "masks.pt", weights_only=True)
     for m in masks.values():
         assert int(m.sum()) * 2 == m.numel()
+
+
+def test_pre_prune_refuses_a_string_of_params_and_a_non_bool_show_progress():
+    from test_preprune import _data, _loss, _model
+
+    cfg = gp.PrePruneConfig(n_samples=4, topk=3)
+    model = _model()
+    name = next(n for n, _ in model.named_parameters())
+    with pytest.raises(TypeError, match=r"params must be a list of str"):
+        gp.pre_prune(model, _data(n=10), cfg, _loss, params=name)
+    with pytest.raises(TypeError, match="show_progress must be bool"):
+        gp.pre_prune(model, _data(n=10), cfg, _loss, show_progress="yes")

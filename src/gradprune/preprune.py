@@ -60,7 +60,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ._checks import check_bool, check_choice, check_float, check_int, check_names, check_topk
+from ._checks import (check_bool, check_choice, check_float, check_int, check_names, check_optional_bool,
+                      check_topk)
 from ._progress import progress
 from .config import Config, atomic_write
 from ._distributed import (all_reduce_gradients, all_reduce_tensors, resolve_process_group,
@@ -431,6 +432,7 @@ def pre_prune(
         raise TypeError(f"config must be a PrePruneConfig, got {type(config).__name__}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(model, batch, target), got {type(loss_fn).__name__}")
+    check_optional_bool("show_progress", show_progress)
     data = config.dataset if config.dataset is not None else dataset
     if data is None or not isinstance(data, Sequence) or isinstance(data, (str, bytes)):
         raise TypeError(f"dataset must be a sequence of dict items, got {type(data).__name__}")

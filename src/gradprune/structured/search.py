@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from .._checks import check_bool, check_choice, check_int
+from .._checks import check_bool, check_choice, check_int, check_optional_bool
 from .._progress import progress
 from .._table import format_table
 from .export import export_model
@@ -491,6 +491,7 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
     check_bool("per_sample", per_sample)
     check_choice("magnitude_norm", magnitude_norm, ("l1", "l2"))
     check_bool("measure_latency", measure_latency)
+    check_optional_bool("show_progress", show_progress)
     if method in ("gradnas", "taylor", "michel"):
         if data is None:
             raise ValueError(f"data must be an iterable of batches for method={method!r}, got None")
