@@ -127,7 +127,8 @@ def test_valid_values_and_normalisation():
     assert PruneConfig(topk=1.0).topk == 1.0 and isinstance(PruneConfig(topk=1.0).topk, float)
     assert PruneConfig(topk=10**9).topk == 10**9
     assert PruneConfig(threshold=-3).threshold == -3.0
-    assert PruneConfig(threshold=math.inf).threshold == math.inf
+    with pytest.raises(ValueError, match="threshold=inf would prune every weight"):
+        PruneConfig(threshold=math.inf)
     for p in ["1x1", "4x1", "2x2", "1x4", "2:4", "1:4", "channel", "kernel"]:
         assert PruneConfig(pattern=p).pattern == p
     d = PruneConfig()

@@ -17,6 +17,9 @@ __all__ = [
     "check_str_list",
     "check_topk",
     "check_bool",
+    "check_optional_bool",
+    "check_threshold",
+    "check_names",
     "round_half_up",
 ]
 
@@ -50,7 +53,14 @@ def check_float(
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be float, got {_type_name(value)}")
+        hint = ""
+        if isinstance(value, str):
+            try:
+                hint = (f" (write {value!r} as the number {float(value)!r}: YAML 1.1, as in "
+                        "yaml.safe_load, reads 5e-1 without a dot as a string)")
+            except ValueError:
+                pass
+        raise TypeError(f"{name} must be float{hint}, got {_type_name(value)}")
     value = float(value)
     if math.isnan(value):
         raise ValueError(f"{name} must not be NaN, got {value!r}")
@@ -93,6 +103,35 @@ def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be bool, got {_type_name(value)}")
     return value
+
+
+def check_optional_bool(name: str, value: Any):
+    """``None`` or a bool (``"yes"`` and ``1`` are rejected)."""
+    return None if value is None else check_bool(name, value)
+
+
+def check_threshold(name: str, value: Any):
+    """``None`` or a float score threshold; ``+inf`` (it would prune every unit) is refused, as
+    ``sparsity=1.0`` is."""
+    value = check_float(name, value, allow_none=True)
+    if value == math.inf:
+        raise ValueError(f"{name}=inf would prune every weight (refused, as sparsity=1.0 is); "
+                         f"pass a finite threshold, got {value!r}")
+    return value
+
+
+def check_names(name: str, value: Any):
+    """A list of names: a plain string (which would be iterated letter by letter) is refused."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a list of str, got str {value!r}; write [{value!r}]")
+    try:
+        out = list(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a list of str, got {_type_name(value)}") from None
+    for item in out:
+        if not isinstance(item, str):
+            raise TypeError(f"{name} must be a list of str, got an item of type {_type_name(item)}")
+    return out
 
 
 def check_topk(name: str, value: Any):

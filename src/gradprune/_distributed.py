@@ -53,14 +53,16 @@ def resolve_process_group(model: nn.Module, process_group: Any = None):
       ``torch.distributed.group.WORLD``): the module and that group;
     - a plain module without: the module and ``None`` (single process; nothing is communicated).
     """
+    if process_group is not None:  # the type first: a wrong argument is a TypeError everywhere
+        dist = _dist()
+        if not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError("process_group must be a torch.distributed.ProcessGroup (e.g. "
+                            f"torch.distributed.group.WORLD), got {type(process_group).__name__}")
     if is_ddp(model):
         return model.module, (process_group if process_group is not None else model.process_group)
     if process_group is None:
         return model, None
-    dist = _initialized_dist()
-    if not isinstance(process_group, dist.ProcessGroup):
-        raise TypeError("process_group must be a torch.distributed.ProcessGroup (e.g. "
-                        f"torch.distributed.group.WORLD), got {type(process_group).__name__}")
+    _initialized_dist()
     return model, process_group
 
 

@@ -24,11 +24,12 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar
 
-from ._checks import check_bool, check_choice, check_float, check_int, check_str_list, check_topk
+from ._checks import (check_bool, check_choice, check_float, check_int, check_str_list, check_threshold,
+                      check_topk)
 from ._io import atomic_write  # re-exported: gradprune.config.atomic_write
 
 __all__ = ["Config", "PruneConfig", "SCHEDULES", "SCOPES", "ALLOCATIONS", "REDUCTIONS",
-           "parse_pattern", "atomic_write"]
+           "parse_pattern", "atomic_write", "yaml_load"]
 
 SCHEDULES = ("oneshot", "cubic", "exp", "linear", "cos", "cube")
 SCOPES = ("global", "local")
@@ -52,6 +53,12 @@ def parse_pattern(value: Any) -> tuple:
 
     Neural Compressor's ``"N:M"`` meant N *pruned* of M: its ``"1:4"`` is gradprune's ``"3:4"``.
     """
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 60 and 0 < value % 60:
+        n, m = divmod(value, 60)
+        raise TypeError(
+            f"pattern must be str, got int {value}: YAML 1.1 (yaml.safe_load) reads an unquoted "
+            f"{n}:{m} as the base-60 integer {value}; quote it: pattern: \"{n}:{m}\" "
+            "(gradprune's own YAML readers take it unquoted)")
     if not isinstance(value, str):
         raise TypeError(f"pattern must be str, got {type(value).__name__}")
     if value in ("channel", "kernel"):
@@ -158,7 +165,8 @@ class Config:
         if source.endswith((".yaml", ".yml")) or os.path.isfile(source):
             with open(source, encoding="utf-8") as fh:
                 source = fh.read()
-        return cls.from_dict(yaml.safe_load(source) or {})
+        del yaml
+        return cls.from_dict(yaml_load(source) or {})
 
     def replace(self, **changes):
         """A copy with some fields changed (validated like the constructor)."""
@@ -171,6 +179,43 @@ def _import_yaml():
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("YAML support needs PyYAML: pip install 'gradprune[yaml]'") from exc
     return yaml
+
+
+# YAML 1.2 scalars in a safe loader: PyYAML's YAML 1.1 reads an unquoted ``2:4`` as the base-60
+# integer 124 and ``5e-1`` (no dot) as a string; recipes mean the pattern "2:4" and the float 0.5.
+_YAML_INT = r"""^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"""
+_YAML_FLOAT = (r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?"""
+               r"""|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"""
+               r"""|[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?"""
+               r"""|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""")
+_LOADER = None
+
+
+def yaml_load(text_or_stream: Any) -> Any:
+    """``yaml.safe_load`` with YAML 1.2 numbers: ``pattern: 2:4`` stays the string ``"2:4"`` (not
+    the base-60 integer 124) and ``5e-1`` is the float 0.5 (not a string). Never runs code.
+
+    Example:
+        >>> from gradprune.config import yaml_load
+        >>> yaml_load("pattern: 2:4\\nlr: 5e-1\\nsteps: 10")
+        {'pattern': '2:4', 'lr': 0.5, 'steps': 10}
+    """
+    global _LOADER
+    yaml = _import_yaml()
+    if _LOADER is None:
+        class Loader(yaml.SafeLoader):
+            pass
+
+        Loader.yaml_implicit_resolvers = {
+            ch: [(tag, rx) for tag, rx in entries
+                 if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+            for ch, entries in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+        Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(_YAML_INT),
+                                     list("-+0123456789"))
+        Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_YAML_FLOAT),
+                                     list("-+0123456789."))
+        _LOADER = Loader
+    return yaml.load(text_or_stream, Loader=_LOADER)  # a SafeLoader: no Python objects
 
 
 @dataclass(eq=True)
@@ -286,7 +331,7 @@ class PruneConfig(Config):
 
     @staticmethod
     def _validate_threshold(v):
-        return check_float("threshold", v, allow_none=True)
+        return check_threshold("threshold", v)
 
     @staticmethod
     def _validate_initial_sparsity(v):

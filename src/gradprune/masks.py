@@ -32,6 +32,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from ._checks import check_bool, check_names
 from .patterns import NMPattern
 from .targets import find_targets
 
@@ -56,7 +57,7 @@ class MaskSet(Mapping):
         if names is None:
             names = list(find_targets(model))
         else:
-            names = list(names)
+            names = check_names("names", names)
             if not names:
                 raise ValueError("names must list at least one parameter, got []")
         for n in names:  # a weight reparametrized by torch.nn.utils.prune lives in <name>_orig
@@ -307,6 +308,7 @@ class MaskSet(Mapping):
         """Load masks saved by :meth:`state_dict`, validating names, shapes and dtype first."""
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a mapping of name -> bool tensor, got {type(state).__name__}")
+        check_bool("strict", strict)
         if strict:
             missing = sorted(set(self._masks) - set(state))
             unexpected = sorted(set(state) - set(self._masks))

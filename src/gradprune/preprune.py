@@ -72,7 +72,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ._checks import check_bool, check_choice, check_float, check_int, check_topk
+from ._checks import (check_bool, check_choice, check_float, check_int, check_names, check_optional_bool,
+                      check_topk)
 from ._progress import progress
 from ._modes import keeps_modes
 from .config import Config, atomic_write
@@ -681,6 +682,7 @@ def pre_prune(
         raise TypeError(f"config must be a PrePruneConfig, got {type(config).__name__}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(model, batch, target), got {type(loss_fn).__name__}")
+    check_optional_bool("show_progress", show_progress)
     if config.cache_dir is not None and os.path.exists(config.cache_dir) and not os.path.isdir(config.cache_dir):
         raise ValueError(f"cache_dir must be a folder, but {config.cache_dir} is an existing file")
     data = config.dataset if config.dataset is not None else dataset
@@ -717,6 +719,7 @@ def pre_prune(
     if params is None:
         chosen = {n: p for n, p in all_params.items() if p.requires_grad}
     else:
+        params = check_names("params", params)
         missing = [n for n in params if n not in all_params]
         if missing:
             raise ValueError(f"params not in the model: {missing}")

@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from ._checks import check_int, check_optional_bool
+from ._distributed import resolve_process_group
 from .config import PruneConfig
 from ._modes import keeps_modes
 from .masks import MaskSet, SparsityReport, build_masks, fitting_targets
@@ -107,6 +109,10 @@ def prune(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     cfg = make_config(config, fields)
+    check_int("n_batches", n_batches, min_value=1, allow_none=True)
+    check_optional_bool("show_progress", show_progress)
+    if process_group is not None:
+        resolve_process_group(model, process_group)  # a TypeError for what is not a group
     target = cfg.effective_target()
     if target is None and cfg.topk is None and cfg.threshold is None:
         raise ValueError("prune needs one of sparsity (target_sparsity), topk or threshold")

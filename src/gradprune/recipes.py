@@ -46,6 +46,7 @@ from torch import nn
 
 from ._checks import check_choice, check_float, check_int
 from ._io import load_torch, write_file_set
+from .config import yaml_load
 
 __all__ = ["RecipeError", "load_recipe", "run_recipe", "WORKFLOWS", "RECIPE_KEYS", "TRAIN_KEYS"]
 
@@ -109,13 +110,14 @@ def _validate_train(train: dict) -> dict:
 
 
 def load_recipe(path: str, default_workflow: str | None = None) -> dict:
-    """Read (``yaml.safe_load``) and validate a recipe; returns it with config objects built."""
+    """Read (``yaml.safe_load`` with YAML 1.2 numbers, see :func:`gradprune.config.yaml_load`) and
+    validate a recipe; returns it with config objects built."""
     yaml = _yaml()
     if not os.path.isfile(path):
         raise RecipeError(f"config file not found: {path}")
     with open(path, encoding="utf-8") as fh:
         try:
-            recipe = yaml.safe_load(fh)
+            recipe = yaml_load(fh)  # safe_load with YAML 1.2 numbers (2:4 is a pattern, 5e-1 a float)
         except yaml.YAMLError as exc:
             raise RecipeError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     return validate_recipe(recipe, default_workflow=default_workflow)

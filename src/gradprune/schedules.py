@@ -94,6 +94,7 @@ class SparsitySchedule:
 
     def sparsity_for_step(self, step: int) -> float | None:
         """The sparsity to prune to at the end of ``step``, or ``None`` if it is no event."""
+        check_int("step", step, min_value=0)
         k = self._index.get(step)
         return None if k is None else self.sparsity_at_event(k)
 

@@ -16,6 +16,7 @@ Rules, all exact:
   no tensor holding every score is ever built.
 - **Bounds.** ``min_sparsity``/``max_sparsity`` per layer: a layer at a bound is frozen there and
   the rest of the target goes to the others; an infeasible target raises ``ValueError`` first.
+  ``max_sparsity`` is hard: a layer's count rounds down to stay within it (tiny layers included).
 - **Allocation** (local scope): ``uniform``, ``er`` (``(n_in + n_out) / (n_in * n_out)``) or ``erk``
   (``sum(shape) / prod(shape)``) raw densities scaled by one factor so the total matches, clipped to
   the bounds (so density never exceeds 1).
@@ -39,7 +40,7 @@ from typing import Sequence
 
 import torch
 
-from ._checks import check_float, check_topk, round_half_up
+from ._checks import check_threshold, check_topk, round_half_up
 
 __all__ = ["Units", "select", "allocate_densities", "raw_density"]
 
@@ -321,7 +322,7 @@ def select(
     if sparsity is None and topk is None and threshold is None:
         raise ValueError("one of sparsity, topk or threshold must be set")
     check_topk("topk", topk)                  # bool and topk=0 are rejected everywhere
-    check_float("threshold", threshold, allow_none=True)
+    check_threshold("threshold", threshold)
     for u in layers:
         if torch.isnan(u.scores).any():
             raise ValueError(f"scores of {u.name!r} contain NaN")
@@ -338,6 +339,12 @@ def select(
     return out
 
 
+def _units_at_most(cap: float, u: Units) -> int:
+    """The most units of ``u`` whose removal keeps its sparsity <= ``cap``: ``max_sparsity`` is a
+    hard bound, so a tiny layer rounds down (4 weights at 0.98: 3 pruned, never 4)."""
+    return min(u.n, int(math.floor(round(cap * u.scale, 9))))
+
+
 def _select_sparsity(layers, sparsity, scope, allocation, min_s, max_s):
     caps = [min(max_s, u.n / u.scale) for u in layers]
     floors = [min(min_s, c) for c in caps]
@@ -351,8 +358,8 @@ def _select_sparsity(layers, sparsity, scope, allocation, min_s, max_s):
                                       [1.0 - c for c in caps], [1.0 - f for f in floors])
             per_layer = [1.0 - d for d in dens]
         out = {}
-        for u, s in zip(layers, per_layer):
-            k = min(u.n, max(u.n_forced(), round_half_up(s * u.scale)))
+        for u, s, c in zip(layers, per_layer, caps):
+            k = max(u.n_forced(), min(_units_at_most(c, u), round_half_up(s * u.scale)))
             out[u.name] = _prune_lowest(u.scores, k, u.pruned)
         return out
     # global
@@ -361,8 +368,8 @@ def _select_sparsity(layers, sparsity, scope, allocation, min_s, max_s):
     same = len(set(weights)) == 1
     target = round_half_up(sparsity * total_numel / weights[0]) * weights[0] if same \
         else sparsity * total_numel
-    lo_k = [max(u.n_forced(), round_half_up(f * u.scale)) for u, f in zip(layers, floors)]
-    hi_k = [max(u.n_forced(), min(u.n, round_half_up(c * u.scale))) for u, c in zip(layers, caps)]
+    hi_k = [max(u.n_forced(), _units_at_most(c, u)) for u, c in zip(layers, caps)]
+    lo_k = [min(h, max(u.n_forced(), round_half_up(f * u.scale))) for u, f, h in zip(layers, floors, hi_k)]
     low = sum(w * k for w, k in zip(weights, lo_k))
     high = sum(w * k for w, k in zip(weights, hi_k))
     if target > high or target < low:

@@ -523,7 +523,7 @@ class SparseTrainer:
     def is_update_step(self, step: int | None = None) -> bool:
         """Whether optimizer step ``step`` (default: the next one) is a connectivity update."""
         cfg = self.config
-        t = self.step_count if step is None else step
+        t = self.step_count if step is None else check_int("step", step, min_value=0)
         if cfg.update_on == "epoch":
             return self._epoch_update_pending and t < cfg.end_step
         if cfg.decay == "magnitude_prune":
@@ -681,8 +681,11 @@ class SparseTrainer:
 
     def _decay(self) -> float:
         cfg = self.config
-        if callable(cfg.decay):
-            return float(cfg.decay(self.step_count))
+        if callable(cfg.decay):  # checked before anything is dropped
+            value = cfg.decay(self.step_count)
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            return check_float(f"decay({self.step_count})", value, low=0.0, high=1.0)
         return drop_fraction(cfg.decay, self.step_count, alpha=cfg.alpha, t_end=max(1, cfg.end_step),
                              eta_min=cfg.eta_min)
 

@@ -25,13 +25,14 @@ Example:
 from __future__ import annotations
 
 import math
+import operator
 from contextlib import contextmanager
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from .._checks import check_int
+from .._checks import check_int, check_optional_bool
 from .._progress import progress
 from .._distributed import all_reduce_gradients, resolve_process_group, sum_over_ranks
 
@@ -152,15 +153,11 @@ def stream_gradients(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if data is None:
-        raise ValueError("data must be an iterable of batches, got None")
-    try:
-        iterator = iter(data)
-    except TypeError:
-        raise TypeError(f"data must be an iterable of batches, got {type(data).__name__}") from None
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
     check_int("n_batches", n_batches, min_value=1, allow_none=True)
+    check_optional_bool("show_progress", show_progress)
+    iterator = check_data(data, n_batches)
     total = n_batches
     if total is None and hasattr(data, "__len__"):
         total = len(data)
@@ -188,7 +185,11 @@ def stream_gradients(
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise ValueError(f"loss_fn returned a non-finite loss ({value}) on batch {seen}")
+                if not loss.requires_grad or loss.grad_fn is None:
+                    raise ValueError(_NOT_CONNECTED)
                 loss.backward()
+                if seen == 0 and params and all(p.grad is None for p in params.values()):
+                    raise ValueError(_NOT_CONNECTED)
                 if group is not None:
                     all_reduce_gradients(params, group)
                 if on_batch is not None:
@@ -204,6 +205,29 @@ def stream_gradients(
     if seen == 0:
         raise ValueError("data yielded no batches")
     return seen
+
+
+_NOT_CONNECTED = ("loss_fn's result does not depend on the model's parameters (no gradient reaches "
+                  "them): compute the loss from the model's output, e.g. "
+                  "loss_fn(model, batch) = F.cross_entropy(model(x), y), without .detach(), "
+                  ".item() or torch.no_grad()")
+
+
+def check_data(data, n_batches) -> Iterator:
+    """``iter(data)``, refusing ``None``, non-iterables and an iterator with no length (nor length
+    hint: a generator, ``itertools.cycle``) when ``n_batches`` is ``None``: it may never end."""
+    if data is None:
+        raise ValueError("data must be an iterable of batches, got None")
+    try:
+        iterator = iter(data)
+    except TypeError:
+        raise TypeError(f"data must be an iterable of batches, got {type(data).__name__}") from None
+    if n_batches is None and iterator is data and operator.length_hint(data, -1) < 0:
+        raise ValueError(
+            f"data is an iterator ({type(data).__name__}) with no length and n_batches is None: "
+            "it may never end; pass n_batches= (how many batches to score on), or a list or "
+            "DataLoader")
+    return iterator
 
 
 def _agreed_batches(iterator, model, loss_fn, params, group):

@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import re
@@ -47,7 +48,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from .._checks import check_bool, check_choice, check_int
+from .._checks import check_bool, check_choice, check_int, check_optional_bool
 from .._progress import progress
 from .._modes import keeps_modes
 from .._table import format_table
@@ -89,6 +90,11 @@ def parse_constraints(constraints: Any, dense: dict) -> dict:
                             f"{type(value).__name__}")
         elif not (value > 0 and math.isfinite(value)):
             raise ValueError(f"constraints[{key!r}] must be a positive number, got {value!r}")
+        elif key != "latency" and value <= 1:
+            raise ValueError(
+                f"constraints[{key!r}]={value!r} is ambiguous: a number is an absolute count of "
+                f"{key}, not a fraction; for a fraction of the dense model write "
+                f"'{value * 100:g}%', got {value!r}")
         else:
             out[key] = float(value)
     return out
@@ -333,6 +339,78 @@ def _group_choices(analysis: Analysis, rules: SearchRules) -> dict:
     return out
 
 
+def _is_own_error(exc: BaseException) -> bool:
+    """An input error gradprune raised itself (it already names what to change)."""
+    return isinstance(exc, (TypeError, ValueError)) and "example_input" in str(exc)
+
+
+def _describe_input(example_input) -> str:
+    args = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+    return ", ".join(f"shape {tuple(a.shape)}" if isinstance(a, torch.Tensor) else type(a).__name__
+                     for a in args)
+
+
+def _group_blockers(analysis: Analysis, rules: SearchRules, gi: int) -> list:
+    """``(module, rule)`` pairs whose rule leaves group ``gi`` no width below its size."""
+    g = analysis.groups[gi]
+    modules = dict(analysis.model.named_modules())
+    out = []
+    for name, _ in g.owners:
+        rule_type = g.rule_type or (g.handler.rule_type if g.handler is not None else None)
+        rule = rules.rule_for(name, modules[name], rule_type)
+        if rule is None or min(rule.widths(g.size)) >= g.size:
+            out.append((name, rule))
+    return out
+
+
+def _rule_advice(rule, size: int, unit: str) -> str:
+    """What in the rule keeps ``size`` units whole and how to relax it."""
+    if rule is None:
+        return "no rule prunes it (its type or name is excluded in rules=)"
+    names = [f.name for f in dataclasses.fields(rule)]
+    divisor = next((n for n in names if n.endswith("_divisor")), None)
+    ratios = next((n for n in names if n.endswith("_ratio")), None)
+    if divisor is not None:
+        value = getattr(rule, divisor)
+        for k in sorted({2 ** i for i in range(12)} | {value}, reverse=True):
+            if k < value and min(dataclasses.replace(rule, **{divisor: k}).widths(size)) < size:
+                return (f"{divisor}={value} leaves it unprunable ({size} {unit}); "
+                        f"use {divisor}={k} or smaller")
+    if ratios is not None:
+        return (f"{ratios}={list(getattr(rule, ratios))} allows no width below {size} {unit}; "
+                f"add smaller ratios")
+    return f"its rule allows no width below {size} {unit}"
+
+
+def _check_reachable(analysis: Analysis, choices: dict, cost, bounds: dict, rules: SearchRules) -> None:
+    """Raise before any scoring when even the smallest widths the rules allow miss a params or
+    FLOPs bound; name the groups the rules keep whole and what to relax."""
+    smallest = {gi: min(c) for gi, c in choices.items()}
+    p, f = cost.costs(smallest)
+    values = {"params": p, "flops": f}
+    missed = {k: b for k, b in bounds.items() if k != "latency" and values[k] > b}
+    if not missed:
+        return
+    asked = ", ".join(f"{k} <= {b:g}" for k, b in bounds.items())
+    blocked = []
+    for gi, g in enumerate(analysis.groups):
+        if smallest.get(gi, g.size) < g.size:
+            continue
+        for name, rule in _group_blockers(analysis, rules, gi):
+            blocked.append(f"module {name!r} ({g.size} {g.unit}): {_rule_advice(rule, g.size, g.unit)}")
+    if not analysis.groups:
+        detail = " The model has no prunable groups at all (see result.skipped / find_groups(...).skipped)."
+    elif blocked:
+        shown = blocked[:8] + ([f"... and {len(blocked) - 8} more"] if len(blocked) > 8 else [])
+        detail = " Groups the rules keep whole: " + "; ".join(shown) + "."
+    else:
+        detail = (" Every group is already at its smallest allowed width: allow smaller widths "
+                  "(smaller ratios or divisors in rules=) or loosen the constraint.")
+    raise ValueError(f"no subnet meets constraints ({asked}): the smallest reachable are "
+                     f"params={p} ({p / cost.dense_params:.1%}) and flops={f} "
+                     f"({f / max(cost.dense_flops, 1):.1%}) with these rules.{detail}")
+
+
 def _ranking(scores: torch.Tensor, balance: int) -> list:
     """Units sorted by decreasing score (ties: lower index first), per balance chunk."""
     n = scores.numel()
@@ -415,6 +493,7 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
     check_bool("per_sample", per_sample)
     check_choice("magnitude_norm", magnitude_norm, ("l1", "l2"))
     check_bool("measure_latency", measure_latency)
+    check_optional_bool("show_progress", show_progress)
     if method in ("gradnas", "taylor", "michel"):
         if data is None:
             raise ValueError(f"data must be an iterable of batches for method={method!r}, got None")
@@ -432,7 +511,20 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
     from .._distributed import resolve_process_group
 
     model, group = resolve_process_group(model, process_group)
-    analysis = find_groups(model, example_input)
+    if next(model.parameters(), None) is None:
+        raise ValueError(f"model has no parameters: there is nothing to search over "
+                         f"(got an empty {type(model).__name__})")
+    try:
+        analysis = find_groups(model, example_input)
+        cost = CostModel(analysis, example_input)
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        if _is_own_error(exc):
+            raise
+        raise ValueError(f"example_input does not fit the model: running "
+                         f"{type(model).__name__} on example_input "
+                         f"({_describe_input(example_input)}) failed with "
+                         f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                         ) from exc
     fams = {}
     if uniform:
         from .hf import FAMILIES, families, uniform_width_ok
@@ -440,7 +532,6 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
         if not fams:
             raise ValueError("uniform=True needs a Hugging Face model of a supported family "
                              f"({', '.join(FAMILIES)})")
-    cost = CostModel(analysis, example_input)
     dense = {"params": cost.dense_params, "flops": cost.dense_flops}
     probe = lat_frac = None
     if "latency" in constraints:
@@ -456,6 +547,8 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
         common = common or {analysis.groups[gis[0]].size}
         for gi in gis:
             choices[gi] = tuple(sorted(common))
+
+    _check_reachable(analysis, choices, cost, bounds, rules)  # from the rules alone, before scoring
 
     batches, summary = 0, {}
     if method in ("gradnas", "taylor", "michel"):
