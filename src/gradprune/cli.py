@@ -29,12 +29,14 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
 from typing import Sequence
 
 from ._io import load_json
-from .recipes import RECIPE_KEYS, WORKFLOWS, RecipeError, load_recipe, resolve, run_recipe
+from .recipes import RECIPE_KEYS, WORKFLOWS, RecipeError, _run_recipe, load_recipe, resolve
 
 __all__ = ["main"]
 
@@ -76,7 +78,28 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run_recipe_file(path: str, default_workflow: str | None) -> None:
     recipe = load_recipe(path, default_workflow=default_workflow)
-    run_recipe(recipe, base_dir=os.path.dirname(os.path.abspath(path)))
+    _report_dict, text, out, files = _run_recipe(recipe, base_dir=os.path.dirname(os.path.abspath(path)))
+    print(text)
+    print(f"wrote {', '.join(os.path.join(out, f) for f in files)}")
+
+
+@contextlib.contextmanager
+def _logging_to_stderr(debug: bool):
+    """The command's log records go to standard error, one message a line, around any bars."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    log = logging.getLogger("gradprune")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    try:
+        with logging_redirect_tqdm(loggers=[log]):
+            yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 def _report(args) -> None:
@@ -106,6 +129,36 @@ def _report(args) -> None:
         print(f"wrote {args.json}")
 
 
+def _demo(args) -> None:
+    import torch
+
+    from .demo import format_summary, run_demo
+
+    # this process is ours: one intra-op thread runs these tiny convolutions as fast as
+    # two on an idle 2-core machine, and far faster when the cores are shared
+    torch.set_num_threads(1)
+
+    if args.seed < 0:
+        raise RecipeError(f"--seed must be >= 0, got {args.seed}")
+    if args.quick:
+        summary = run_demo(args.out, criteria=("magnitude", "snip", "random"), sparsities=(0.5, 0.9),
+                           epochs=6, seed=args.seed)
+    else:
+        summary = run_demo(args.out, seed=args.seed)
+    print(format_summary(summary))
+
+
+def _command(args) -> None:
+    if args.command == "demo":
+        _demo(args)
+    elif args.command == "prune":
+        _run_recipe_file(args.config, default_workflow="prune")
+    elif args.command == "run":
+        _run_recipe_file(args.recipe, default_workflow=None)
+    elif args.command == "report":
+        _report(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -113,28 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        if args.command == "demo":
-            import torch
-
-            from .demo import run_demo
-
-            # this process is ours: one intra-op thread runs these tiny convolutions as fast as
-            # two on an idle 2-core machine, and far faster when the cores are shared
-            torch.set_num_threads(1)
-
-            if args.seed < 0:
-                raise RecipeError(f"--seed must be >= 0, got {args.seed}")
-            if args.quick:
-                run_demo(args.out, criteria=("magnitude", "snip", "random"), sparsities=(0.5, 0.9),
-                         epochs=6, seed=args.seed)
-            else:
-                run_demo(args.out, seed=args.seed)
-        elif args.command == "prune":
-            _run_recipe_file(args.config, default_workflow="prune")
-        elif args.command == "run":
-            _run_recipe_file(args.recipe, default_workflow=None)
-        elif args.command == "report":
-            _report(args)
+        with _logging_to_stderr(args.debug):
+            _command(args)
         return 0
     except KeyboardInterrupt:
         print("gradprune: interrupted", file=sys.stderr)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import time
 from typing import Sequence
@@ -31,6 +32,8 @@ from torch import nn
 from .config import atomic_write, parse_pattern
 from .prune import prune
 from ._progress import progress
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["run_demo", "make_cnn", "load_digits_tensors", "DEFAULT_CRITERIA", "DEFAULT_PATTERNS",
            "DEFAULT_SPARSITIES"]
@@ -124,7 +127,7 @@ def run_demo(
     dense = _train(make_cnn(), x_tr, y_tr, epochs, 1e-2, seed)
     dense_acc = _accuracy(dense, x_te, y_te)
     if verbose:
-        print(f"dense CNN: test accuracy {dense_acc:.4f} ({len(y_tr)} train / {len(y_te)} test digits)")
+        logger.info("dense CNN: test accuracy %.4f (%d train / %d test digits)", dense_acc, len(y_tr), len(y_te))
 
     calib = _batches(x_tr, y_tr, 64, seed + 12345)
     runs = [(c, p, s) for c in criteria for p, s in _grid(patterns, sparsities)]
@@ -164,7 +167,6 @@ def run_demo(
                    "seed": seed},
         "seconds": round(time.perf_counter() - start, 2),
     }
-    table = format_results(summary)
 
     def write_json(tmp):
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -178,12 +180,17 @@ def run_demo(
     plot = _plot(summary, os.path.join(out_dir, "accuracy_vs_sparsity.png"))
     summary["files"] = [os.path.join(out_dir, f) for f in ("results.json", "best_model.pt")] + (
         [plot] if plot else [])
-    if verbose:
-        print(table)
-        print(f"best: {best[0]['criterion']} {best[0]['pattern']} at sparsity "
-              f"{best[0]['sparsity']:.4f}: accuracy {best[0]['accuracy']:.4f}")
-        print(f"wrote {', '.join(summary['files'])} in {summary['seconds']:.1f}s")
     return summary
+
+
+def format_summary(summary: dict) -> str:
+    """What ``gradprune demo`` prints: the accuracy table, the best run and the files written."""
+    best = summary["best"]
+    return "\n".join([
+        format_results(summary),
+        f"best: {best['criterion']} {best['pattern']} at sparsity {best['sparsity']:.4f}: "
+        f"accuracy {best['accuracy']:.4f}",
+        f"wrote {', '.join(summary['files'])} in {summary['seconds']:.1f}s"])
 
 
 def format_results(summary: dict) -> str:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import json
+import logging
 import os
 import sys
 from typing import Any
@@ -46,6 +47,8 @@ from torch import nn
 
 from ._checks import check_choice, check_float, check_int
 from ._io import load_torch, write_file_set
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["RecipeError", "load_recipe", "run_recipe", "WORKFLOWS", "RECIPE_KEYS", "TRAIN_KEYS"]
 
@@ -242,7 +245,20 @@ def _json_writer(obj: dict):
 
 
 def run_recipe(recipe: dict, base_dir: str = ".", verbose: bool = True) -> dict:
-    """Run a validated recipe; returns its report (also written to ``output/report.json``)."""
+    """Run a validated recipe; returns its report (also written to ``output/report.json``).
+
+    The report's text and the files written are logged (``logging``, logger ``gradprune.recipes``)
+    when ``verbose``.
+    """
+    report, text, out, files = _run_recipe(recipe, base_dir)
+    if verbose:
+        logger.info("%s", text)
+        logger.info("wrote %s", ", ".join(os.path.join(out, f) for f in files))
+    return report
+
+
+def _run_recipe(recipe: dict, base_dir: str) -> tuple[dict, str, str, list[str]]:
+    """Run a validated recipe: ``(report, report text, output folder, files written there)``."""
     workflow = recipe["workflow"]
     model, data, loss_fn = _build(recipe, base_dir)
     out = os.path.join(base_dir, recipe.get("output") or "gradprune-out")
@@ -311,7 +327,4 @@ def run_recipe(recipe: dict, base_dir: str = ".", verbose: bool = True) -> dict:
         write_file_set(out, {"selection.pt": lambda t: torch.save(
             {"indices": sel.indices, "masks": sel.masks.state_dict()}, t), "report.json": _json_writer(report)})
         files = ["selection.pt", "report.json"]
-    if verbose:
-        print(text)
-        print(f"wrote {', '.join(os.path.join(out, f) for f in files)}")
-    return report
+    return report, text, out, files
