@@ -113,3 +113,73 @@ def test_command_log_lines_do_not_break_bars(recipes, monkeypatch, capsys):
     assert len(lines) == 4  # every log record arrives, once ...
     assert all(line.split("\r")[-1] == "LOGLINE" for line in lines)  # ... on a line of its own
     assert "overall sparsity" in capsys.readouterr().out  # the command's result, on stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# commands do what their help says
+
+GRADUAL = """\
+workflow: gradual
+prune: {criterion: magnitude, target_sparsity: 0.5, end_step: 4, frequency: 2}
+train: {steps: 4}
+"""
+
+
+def test_prune_command_runs_one_shot_only(recipes, capsys):
+    path = _recipe(recipes, "gradual.yaml", GRADUAL)
+    assert cli.main(["prune", "--config", path]) == 2
+    err = capsys.readouterr().err
+    assert "'gradual' recipe" in err and "gradprune run" in err
+    assert sorted(p.name for p in recipes.iterdir() if p.is_dir() and p.name != "__pycache__") == []
+    with pytest.raises(SystemExit):
+        cli.main(["prune", "--help"])
+    assert "workflow: prune" in capsys.readouterr().out  # the help says so
+    assert cli.main(["run", path]) == 0  # `run` is the command for it
+
+
+@pytest.mark.parametrize("workflow", ["prune", "gradual"])
+def test_default_output_folders_are_distinct_per_recipe(recipes, capsys, workflow):
+    body = GRADUAL if workflow == "gradual" else "workflow: prune\nprune: {sparsity: 0.5}\n"
+    for name in ("a.yaml", "b.yaml"):
+        assert cli.main(["run", _recipe(recipes, name, body)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    for name in ("a", "b"):
+        folder = recipes / f"{name}-out"
+        assert sorted(p.name for p in folder.iterdir()) == ["masks.pt", "pruned_model.pt", "report.json"]
+        assert str(folder) in out  # the output names the folder
+    assert not (recipes / "gradprune-out").exists()
+
+
+def test_second_run_is_refused_before_any_work_unless_overwrite(recipes, capsys, monkeypatch):
+    path = _recipe(recipes, "one.yaml", "workflow: prune\noutput: results\nprune: {sparsity: 0.5}\n")
+    assert cli.main(["prune", "--config", path]) == 0
+    folder = recipes / "results"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    capsys.readouterr()
+
+    import firstuse_mod
+
+    make_model = firstuse_mod.make_model
+
+    def no_work():
+        raise AssertionError("the model was built although the run is refused")
+
+    monkeypatch.setattr(firstuse_mod, "make_model", no_work)
+    for argv in (["prune", "--config", path], ["run", path]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert str(folder) in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    monkeypatch.setattr(firstuse_mod, "make_model", make_model)
+    assert cli.main(["prune", "--config", path, "--overwrite"]) == 0
+
+
+def test_sparse_recipe_needs_train(recipes, capsys):
+    path = _recipe(recipes, "s.yaml", "workflow: sparse\nsparse: {preset: rigl, density: 0.5}\n")
+    assert cli.main(["run", path]) == 2
+    assert "train" in capsys.readouterr().err
+    assert not (recipes / "s-out").exists()
+    from gradprune.recipes import RecipeError, validate_recipe
+
+    with pytest.raises(RecipeError, match="train"):
+        validate_recipe({"workflow": "sparse", "model": "firstuse_mod:make_model"})

@@ -5,7 +5,7 @@ Examples::
     gradprune demo                         # digits CNN: criteria x patterns x sparsities
     gradprune demo --quick --out /tmp/d    # a smaller grid
     gradprune run recipe.yaml              # any workflow from a YAML recipe (see gradprune.recipes)
-    gradprune prune --config recipe.yaml   # one-shot pruning (a recipe whose workflow defaults to prune)
+    gradprune prune --config recipe.yaml   # one-shot pruning (a recipe of workflow prune, the default)
     gradprune report pruned_model.pt       # per-layer sparsity, params (and FLOPs), a PNG plot
 
 A one-shot recipe (YAML, read with ``yaml.safe_load``)::
@@ -16,6 +16,8 @@ A one-shot recipe (YAML, read with ``yaml.safe_load``)::
     loss_fn: mypkg.data:loss_fn        # loss_fn(model, batch) -> scalar loss (if scores need data)
     n_batches: 16                      # optional
     output: pruned-out                 # folder for pruned_model.pt, masks.pt, report.json
+                                       # (default: <recipe name>-out; an earlier run there is
+                                       # kept unless --overwrite)
     prune:                             # PruneConfig fields (sparsity = target_sparsity)
       sparsity: 0.9
       criterion: snip
@@ -62,10 +64,18 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="gradprune-out", help="output folder (default: gradprune-out)")
     d.add_argument("--quick", action="store_true", help="fewer criteria, sparsities and epochs")
     d.add_argument("--seed", type=int, default=0)
-    r = sub.add_parser("prune", help="one-shot pruning from a YAML recipe")
-    r.add_argument("--config", required=True, help="recipe.yaml")
-    run = sub.add_parser("run", help="run a YAML recipe of any workflow")
+    r = sub.add_parser("prune", help="one-shot pruning from a YAML recipe (workflow: prune)",
+                       description="One-shot pruning from a YAML recipe. The recipe's workflow must be "
+                                   "'prune' (the default when it names none); run other workflows "
+                                   "with `gradprune run`.")
+    r.add_argument("--config", required=True, help="recipe.yaml (workflow: prune)")
+    run = sub.add_parser("run", help="run a YAML recipe of any workflow",
+                         description="Run a YAML recipe of any workflow: " + ", ".join(WORKFLOWS) + ".")
     run.add_argument("recipe", help="recipe.yaml")
+    for cmd in (r, run):
+        cmd.add_argument("--overwrite", action="store_true",
+                         help="replace an earlier run in the output folder (default: refuse). The folder "
+                              "is the recipe's output:, else <recipe name>-out next to the recipe")
     rep = sub.add_parser("report", help="per-layer sparsity/params/FLOPs of a checkpoint, and a plot")
     rep.add_argument("checkpoint", help="a state dict (or a dict with 'model' and 'masks') saved by torch.save")
     rep.add_argument("--model", help="package.module:factory, to count FLOPs")
@@ -76,11 +86,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run_recipe_file(path: str, default_workflow: str | None) -> None:
+def _run_recipe_file(path: str, default_workflow: str | None, overwrite: bool, only: str | None = None) -> None:
     recipe = load_recipe(path, default_workflow=default_workflow)
-    _report_dict, text, out, files = _run_recipe(recipe, base_dir=os.path.dirname(os.path.abspath(path)))
+    if only is not None and recipe["workflow"] != only:
+        raise RecipeError(f"{path} is a {recipe['workflow']!r} recipe; `gradprune prune` runs one-shot "
+                          f"pruning (workflow: prune) only: use `gradprune run {path}`")
+    _report_dict, text, out, files = _run_recipe(recipe, os.path.dirname(os.path.abspath(path)), overwrite)
     print(text)
-    print(f"wrote {', '.join(os.path.join(out, f) for f in files)}")
+    print(f"wrote {', '.join(files)} to {out}")
 
 
 @contextlib.contextmanager
@@ -152,9 +165,9 @@ def _command(args) -> None:
     if args.command == "demo":
         _demo(args)
     elif args.command == "prune":
-        _run_recipe_file(args.config, default_workflow="prune")
+        _run_recipe_file(args.config, default_workflow="prune", overwrite=args.overwrite, only="prune")
     elif args.command == "run":
-        _run_recipe_file(args.recipe, default_workflow=None)
+        _run_recipe_file(args.recipe, default_workflow=None, overwrite=args.overwrite)
     elif args.command == "report":
         _report(args)
 
