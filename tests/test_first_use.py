@@ -183,3 +183,44 @@ def test_sparse_recipe_needs_train(recipes, capsys):
 
     with pytest.raises(RecipeError, match="train"):
         validate_recipe({"workflow": "sparse", "model": "firstuse_mod:make_model"})
+
+
+# ---------------------------------------------------------------------------------------------
+# a fair demo
+
+
+def test_demo_dense_baseline_gets_the_same_extra_steps(tmp_path, monkeypatch):
+    from gradprune.demo import format_summary, run_demo
+
+    calls = []
+    step = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: (calls.append(1), step(self, *a, **k))[1])
+    res = run_demo(str(tmp_path), criteria=("magnitude", "random"), patterns=("1x1",), sparsities=(0.5,),
+                   epochs=1, finetune_epochs=2, verbose=False)
+    steps = res["steps"]
+    per_epoch = steps["pretrain"]
+    assert per_epoch > 0 and steps["dense_finetune"] == 2 * per_epoch
+    assert [r["finetune_steps"] for r in res["runs"]] == [steps["dense_finetune"]] * 2
+    assert steps["finetune"] == steps["dense_finetune"]
+    # every optimizer step taken is accounted for: pretraining, the dense baseline's extra steps, runs
+    assert len(calls) == steps["pretrain"] + steps["dense_finetune"] + 2 * steps["finetune"]
+    text = format_summary(res)
+    assert "highest target sparsity" in text and "most accurate" in text  # what "best" means
+    assert f"the same {steps['dense_finetune']} extra steps" in text
+    assert res["best"]["rule"] in text
+
+
+def test_every_command_option_is_described():
+    parser = cli._parser()
+    sub = next(a for a in parser._actions if a.choices and "demo" in a.choices)
+    for name, command in [("gradprune", parser)] + sorted(sub.choices.items()):
+        for action in command._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+    assert "--version" in parser.format_help()
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"gradprune {gp.__version__}"
