@@ -269,9 +269,9 @@ def run_recipe(recipe: dict, base_dir: str = ".", verbose: bool = True, overwrit
 
 
 _OUTPUTS = {"prune": ("pruned_model.pt", "masks.pt", "report.json"),
-           "gradual": ("pruned_model.pt", "masks.pt", "report.json"),
-           "sparse": ("pruned_model.pt", "masks.pt", "report.json"),
-           "search": ("pruned", "report.json"), "preprune": ("selection.pt", "report.json")}
+            "gradual": ("pruned_model.pt", "masks.pt", "report.json"),
+            "sparse": ("pruned_model.pt", "masks.pt", "report.json"),
+            "search": ("pruned", "report.json"), "preprune": ("selection.pt", "report.json")}
 
 
 def _output_folder(recipe: dict, base_dir: str = ".") -> str:
