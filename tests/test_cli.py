@@ -83,7 +83,7 @@ def test_bad_recipes_give_one_line_errors(recipe_dir, capsys, body, needle):
     assert err.startswith("gradprune: error:")
     assert needle in err
     assert len(err.splitlines()) == 1
-    assert not (recipe_dir / "gradprune-out").exists()  # nothing written on failure
+    assert not (recipe_dir / "bad-out").exists()  # nothing written on failure
 
 
 def test_missing_config_file(capsys):

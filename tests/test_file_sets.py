@@ -174,7 +174,7 @@ def test_recipe_outputs_are_one_set(tmp_path, monkeypatch, capsys):
             fh.write(b"new and different")
 
     monkeypatch.setattr(torch, "save", second_fails)
-    assert cli.main(["run", str(tmp_path / "r.yaml")]) != 0
+    assert cli.main(["run", str(tmp_path / "r.yaml"), "--overwrite"]) != 0
     assert "disk full" in capsys.readouterr().err
     monkeypatch.setattr(torch, "save", real)
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before

@@ -71,7 +71,7 @@ def test_bad_recipes_fail_in_one_line_before_running(recipe_dir, capsys, body, n
     err = capsys.readouterr().err.strip()
     assert err.startswith("gradprune: error:") and len(err.splitlines()) == 1
     assert needle in err
-    assert not (recipe_dir / "gradprune-out").exists()
+    assert not (recipe_dir / "bad-out").exists()
 
 
 def test_report_command(recipe_dir, capsys):

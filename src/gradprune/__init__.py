@@ -9,6 +9,8 @@ target, one-shot or gradually inside your training loop, and keep them at zero.
     ['magnitude', 'gradient', 'snip', 'taylor']
 """
 
+import logging as _logging
+
 from .config import PruneConfig
 from .masks import MaskSet, SparsityReport
 from .patterns import get_pattern
@@ -36,3 +38,6 @@ __all__ = [
     "list_criteria", "register_criterion", "stream_gradients", "find_targets", "__version__",
 ]
 __all__ += ["search", "SearchResult", "find_groups", "save_pruned", "load_pruned"]
+
+# a library logs and lets the application decide where records go (the `gradprune` command does)
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())

@@ -1,74 +1,39 @@
-"""A dependency-free progress bar (uses ``tqdm`` when it is installed).
+"""Progress bars: ``tqdm``, shown only where someone is watching.
 
-``enable=None`` shows the bar only when standard error is a terminal, so logs and tests stay clean.
+``enable=None`` shows the bar only when standard error is a terminal (tqdm's own ``disable=None``
+rule), so logs, pipes and tests stay clean; ``enable=False`` never shows it; ``enable=True`` always
+does. The bar is removed when it closes (``leave=False``). Log records do not break a bar when the
+application wraps its work in :func:`tqdm.contrib.logging.logging_redirect_tqdm` (the ``gradprune``
+command does).
+
+Example:
+    >>> import io
+    >>> class Terminal(io.StringIO):
+    ...     def isatty(self):
+    ...         return True
+    >>> screen = Terminal()
+    >>> with progress(total=3, desc="scores", file=screen) as bar:
+    ...     for _ in range(3):
+    ...         bar.update(1)
+    >>> "scores" in screen.getvalue()
+    True
+    >>> quiet = io.StringIO()  # not a terminal: nothing is drawn
+    >>> with progress(total=3, desc="scores", file=quiet) as bar:
+    ...     bar.update(3)
+    >>> quiet.getvalue()
+    ''
 """
 
 from __future__ import annotations
 
 import sys
-import time
+
+from tqdm.auto import tqdm
 
 __all__ = ["progress"]
 
 
-class _Bar:
-    def __init__(self, total, desc, stream):
-        self.total, self.desc, self.stream = total, desc, stream
-        self.n = 0
-        self._last = 0.0
-        self._start = time.perf_counter()
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        now = time.perf_counter()
-        if now - self._last >= 0.1 or (self.total is not None and self.n >= self.total):
-            self._last = now
-            self._draw(now)
-
-    def _draw(self, now):
-        elapsed = now - self._start
-        if self.total:
-            frac = min(self.n / self.total, 1.0)
-            filled = int(24 * frac)
-            bar = "#" * filled + "-" * (24 - filled)
-            text = f"\r{self.desc}: [{bar}] {self.n}/{self.total} {elapsed:5.1f}s"
-        else:
-            text = f"\r{self.desc}: {self.n} {elapsed:5.1f}s"
-        self.stream.write(text)
-        self.stream.flush()
-
-    def set_description(self, desc: str) -> None:
-        self.desc = desc
-
-    def close(self) -> None:
-        if self.n:
-            self._draw(time.perf_counter())
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-class _Null:
-    n = 0
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-
-    def set_description(self, desc: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def progress(total: int | None = None, desc: str = "", enable: bool | None = None):
-    """Return a bar with ``update(n)``, ``set_description(s)`` and ``close()``."""
-    stream = sys.stderr
-    if enable is None:
-        enable = hasattr(stream, "isatty") and stream.isatty()
-    if not enable:
-        return _Null()
-    try:
-        from tqdm.auto import tqdm  # optional
-        return tqdm(total=total, desc=desc, leave=False, file=stream)
-    except ImportError:
-        return _Bar(total, desc, stream)
+def progress(total: int | None = None, desc: str = "", enable: bool | None = None, file=None) -> tqdm:
+    """A ``tqdm`` bar on ``file`` (default: standard error at call time); see the module docs."""
+    return tqdm(total=total, desc=desc, leave=False, file=file if file is not None else sys.stderr,
+                disable=None if enable is None else not enable, dynamic_ncols=True)

@@ -5,7 +5,7 @@ Examples::
     gradprune demo                         # digits CNN: criteria x patterns x sparsities
     gradprune demo --quick --out /tmp/d    # a smaller grid
     gradprune run recipe.yaml              # any workflow from a YAML recipe (see gradprune.recipes)
-    gradprune prune --config recipe.yaml   # one-shot pruning (a recipe whose workflow defaults to prune)
+    gradprune prune --config recipe.yaml   # one-shot pruning (a recipe of workflow prune, the default)
     gradprune report pruned_model.pt       # per-layer sparsity, params (and FLOPs), a PNG plot
 
 A one-shot recipe (YAML, read with ``yaml.safe_load``)::
@@ -16,6 +16,8 @@ A one-shot recipe (YAML, read with ``yaml.safe_load``)::
     loss_fn: mypkg.data:loss_fn        # loss_fn(model, batch) -> scalar loss (if scores need data)
     n_batches: 16                      # optional
     output: pruned-out                 # folder for pruned_model.pt, masks.pt, report.json
+                                       # (default: <recipe name>-out; an earlier run there is
+                                       # kept unless --overwrite)
     prune:                             # PruneConfig fields (sparsity = target_sparsity)
       sparsity: 0.9
       criterion: snip
@@ -29,14 +31,20 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
 from typing import Sequence
 
+from . import __version__
 from ._io import load_json
-from .recipes import RECIPE_KEYS, WORKFLOWS, RecipeError, load_recipe, resolve, run_recipe
+from .recipes import RECIPE_KEYS, WORKFLOWS, RecipeError, _run_recipe, load_recipe, resolve
 
 __all__ = ["main"]
+
+# `gradprune demo --quick`: its help is written from these
+QUICK = {"criteria": ("magnitude", "snip", "random"), "sparsities": (0.5, 0.9), "epochs": 6}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,16 +62,37 @@ def _parser() -> argparse.ArgumentParser:
             "\nrecipe keys: " + ", ".join(RECIPE_KEYS) + " (see `python -m pydoc gradprune.recipes`)"
         ),
     )
-    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    d = sub.add_parser("demo", help="prune a small CNN on scikit-learn's digits, print a table")
-    d.add_argument("--out", default="gradprune-out", help="output folder (default: gradprune-out)")
-    d.add_argument("--quick", action="store_true", help="fewer criteria, sparsities and epochs")
-    d.add_argument("--seed", type=int, default=0)
-    r = sub.add_parser("prune", help="one-shot pruning from a YAML recipe")
-    r.add_argument("--config", required=True, help="recipe.yaml")
-    run = sub.add_parser("run", help="run a YAML recipe of any workflow")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors, and debug log lines")
+    p.add_argument("--version", action="version", version=f"gradprune {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", help="one of:")
+    d = sub.add_parser(
+        "demo", help="prune a small CNN on scikit-learn's digits, print a table",
+        description="Train a small CNN on scikit-learn's digits, prune copies of it one-shot with "
+                    "every criterion x pattern x sparsity, fine-tune each with its masks enforced, and "
+                    "print test accuracy. The dense baseline is trained for the same extra steps as the "
+                    "fine-tuning, so the comparison is fair. Writes results.json, "
+                    "accuracy_vs_sparsity.png and best_model.pt (the most accurate after fine-tuning "
+                    "among the runs at the highest target sparsity). Needs gradprune[demo].")
+    d.add_argument("--out", default="gradprune-out",
+                   help="output folder; files there are replaced (default: gradprune-out)")
+    d.add_argument("--quick", action="store_true",
+                   help=f"a smaller grid: criteria {', '.join(QUICK['criteria'])}; sparsities "
+                        f"{', '.join(f'{s:.0%}' for s in QUICK['sparsities'])}; every pattern; "
+                        f"{QUICK['epochs']} training epochs instead of 15".replace("%", "%%"))
+    d.add_argument("--seed", type=int, default=0,
+                   help="seed of the data split, initialisation, batches and scores (default: 0)")
+    r = sub.add_parser("prune", help="one-shot pruning from a YAML recipe (workflow: prune)",
+                       description="One-shot pruning from a YAML recipe. The recipe's workflow must be "
+                                   "'prune' (the default when it names none); run other workflows "
+                                   "with `gradprune run`.")
+    r.add_argument("--config", required=True, help="recipe.yaml (workflow: prune)")
+    run = sub.add_parser("run", help="run a YAML recipe of any workflow",
+                         description="Run a YAML recipe of any workflow: " + ", ".join(WORKFLOWS) + ".")
     run.add_argument("recipe", help="recipe.yaml")
+    for cmd in (r, run):
+        cmd.add_argument("--overwrite", action="store_true",
+                         help="replace an earlier run in the output folder (default: refuse). The folder "
+                              "is the recipe's output:, else <recipe name>-out next to the recipe")
     rep = sub.add_parser("report", help="per-layer sparsity/params/FLOPs of a checkpoint, and a plot")
     rep.add_argument("checkpoint", help="a state dict (or a dict with 'model' and 'masks') saved by torch.save")
     rep.add_argument("--model", help="package.module:factory, to count FLOPs")
@@ -74,9 +103,33 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run_recipe_file(path: str, default_workflow: str | None) -> None:
+def _run_recipe_file(path: str, default_workflow: str | None, overwrite: bool, only: str | None = None) -> None:
     recipe = load_recipe(path, default_workflow=default_workflow)
-    run_recipe(recipe, base_dir=os.path.dirname(os.path.abspath(path)))
+    if only is not None and recipe["workflow"] != only:
+        raise RecipeError(f"{path} is a {recipe['workflow']!r} recipe; `gradprune prune` runs one-shot "
+                          f"pruning (workflow: prune) only: use `gradprune run {path}`")
+    _report_dict, text, out, files = _run_recipe(recipe, os.path.dirname(os.path.abspath(path)), overwrite)
+    print(text)
+    print(f"wrote {', '.join(files)} to {out}")
+
+
+@contextlib.contextmanager
+def _logging_to_stderr(debug: bool):
+    """The command's log records go to standard error, one message a line, around any bars."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    log = logging.getLogger("gradprune")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    try:
+        with logging_redirect_tqdm(loggers=[log]):
+            yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 def _report(args) -> None:
@@ -106,6 +159,35 @@ def _report(args) -> None:
         print(f"wrote {args.json}")
 
 
+def _demo(args) -> None:
+    import torch
+
+    from .demo import format_summary, run_demo
+
+    # this process is ours: one intra-op thread runs these tiny convolutions as fast as
+    # two on an idle 2-core machine, and far faster when the cores are shared
+    torch.set_num_threads(1)
+
+    if args.seed < 0:
+        raise RecipeError(f"--seed must be >= 0, got {args.seed}")
+    if args.quick:
+        summary = run_demo(args.out, seed=args.seed, **QUICK)
+    else:
+        summary = run_demo(args.out, seed=args.seed)
+    print(format_summary(summary))
+
+
+def _command(args) -> None:
+    if args.command == "demo":
+        _demo(args)
+    elif args.command == "prune":
+        _run_recipe_file(args.config, default_workflow="prune", overwrite=args.overwrite, only="prune")
+    elif args.command == "run":
+        _run_recipe_file(args.recipe, default_workflow=None, overwrite=args.overwrite)
+    elif args.command == "report":
+        _report(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -113,28 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        if args.command == "demo":
-            import torch
-
-            from .demo import run_demo
-
-            # this process is ours: one intra-op thread runs these tiny convolutions as fast as
-            # two on an idle 2-core machine, and far faster when the cores are shared
-            torch.set_num_threads(1)
-
-            if args.seed < 0:
-                raise RecipeError(f"--seed must be >= 0, got {args.seed}")
-            if args.quick:
-                run_demo(args.out, criteria=("magnitude", "snip", "random"), sparsities=(0.5, 0.9),
-                         epochs=6, seed=args.seed)
-            else:
-                run_demo(args.out, seed=args.seed)
-        elif args.command == "prune":
-            _run_recipe_file(args.config, default_workflow="prune")
-        elif args.command == "run":
-            _run_recipe_file(args.recipe, default_workflow=None)
-        elif args.command == "report":
-            _report(args)
+        with _logging_to_stderr(args.debug):
+            _command(args)
         return 0
     except KeyboardInterrupt:
         print("gradprune: interrupted", file=sys.stderr)

@@ -4,7 +4,9 @@ A recipe names its ``workflow`` and where the model, data and loss come from
 (``package.module:name``; a callable is called with no arguments), plus one section for the
 workflow. Every section is validated with the same errors as the Python configs (unknown keys list
 the valid ones) *before* anything runs; outputs are written to ``output`` as one set (a failure
-leaves the previous set as it was).
+leaves the previous set as it was). ``output`` defaults to ``<recipe file name>-out`` next to the
+recipe (``gradual.yaml`` -> ``gradual-out/``); an earlier run there is refused before any work
+unless ``--overwrite`` is given.
 
 =============== ============================================ ======================================
 workflow         section                                      writes
@@ -37,6 +39,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import json
+import logging
 import os
 import sys
 from typing import Any
@@ -47,6 +50,8 @@ from torch import nn
 from ._checks import check_choice, check_float, check_int
 from ._io import load_torch, write_file_set
 from .config import yaml_load
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["RecipeError", "load_recipe", "run_recipe", "WORKFLOWS", "RECIPE_KEYS", "TRAIN_KEYS"]
 
@@ -120,7 +125,10 @@ def load_recipe(path: str, default_workflow: str | None = None) -> dict:
             recipe = yaml_load(fh)  # safe_load with YAML 1.2 numbers (2:4 is a pattern, 5e-1 a float)
         except yaml.YAMLError as exc:
             raise RecipeError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    return validate_recipe(recipe, default_workflow=default_workflow)
+    recipe = validate_recipe(recipe, default_workflow=default_workflow)
+    if not recipe.get("output"):  # each recipe file its own folder, next to it: gradual.yaml -> gradual-out
+        recipe["output"] = os.path.splitext(os.path.basename(path))[0] + "-out"
+    return recipe
 
 
 def validate_recipe(recipe: Any, default_workflow: str | None = None) -> dict:
@@ -152,6 +160,7 @@ def validate_recipe(recipe: Any, default_workflow: str | None = None) -> dict:
         if not isinstance(section, dict):
             raise RecipeError(f"prune must be a mapping, got {type(section).__name__}")
         recipe["prune"] = make_config(None, section)  # the same errors as PruneConfig
+    train_given = recipe.get("train") is not None
     if workflow in ("gradual", "sparse"):
         recipe["train"] = _validate_train(recipe.get("train"))
     if workflow == "sparse":
@@ -164,6 +173,9 @@ def validate_recipe(recipe: Any, default_workflow: str | None = None) -> dict:
         if "total_steps" not in section:
             section["total_steps"] = recipe["train"]["steps"]
         recipe["sparse"] = getattr(SparseConfig, preset)(**section)
+        if not train_given:
+            raise RecipeError("workflow 'sparse' needs a train: section (steps, optimizer, lr, ...): "
+                              "sparse training trains the model")
     if workflow == "search":
         section = _check_keys(recipe.get("search"), "search", SEARCH_KEYS)
         if "constraints" not in section:
@@ -243,11 +255,41 @@ def _json_writer(obj: dict):
     return write
 
 
-def run_recipe(recipe: dict, base_dir: str = ".", verbose: bool = True) -> dict:
-    """Run a validated recipe; returns its report (also written to ``output/report.json``)."""
+def run_recipe(recipe: dict, base_dir: str = ".", verbose: bool = True, overwrite: bool = False) -> dict:
+    """Run a validated recipe; returns its report (also written to ``output/report.json``).
+
+    ``output`` defaults to ``<recipe file name>-out`` next to the recipe (``gradprune-<workflow>-out``
+    for a recipe given as a mapping). An earlier run there is kept: a ``RecipeError`` naming the
+    folder is raised before any work unless ``overwrite`` (``--overwrite``). The report's text and
+    the files written are logged (``logging``, logger ``gradprune.recipes``) when ``verbose``.
+    """
+    report, text, out, files = _run_recipe(recipe, base_dir, overwrite)
+    if verbose:
+        logger.info("%s", text)
+        logger.info("wrote %s", ", ".join(os.path.join(out, f) for f in files))
+    return report
+
+
+_OUTPUTS = {"prune": ("pruned_model.pt", "masks.pt", "report.json"),
+            "gradual": ("pruned_model.pt", "masks.pt", "report.json"),
+            "sparse": ("pruned_model.pt", "masks.pt", "report.json"),
+            "search": ("pruned", "report.json"), "preprune": ("selection.pt", "report.json")}
+
+
+def _output_folder(recipe: dict, base_dir: str = ".") -> str:
+    """Where ``recipe`` writes: its ``output`` (default ``gradprune-<workflow>-out``) under ``base_dir``."""
+    return os.path.join(base_dir, recipe.get("output") or f"gradprune-{recipe['workflow']}-out")
+
+
+def _run_recipe(recipe: dict, base_dir: str, overwrite: bool = False) -> tuple[dict, str, str, list[str]]:
+    """Run a validated recipe: ``(report, report text, output folder, files written there)``."""
     workflow = recipe["workflow"]
+    out = _output_folder(recipe, base_dir)
+    earlier = [f for f in _OUTPUTS[workflow] if os.path.exists(os.path.join(out, f))]
+    if earlier and not overwrite:
+        raise RecipeError(f"output folder {out} holds an earlier run ({', '.join(earlier)}); "
+                          f"pass --overwrite (overwrite=True) to replace it, or set output: to another folder")
     model, data, loss_fn = _build(recipe, base_dir)
-    out = os.path.join(base_dir, recipe.get("output") or "gradprune-out")
     report: dict = {"workflow": workflow}
     if workflow == "prune":
         from .prune import prune
@@ -313,7 +355,4 @@ def run_recipe(recipe: dict, base_dir: str = ".", verbose: bool = True) -> dict:
         write_file_set(out, {"selection.pt": lambda t: torch.save(
             {"indices": sel.indices, "masks": sel.masks.state_dict()}, t), "report.json": _json_writer(report)})
         files = ["selection.pt", "report.json"]
-    if verbose:
-        print(text)
-        print(f"wrote {', '.join(os.path.join(out, f) for f in files)}")
-    return report
+    return report, text, out, files
