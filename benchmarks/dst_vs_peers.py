@@ -114,6 +114,8 @@ METHODS = {
     "dense2": ("dense, 2nd identical copy (timing noise floor)", "baseline"),
     "gp_static": ("gradprune static (ERK random mask)", "gradprune"),
     "gp_set": ("gradprune SET (ER, random growth, α=0.5)", "gradprune"),
+    "gp_set_signed": ("gradprune SET, prune=\"set_signed\" (smallest positive + largest negative, "
+                      "Mocanu et al.'s drop)", "gradprune"),
     "gp_rigl_erk": ("gradprune RigL-ERK", "gradprune"),
     "gp_rigl_uniform": ("gradprune RigL-uniform (all layers)", "gradprune"),
     "gp_rigl_uniform_dfl": ("gradprune RigL-uniform, dense first layer (= rigl-torch allocation)", "gradprune"),
@@ -124,8 +126,8 @@ METHODS = {
     "rigl_torch": ("rigl-torch RigL (uniform, dense first layer)", "rigl-torch"),
 }
 SPARSE_METHODS = [k for k in METHODS if k not in ("dense", "dense2")]
-# run by default (the regrow_dropped variant only when asked for: --methods ...)
-DEFAULT_METHODS = [k for k in SPARSE_METHODS if k != "gp_rigl_uniform_dfl_regrow"]
+# run by default (the regrow_dropped and set_signed variants only when asked for: --methods ...)
+DEFAULT_METHODS = [k for k in SPARSE_METHODS if k not in ("gp_rigl_uniform_dfl_regrow", "gp_set_signed")]
 # the extended-training block (RigL paper's "RigL_Nx"): these methods again, N times the steps
 EXTENDED_METHODS = ["gp_rigl_erk", "gp_rigl_uniform_dfl", "rigl_torch"]
 
@@ -163,6 +165,8 @@ def gp_config(key, density, steps, interval, seed):
         return gp.SparseConfig.static(density=density, total_steps=steps, seed=seed, include_classifier=True)
     if key == "gp_set":
         return gp.SparseConfig.set(density=density, **common)
+    if key == "gp_set_signed":
+        return gp.SparseConfig.set(density=density, prune="set_signed", **common)
     if key == "gp_rigl_erk":
         return gp.SparseConfig.rigl(density=density, **common)
     if key == "gp_rigl_uniform":
@@ -434,7 +438,7 @@ def count_checks(records):
                  + ("none in any run." if not outside else
                     "; ".join(f"{r['model']} {r['method']}@{r['target_sparsity']} seed {r['seed']}: "
                               f"{r['nonzero_outside_mask']}" for r in outside)))
-    per_layer_methods = {"gp_static", "gp_set", "gp_rigl_erk", "gp_rigl_uniform", "gp_rigl_uniform_dfl",
+    per_layer_methods = {"gp_static", "gp_set", "gp_set_signed", "gp_rigl_erk", "gp_rigl_uniform", "gp_rigl_uniform_dfl",
                          "rigl_torch"}
     bad = []
     for r in ok:
