@@ -631,7 +631,7 @@ def goals(rows, a, records=()):
     def row(kind, key, s):
         return next((r for r in rows if r["model"] == kind and r["method"] == key
                      and r["target_sparsity"] == s and "test_acc" in r), None)
-    def paired(kind, k1, k2, s):
+    def paired(kind, k1, k2, s, ahead="gradprune"):
         """Per-seed differences (same seed: same initial weights and batch order for both)."""
         acc = {(r["method"], r["seed"]): r["test_acc"] for r in records
                if r.get("model") == kind and r.get("target_sparsity") == s and "test_acc" in r}
@@ -641,7 +641,7 @@ def goals(rows, a, records=()):
         se = statistics.stdev(d) / math.sqrt(len(d))
         t = statistics.mean(d) / se if se > 0 else float("nan")
         return (f"; paired over {len(d)} seeds: mean difference {statistics.mean(d):+.4f} ± {se:.4f} (s.e.), "
-                f"t = {t:+.2f}, gradprune ahead in {sum(x > 0 for x in d)}, behind in {sum(x < 0 for x in d)}")
+                f"t = {t:+.2f}, {ahead} ahead in {sum(x > 0 for x in d)}, behind in {sum(x < 0 for x in d)}")
 
     L = ["## Goals (checked on the means of this run)", ""]
     if "cnn" in a["models"]:
@@ -671,6 +671,15 @@ def goals(rows, a, records=()):
                          f"{g['test_acc'][0]:.3f} ± {g['test_acc'][1]:.3f} vs rigl-torch {t['test_acc'][0]:.3f} "
                          f"± {t['test_acc'][1]:.3f} -> " + ("met" if d >= 0 else "NOT met") + f" ({d:+.3f}"
                          + paired(kind, key + tag, "rigl_torch" + tag, s) + ")")
+    for kind in a["models"]:  # the sign-split SET drop against the preset's magnitude drop
+        for s in a["sparsities"]:
+            g, t = row(kind, "gp_set_signed", s), row(kind, "gp_set", s)
+            if g and t:
+                d = g["test_acc"][0] - t["test_acc"][0]
+                L.append(f"- {kind.upper()} {100 * s:.0f}%: SET with prune=\"set_signed\" {g['test_acc'][0]:.3f} "
+                         f"± {g['test_acc'][1]:.3f} vs SET preset (magnitude drop) {t['test_acc'][0]:.3f} ± "
+                         f"{t['test_acc'][1]:.3f} ({d:+.3f}" + paired(kind, "gp_set_signed", "gp_set", s, "set_signed")
+                         + ")")
     over = {}
     for r in rows:
         base = r["method"].partition("@x")[0]
