@@ -114,6 +114,8 @@ METHODS = {
     "dense2": ("dense, 2nd identical copy (timing noise floor)", "baseline"),
     "gp_static": ("gradprune static (ERK random mask)", "gradprune"),
     "gp_set": ("gradprune SET (ER, random growth, α=0.5)", "gradprune"),
+    "gp_set_signed": ("gradprune SET, prune=\"set_signed\" (smallest positive + largest negative, "
+                      "Mocanu et al.'s drop)", "gradprune"),
     "gp_rigl_erk": ("gradprune RigL-ERK", "gradprune"),
     "gp_rigl_uniform": ("gradprune RigL-uniform (all layers)", "gradprune"),
     "gp_rigl_uniform_dfl": ("gradprune RigL-uniform, dense first layer (= rigl-torch allocation)", "gradprune"),
@@ -124,8 +126,8 @@ METHODS = {
     "rigl_torch": ("rigl-torch RigL (uniform, dense first layer)", "rigl-torch"),
 }
 SPARSE_METHODS = [k for k in METHODS if k not in ("dense", "dense2")]
-# run by default (the regrow_dropped variant only when asked for: --methods ...)
-DEFAULT_METHODS = [k for k in SPARSE_METHODS if k != "gp_rigl_uniform_dfl_regrow"]
+# run by default (the regrow_dropped and set_signed variants only when asked for: --methods ...)
+DEFAULT_METHODS = [k for k in SPARSE_METHODS if k not in ("gp_rigl_uniform_dfl_regrow", "gp_set_signed")]
 # the extended-training block (RigL paper's "RigL_Nx"): these methods again, N times the steps
 EXTENDED_METHODS = ["gp_rigl_erk", "gp_rigl_uniform_dfl", "rigl_torch"]
 
@@ -163,6 +165,8 @@ def gp_config(key, density, steps, interval, seed):
         return gp.SparseConfig.static(density=density, total_steps=steps, seed=seed, include_classifier=True)
     if key == "gp_set":
         return gp.SparseConfig.set(density=density, **common)
+    if key == "gp_set_signed":
+        return gp.SparseConfig.set(density=density, prune="set_signed", **common)
     if key == "gp_rigl_erk":
         return gp.SparseConfig.rigl(density=density, **common)
     if key == "gp_rigl_uniform":
@@ -434,7 +438,7 @@ def count_checks(records):
                  + ("none in any run." if not outside else
                     "; ".join(f"{r['model']} {r['method']}@{r['target_sparsity']} seed {r['seed']}: "
                               f"{r['nonzero_outside_mask']}" for r in outside)))
-    per_layer_methods = {"gp_static", "gp_set", "gp_rigl_erk", "gp_rigl_uniform", "gp_rigl_uniform_dfl",
+    per_layer_methods = {"gp_static", "gp_set", "gp_set_signed", "gp_rigl_erk", "gp_rigl_uniform", "gp_rigl_uniform_dfl",
                          "rigl_torch"}
     bad = []
     for r in ok:
@@ -627,7 +631,7 @@ def goals(rows, a, records=()):
     def row(kind, key, s):
         return next((r for r in rows if r["model"] == kind and r["method"] == key
                      and r["target_sparsity"] == s and "test_acc" in r), None)
-    def paired(kind, k1, k2, s):
+    def paired(kind, k1, k2, s, ahead="gradprune"):
         """Per-seed differences (same seed: same initial weights and batch order for both)."""
         acc = {(r["method"], r["seed"]): r["test_acc"] for r in records
                if r.get("model") == kind and r.get("target_sparsity") == s and "test_acc" in r}
@@ -637,7 +641,7 @@ def goals(rows, a, records=()):
         se = statistics.stdev(d) / math.sqrt(len(d))
         t = statistics.mean(d) / se if se > 0 else float("nan")
         return (f"; paired over {len(d)} seeds: mean difference {statistics.mean(d):+.4f} ± {se:.4f} (s.e.), "
-                f"t = {t:+.2f}, gradprune ahead in {sum(x > 0 for x in d)}, behind in {sum(x < 0 for x in d)}")
+                f"t = {t:+.2f}, {ahead} ahead in {sum(x > 0 for x in d)}, behind in {sum(x < 0 for x in d)}")
 
     L = ["## Goals (checked on the means of this run)", ""]
     if "cnn" in a["models"]:
@@ -667,6 +671,15 @@ def goals(rows, a, records=()):
                          f"{g['test_acc'][0]:.3f} ± {g['test_acc'][1]:.3f} vs rigl-torch {t['test_acc'][0]:.3f} "
                          f"± {t['test_acc'][1]:.3f} -> " + ("met" if d >= 0 else "NOT met") + f" ({d:+.3f}"
                          + paired(kind, key + tag, "rigl_torch" + tag, s) + ")")
+    for kind in a["models"]:  # the sign-split SET drop against the preset's magnitude drop
+        for s in a["sparsities"]:
+            g, t = row(kind, "gp_set_signed", s), row(kind, "gp_set", s)
+            if g and t:
+                d = g["test_acc"][0] - t["test_acc"][0]
+                L.append(f"- {kind.upper()} {100 * s:.0f}%: SET with prune=\"set_signed\" {g['test_acc'][0]:.3f} "
+                         f"± {g['test_acc'][1]:.3f} vs SET preset (magnitude drop) {t['test_acc'][0]:.3f} ± "
+                         f"{t['test_acc'][1]:.3f} ({d:+.3f}" + paired(kind, "gp_set_signed", "gp_set", s, "set_signed")
+                         + ")")
     over = {}
     for r in rows:
         base = r["method"].partition("@x")[0]

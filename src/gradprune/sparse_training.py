@@ -33,7 +33,9 @@ init            ``uniform`` (``dense_first_layer`` keeps the first layer dense),
                 counts), ``resume`` (mask = weight != 0), ``dense`` (for gradual pruning);
                 callable ``init(shapes: dict[str, torch.Size], density: float, ctx) -> dict[str, bool mask]``
 prune           ``magnitude`` (per layer), ``global_magnitude`` (one exact threshold over layers),
-                ``struct_magnitude`` (conv kernels by reduced ``|w|``: absolute value first);
+                ``struct_magnitude`` (conv kernels by reduced ``|w|``: absolute value first),
+                ``set_signed`` (Mocanu et al.'s SET: the smallest positive and the largest negative
+                weights, the drop count split between the signs, see :func:`_set_signed_drop`);
                 callable ``prune(weight, mask, n, ctx) -> mask`` with exactly ``n`` fewer active
 grow            ``gradient`` (RigL: largest ``|dense grad|``), ``momentum`` (SNFS; Adam:
                 ``exp_avg / (sqrt(exp_avg_sq) + eps)``), ``random``, ``none``, ``struct_gradient``;
@@ -109,7 +111,7 @@ from .targets import find_targets
 __all__ = ["SparseConfig", "SparseTrainer", "LayerContext", "StepsPastEndWarning"]
 
 INITS = ("uniform", "er", "erk", "struct_random", "struct_erk", "lottery", "resume", "dense")
-PRUNES = ("magnitude", "global_magnitude", "struct_magnitude")
+PRUNES = ("magnitude", "global_magnitude", "struct_magnitude", "set_signed")
 GROWS = ("gradient", "momentum", "random", "none", "struct_gradient")
 REDISTRIBUTES = ("none", "momentum", "gradient", "nonzero")
 DECAYS = ("cosine", "linear", "constant", "magnitude_prune")
@@ -224,6 +226,10 @@ class SparseConfig(Config):
             raise ValueError("grow='momentum' needs dense_gradients=True: with masked gradients the "
                              "momentum of every inactive weight is 0, so nothing could be grown (the "
                              "SNFS preset sets it; grow_zero_score=True would grow at random instead)")
+        if self.prune == "set_signed" and (isinstance(self.init, str) and self.init.startswith("struct")
+                                           or self.grow == "struct_gradient"):
+            raise ValueError(f"prune='set_signed' drops single weights by their sign: it needs an "
+                             f"unstructured init and grow, got init={self.init!r}, grow={self.grow!r}")
         if self.update_on == "epoch" and self.decay == "magnitude_prune":
             raise ValueError("decay='magnitude_prune' prunes on its step schedule: use update_on='step'")
 
@@ -335,6 +341,41 @@ def _pick_random(candidates: torch.Tensor, n: int, gen: torch.Generator) -> torc
     chosen = idx[torch.randperm(idx.numel(), generator=gen)[:n].to(idx.device)]
     out = torch.zeros_like(candidates)
     out[chosen] = True
+    return out
+
+
+def _set_signed_drop(weight: torch.Tensor, active: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Bool mask of exactly ``n`` of the ``active`` weights (flat tensors) that SET drops (Mocanu
+    et al. 2018): the weights closest to zero on each side, i.e. the smallest positive and the
+    largest negative ones, in proportion to how many of each sign are active.
+
+    The counts, with ``Z``/``P``/``N`` the active weights equal to / above / below 0:
+
+    1. exact zeros go first (they are the closest to zero on both sides): ``z = min(n, Z)``;
+    2. the rest ``r = n - z`` is split by sign: ``n_pos = round_half_up(r * P / (P + N))``
+       (halves up), ``n_neg = r - n_pos``;
+    3. a sign with fewer active weights than its share gives the excess to the other sign
+       (``r <= P + N``, so both fit).
+
+    So exactly ``n`` are dropped (what growth regrows), and with ``n = ζ·active`` each sign loses
+    ζ of its weights, up to rounding. Ties (equal values at a cut) are broken at random with
+    ``gen``, as ``magnitude``. Example:
+
+        >>> w = torch.tensor([0.5, -0.1, 0.2, -0.9, 0.05, -0.3])
+        >>> act = torch.ones(6, dtype=torch.bool)
+        >>> _set_signed_drop(w, act, 2, torch.Generator()).nonzero().flatten().tolist()
+        [1, 4]
+    """
+    w = weight.detach().reshape(-1)
+    zero, pos, neg = active & (w == 0), active & (w > 0), active & (w < 0)
+    z = min(n, int(zero.sum()))
+    r = n - z
+    n_p, n_n = int(pos.sum()), int(neg.sum())
+    n_pos = round_half_up(r * n_p / (n_p + n_n)) if n_p + n_n else 0
+    n_pos = min(max(n_pos, r - n_n), n_p)
+    out = _pick(w, zero, z, largest=False, gen=gen)
+    out |= _pick(w, pos, n_pos, largest=False, gen=gen)
+    out |= _pick(w, neg, r - n_pos, largest=True, gen=gen)
     return out
 
 
@@ -750,6 +791,9 @@ class SparseTrainer:
             for n in names:
                 after[n] = ~pruned[n]
             n_drop = {n: active[n] - int(after[n].sum()) for n in names}
+        elif cfg.prune == "set_signed":
+            for n in names:
+                after[n] = before[n] & ~_set_signed_drop(self.params[n], before[n], n_drop[n], gen)
         else:
             for n in names:
                 scores = self._unit_scores(n, self.params[n])
