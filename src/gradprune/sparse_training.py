@@ -144,7 +144,9 @@ class SparseConfig(Config):
     ``init="uniform"`` and ``dense_first_layer=True``: the density of every layer but the dense
     first one, rigl-torch's allocation, so the overall density is higher); ``end_step``
     (RigL's ``T_end``) the last step with a connectivity update; ``total_steps`` the planned length
-    of training (the presets set it, and derive ``end_step`` from it): a trainer whose schedule has
+    of training (every preset but :meth:`lottery` requires it by keyword, with no default, and
+    derives ``end_step`` from it, e.g. ``SparseConfig.rigl(density=0.1, total_steps=5000)``;
+    omitting it raises ``TypeError``): a trainer whose schedule has
     updates warns once (:class:`StepsPastEndWarning`) when it steps past it; ``include_classifier``
     defaults to False, as in every config (the final classifier / a tied LM head stays dense).
     """
@@ -229,7 +231,7 @@ class SparseConfig(Config):
 
     # -- presets --------------------------------------------------------------------------
     @classmethod
-    def rigl(cls, density: float = 0.1, total_steps: int = 1000, **overrides) -> "SparseConfig":
+    def rigl(cls, density: float = 0.1, *, total_steps: int, **overrides) -> "SparseConfig":
         """RigL (Evci et al. 2020): ERK init, magnitude drop, gradient growth, alpha=0.3,
         update every 100 steps, cosine decay, updates stop at 3/4 of training."""
         base = dict(density=density, init="erk", prune="magnitude", grow="gradient",
@@ -238,7 +240,7 @@ class SparseConfig(Config):
         return cls.from_dict({**base, **overrides})
 
     @classmethod
-    def set(cls, density: float = 0.1, total_steps: int = 1000, **overrides) -> "SparseConfig":
+    def set(cls, density: float = 0.1, *, total_steps: int, **overrides) -> "SparseConfig":
         """SET (Mocanu et al. 2018): random (ER) init, magnitude drop, random growth, alpha=0.5."""
         base = dict(density=density, init="er", prune="magnitude", grow="random", redistribute="none",
                     decay="cosine", alpha=0.5, update_interval=100, end_step=_three_quarters(total_steps),
@@ -246,7 +248,7 @@ class SparseConfig(Config):
         return cls.from_dict({**base, **overrides})
 
     @classmethod
-    def snfs(cls, density: float = 0.1, total_steps: int = 1000, **overrides) -> "SparseConfig":
+    def snfs(cls, density: float = 0.1, *, total_steps: int, **overrides) -> "SparseConfig":
         """SNFS / sparse momentum (Dettmers & Zettlemoyer 2019): magnitude drop, momentum growth,
         momentum redistribution, dense gradients, alpha=0.5."""
         base = dict(density=density, init="erk", prune="magnitude", grow="momentum",
@@ -255,14 +257,14 @@ class SparseConfig(Config):
         return cls.from_dict({**base, **overrides})
 
     @classmethod
-    def static(cls, density: float = 0.1, total_steps: int = 1000, **overrides) -> "SparseConfig":
+    def static(cls, density: float = 0.1, *, total_steps: int, **overrides) -> "SparseConfig":
         """A fixed random (ERK) mask: no connectivity updates."""
         base = dict(density=density, init="erk", grow="none", decay="constant", alpha=0.0,
                     end_step=0, total_steps=total_steps)
         return cls.from_dict({**base, **overrides})
 
     @classmethod
-    def pruning(cls, density: float = 0.1, total_steps: int = 1000, **overrides) -> "SparseConfig":
+    def pruning(cls, density: float = 0.1, *, total_steps: int, **overrides) -> "SparseConfig":
         """Gradual magnitude pruning from dense (Zhu & Gupta 2018): cubic sparsity from 0 to
         ``1 - density`` between 1/8 and 3/4 of training, every ``update_interval`` steps."""
         base = dict(density=density, init="dense", prune="magnitude", grow="none",
