@@ -123,7 +123,8 @@ def prune(
     target = cfg.effective_target()
     if target is None and cfg.topk is None and cfg.threshold is None:
         raise ValueError("prune needs one of sparsity (target_sparsity), topk or threshold")
-    targets = find_targets(model, cfg.include, cfg.exclude, cfg.module_types, cfg.include_classifier)
+    targets = find_targets(model, cfg.include, cfg.exclude, cfg.module_types, cfg.include_classifier,
+                               cfg.strict_filters)
     pattern = get_pattern(cfg.pattern)
     transposed = [n for n, t in targets.items() if t.transposed]
     fit, skipped = fitting_targets({n: t.shape for n, t in targets.items()}, pattern, transposed)

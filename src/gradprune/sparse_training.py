@@ -99,7 +99,7 @@ from torch import nn
 from ._resume import apply_keeping, restore_zeroed
 from ._checks import check_bool, check_choice, check_float, check_int, check_str_list, round_half_up
 from ._modes import keeps_modes
-from .config import DEFAULT_MODULE_TYPES, Config
+from .config import DEFAULT_MODULE_TYPES, Config, check_name_patterns
 from .masks import MaskSet, SparsityReport
 from .patterns import get_pattern
 from .schedules import drop_fraction, sparsity_at, prune_events
@@ -148,7 +148,9 @@ class SparseConfig(Config):
     derives ``end_step`` from it, e.g. ``SparseConfig.rigl(density=0.1, total_steps=5000)``;
     omitting it raises ``TypeError``): a trainer whose schedule has
     updates warns once (:class:`StepsPastEndWarning`) when it steps past it; ``include_classifier``
-    defaults to False, as in every config (the final classifier / a tied LM head stays dense).
+    defaults to False, as in every config (the final classifier / a tied LM head stays dense);
+    ``include``/``exclude`` take globs or ``"re:<regex>"`` on parameter or module names, and
+    ``strict_filters=True`` makes one that matches nothing an error (see :func:`find_targets`).
     """
 
     density: float = 0.1
@@ -174,6 +176,7 @@ class SparseConfig(Config):
     exclude: tuple = ()
     module_types: tuple = DEFAULT_MODULE_TYPES
     include_classifier: bool = False
+    strict_filters: bool = False
     seed: int = 0
     total_steps: int | None = None
 
@@ -192,8 +195,9 @@ class SparseConfig(Config):
     _validate_struct_reduce = staticmethod(lambda v: check_choice("struct_reduce", v, ("mean", "max")))
     _validate_seed = staticmethod(lambda v: check_int("seed", v, min_value=0))
     _validate_total_steps = staticmethod(lambda v: check_int("total_steps", v, min_value=1, allow_none=True))
-    _validate_include = staticmethod(lambda v: check_str_list("include", v, allow_none=True))
-    _validate_exclude = staticmethod(lambda v: check_str_list("exclude", v) if v is not None else ())
+    _validate_include = staticmethod(lambda v: check_name_patterns("include", v, allow_none=True))
+    _validate_exclude = staticmethod(lambda v: check_name_patterns("exclude", v) if v is not None else ())
+    _validate_strict_filters = staticmethod(lambda v: check_bool("strict_filters", v))
     _validate_module_types = staticmethod(lambda v: check_str_list("module_types", v))
 
     _validate_dense_first_layer = staticmethod(lambda v: check_bool("dense_first_layer", v))
@@ -385,7 +389,8 @@ class SparseTrainer:
         # A private copy: later edits to the caller's object cannot desynchronise config and state.
         self.config = cfg = copy.deepcopy(config)
         self.model, self.optimizer = model, optimizer
-        targets = find_targets(model, cfg.include, cfg.exclude, cfg.module_types, cfg.include_classifier)
+        targets = find_targets(model, cfg.include, cfg.exclude, cfg.module_types, cfg.include_classifier,
+                               cfg.strict_filters)
         in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
         missing = [n for n, t in targets.items() if id(t.param) not in in_opt]
         if missing:
