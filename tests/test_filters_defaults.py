@@ -138,3 +138,23 @@ def test_filter_fields_validate_and_round_trip(cls, tmp_path):
     again = cls.from_yaml(path)
     assert again == cfg and again.strict_filters is True
     assert again.include == (r"re:encoder\.layer\.[0-5]\..*", "2")
+
+
+# -- point 7: one counting rule, its exception written down ------------------------------------
+
+def test_readme_counting_rule_states_the_topk_fraction_exception_and_it_holds():
+    """The README's counting rule is round half up; a topk fraction keeps ceil(f * remaining)
+    entries instead: the README must say so, and the code must do what it says."""
+    import math
+    import pathlib
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    rule = readme[readme.index("Counting rule:"):]
+    rule = rule[:rule.index("\n\n")]
+    assert "round_half_up(s·n)" in rule
+    assert "`topk` *fraction*" in rule and "`ceil(f·r)`" in rule
+    from torch import nn
+    for f in (0.21, 0.25, 0.5, 0.05, 1.0):      # 10 entries: ceil vs round half up differ at 0.21
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(1, 10))
+        res = gp.prune(model, topk=f, criterion="magnitude")
+        assert int(res.masks["0.weight"].sum()) == math.ceil(round(f * 10, 9)), f
