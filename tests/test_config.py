@@ -18,7 +18,7 @@ FIELDS = [
     "target_sparsity", "topk", "threshold",
     "initial_sparsity", "scope", "allocation", "min_sparsity", "max_sparsity", "schedule",
     "start_step", "end_step", "frequency", "include", "exclude", "module_types",
-    "include_classifier", "seed",
+    "include_classifier", "strict_filters", "seed",
 ]
 
 
@@ -47,6 +47,7 @@ BAD_TYPES = [
     ("exclude", 3), ("exclude", [None]),
     ("module_types", None), ("module_types", ["Linear", 3]),
     ("include_classifier", 1), ("include_classifier", "yes"), ("include_classifier", None),
+    ("strict_filters", 1), ("strict_filters", None),
     ("seed", 1.5), ("seed", True), ("seed", "0"), ("seed", None),
 ]
 

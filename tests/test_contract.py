@@ -184,8 +184,13 @@ def assert_same_state(model, before):
         assert torch.equal(after[k], before[k]), k
 
 
+# one-shot gp.prune refuses "movement" (it needs fine-tuning: gp.Pruner); its signed scores are
+# checked through gp.Pruner (test_masks_pruner.py) and by test_filters_defaults.py's refusal test
+ONE_SHOT = [c for c in CRITERIA if c != "movement"]
+
+
 def combos():
-    return [(c, p, m) for c in CRITERIA for p in PATTERNS for m in MODELS]
+    return [(c, p, m) for c in ONE_SHOT for p in PATTERNS for m in MODELS]
 
 
 def combo_id(c, p, m):
@@ -352,7 +357,7 @@ def test_global_contract(criterion, pattern, model_name):
     assert max_pruned <= min_kept + 1e-6 * max(1.0, abs(min_kept))
 
 
-EXTRA_CRITERIA = ("magnitude", "snip", "movement", USER_CRITERION)
+EXTRA_CRITERIA = ("magnitude", "snip", USER_CRITERION)
 EXTRA = [x for x in FITTING if x[0] in EXTRA_CRITERIA]
 
 

@@ -133,7 +133,7 @@ def test_sparse_hook_form_equals_step():
 def test_hook_form_skips_non_finite_steps():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sp = gp.SparseTrainer(model, opt, gp.SparseConfig.static(density=0.5))
+    sp = gp.SparseTrainer(model, opt, gp.SparseConfig.static(density=0.5, total_steps=10))
     nn.functional.cross_entropy(model(torch.randn(2, 4)), torch.tensor([0, 1])).backward()
     model[0].weight.grad[0, 0] = float("inf")
     assert sp.before_optimizer_step() is False

@@ -50,7 +50,7 @@ def _run_search(model):
 
 def _run_training_flops(model):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    gp.SparseTrainer(model, opt, gp.SparseConfig.rigl(density=0.5)).training_flops(torch.randn(2, 1, 6, 6))
+    gp.SparseTrainer(model, opt, gp.SparseConfig.rigl(density=0.5, total_steps=10)).training_flops(torch.randn(2, 1, 6, 6))
 
 
 @pytest.mark.parametrize("run", [_run_prune, _run_pre_prune, _run_search,

@@ -1186,7 +1186,7 @@ def test_training_flops_counts_conv_and_attention_projections():
     assert fl["forward_dense"] == pytest.approx(2.0 * macs)
 
     cnn = build("cnn")
-    t2 = gp.SparseTrainer(cnn, torch.optim.SGD(cnn.parameters(), lr=0.1), gp.SparseConfig.static(density=0.3, include_classifier=True))
+    t2 = gp.SparseTrainer(cnn, torch.optim.SGD(cnn.parameters(), lr=0.1), gp.SparseConfig.static(density=0.3, total_steps=10, include_classifier=True))
     fl2 = t2.training_flops(torch.randn(3, 1, 8, 8))
     conv = 3 * 8 * 8 * 8 * (1 * 9) + 3 * 8 * 8 * 8 * (8 * 9)
     lin = 3 * 16 * 32 + 3 * 4 * 16
@@ -1247,7 +1247,7 @@ def test_unknown_keys_list_the_valid_ones():
     for preset in (gp.SparseConfig.rigl, gp.SparseConfig.set, gp.SparseConfig.snfs, gp.SparseConfig.static,
                    gp.SparseConfig.pruning):
         with pytest.raises(ValueError, match="valid keys"):
-            preset(density=0.2, updat_interval=3)
+            preset(density=0.2, total_steps=10, updat_interval=3)
     with pytest.raises(ValueError, match="valid keys"):
         gp.SparseConfig.lottery({}, updat_interval=3)
     cfg = gp.SparseConfig()
@@ -1270,7 +1270,7 @@ def test_trainer_argument_errors():
     # keyword fields build (or override) the config
     t = gp.SparseTrainer(model, opt, density=0.5, init="uniform", end_step=0)
     assert t.config.density == 0.5
-    t2 = gp.SparseTrainer(model, opt, gp.SparseConfig.rigl(density=0.3), density=0.4)
+    t2 = gp.SparseTrainer(model, opt, gp.SparseConfig.rigl(density=0.3, total_steps=10), density=0.4)
     assert t2.config.density == 0.4 and t2.config.grow == "gradient"
 
 
@@ -1499,11 +1499,11 @@ def test_grow_zero_score_restores_random_picks_among_zero_scores():
 
 def test_momentum_growth_without_dense_gradients_is_rejected():
     with pytest.raises(ValueError, match="grow='momentum' needs dense_gradients=True"):
-        gp.SparseConfig.rigl(grow="momentum")
-    gp.SparseConfig.rigl(grow="momentum", dense_gradients=True)   # SNFS-style: fine
-    gp.SparseConfig.rigl(grow="momentum", grow_zero_score=True)   # upstream random ties: allowed
+        gp.SparseConfig.rigl(total_steps=10, grow="momentum")
+    gp.SparseConfig.rigl(total_steps=10, grow="momentum", dense_gradients=True)   # SNFS-style: fine
+    gp.SparseConfig.rigl(total_steps=10, grow="momentum", grow_zero_score=True)   # upstream random ties: allowed
     with pytest.raises(TypeError, match="grow_zero_score"):
-        gp.SparseConfig.rigl(grow_zero_score="yes")
+        gp.SparseConfig.rigl(total_steps=10, grow_zero_score="yes")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1586,7 +1586,7 @@ def test_without_regrow_dropped_every_dropped_connection_is_replaced():
 
 def test_regrow_dropped_is_validated_and_saved_with_the_trainer():
     with pytest.raises(TypeError, match="regrow_dropped"):
-        gp.SparseConfig.rigl(regrow_dropped="yes")
+        gp.SparseConfig.rigl(total_steps=10, regrow_dropped="yes")
     trainer, _, _, _ = _regrow_run(True)
     state = trainer.state_dict()
     model = build("mlp", seed=3)

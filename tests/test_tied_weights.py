@@ -96,7 +96,7 @@ def test_hf_callbacks_prune_conv1d_not_the_tied_head():
 def test_one_classifier_default_everywhere():
     assert gp.PruneConfig().include_classifier is False
     assert gp.SparseConfig().include_classifier is False
-    assert gp.SparseConfig.rigl(density=0.5).include_classifier is False
+    assert gp.SparseConfig.rigl(density=0.5, total_steps=10).include_classifier is False
 
 
 def test_tied_head_needs_an_explicit_include():

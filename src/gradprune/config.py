@@ -38,6 +38,32 @@ REDUCTIONS = ("mean", "sum", "max")
 ACCUMULATIONS = ("mean", "last")
 DEFAULT_MODULE_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "MultiheadAttention")
 
+REGEX_PREFIX = "re:"  # an include/exclude pattern "re:<regex>" is a regular expression (fullmatch)
+
+
+def check_name_patterns(name: str, value: Any, *, allow_none: bool = False):
+    """``include``/``exclude``: a tuple of ``fnmatch`` globs or ``"re:<regex>"`` strings.
+
+    A regular expression that does not compile raises ``ValueError`` naming the field and pattern.
+
+    Example:
+        >>> check_name_patterns("exclude", ["2", "re:layer[0-5]"])
+        ('2', 're:layer[0-5]')
+        >>> check_name_patterns("include", ["re:layer[0-"])
+        Traceback (most recent call last):
+        ...
+        ValueError: include pattern 're:layer[0-' is not a valid regular expression: unterminated character set at position 5
+    """
+    value = check_str_list(name, value, allow_none=allow_none)
+    for pat in value or ():
+        if pat.startswith(REGEX_PREFIX):
+            try:
+                re.compile(pat[len(REGEX_PREFIX):])
+            except re.error as e:
+                raise ValueError(f"{name} pattern {pat!r} is not a valid regular expression: {e}") from None
+    return value
+
+
 _BLOCK_RE = re.compile(r"^(\d+)x(\d+)$")
 _NM_RE = re.compile(r"^(\d+):(\d+)(?:-flat)?$")
 
@@ -249,7 +275,11 @@ class PruneConfig(Config):
         min_sparsity, max_sparsity: per-layer bounds; a capped layer's share goes to the others.
         schedule, start_step, end_step, frequency: gradual schedule over optimizer steps.
         include, exclude, module_types, include_classifier: which parameters are prunable
-            (see :func:`gradprune.targets.find_targets`).
+            (see :func:`gradprune.targets.find_targets`): ``include``/``exclude`` patterns are
+            ``fnmatch`` globs or ``"re:<regex>"`` regular expressions, matched against parameter
+            names and module names (``exclude=["2"]`` leaves module ``2`` dense).
+        strict_filters: an ``include``/``exclude`` pattern that matches nothing raises
+            ``ValueError`` instead of warning.
         seed: seed of every random choice.
 
     Example:
@@ -282,6 +312,7 @@ class PruneConfig(Config):
     exclude: tuple = ()
     module_types: tuple = DEFAULT_MODULE_TYPES
     include_classifier: bool = False
+    strict_filters: bool = False
     seed: int = 0
 
     # -- per-field validation -------------------------------------------------------------
@@ -371,11 +402,15 @@ class PruneConfig(Config):
 
     @staticmethod
     def _validate_include(v):
-        return check_str_list("include", v, allow_none=True)
+        return check_name_patterns("include", v, allow_none=True)
 
     @staticmethod
     def _validate_exclude(v):
-        return check_str_list("exclude", v) if v is not None else ()
+        return check_name_patterns("exclude", v) if v is not None else ()
+
+    @staticmethod
+    def _validate_strict_filters(v):
+        return check_bool("strict_filters", v)
 
     @staticmethod
     def _validate_module_types(v):

@@ -23,7 +23,8 @@ Semantics:
   over the batch (a scalar); either way each sample weighs the same, exactly as one pass per sample.
 - **Selection**, over all selected parameters at once: existing ``mask`` -> ``threshold`` (keep
   importance >= threshold) -> ``topk`` (int: a count, capped at what remains; float in (0, 1]:
-  ``ceil(topk * remaining)``); ties keep the lowest flat index (parameters in model order). The
+  ``ceil(topk * remaining)``, rounded up, unlike the sparsity counts' half up, so that every
+  ``topk > 0`` keeps at least one entry, as GRADIEND did; the README's counting rule says so); ties keep the lowest flat index (parameters in model order). The
   global top-k uses a bisection over the score order, never one tensor of all importances.
 - **Cache.** With ``cache_dir``, the result is stored under a key fingerprinting everything it
   depends on: every parameter and buffer of the model (not only the scored ones: BatchNorm

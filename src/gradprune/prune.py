@@ -93,7 +93,8 @@ def prune(
         config: a :class:`PruneConfig`; keyword ``fields`` override it (or build one), e.g.
             ``sparsity=0.9, criterion="snip", pattern="4x1", scope="global"``.
         data, loss_fn: batches and ``loss_fn(model, batch) -> scalar`` for criteria that read
-            gradients (every built-in except ``magnitude`` and ``random``).
+            gradients (every built-in except ``magnitude`` and ``random``). ``criterion="movement"``
+            is refused here (``ValueError``): movement needs fine-tuning, use :class:`Pruner`.
         n_batches: score on at most this many batches (default: all of ``data``).
         mask: an existing mask (a :class:`MaskSet` or ``{name: bool tensor}``): its pruned entries
             stay pruned and count toward the target (mask -> threshold -> topk chaining).
@@ -109,6 +110,12 @@ def prune(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     cfg = make_config(config, fields)
+    if cfg.criterion == "movement":
+        raise ValueError(
+            "criterion 'movement' needs fine-tuning: its score -W*G says which weights training moves "
+            "toward zero, and scored once without training it prunes no better than chance. Use "
+            "gp.Pruner(model, optimizer, criterion='movement', ...) and prune while you fine-tune, "
+            "or a one-shot criterion such as 'snip' or 'magnitude'")
     check_int("n_batches", n_batches, min_value=1, allow_none=True)
     check_optional_bool("show_progress", show_progress)
     if process_group is not None:
@@ -116,7 +123,8 @@ def prune(
     target = cfg.effective_target()
     if target is None and cfg.topk is None and cfg.threshold is None:
         raise ValueError("prune needs one of sparsity (target_sparsity), topk or threshold")
-    targets = find_targets(model, cfg.include, cfg.exclude, cfg.module_types, cfg.include_classifier)
+    targets = find_targets(model, cfg.include, cfg.exclude, cfg.module_types, cfg.include_classifier,
+                               cfg.strict_filters)
     pattern = get_pattern(cfg.pattern)
     transposed = [n for n, t in targets.items() if t.transposed]
     fit, skipped = fitting_targets({n: t.shape for n, t in targets.items()}, pattern, transposed)

@@ -101,7 +101,7 @@ from torch import nn
 from ._resume import apply_keeping, restore_zeroed
 from ._checks import check_bool, check_choice, check_float, check_int, check_str_list, round_half_up
 from ._modes import keeps_modes
-from .config import DEFAULT_MODULE_TYPES, Config
+from .config import DEFAULT_MODULE_TYPES, Config, check_name_patterns
 from .masks import MaskSet, SparsityReport
 from .patterns import get_pattern
 from .schedules import drop_fraction, sparsity_at, prune_events
@@ -146,9 +146,13 @@ class SparseConfig(Config):
     ``init="uniform"`` and ``dense_first_layer=True``: the density of every layer but the dense
     first one, rigl-torch's allocation, so the overall density is higher); ``end_step``
     (RigL's ``T_end``) the last step with a connectivity update; ``total_steps`` the planned length
-    of training (the presets set it, and derive ``end_step`` from it): a trainer whose schedule has
+    of training (every preset but :meth:`lottery` requires it by keyword, with no default, and
+    derives ``end_step`` from it, e.g. ``SparseConfig.rigl(density=0.1, total_steps=5000)``;
+    omitting it raises ``TypeError``): a trainer whose schedule has
     updates warns once (:class:`StepsPastEndWarning`) when it steps past it; ``include_classifier``
-    defaults to False, as in every config (the final classifier / a tied LM head stays dense).
+    defaults to False, as in every config (the final classifier / a tied LM head stays dense);
+    ``include``/``exclude`` take globs or ``"re:<regex>"`` on parameter or module names, and
+    ``strict_filters=True`` makes one that matches nothing an error (see :func:`find_targets`).
     """
 
     density: float = 0.1
@@ -174,6 +178,7 @@ class SparseConfig(Config):
     exclude: tuple = ()
     module_types: tuple = DEFAULT_MODULE_TYPES
     include_classifier: bool = False
+    strict_filters: bool = False
     seed: int = 0
     total_steps: int | None = None
 
@@ -192,8 +197,9 @@ class SparseConfig(Config):
     _validate_struct_reduce = staticmethod(lambda v: check_choice("struct_reduce", v, ("mean", "max")))
     _validate_seed = staticmethod(lambda v: check_int("seed", v, min_value=0))
     _validate_total_steps = staticmethod(lambda v: check_int("total_steps", v, min_value=1, allow_none=True))
-    _validate_include = staticmethod(lambda v: check_str_list("include", v, allow_none=True))
-    _validate_exclude = staticmethod(lambda v: check_str_list("exclude", v) if v is not None else ())
+    _validate_include = staticmethod(lambda v: check_name_patterns("include", v, allow_none=True))
+    _validate_exclude = staticmethod(lambda v: check_name_patterns("exclude", v) if v is not None else ())
+    _validate_strict_filters = staticmethod(lambda v: check_bool("strict_filters", v))
     _validate_module_types = staticmethod(lambda v: check_str_list("module_types", v))
 
     _validate_dense_first_layer = staticmethod(lambda v: check_bool("dense_first_layer", v))
@@ -235,7 +241,7 @@ class SparseConfig(Config):
 
     # -- presets --------------------------------------------------------------------------
     @classmethod
-    def rigl(cls, density: float = 0.1, total_steps: int = 1000, **overrides) -> "SparseConfig":
+    def rigl(cls, density: float = 0.1, *, total_steps: int, **overrides) -> "SparseConfig":
         """RigL (Evci et al. 2020): ERK init, magnitude drop, gradient growth, alpha=0.3,
         update every 100 steps, cosine decay, updates stop at 3/4 of training."""
         base = dict(density=density, init="erk", prune="magnitude", grow="gradient",
@@ -244,7 +250,7 @@ class SparseConfig(Config):
         return cls.from_dict({**base, **overrides})
 
     @classmethod
-    def set(cls, density: float = 0.1, total_steps: int = 1000, **overrides) -> "SparseConfig":
+    def set(cls, density: float = 0.1, *, total_steps: int, **overrides) -> "SparseConfig":
         """SET (Mocanu et al. 2018): random (ER) init, magnitude drop, random growth, alpha=0.5."""
         base = dict(density=density, init="er", prune="magnitude", grow="random", redistribute="none",
                     decay="cosine", alpha=0.5, update_interval=100, end_step=_three_quarters(total_steps),
@@ -252,7 +258,7 @@ class SparseConfig(Config):
         return cls.from_dict({**base, **overrides})
 
     @classmethod
-    def snfs(cls, density: float = 0.1, total_steps: int = 1000, **overrides) -> "SparseConfig":
+    def snfs(cls, density: float = 0.1, *, total_steps: int, **overrides) -> "SparseConfig":
         """SNFS / sparse momentum (Dettmers & Zettlemoyer 2019): magnitude drop, momentum growth,
         momentum redistribution, dense gradients, alpha=0.5."""
         base = dict(density=density, init="erk", prune="magnitude", grow="momentum",
@@ -261,14 +267,14 @@ class SparseConfig(Config):
         return cls.from_dict({**base, **overrides})
 
     @classmethod
-    def static(cls, density: float = 0.1, total_steps: int = 1000, **overrides) -> "SparseConfig":
+    def static(cls, density: float = 0.1, *, total_steps: int, **overrides) -> "SparseConfig":
         """A fixed random (ERK) mask: no connectivity updates."""
         base = dict(density=density, init="erk", grow="none", decay="constant", alpha=0.0,
                     end_step=0, total_steps=total_steps)
         return cls.from_dict({**base, **overrides})
 
     @classmethod
-    def pruning(cls, density: float = 0.1, total_steps: int = 1000, **overrides) -> "SparseConfig":
+    def pruning(cls, density: float = 0.1, *, total_steps: int, **overrides) -> "SparseConfig":
         """Gradual magnitude pruning from dense (Zhu & Gupta 2018): cubic sparsity from 0 to
         ``1 - density`` between 1/8 and 3/4 of training, every ``update_interval`` steps."""
         base = dict(density=density, init="dense", prune="magnitude", grow="none",
@@ -424,7 +430,8 @@ class SparseTrainer:
         # A private copy: later edits to the caller's object cannot desynchronise config and state.
         self.config = cfg = copy.deepcopy(config)
         self.model, self.optimizer = model, optimizer
-        targets = find_targets(model, cfg.include, cfg.exclude, cfg.module_types, cfg.include_classifier)
+        targets = find_targets(model, cfg.include, cfg.exclude, cfg.module_types, cfg.include_classifier,
+                               cfg.strict_filters)
         in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
         missing = [n for n, t in targets.items() if id(t.param) not in in_opt]
         if missing:

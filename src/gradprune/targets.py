@@ -1,4 +1,4 @@
-"""Which parameters of a model are prunable.
+r"""Which parameters of a model are prunable.
 
 By default: the ``weight`` of every ``Linear``, ``Conv1d/2d/3d`` module, of every GPT-2 style
 ``Conv1D`` (``transformers.pytorch_utils.Conv1D``, weight stored ``[in, out]``: patterns work on
@@ -15,9 +15,15 @@ parameter that is also held by a module whose type is not prunable (an ``Embeddi
 LM head, as in GPT-2 or a LLaMA with ``tie_word_embeddings=True``) is left out unless an
 ``include`` glob names it: no default prunes an embedding through a tied head.
 
-``include``/``exclude`` are ``fnmatch`` globs on qualified parameter names (``"encoder.*.weight"``);
-a glob that matches no parameter of the model warns (a typo would otherwise silently prune
-everything, or nothing). ``module_types`` are class names, matched along the class's MRO so
+``include``/``exclude`` patterns are ``fnmatch`` globs (``"encoder.*.weight"``) or, with the
+``re:`` prefix, regular expressions that must match the whole name (``re.fullmatch``, e.g.
+``"re:encoder\.layer\.[0-5]\..*"``, what Neural Compressor's ``op_names`` took). A pattern selects a
+parameter when it matches the parameter's qualified name (``"2.weight"``) or the qualified name of
+a module that holds it, directly or through a submodule (``"2"``, ``"encoder.layer.0"``): module
+names select those modules' prunable weights. A pattern that matches no parameter and no module
+holding one warns (a typo would otherwise silently prune everything, or nothing); with
+``strict=True`` (the configs' ``strict_filters``) it raises ``ValueError`` naming the pattern and a
+few valid names. ``module_types`` are class names, matched along the class's MRO so
 subclasses count. Parameters on the ``meta`` device raise ``ValueError`` naming them.
 
 Example:
@@ -28,10 +34,15 @@ Example:
     ['0.weight']
     >>> list(find_targets(model, include_classifier=True))
     ['0.weight', '2.weight']
+    >>> list(find_targets(model, include_classifier=True, exclude=["2"]))   # a module name
+    ['0.weight']
+    >>> list(find_targets(model, include=[r"re:[02]\.weight"], include_classifier=True))
+    ['0.weight', '2.weight']
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from fnmatch import fnmatchcase
 from typing import Iterable
@@ -40,7 +51,7 @@ import torch
 from torch import nn
 
 from ._checks import check_bool, check_str_list
-from .config import DEFAULT_MODULE_TYPES
+from .config import DEFAULT_MODULE_TYPES, REGEX_PREFIX, check_name_patterns
 
 __all__ = ["find_targets", "Target", "weight_param_names"]
 
@@ -84,23 +95,53 @@ def weight_param_names(type_name: str) -> tuple:
     return _WEIGHT_PARAMS.get(type_name, ("weight",))
 
 
+def _matcher(pattern: str):
+    """A predicate on one name: ``re:`` regular expression (full match) or ``fnmatch`` glob."""
+    if pattern.startswith(REGEX_PREFIX):
+        rx = re.compile(pattern[len(REGEX_PREFIX):])
+        return lambda name: rx.fullmatch(name) is not None
+    return lambda name: fnmatchcase(name, pattern)
+
+
+def _selectable_names(param_name: str) -> list[str]:
+    """The names of the modules holding a parameter and its qualified name (``"a.b.w"`` ->
+    ``["a", "a.b", "a.b.w"]``); the root module's empty name is not one."""
+    parts = param_name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
 def find_targets(
     model: nn.Module,
     include: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
     module_types: Iterable[str] = DEFAULT_MODULE_TYPES,
     include_classifier: bool = False,
+    strict: bool = False,
 ) -> dict[str, Target]:
     """Return ``{qualified parameter name: Target}`` in registration order.
 
-    Raises ``ValueError`` when nothing is left to prune, naming the filters that were used.
+    ``include``/``exclude``: globs or ``"re:<regex>"`` patterns on parameter or module names (see
+    the module docstring). ``strict=True``: a pattern that matches nothing raises ``ValueError``
+    instead of warning. Raises ``ValueError`` when nothing is left to prune, naming the filters
+    that were used.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+        >>> list(find_targets(model, exclude=["2"]))
+        ['0.weight']
+        >>> find_targets(model, exclude=["encodr"], strict=True)
+        Traceback (most recent call last):
+        ...
+        ValueError: exclude pattern 'encodr' matches no parameter or module name of Sequential (names: '0', '0.weight', '0.bias', '2', '2.weight', '2.bias', '4', '4.weight', ...)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    include = check_str_list("include", include, allow_none=True)
-    exclude = check_str_list("exclude", exclude) if exclude is not None else ()
+    include = check_name_patterns("include", include, allow_none=True)
+    exclude = check_name_patterns("exclude", exclude) if exclude is not None else ()
     module_types = check_str_list("module_types", module_types)
     check_bool("include_classifier", include_classifier)
+    check_bool("strict", strict)
 
     candidates: list[Target] = []
     last_linear: str | None = None
@@ -132,21 +173,28 @@ def find_targets(
             qual = f"{mod_name}.{pname}" if mod_name else pname
             candidates.append(Target(qual, param, module, matched))
 
-    all_names = [n for names in aliases.values() for n in names]
-    for field, globs in (("include", include or ()), ("exclude", exclude)):
-        for g in globs:
-            if not any(fnmatchcase(n, g) for n in all_names):
-                warnings.warn(f"gradprune: {field} pattern {g!r} matches no parameter of "
-                              f"{type(model).__name__}", UserWarning, stacklevel=2)
+    all_names = list(dict.fromkeys(m for names in aliases.values() for n in names
+                                   for m in _selectable_names(n)))
+    inc = [_matcher(g) for g in include or ()]
+    exc = [_matcher(g) for g in exclude]
+    for field, globs, preds in (("include", include or (), inc), ("exclude", exclude, exc)):
+        for g, pred in zip(globs, preds):
+            if not any(pred(n) for n in all_names):
+                msg = (f"{field} pattern {g!r} matches no parameter or module name of "
+                       f"{type(model).__name__} (names: {', '.join(map(repr, all_names[:8]))}"
+                       f"{', ...' if len(all_names) > 8 else ''})")
+                if strict:
+                    raise ValueError(msg)
+                warnings.warn(f"gradprune: {msg}", UserWarning, stacklevel=2)
 
     out: dict[str, Target] = {}
     for t in candidates:
         mod_name = t.name.rsplit(".", 1)[0] if "." in t.name else ""
-        names = aliases.get(id(t.param), [t.name])
-        explicitly = include is not None and any(fnmatchcase(n, g) for n in names for g in include)
+        names = [m for n in aliases.get(id(t.param), [t.name]) for m in _selectable_names(n)]
+        explicitly = include is not None and any(p(n) for n in names for p in inc)
         if include is not None and not explicitly:
             continue
-        if any(fnmatchcase(n, g) for n in names for g in exclude):
+        if any(p(n) for n in names for p in exc):
             continue
         is_classifier = (mod_name == last_linear and t.module_type == "Linear"
                          and len(candidates) > 1)
