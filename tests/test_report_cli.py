@@ -197,6 +197,20 @@ def test_anything_else_is_a_clear_error(tmp_path, capsys):
         assert not (tmp_path / "x.png").exists(), what
 
 
+def test_results_must_be_a_demo_results_file(outputs, tmp_path, capsys):
+    (tmp_path / "results.json").write_text(json.dumps({"runs": [{"criterion": "snip"}]}))
+    rc, out, err = _run(["report", outputs / "oneshot" / "masks.pt", "--results", tmp_path / "results.json",
+                         "--plot", tmp_path / "x.png"], capsys)
+    assert rc == 2 and "is not a results.json of `gradprune demo`" in err
+    assert not (tmp_path / "x.png").exists()
+    (tmp_path / "results.json").write_text(json.dumps(_results(3)))
+    rc, out, err = _run(["report", outputs / "oneshot" / "masks.pt", "--results", tmp_path / "results.json",
+                         "--plot", tmp_path / "x.png"], capsys)
+    assert rc == 0, err
+    if pytest.importorskip("matplotlib"):
+        assert (tmp_path / "x.png").is_file()
+
+
 def test_subprocess_exit_codes(outputs, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     ok = subprocess.run([sys.executable, "-m", "gradprune", "report", str(outputs / "oneshot" / "masks.pt"),

@@ -155,6 +155,11 @@ def _report(args) -> None:
         if not os.path.isfile(args.results):
             raise RecipeError(f"results file not found: {args.results}")
         results = load_json(args.results)
+        runs = results.get("runs") if isinstance(results, dict) else None
+        if not isinstance(runs, list) or not all(
+                isinstance(r, dict) and {"criterion", "pattern", "sparsity", "accuracy"} <= set(r) for r in runs):
+            raise RecipeError(f"--results {args.results} is not a results.json of `gradprune demo` (a 'runs' "
+                              "list of criterion, pattern, sparsity, accuracy)")
     rep = checkpoint_report(args.checkpoint, factory, example)
     print(format_report(rep))
     plot = args.plot or os.path.splitext(os.path.normpath(args.checkpoint))[0] + "_report.png"
