@@ -197,6 +197,32 @@ def test_anything_else_is_a_clear_error(tmp_path, capsys):
         assert not (tmp_path / "x.png").exists(), what
 
 
+def test_flops_of_every_kind(outputs, tmp_path, capsys, monkeypatch):
+    """--model/--example-input count every weight layer of the model: masks give the same FLOPs as
+    the pruned checkpoint they came with; a save_pruned folder is rebuilt at its saved widths."""
+    monkeypatch.chdir(outputs.parent)  # tiny.py is there
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "tiny", raising=False)
+    flops = {}
+    for path in ("oneshot/masks.pt", "oneshot/pruned_model.pt", "search/pruned"):
+        rc, out, err = _run(["report", outputs / path, "--model", "tiny:make_model", "--example-input",
+                             "tiny:example_input", "--plot", tmp_path / "x.png", "--json", tmp_path / "r.json"],
+                            capsys)
+        assert rc == 0, err
+        rep = json.loads((tmp_path / "r.json").read_text())
+        flops[path] = rep["flops_dense"], rep["flops_sparse"]
+    assert flops["oneshot/masks.pt"] == flops["oneshot/pruned_model.pt"]
+    assert flops["oneshot/masks.pt"][0] == 2 * 2 * (16 * 32 + 32 * 32 + 32 * 4)  # batch of 2
+    narrow = torch.load(outputs / "search" / "pruned" / "model.pt", weights_only=True)
+    assert flops["search/pruned"] == (2 * 2 * sum(v.numel() for v in narrow.values() if v.dim() >= 2),) * 2
+    # a factory whose model does not fit the weights: one clear line
+    torch.save({"0.weight": torch.zeros(3, 3)}, tmp_path / "odd.pt")
+    rc, out, err = _run(["report", tmp_path / "odd.pt", "--model", "tiny:make_model", "--example-input",
+                         "tiny:example_input", "--plot", tmp_path / "y.png"], capsys)
+    assert rc == 2 and "--model builds a model whose tensors do not match" in err and "0.weight" in err
+    sys.modules.pop("tiny", None)
+
+
 def test_results_must_be_a_demo_results_file(outputs, tmp_path, capsys):
     (tmp_path / "results.json").write_text(json.dumps({"runs": [{"criterion": "snip"}]}))
     rc, out, err = _run(["report", outputs / "oneshot" / "masks.pt", "--results", tmp_path / "results.json",

@@ -146,6 +146,30 @@ def _overall(what: str, total: int, zeros: int) -> dict:
             "sparsity": zeros / total if total else 0.0}
 
 
+def _flops(kind, path, state, rows, model_factory, example_input) -> tuple[float, float]:
+    """(dense, sparse) FLOPs of one forward: every weight tensor (2-D and up) of the model counts,
+    at its measured density (a mask's kept fraction; 1 for a tensor neither masked nor saved)."""
+    from .sparse_training import layer_macs
+
+    if kind == "save_pruned":  # the saved widths: narrow the factory's dense model first
+        from .structured.export import load_pruned
+
+        model = load_pruned(model_factory, path)
+    else:
+        model = model_factory()
+        if state:
+            try:
+                model.load_state_dict(state, strict=False)
+            except RuntimeError as exc:
+                detail = [ln.strip() for ln in str(exc).splitlines()[1:2]]
+                raise ValueError(f"--model builds a model whose tensors do not match {path}: "
+                                 f"{' '.join(detail)}") from None
+    names = {n for n, p in model.named_parameters() if p.dim() >= 2}
+    macs = layer_macs(model, example_input, names)
+    density = {r["name"]: r["density"] for r in rows}
+    return (2.0 * sum(macs.values()), 2.0 * sum(m * density.get(n, 1.0) for n, m in macs.items()))
+
+
 def checkpoint_report(path, model_factory: Callable[[], nn.Module] | None = None,
                       example_input: Any = None) -> dict:
     """Per-layer sparsity of any file or folder gradprune writes (see the module docstring), and
@@ -191,13 +215,7 @@ def checkpoint_report(path, model_factory: Callable[[], nn.Module] | None = None
     if model_factory is not None and example_input is not None:
         from .sparse_training import layer_macs
 
-        model = model_factory()
-        if state:
-            model.load_state_dict(state, strict=False)
-        macs = layer_macs(model, example_input, {r["name"] for r in rows})
-        density = {r["name"]: r["density"] for r in rows}
-        rep["flops_dense"] = 2.0 * sum(macs.values())
-        rep["flops_sparse"] = 2.0 * sum(m * density[n] for n, m in macs.items())
+        rep["flops_dense"], rep["flops_sparse"] = _flops(kind, path, state, rows, model_factory, example_input)
     return rep
 
 
