@@ -6,7 +6,8 @@ Examples::
     gradprune demo --quick --out /tmp/d    # a smaller grid
     gradprune run recipe.yaml              # any workflow from a YAML recipe (see gradprune.recipes)
     gradprune prune --config recipe.yaml   # one-shot pruning (a recipe of workflow prune, the default)
-    gradprune report pruned_model.pt       # per-layer sparsity, params (and FLOPs), a PNG plot
+    gradprune report pruned_model.pt       # per-layer sparsity, params (and FLOPs), a PNG plot;
+                                           # also masks.pt, selection.pt, save_pruned/save_pretrained folders
 
 A one-shot recipe (YAML, read with ``yaml.safe_load``)::
 
@@ -93,12 +94,18 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--overwrite", action="store_true",
                          help="replace an earlier run in the output folder (default: refuse). The folder "
                               "is the recipe's output:, else <recipe name>-out next to the recipe")
-    rep = sub.add_parser("report", help="per-layer sparsity/params/FLOPs of a checkpoint, and a plot")
-    rep.add_argument("checkpoint", help="a state dict (or a dict with 'model' and 'masks') saved by torch.save")
+    rep = sub.add_parser("report", help="per-layer sparsity/params/FLOPs of any file gradprune writes, and a plot",
+                         description="Per-layer sparsity (and params, FLOPs) of masks.pt, selection.pt, a "
+                                     "pruned model checkpoint (pruned_model.pt, best_model.pt), a save_pruned "
+                                     "folder or a save_pretrained folder, and a PNG plot. Each overall line "
+                                     "says what it counts: the prunable weights (the masked tensors) or all "
+                                     "weight tensors (2-D and up).")
+    rep.add_argument("checkpoint", metavar="path",
+                     help="masks.pt, selection.pt, a model checkpoint, a save_pruned or save_pretrained folder")
     rep.add_argument("--model", help="package.module:factory, to count FLOPs")
     rep.add_argument("--example-input", help="package.module:name giving one input, to count FLOPs")
     rep.add_argument("--results", help="a results.json of `gradprune demo`: adds accuracy vs sparsity")
-    rep.add_argument("--plot", help="PNG path (default: next to the checkpoint)")
+    rep.add_argument("--plot", help="PNG path (default: <path without extension>_report.png, next to it)")
     rep.add_argument("--json", help="also write the report as JSON here")
     return p
 
@@ -148,9 +155,14 @@ def _report(args) -> None:
         if not os.path.isfile(args.results):
             raise RecipeError(f"results file not found: {args.results}")
         results = load_json(args.results)
+        runs = results.get("runs") if isinstance(results, dict) else None
+        if not isinstance(runs, list) or not all(
+                isinstance(r, dict) and {"criterion", "pattern", "sparsity", "accuracy"} <= set(r) for r in runs):
+            raise RecipeError(f"--results {args.results} is not a results.json of `gradprune demo` (a 'runs' "
+                              "list of criterion, pattern, sparsity, accuracy)")
     rep = checkpoint_report(args.checkpoint, factory, example)
     print(format_report(rep))
-    plot = args.plot or os.path.splitext(args.checkpoint)[0] + "_report.png"
+    plot = args.plot or os.path.splitext(os.path.normpath(args.checkpoint))[0] + "_report.png"
     written = plot_report(rep, plot, results)
     if written:
         print(f"wrote {written}")

@@ -36,6 +36,7 @@ from torch import nn
 from .config import atomic_write, parse_pattern
 from .prune import prune
 from ._progress import progress
+from .report import PRUNABLE, series_style
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ def format_summary(summary: dict) -> str:
     return "\n".join([
         format_results(summary),
         f"best ({best.get('rule', BEST_RULE)}): {best['criterion']} {best['pattern']} at sparsity "
-        f"{best['sparsity']:.4f}: accuracy {best['accuracy']:.4f}",
+        f"{best['sparsity']:.4f} of {PRUNABLE}: accuracy {best['accuracy']:.4f}",
         f"wrote {', '.join(summary['files'])} in {summary['seconds']:.1f}s"])
 
 
@@ -248,15 +249,13 @@ def _plot(summary: dict, path: str) -> str | None:
         groups = {}
         for r in summary["runs"]:
             groups.setdefault((r["criterion"], r["pattern"]), []).append(r)
-        crits = list(dict.fromkeys(r["criterion"] for r in summary["runs"]))
-        for (crit, pattern), rs in groups.items():
+        for i, ((crit, pattern), rs) in enumerate(groups.items()):
             rs = sorted(rs, key=lambda r: r["sparsity"])
-            style = {"1x1": "-o", "4x1": "--s"}.get(pattern, ":^")
-            ax.plot([r["sparsity"] for r in rs], [r[key] for r in rs], style,
-                    color=f"C{crits.index(crit)}", label=f"{crit} {pattern}")
+            ax.plot([r["sparsity"] for r in rs], [r[key] for r in rs], label=f"{crit} {pattern}",
+                    markersize=5, **series_style(i))
         ax.axhline(summary["dense_accuracy"], color="k", lw=0.8, label="dense (same extra steps)")
         ax.set_title(title)
-        ax.set_xlabel("sparsity")
+        ax.set_xlabel(f"sparsity of {PRUNABLE}")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy (digits)")
     axes[1].legend(fontsize=7, ncol=2)

@@ -1,10 +1,21 @@
-"""``gradprune report CHECKPOINT``: per-layer sparsity, params and FLOPs of a saved model, and plots.
+"""``gradprune report PATH``: per-layer sparsity, params and FLOPs of anything gradprune writes, and plots.
 
-A checkpoint is any file ``torch.load(path, weights_only=True)`` reads into a state dict (tensors
-by name), or a dict holding one under ``"model"`` (and optionally bool masks under ``"masks"``), as
-``gradprune demo`` and the recipes write. Per weight tensor (2-D or more) it reports the shape, the
-number of entries, the nonzeros and the sparsity; with ``model``/``example_input`` factories it also
-counts FLOPs (2 x MACs of one forward, dense and with the measured per-layer density).
+``PATH`` may be (the kind is told from the contents, never by running code: ``torch.load`` with
+``weights_only=True``, JSON, safetensors):
+
+- ``masks.pt`` (``MaskSet.state_dict()``) or a safetensors mask file: kept/total entries per mask;
+- ``selection.pt`` of a ``preprune`` recipe, or a safetensors selection: kept/total per mask;
+- a pruned model checkpoint (``pruned_model.pt``, a state dict; or a dict holding one under
+  ``"model"`` and optionally bool masks under ``"masks"``, like the demo's ``best_model.pt``):
+  zeros/total per weight tensor (2-D and up);
+- a ``save_pruned`` folder (``architecture.json`` + ``model.pt``);
+- a ``save_pretrained`` folder (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``).
+
+Anything else raises ``ValueError`` (``FileNotFoundError`` when nothing is there). Every overall
+line says what it counts: the *prunable weights* (the masked tensors) or *all weight tensors*
+(2-D and up), the two differ when some layers (e.g. the first and the last) are not pruned. With
+``model``/``example_input`` factories the report also counts FLOPs (2 x MACs of one forward, dense
+and with the measured per-layer density).
 
 Example:
     >>> import tempfile, os, torch, torch.nn as nn
@@ -15,8 +26,8 @@ Example:
     >>> with tempfile.TemporaryDirectory() as d:
     ...     torch.save(model.state_dict(), os.path.join(d, "m.pt"))
     ...     rep = checkpoint_report(os.path.join(d, "m.pt"))
-    >>> rep["layers"][0]["name"], rep["layers"][0]["sparsity"]
-    ('0.weight', 0.5)
+    >>> rep["kind"], rep["layers"][0]["name"], rep["layers"][0]["sparsity"]
+    ('checkpoint', '0.weight', 0.5)
 """
 
 from __future__ import annotations
@@ -28,78 +39,288 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ._io import load_json, load_safetensors, load_torch
 from ._table import format_table
 from .config import atomic_write
 
-__all__ = ["checkpoint_report", "format_report", "plot_report"]
+__all__ = ["checkpoint_report", "format_report", "plot_report", "report_figure", "series_style", "format_overall",
+           "PRUNABLE", "ALL_WEIGHTS"]
+
+#: what each overall line counts
+PRUNABLE = "prunable weights (the masked tensors)"
+ALL_WEIGHTS = "all weight tensors (2-D and up)"
+
+KINDS = {"masks": "masks (kept entries per mask)",
+         "selection": "pre-pruning selection (kept entries per mask)",
+         "checkpoint": "model checkpoint (zero entries per weight tensor)",
+         "save_pruned": "save_pruned folder (zero entries per weight tensor)",
+         "save_pretrained": "save_pretrained folder (zero entries per weight tensor)"}
+
+_EXPECTED = ("masks.pt, selection.pt, a pruned model checkpoint (a state dict), a save_pruned folder "
+             "(architecture.json + model.pt) or a save_pretrained folder (config.json + "
+             "model.safetensors or pytorch_model.bin)")
 
 
-def _load_state(path: str) -> tuple[dict, dict]:
+def _is_mask_dict(obj) -> bool:
+    return (isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) for k in obj)
+            and all(isinstance(v, torch.Tensor) and v.dtype == torch.bool for v in obj.values()))
+
+
+def _is_state_dict(obj) -> bool:
+    return (isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+            and any(v.is_floating_point() for v in obj.values()))
+
+
+def _classify(obj, path: str) -> tuple[str, dict, dict]:
+    """``(kind, weights, masks)`` of what a file holds; ``ValueError`` for anything else."""
+    if isinstance(obj, dict) and _is_state_dict(obj.get("model")):
+        masks = obj.get("masks") if _is_mask_dict(obj.get("masks")) else {}
+        return "checkpoint", obj["model"], masks
+    if isinstance(obj, dict) and "indices" in obj and _is_mask_dict(obj.get("masks")):
+        return "selection", {}, obj["masks"]
+    if _is_mask_dict(obj):
+        return "masks", {}, obj
+    if _is_state_dict(obj):
+        return "checkpoint", obj, {}
+    what = type(obj).__name__ if not isinstance(obj, dict) else f"a dict of {len(obj)} entries"
+    raise ValueError(f"{path} holds {what}, not a file gradprune report reads; expected {_EXPECTED}")
+
+
+def _safetensors_contents(raw: dict, path: str):
+    indices = {k.split("/", 1)[1]: v for k, v in raw.items() if k.startswith("indices/")}
+    if indices:  # gradprune.integrations.safetensors.save_selection: kept indices + importances
+        importance = {k.split("/", 1)[1]: v for k, v in raw.items() if k.startswith("importance/")}
+        masks = {}
+        for n, imp in importance.items():
+            m = torch.zeros(imp.numel(), dtype=torch.bool)
+            m[indices.get(n, torch.zeros(0, dtype=torch.int64)).flatten()] = True
+            masks[n] = m.view(imp.shape)
+        return "selection", {}, masks
+    return _classify(raw, path)
+
+
+def _load(path) -> tuple[str, dict, dict]:
+    """``(kind, weights, masks)`` read from ``path`` (see the module docstring)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        from .structured.export import ARCH_FILE, WEIGHTS_FILE
+
+        if os.path.isfile(os.path.join(path, ARCH_FILE)) and os.path.isfile(os.path.join(path, WEIGHTS_FILE)):
+            weights = os.path.join(path, WEIGHTS_FILE)
+            state = load_torch(weights)
+            if not _is_state_dict(state):
+                raise ValueError(f"{weights} is not a state dict of tensors")
+            return "save_pruned", state, {}
+        if os.path.isfile(os.path.join(path, "config.json")):
+            from .structured.hf import _read_state
+
+            try:
+                return "save_pretrained", _read_state(path), {}
+            except FileNotFoundError:
+                pass
+        inside = [n for n in ("pruned_model.pt", "masks.pt", "selection.pt", "best_model.pt", "pruned")
+                  if os.path.exists(os.path.join(path, n))]
+        hint = f"; it holds {', '.join(inside)}: pass one of them" if inside else ""
+        raise ValueError(f"folder {path} is not one gradprune writes: expected a save_pruned folder "
+                         f"({ARCH_FILE} + {WEIGHTS_FILE}) or a save_pretrained folder (config.json + "
+                         f"model.safetensors or pytorch_model.bin){hint}")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(f"checkpoint not found: {path} (no such file or folder)")
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    # a safetensors file starts with an 8-byte little-endian header length and then '{'
+    if len(head) > 8 and head[8:9] == b"{" and not head.startswith(b"PK"):
+        return _safetensors_contents(load_safetensors(path), path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{path} is not a checkpoint torch.load(weights_only=True) can read: "
-                         f"{str(exc).splitlines()[0]}") from None
-    masks = {}
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        masks = obj.get("masks") or {}
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path} holds no state dict (a mapping of name -> tensor)")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, masks
+        raise ValueError(f"{path} is not a checkpoint torch.load(weights_only=True) can read "
+                         f"(expected {_EXPECTED}): {str(exc).splitlines()[0]}") from None
+    return _classify(obj, path)
 
 
-def checkpoint_report(path: str, model_factory: Callable[[], nn.Module] | None = None,
+def _overall(what: str, total: int, zeros: int) -> dict:
+    return {"counts": what, "total": total, "zeros": zeros,
+            "sparsity": zeros / total if total else 0.0}
+
+
+def _flops(kind, path, state, rows, model_factory, example_input) -> tuple[float, float]:
+    """(dense, sparse) FLOPs of one forward: every weight tensor (2-D and up) of the model counts,
+    at its measured density (a mask's kept fraction; 1 for a tensor neither masked nor saved)."""
+    from .sparse_training import layer_macs
+
+    if kind == "save_pruned":  # the saved widths: narrow the factory's dense model first
+        from .structured.export import load_pruned
+
+        model = load_pruned(model_factory, path)
+    else:
+        model = model_factory()
+        if state:
+            try:
+                model.load_state_dict(state, strict=False)
+            except RuntimeError as exc:
+                detail = [ln.strip() for ln in str(exc).splitlines()[1:2]]
+                raise ValueError(f"--model builds a model whose tensors do not match {path}: "
+                                 f"{' '.join(detail)}") from None
+    names = {n for n, p in model.named_parameters() if p.dim() >= 2}
+    macs = layer_macs(model, example_input, names)
+    density = {r["name"]: r["density"] for r in rows}
+    return (2.0 * sum(macs.values()), 2.0 * sum(m * density.get(n, 1.0) for n, m in macs.items()))
+
+
+def checkpoint_report(path, model_factory: Callable[[], nn.Module] | None = None,
                       example_input: Any = None) -> dict:
-    """Per-layer sparsity (and FLOPs when a model factory and an example input are given)."""
-    state, masks = _load_state(path)
+    """Per-layer sparsity of any file or folder gradprune writes (see the module docstring), and
+    FLOPs when a model factory and an example input are given.
+
+    ``rep["overall"]`` lists the overall sparsities, each with what it ``counts``
+    (:data:`PRUNABLE` from the masks, :data:`ALL_WEIGHTS` from the weights).
+
+    Example: see the module docstring."""
+    kind, state, masks = _load(path)
     rows = []
-    for name, t in state.items():
-        if t.dim() < 2 or not t.is_floating_point():
-            continue
-        nnz = int(torch.count_nonzero(t))
-        row = {"name": name, "shape": tuple(t.shape), "numel": t.numel(), "nonzero": nnz,
-               "sparsity": 1.0 - nnz / t.numel(), "density": nnz / t.numel()}
-        if name in masks:
-            row["mask_density"] = float(masks[name].float().mean())
-        rows.append(row)
-    total = sum(r["numel"] for r in rows)
-    nonzero = sum(r["nonzero"] for r in rows)
-    params = sum(t.numel() for t in state.values() if t.is_floating_point())
-    rep = {"checkpoint": os.path.abspath(path), "layers": rows, "weights": total,
-           "nonzero_weights": nonzero, "overall_sparsity": 1.0 - nonzero / total if total else 0.0,
-           "params": params, "nonzero_params": sum(int(torch.count_nonzero(t)) for t in state.values()
-                                                   if t.is_floating_point())}
+    if state:
+        for name, t in state.items():
+            if t.dim() < 2 or not t.is_floating_point():
+                continue
+            nnz = int(torch.count_nonzero(t))
+            row = {"name": name, "shape": tuple(t.shape), "numel": t.numel(), "nonzero": nnz,
+                   "zeros": t.numel() - nnz, "sparsity": 1.0 - nnz / t.numel(), "density": nnz / t.numel()}
+            if name in masks:
+                row["mask_density"] = float(masks[name].float().mean())
+            rows.append(row)
+    else:
+        for name, m in masks.items():
+            kept = int(m.sum())
+            rows.append({"name": name, "shape": tuple(m.shape), "numel": m.numel(), "kept": kept,
+                         "nonzero": kept, "sparsity": 1.0 - kept / m.numel() if m.numel() else 0.0,
+                         "density": kept / m.numel() if m.numel() else 0.0})
+    overall = []
+    if masks:
+        total = sum(m.numel() for m in masks.values())
+        overall.append(_overall(PRUNABLE, total, total - sum(int(m.sum()) for m in masks.values())))
+    if state:
+        total = sum(r["numel"] for r in rows)
+        overall.append(_overall(ALL_WEIGHTS, total, sum(r["zeros"] for r in rows)))
+    main = overall[-1]
+    rep = {"checkpoint": os.path.abspath(path), "kind": kind, "layers": rows, "overall": overall,
+           "overall_counts": main["counts"], "weights": main["total"],
+           "nonzero_weights": main["total"] - main["zeros"], "overall_sparsity": main["sparsity"]}
+    if state:
+        floats = [t for t in state.values() if t.is_floating_point()]
+        rep["params"] = sum(t.numel() for t in floats)
+        rep["nonzero_params"] = sum(int(torch.count_nonzero(t)) for t in floats)
     if model_factory is not None and example_input is not None:
         from .sparse_training import layer_macs
 
-        model = model_factory()
-        model.load_state_dict(state, strict=False)
-        macs = layer_macs(model, example_input, {r["name"] for r in rows})
-        density = {r["name"]: r["density"] for r in rows}
-        rep["flops_dense"] = 2.0 * sum(macs.values())
-        rep["flops_sparse"] = 2.0 * sum(m * density[n] for n, m in macs.items())
+        rep["flops_dense"], rep["flops_sparse"] = _flops(kind, path, state, rows, model_factory, example_input)
     return rep
 
 
-def format_report(rep: dict) -> str:
-    cols = ["name", "shape", "numel", "nonzero", "sparsity"]
-    text = format_table(rep["layers"], cols)
-    text += (f"\noverall: {rep['nonzero_weights']:,} of {rep['weights']:,} weights nonzero "
-             f"(sparsity {rep['overall_sparsity']:.4f}); params {rep['params']:,}, nonzero "
-             f"{rep['nonzero_params']:,}")
-    if "flops_dense" in rep:
-        text += f"\nFLOPs per forward: dense {rep['flops_dense']:,.0f}, with this sparsity {rep['flops_sparse']:,.0f}"
+def format_overall(what: str, sparsity: float, zeros: int | None = None, total: int | None = None) -> str:
+    """One overall line that says what it counts, e.g. for ``what=PRUNABLE``:
+    ``overall sparsity of prunable weights (the masked tensors): 0.9500 (950 of 1,000 entries zero)``.
+
+    Example:
+        >>> from gradprune.report import format_overall, ALL_WEIGHTS
+        >>> format_overall(ALL_WEIGHTS, 0.5, 2, 4)
+        'overall sparsity of all weight tensors (2-D and up): 0.5000 (2 of 4 entries zero)'
+    """
+    text = f"overall sparsity of {what}: {sparsity:.4f}"
+    if zeros is not None and total is not None:
+        text += f" ({zeros:,} of {total:,} entries zero)"
     return text
 
 
+def format_report(rep: dict) -> str:
+    """The table and the overall lines ``gradprune report`` prints.
+
+    Example: ``print(format_report(checkpoint_report("out/pruned_model.pt")))``."""
+    if rep.get("kind") in ("masks", "selection"):
+        cols = ["name", "shape", "numel", "kept", "sparsity"]
+    else:
+        cols = ["name", "shape", "numel", "zeros", "sparsity"]
+    lines = [f"{rep['checkpoint']}: {KINDS.get(rep.get('kind'), rep.get('kind'))}",
+             format_table(rep["layers"], cols)]
+    lines += [format_overall(o["counts"], o["sparsity"], o["zeros"], o["total"]) for o in rep["overall"]]
+    if "params" in rep:
+        lines.append(f"params {rep['params']:,} (all floating-point tensors), nonzero {rep['nonzero_params']:,}")
+    if "flops_dense" in rep:
+        lines.append(f"FLOPs per forward: dense {rep['flops_dense']:,.0f}, with this sparsity "
+                     f"{rep['flops_sparse']:,.0f}")
+    return "\n".join(lines)
+
+
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")  # 7 markers, coprime with tab20's 20 colours
+
+
+def series_style(i: int) -> dict:
+    """Colour, marker and line style of the ``i``-th series of a plot: 20 distinct colours (tab20)
+    and a marker cycle of 7, so 140 series differ in colour or marker and the first 20 in both.
+
+    Example:
+        >>> from gradprune.report import series_style
+        >>> series_style(0)["marker"], series_style(1)["marker"]
+        ('o', 's')
+    """
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    # even entries first (the strong colours), then the light ones
+    colour = cmap(((i % 20) * 2) % 20 + (i % 20) // 10)
+    return {"color": colour, "marker": _MARKERS[i % len(_MARKERS)],
+            "linestyle": ("-", "--", ":", "-.")[(i // 20) % 4]}
+
+
+def report_figure(rep: dict, results: dict | None = None):
+    """The matplotlib figure :func:`plot_report` saves: per-layer density bars and, with a demo
+    ``results.json``, accuracy vs sparsity (one series per criterion x pattern). Every panel is
+    titled; the caller closes the figure.
+
+    Example: ``fig = report_figure(checkpoint_report("masks.pt"))``."""
+    import matplotlib.pyplot as plt
+
+    n_axes = 2 if results else 1
+    names = [r["name"] for r in rep["layers"]]
+    height = max(4.0, 0.18 * len(names) + 1.0)
+    fig, axes = plt.subplots(1, n_axes, figsize=(6.5 * n_axes, height), squeeze=False)
+    ax = axes[0][0]
+    what = "kept fraction of each mask" if rep.get("kind") in ("masks", "selection") else "nonzero fraction"
+    ax.barh(range(len(names)), [r["density"] for r in rep["layers"]], color="C0")
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(f"density ({what})")
+    ax.invert_yaxis()
+    ax.set_title(f"per-layer density; overall sparsity of {rep['overall_counts']}: "
+                 f"{rep['overall_sparsity']:.3f}", fontsize=9)
+    if results:
+        ax2 = axes[0][1]
+        groups: dict = {}
+        for r in results.get("runs", []):
+            groups.setdefault((r["criterion"], r["pattern"]), []).append(r)
+        for i, ((crit, pattern), rs) in enumerate(groups.items()):
+            rs = sorted(rs, key=lambda r: r["sparsity"])
+            ax2.plot([r["sparsity"] for r in rs], [r["accuracy"] for r in rs], label=f"{crit} {pattern}",
+                     markersize=5, **series_style(i))
+        if "dense_accuracy" in results:
+            ax2.axhline(results["dense_accuracy"], color="k", lw=0.8, label="dense")
+        ax2.set_title(f"accuracy vs sparsity of {PRUNABLE} ({len(groups)} series)", fontsize=9)
+        ax2.set_xlabel(f"sparsity of {PRUNABLE}")
+        ax2.set_ylabel("accuracy")
+        ax2.legend(fontsize=6, ncol=2 if len(groups) < 15 else 3)
+        ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def plot_report(rep: dict, path: str, results: dict | None = None) -> str | None:
-    """Per-layer density bars (and accuracy vs sparsity from a demo ``results.json``) as a PNG.
+    """Save :func:`report_figure` as a PNG at ``path``.
 
     Returns the path, or ``None`` when matplotlib is not installed.
-    """
+
+    Example: ``plot_report(checkpoint_report("pruned_model.pt"), "report.png")``."""
     try:
         import matplotlib
 
@@ -107,33 +328,11 @@ def plot_report(rep: dict, path: str, results: dict | None = None) -> str | None
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    n_axes = 2 if results else 1
-    fig, axes = plt.subplots(1, n_axes, figsize=(6 * n_axes, 4), squeeze=False)
-    ax = axes[0][0]
-    names = [r["name"] for r in rep["layers"]]
-    ax.barh(range(len(names)), [r["density"] for r in rep["layers"]], color="C0")
-    ax.set_yticks(range(len(names)), names, fontsize=7)
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("density (nonzero fraction)")
-    ax.invert_yaxis()
-    ax.set_title(f"per-layer density (overall sparsity {rep['overall_sparsity']:.3f})")
-    if results:
-        ax2 = axes[0][1]
-        groups: dict = {}
-        for r in results.get("runs", []):
-            groups.setdefault((r["criterion"], r["pattern"]), []).append(r)
-        for (crit, pattern), rs in groups.items():
-            rs = sorted(rs, key=lambda r: r["sparsity"])
-            ax2.plot([r["sparsity"] for r in rs], [r["accuracy"] for r in rs], "-o", label=f"{crit} {pattern}")
-        if "dense_accuracy" in results:
-            ax2.axhline(results["dense_accuracy"], color="k", lw=0.8, label="dense")
-        ax2.set_xlabel("sparsity")
-        ax2.set_ylabel("accuracy")
-        ax2.legend(fontsize=6, ncol=2)
-        ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    fig = report_figure(rep, results)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)
     return path
 
 
