@@ -173,11 +173,11 @@ def test_set_signed_config_round_trip_and_names():
     assert gp.SparseConfig.from_dict(cfg.to_dict()) == cfg
     assert gp.SparseConfig.from_yaml(cfg.to_yaml()) == cfg
     # the default SET preset is unchanged: magnitude drop
-    assert gp.SparseConfig.set().prune == "magnitude"
+    assert gp.SparseConfig.set(total_steps=100).prune == "magnitude"
     # sparselearning's name and misspellings are still refused, naming the field
     for bad in ("SET", "set-signed", "set_sign", "magnitude-negativity"):
         with pytest.raises(ValueError, match=f"prune must be one of .*set_signed.*got {bad!r}"):
-            gp.SparseConfig.set(prune=bad)
+            gp.SparseConfig.set(total_steps=100, prune=bad)
     # a sign is per weight: no kernel granularity
     with pytest.raises(ValueError, match="set_signed"):
         gp.SparseConfig(prune="set_signed", init="struct_random")
