@@ -86,7 +86,7 @@ class MaskSet(Mapping):
         for n, p in self._params.items():
             self._masks[n] = torch.ones(p.shape, dtype=torch.bool, device=p.device)
         self._where: dict[str, tuple] = {}  # name -> (its module's _parameters, attr, attr_orig)
-        self._bound = {n: (p, p.data_ptr()) for n, p in self._params.items()}
+        self._bound = {n: (p, p.data_ptr(), p.shape) for n, p in self._params.items()}
         for n, m in (masks or {}).items():
             self[n] = m
 
@@ -155,9 +155,9 @@ class MaskSet(Mapping):
         applied to it at once, so the reported sparsity is the live weights'. A replacement whose
         shape no longer fits the mask raises ``ValueError``.
         """
-        for n, (bound, ptr) in self._bound.items():
+        for n, (bound, ptr, shape) in self._bound.items():
             live = self._live(n)
-            if live is bound and live.data_ptr() == ptr:
+            if live is bound and live.data_ptr() == ptr and live.shape == shape:
                 continue
             mask = self._masks[n]
             flat = live.dim() == 1 and live.shape != mask.shape  # a flat (FSDP) shard
@@ -170,7 +170,7 @@ class MaskSet(Mapping):
             if mask.device != live.device and live.shape == mask.shape:
                 self._masks[n] = mask.to(live.device)
             self._plan_cache = None
-            self._bound[n] = (live, live.data_ptr())
+            self._bound[n] = (live, live.data_ptr(), live.shape)
             if not bool(self._masks[n].all()) and (not flat or self._is_shard(n, live)):
                 live.detach().mul_(self._factor(n, live))
 
@@ -211,22 +211,20 @@ class MaskSet(Mapping):
         parameter's storage) changed; parameters whose mask keeps everything are left out.
         Multiplying the detached views needs no autograd context.
 
-        The check runs every step, so it is kept small: the masks' version counters (they only
+        The check runs every step, so it is kept small: :meth:`_sync` (a parameter replaced, or
+        its storage or shape changed, resets the cache) and the masks' version counters (they only
         grow, so their sum changes whenever any mask was edited in place; replacing a mask resets
-        the cache) and the parameters' storage addresses and shapes."""
+        the cache)."""
         self._sync()
         plan = self._plan_cache
-        if plan is not None:
-            masks, params = plan[4], plan[5]
-            if (sum([m._version for m in masks]) == plan[0][0]
-                    and [(p.data_ptr(), p.shape) for p in params] == plan[0][1]):
-                return plan[1], plan[2], plan[3]
-        masks, params = list(self._masks.values()), list(self._params.values())
-        key = (sum([m._version for m in masks]), [(p.data_ptr(), p.shape) for p in params])
+        if plan is not None and sum([m._version for m in plan[4]]) == plan[0]:
+            return plan[1], plan[2], plan[3]
+        masks = list(self._masks.values())
+        key = sum([m._version for m in masks])
         # a fully dense mask (a dense first layer, an ERK layer capped at 1) would multiply by ones
         sparse = [n for n, m in self._masks.items() if not bool(m.all())]
         plan = (key, [self._params[n] for n in sparse], [self._factor(n, self._params[n]) for n in sparse],
-                [self._params[n].detach() for n in sparse], masks, params)
+                [self._params[n].detach() for n in sparse], masks)
         self._plan_cache = plan
         return plan[1], plan[2], plan[3]
 

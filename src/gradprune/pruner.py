@@ -98,7 +98,7 @@ class Pruner:
         self.model = model
         self.optimizer = optimizer
         targets = find_targets(model, cfg.include, cfg.exclude, cfg.module_types, cfg.include_classifier,
-                                   cfg.strict_filters)
+                               cfg.strict_filters)
         self.pattern = get_pattern(cfg.pattern)
         self._transposed = [n for n, t in targets.items() if t.transposed]  # Conv1D: [in, out]
         fit, self.skipped = fitting_targets({n: t.shape for n, t in targets.items()}, self.pattern, self._transposed)

@@ -87,9 +87,10 @@ def _classify(obj, path: str) -> tuple[str, dict, dict]:
 
 
 def _safetensors_contents(raw: dict, path: str):
-    indices = {k.split("/", 1)[1]: v for k, v in raw.items() if k.startswith("indices/")}
+    from .integrations.safetensors import split_selection
+
+    indices, importance = split_selection(raw)
     if indices:  # gradprune.integrations.safetensors.save_selection: kept indices + importances
-        importance = {k.split("/", 1)[1]: v for k, v in raw.items() if k.startswith("importance/")}
         masks = {}
         for n, imp in importance.items():
             m = torch.zeros(imp.numel(), dtype=torch.bool)

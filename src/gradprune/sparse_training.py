@@ -98,6 +98,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ._io import load_torch
 from ._resume import apply_keeping, restore_zeroed
 from ._checks import check_bool, check_choice, check_float, check_int, check_str_list, round_half_up
 from ._modes import keeps_modes
@@ -535,7 +536,7 @@ class SparseTrainer:
         elif kind == "lottery":
             source = cfg.lottery_masks
             if isinstance(source, (str, os.PathLike)):
-                source = torch.load(source, map_location="cpu", weights_only=True)
+                source = load_torch(source)  # names the path of a damaged file
             missing = [n for n in self.params if n not in source]
             if missing:
                 raise ValueError(f"lottery_masks lacks masks for {missing}")

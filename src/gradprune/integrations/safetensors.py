@@ -77,9 +77,15 @@ def load_selection(path: str | os.PathLike) -> tuple[dict, dict]:
     st = _st()
     if not os.path.isfile(path):
         raise FileNotFoundError(f"selection file not found: {path}")
-    raw = load_safetensors(path)
-    indices = {k.split("/", 1)[1]: v for k, v in raw.items() if k.startswith("indices/")}
-    importance = {k.split("/", 1)[1]: v for k, v in raw.items() if k.startswith("importance/")}
+    indices, importance = split_selection(load_safetensors(path))
     if not indices:
         raise ValueError(f"{path} is not a selection file")
     return indices, importance
+
+
+def split_selection(raw: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
+    """``(indices, importance)`` per parameter from the tensors of a :func:`save_selection` file
+    (both empty when ``raw`` is not one)."""
+    def part(prefix):
+        return {k.split("/", 1)[1]: v for k, v in raw.items() if k.startswith(prefix)}
+    return part("indices/"), part("importance/")
