@@ -29,6 +29,7 @@ from .scores import (
 )
 from .targets import find_targets
 from .structured import SearchResult, find_groups, load_pruned, save_pruned, search
+from .distill import DistillConfig, Distiller, distill
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,7 @@ __all__ = [
     "list_criteria", "register_criterion", "stream_gradients", "find_targets", "__version__",
 ]
 __all__ += ["search", "SearchResult", "find_groups", "save_pruned", "load_pruned"]
+__all__ += ["distill", "Distiller", "DistillConfig"]
 
 # a library logs and lets the application decide where records go (the `gradprune` command does)
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())

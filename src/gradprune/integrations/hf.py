@@ -22,6 +22,10 @@ trainer's state (``gradprune_state.pt``) into each checkpoint folder, and ``resu
 checkpoint folder) restores it. The ``Trainer`` loads the model's weights and the optimizer's state
 before ``on_train_begin`` builds the pruner or sparse trainer; ``load_state_dict`` then puts back
 what the fresh initial masks zeroed, so the run continues exactly (see ``docs/resume.md``).
+
+Recovery by distillation inside ``Trainer``: :class:`DistillTrainer` computes the loss of
+:func:`gradprune.distill` (logit KL, hidden states, hard labels) in ``compute_loss`` (see
+``docs/distill.md``).
 """
 
 from __future__ import annotations
@@ -32,11 +36,13 @@ import torch
 
 from .._io import atomic_write, load_torch
 from ..config import PruneConfig
+from ..distill import DistillConfig, DistillLoss, check_teacher
+from ..masks import MaskSet
 from ..prune import make_config
 from ..pruner import Pruner
 from ..sparse_training import SparseConfig, SparseTrainer
 
-__all__ = ["PruningCallback", "SparseTrainingCallback", "STATE_FILE"]
+__all__ = ["PruningCallback", "SparseTrainingCallback", "DistillTrainer", "STATE_FILE"]
 
 STATE_FILE = "gradprune_state.pt"
 
@@ -44,6 +50,11 @@ try:  # the callbacks subclass TrainerCallback when transformers is installed
     from transformers import TrainerCallback as _Base
 except ImportError:  # pragma: no cover - depends on the environment
     _Base = object
+
+try:
+    from transformers import Trainer as _Trainer
+except ImportError:  # pragma: no cover - depends on the environment
+    _Trainer = object
 
 
 def _unwrap(optimizer):
@@ -140,3 +151,77 @@ class SparseTrainingCallback(_StatefulCallback):
     def on_save(self, args, state, control, **kwargs):
         self._save(self.sparse, args, state)
 
+
+
+class _KeepMasks(_Base):
+    """Zero the masked weights (and their optimizer state) after every optimizer step."""
+
+    def __init__(self, masks: MaskSet):
+        self.masks = masks
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.masks.apply(_unwrap(optimizer) if optimizer is not None else None)
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.masks.apply(_unwrap(optimizer) if optimizer is not None else None)
+
+
+class DistillTrainer(_Trainer):
+    """A ``transformers.Trainer`` whose loss is the distillation loss of :func:`gradprune.distill`.
+
+    Args:
+        teacher: the reference model: put in eval mode, run under ``torch.no_grad()`` on the device
+            its parameters are on (the Trainer does not move it), never updated.
+        distill_config: a :class:`~gradprune.DistillConfig` (or a dict of its fields); default:
+            logit KL at temperature 1.
+        masks: a :class:`~gradprune.MaskSet` of the student: its gradients are masked after each
+            backward pass (before clipping) and its weights after each optimizer step.
+        other arguments: those of ``Trainer`` (``model`` is the student).
+
+    The loss is a mean over a micro-batch's tokens; the Trainer divides it by the gradient
+    accumulation steps. A hidden-state loss needs equal widths here (the projection for pruned
+    widths is trained by :func:`gradprune.distill` only). Example::
+
+        trainer = DistillTrainer(model=small, teacher=model, args=args, train_dataset=ds,
+                                 distill_config=gp.DistillConfig(temperature=2.0))
+        trainer.train()
+    """
+
+    def __init__(self, *args, teacher, distill_config: DistillConfig | dict | None = None,
+                 masks: MaskSet | None = None, **kwargs):
+        if _Trainer is object:
+            raise ImportError("DistillTrainer needs transformers: pip install 'gradprune[hf]'")
+        model = kwargs.get("model", args[0] if args else None)
+        check_teacher(model, teacher)
+        if isinstance(distill_config, dict):
+            distill_config = DistillConfig.from_dict(distill_config)
+        elif distill_config is None:
+            distill_config = DistillConfig()
+        elif not isinstance(distill_config, DistillConfig):
+            raise TypeError(f"distill_config must be a DistillConfig or a dict, got {type(distill_config).__name__}")
+        loss = DistillLoss(model, teacher, distill_config)
+        if len(loss.projections):
+            raise ValueError(f"hidden_states widths differ (student, teacher: {loss.widths}); DistillTrainer "
+                             "compares equal widths only: use gradprune.distill, which trains a projection, "
+                             "or choose hidden states of equal width")
+        if masks is not None and (not isinstance(masks, MaskSet) or masks.model is not model):
+            raise ValueError("masks must be a gradprune.MaskSet of the student (the Trainer's model)")
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.eval()
+        self.distill_config = distill_config
+        self.distill_loss = loss
+        self.masks = masks
+        self.loss_is_scaled_for_ga = False  # a mean per micro-batch: the Trainer divides by the steps
+        if masks is not None:
+            self.add_callback(_KeepMasks(masks))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.teacher.eval()
+        loss, parts, outputs = self.distill_loss(model, self.teacher, inputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.masks is not None:
+            self.masks.apply_to_grads()
+        return loss
