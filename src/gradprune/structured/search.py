@@ -56,13 +56,14 @@ from .export import export_model
 from .flops import CostModel
 from .gates import Gates
 from .groups import Analysis, _as_args, find_groups
+from .kvcache import KVCache
 from .rules import SearchRules
 from .scoring import gate_statistics, magnitude_scores
 
 __all__ = ["search", "SearchResult", "METHODS", "parse_constraints", "LatencyProbe", "recalibrate_batchnorm"]
 
 METHODS = ("gradnas", "taylor", "michel", "magnitude", "fastnas")
-CONSTRAINT_KEYS = ("params", "flops", "latency")
+CONSTRAINT_KEYS = ("params", "flops", "latency", "kv_cache")
 _PCT = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*%\s*$")
 
 
@@ -131,6 +132,8 @@ class SearchResult:
     latency_ms: dict = field(default_factory=dict)  # {"dense"/"pruned": {batch size: median ms}}
     latency_search: dict = field(default_factory=dict)  # the measurement a latency constraint used
     uniform: bool = False  # searched with one common width per family of layers
+    kv_cache: int | None = None  # KV-cache bytes per token of the subnet (see .kvcache)
+    dense_kv_cache: int | None = None
 
     @property
     def groups(self) -> list:
@@ -382,12 +385,13 @@ def _rule_advice(rule, size: int, unit: str) -> str:
     return f"its rule allows no width below {size} {unit}"
 
 
-def _check_reachable(analysis: Analysis, choices: dict, cost, bounds: dict, rules: SearchRules) -> None:
+def _check_reachable(analysis: Analysis, choices: dict, cost, bounds: dict, rules: SearchRules,
+                     kv: KVCache | None = None) -> None:
     """Raise before any scoring when even the smallest widths the rules allow miss a params or
     FLOPs bound; name the groups the rules keep whole and what to relax."""
     smallest = {gi: min(c) for gi, c in choices.items()}
     p, f = cost.costs(smallest)
-    values = {"params": p, "flops": f}
+    values = {"params": p, "flops": f, "kv_cache": kv.of(smallest) if kv is not None else 0}
     missed = {k: b for k, b in bounds.items() if k != "latency" and values[k] > b}
     if not missed:
         return
@@ -408,7 +412,15 @@ def _check_reachable(analysis: Analysis, choices: dict, cost, bounds: dict, rule
                   "(smaller ratios or divisors in rules=) or loosen the constraint.")
     raise ValueError(f"no subnet meets constraints ({asked}): the smallest reachable are "
                      f"params={p} ({p / cost.dense_params:.1%}) and flops={f} "
-                     f"({f / max(cost.dense_flops, 1):.1%}) with these rules.{detail}")
+                     f"({f / max(cost.dense_flops, 1):.1%}){_kv_text(kv, smallest, bounds)} with these "
+                     f"rules.{detail}")
+
+
+def _kv_text(kv: KVCache, widths: dict, bounds: dict) -> str:
+    if "kv_cache" not in bounds:
+        return ""
+    k = kv.of(widths)
+    return f", kv_cache={k} bytes/token ({k / max(kv.dense, 1):.1%})"
 
 
 def _ranking(scores: torch.Tensor, balance: int) -> list:
@@ -454,7 +466,9 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
             (any of them at once); percentages are of the dense model; FLOPs are 2 x MACs of one
             forward on ``example_input``; latency is the measured median forward time on
             ``example_input`` (its batch size, the model's device; see :class:`LatencyProbe`):
-            each candidate that meets the other bounds is exported and timed.
+            each candidate that meets the other bounds is exported and timed. ``"kv_cache": bytes
+            or "NN%"`` bounds the key/value-cache bytes per token of context, counted from the
+            kept key/value heads (see :mod:`gradprune.structured.kvcache`).
         data, loss_fn: batches and ``loss_fn(model, batch) -> scalar`` for the gradient methods.
             For ``fastnas`` both are optional: with ``data``, BatchNorm statistics are
             re-estimated on its first ``max_iter_data_loader`` batches (held in memory; run with
@@ -532,7 +546,11 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
         if not fams:
             raise ValueError("uniform=True needs a Hugging Face model of a supported family "
                              f"({', '.join(FAMILIES)})")
-    dense = {"params": cost.dense_params, "flops": cost.dense_flops}
+    kv = KVCache(analysis)
+    dense = {"params": cost.dense_params, "flops": cost.dense_flops, "kv_cache": kv.dense}
+    if "kv_cache" in constraints and not kv.dense:
+        raise ValueError("constraints['kv_cache']: the model has no attention whose key/value cache "
+                         "gradprune can count (no head groups, no Hugging Face config)")
     probe = lat_frac = None
     if "latency" in constraints:
         probe = LatencyProbe(analysis, example_input, uniform=uniform, group=group)
@@ -548,7 +566,7 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
         for gi in gis:
             choices[gi] = tuple(sorted(common))
 
-    _check_reachable(analysis, choices, cost, bounds, rules)  # from the rules alone, before scoring
+    _check_reachable(analysis, choices, cost, bounds, rules, kv)  # from the rules alone, before scoring
 
     batches, summary = 0, {}
     if method in ("gradnas", "taylor", "michel"):
@@ -586,7 +604,7 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
 
     def meets(widths: dict) -> bool:
         p, f = cost.costs(widths)
-        values = {"params": p, "flops": f}
+        values = {"params": p, "flops": f, "kv_cache": kv.of(widths)}
         if not all(values[k] <= b for k, b in bounds.items() if k != "latency"):
             return False
         if probe is None:
@@ -606,7 +624,8 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
             lat = f", latency={ms:.3f} ms ({ms / dense_ms:.1%} of the dense {dense_ms:.3f} ms, measured)"
         raise ValueError(f"no subnet meets constraints ({asked}): the smallest reachable are "
                          f"params={p} ({p / cost.dense_params:.1%}) and flops={f} "
-                         f"({f / max(cost.dense_flops, 1):.1%}){lat} with these rules")
+                         f"({f / max(cost.dense_flops, 1):.1%}){_kv_text(kv, smallest, bounds)}{lat} "
+                         "with these rules")
     lo = -1  # thresholds[lo] fails (or lo = -1: nothing checked yet)
     bar = progress(total=max(1, math.ceil(math.log2(len(thresholds) + 1))), desc="budget search",
                    enable=show_progress)
@@ -628,7 +647,8 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
                           keep=keep, scores=scores, sensitivity=sens, params=p, flops=f,
                           dense_params=cost.dense_params, dense_flops=cost.dense_flops,
                           constraints=bounds, threshold=t, batches=batches, score_summary=summary,
-                          example_input=example_input, uniform=uniform)
+                          example_input=example_input, uniform=uniform, kv_cache=kv.of(widths),
+                          dense_kv_cache=kv.dense)
     if probe is not None:
         ms, dense_ms = measured(widths)
         result.latency_search = {"batch_size": probe.batch_size, "dense_ms": dense_ms, "pruned_ms": ms,
