@@ -157,6 +157,9 @@ class SearchResult:
                      f"({self.params / max(self.dense_params, 1):.1%})")
         lines.append(f"flops:  {self.dense_flops} -> {self.flops} "
                      f"({self.flops / max(self.dense_flops, 1):.1%})")
+        if "kv_cache" in self.constraints:
+            lines.append(f"kv_cache: {self.dense_kv_cache} -> {self.kv_cache} bytes/token "
+                         f"({self.kv_cache / max(self.dense_kv_cache, 1):.1%})")
         if self.latency_ms:
             dense, pruned = self.latency_ms["dense"], self.latency_ms["pruned"]
             for bs in dense:
