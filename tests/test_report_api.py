@@ -214,3 +214,30 @@ def test_unknown_report_attribute_is_an_attribute_error():
 def test_plot_rejects_a_bad_path_before_drawing():
     with pytest.raises(TypeError, match="path must be a str or os.PathLike, got int"):
         _prune_result().report.plot(3)
+
+
+def _old_spellings(source: str) -> list:
+    """Line numbers of ``x.report()`` calls and ``x.report["key"]`` reads in Python ``source``."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        target = node.func if isinstance(node, ast.Call) else node.value if isinstance(node, ast.Subscript) else None
+        if isinstance(target, ast.Attribute) and target.attr == "report":
+            found.append(node.lineno)
+    return found
+
+
+def test_nothing_in_the_repo_uses_an_old_spelling():
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    bad = []
+    for path in sorted([root / "README.md", *(root / "docs").rglob("*.md")]):
+        for i, block in enumerate(re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.S)):
+            bad += [f"{path.relative_to(root)} block {i} line {n}" for n in _old_spellings(block)]
+    for path in sorted([*(root / "src").rglob("*.py"), *(root / "examples").rglob("*.py"),
+                        *(root / "benchmarks").rglob("*.py")]):
+        bad += [f"{path.relative_to(root)}:{n}" for n in _old_spellings(path.read_text(encoding="utf-8"))]
+    assert not bad, f"old report spellings (use .report, report.<field>): {bad}"

@@ -17,6 +17,12 @@ line says what it counts: the *prunable weights* (the masked tensors) or *all we
 ``model``/``example_input`` factories the report also counts FLOPs (2 x MACs of one forward, dense
 and with the measured per-layer density).
 
+The report objects of the library (``.report`` of ``gp.prune``'s and ``gp.pre_prune``'s results,
+of ``Pruner``, ``SparseTrainer`` and ``gp.search``'s result: :class:`SparsityReport`,
+:class:`SelectionReport`, :class:`SearchReport`, all a :class:`Report` with ``str``, ``to_dict()``,
+``to_markdown()`` and ``plot()``) are defined in ``gradprune._report`` and re-exported here; their
+plots and this command's share :func:`series_style` and :func:`density_panel`.
+
 Example:
     >>> import tempfile, os, torch, torch.nn as nn
     >>> from gradprune.report import checkpoint_report
@@ -46,7 +52,7 @@ from ._table import format_table
 from .config import atomic_write
 
 __all__ = ["checkpoint_report", "format_report", "plot_report", "report_figure", "series_style", "format_overall",
-           "PRUNABLE", "ALL_WEIGHTS", "Report", "SparsityReport", "SelectionReport", "SearchReport"]
+           "PRUNABLE", "ALL_WEIGHTS", "Report", "SparsityReport", "SelectionReport", "SearchReport", "density_panel"]
 
 KINDS = {"masks": "masks (kept entries per mask)",
          "selection": "pre-pruning selection (kept entries per mask)",
