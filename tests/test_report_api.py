@@ -8,6 +8,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import gradprune as gp
@@ -241,3 +243,26 @@ def test_nothing_in_the_repo_uses_an_old_spelling():
                         *(root / "benchmarks").rglob("*.py")]):
         bad += [f"{path.relative_to(root)}:{n}" for n in _old_spellings(path.read_text(encoding="utf-8"))]
     assert not bad, f"old report spellings (use .report, report.<field>): {bad}"
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.tuples(st.integers(1, 5), st.integers(1, 5)), min_size=1, max_size=5),
+       seed=st.integers(0, 2**16), skip=st.booleans())
+def test_sparsity_report_counts_match_the_masks(sizes, seed, skip):
+    model = nn.Sequential(*[nn.Linear(i, o) for i, o in sizes])
+    g = torch.Generator().manual_seed(seed)
+    names = [f"{k}.weight" for k in range(len(sizes))]
+    masks = gp.MaskSet(model, names=names, masks={n: torch.rand(o, i, generator=g) < 0.5
+                                                 for n, (i, o) in zip(names, sizes)})
+    skipped = {"extra.weight": "too small"} if skip else {}
+    rep = SparsityReport(masks, skipped, {"extra.weight": torch.Size([2, 3])})
+    d = rep.to_dict()
+    zeros = sum(int((~m).sum()) for _, m in masks.items())
+    total = sum(m.numel() for _, m in masks.items())
+    assert (d["zeros"], d["total"], d["overall"]) == (zeros, total, masks.sparsity())
+    assert json.loads(json.dumps(d)) == d
+    assert len([ln for ln in rep.to_markdown().splitlines() if ln.startswith("|")]) == 2 + len(sizes) + skip
+    assert str(rep).splitlines()[-1] == (f"overall sparsity of {PRUNABLE}: {masks.sparsity():.4f} "
+                                         f"({zeros:,} of {total:,} entries zero)")
+    assert [r["density"] for r in d["layers"]][:len(sizes)] == pytest.approx(
+        [float(m.float().mean()) for _, m in masks.items()])
