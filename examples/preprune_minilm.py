@@ -82,10 +82,10 @@ def run(n_samples: int = 24, topk: float | int = 0.0005, batch_size: int = 12, v
     sel = gp.pre_prune(model, data, cfg, loss_fn)
     if verbose:
         print(cfg)
-        print(f"kept {sel.report['kept_total']:,} of {sel.report['total']:,} entries from "
-              f"{sel.report['samples']} samples {sel.report['samples_per_class']} in "
-              f"{time.perf_counter() - start:.1f}s ({sel.report['backward_passes']} backward passes)")
-        top = sorted(sel.report["kept"].items(), key=lambda kv: -kv[1])[:10]
+        print(f"kept {sel.report.kept_total:,} of {sel.report.total:,} entries from "
+              f"{sel.report.samples} samples {sel.report.samples_per_class} in "
+              f"{time.perf_counter() - start:.1f}s ({sel.report.backward_passes} backward passes)")
+        top = sorted(sel.report.kept.items(), key=lambda kv: -kv[1])[:10]
         print("parameters holding the most kept entries:")
         for name, count in top:
             if count:

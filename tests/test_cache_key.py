@@ -29,7 +29,7 @@ def _run(model, loss, tmp_path, data=None, **kw):
     cfg = gp.PrePruneConfig(n_samples=8, topk=5, cache_dir=str(tmp_path), **kw)
     sel = gp.pre_prune(model, data if data is not None else _data(), cfg, loss, collate_fn=collate,
                        params=["0.weight"])
-    return sel.report["cache"], sel.report["backward_passes"]
+    return sel.report.cache, sel.report.backward_passes
 
 
 def loss_a(model, batch, target):

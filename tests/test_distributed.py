@@ -294,7 +294,7 @@ def _preprune(model, statistic, **kw):
                             seed=1, **{k: v for k, v in kw.items() if k == "cache_dir"})
     sel = gp.pre_prune(model, _preprune_data(), cfg, _preprune_loss,
                        **{k: v for k, v in kw.items() if k == "process_group"})
-    return _strip(sel.masks), _strip(sel.importance), sel.report["backward_passes"]
+    return _strip(sel.masks), _strip(sel.importance), sel.report.backward_passes
 
 
 def _preprune_worker(rank, world, cache_dir):

@@ -22,7 +22,7 @@ def test_preprune_minilm_example():
     pytest.importorskip("transformers")
     example = _load("preprune_minilm")
     sel = example.run(n_samples=8, topk=0.0001, batch_size=8, verbose=False)
-    assert sel.report["samples_per_class"] == {0: 4, 1: 4}
-    assert sel.report["kept_total"] == math.ceil(0.0001 * sel.report["total"])
-    assert sel.report["total"] > 22_000_000          # the real model, not a toy
-    assert sel.report["backward_passes"] == 2        # one batch, factual and alternative
+    assert sel.report.samples_per_class == {0: 4, 1: 4}
+    assert sel.report.kept_total == math.ceil(0.0001 * sel.report.total)
+    assert sel.report.total > 22_000_000          # the real model, not a toy
+    assert sel.report.backward_passes == 2        # one batch, factual and alternative

@@ -1261,7 +1261,7 @@ def test_pruner_report_and_skipped_layers(cnn):
     pruner.on_before_optimizer_step()
     opt.step()
     pruner.on_after_optimizer_step()
-    rows = {r["name"]: r for r in pruner.report().rows}
+    rows = {r["name"]: r for r in pruner.report.rows}
     assert rows["0.weight"]["note"].startswith("skipped") and rows["0.weight"]["sparsity"] == 0.0
     assert rows["2.weight"]["sparsity"] == 0.5 and rows["6.weight"]["sparsity"] == 0.5
 

@@ -121,8 +121,8 @@ def test_too_few_items_fills_with_replacement_and_warns():
         [it for it in items if it["feature_class_id"] == 1][:2]
     with pytest.warns(UserWarning, match="sampled with replacement"):
         sel = gp.pre_prune(_model(), items, gp.PrePruneConfig(n_samples=8, topk=3), _loss)
-    assert sel.report["samples_per_class"] == {0: 4, 1: 4}
-    assert sel.report["filled_with_replacement"] == [1]
+    assert sel.report.samples_per_class == {0: 4, 1: 4}
+    assert sel.report.filled_with_replacement == [1]
 
 
 def test_target_classes_from_definition_and_config():
@@ -134,10 +134,10 @@ def test_target_classes_from_definition_and_config():
 
     sel = gp.pre_prune(_model(), items, gp.PrePruneConfig(n_samples=6, topk=3), _loss,
                        definition=Definition())
-    assert sel.report["samples_per_class"] == {0: 3, 2: 3}
+    assert sel.report.samples_per_class == {0: 3, 2: 3}
     sel = gp.pre_prune(_model(), items, gp.PrePruneConfig(n_samples=6, topk=3,
                        target_feature_class_ids=[1]), _loss, definition=Definition())
-    assert sel.report["samples_per_class"] == {1: 6}
+    assert sel.report.samples_per_class == {1: 6}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +161,7 @@ def test_batched_mean_gradient_equals_per_sample_loop(source, batch_size):
     torch.testing.assert_close(_flat(sel.importance, model), ref, rtol=1e-5, atol=1e-7)
     per_batch = 2 if source == "diff" else 1
     assert len(calls) == math.ceil(13 / batch_size) * per_batch
-    assert sel.report["backward_passes"] == len(calls)
+    assert sel.report.backward_passes == len(calls)
 
 
 def test_per_sample_loss_vector_is_accepted():
@@ -228,22 +228,22 @@ def test_topk_int_float_threshold_and_mask_order():
     assert int(offsets[names.index(name)]) + idx == best
 
     frac = gp.pre_prune(model, items, gp.PrePruneConfig(n_samples=10, topk=0.1), _loss)
-    assert frac.report["kept_total"] == math.ceil(0.1 * n)
+    assert frac.report.kept_total == math.ceil(0.1 * n)
     kept_scores = torch.cat([full.importance[nm].reshape(-1)[frac.indices[nm]] for nm in names])
     assert float(kept_scores.min()) >= float(torch.topk(flat, math.ceil(0.1 * n)).values.min())
 
     thr = float(flat.median())
     by_thr = gp.pre_prune(model, items, gp.PrePruneConfig(n_samples=10, threshold=thr), _loss)
-    assert by_thr.report["kept_total"] == int((flat >= thr).sum())
+    assert by_thr.report.kept_total == int((flat >= thr).sum())
     # threshold first, then topk of what remains (a fraction of the remainder)
     both = gp.pre_prune(model, items, gp.PrePruneConfig(n_samples=10, threshold=thr, topk=0.5), _loss)
-    assert both.report["kept_total"] == math.ceil(0.5 * int((flat >= thr).sum()))
+    assert both.report.kept_total == math.ceil(0.5 * int((flat >= thr).sum()))
     # a mask first: only its True entries are candidates in the parameters it names
     mask = {"0.weight": torch.zeros_like(model[0].weight, dtype=torch.bool)}
     mask["0.weight"][0, :3] = True
     masked = gp.pre_prune(model, items, gp.PrePruneConfig(n_samples=10, topk=1.0, mask=mask), _loss)
     assert masked.indices["0.weight"].tolist() == [0, 1, 2]
-    assert masked.report["kept_total"] == n - model[0].weight.numel() + 3
+    assert masked.report.kept_total == n - model[0].weight.numel() + 3
     for nm in names:
         assert torch.equal(masked.masks[nm].reshape(-1).nonzero().flatten(), masked.indices[nm])
 
@@ -277,17 +277,17 @@ def test_cache_hit_reuses_and_any_change_recomputes(tmp_path):
     cfg = gp.PrePruneConfig(n_samples=8, topk=5, cache_dir=str(tmp_path))
     first = gp.pre_prune(model, items, cfg, loss)
     n_first = len(calls)
-    assert first.report["cache"] is None and n_first > 0
+    assert first.report.cache is None and n_first > 0
     second = gp.pre_prune(model, items, cfg, loss)
-    assert len(calls) == n_first and second.report["cache"] == "selection"
+    assert len(calls) == n_first and second.report.cache == "selection"
     assert {k: v.tolist() for k, v in second.indices.items()} == {k: v.tolist() for k, v in first.indices.items()}
 
     # a selection-only change recomputes... unless use_cached_gradients
     gp.pre_prune(model, items, cfg.replace(topk=6), loss)
     assert len(calls) == 2 * n_first
     reuse = gp.pre_prune(model, items, cfg.replace(topk=7, use_cached_gradients=True), loss)
-    assert len(calls) == 2 * n_first and reuse.report["cache"] == "gradients"
-    assert reuse.report["kept_total"] == 7
+    assert len(calls) == 2 * n_first and reuse.report.cache == "gradients"
+    assert reuse.report.kept_total == 7
 
     # changed weights, data, or source: recomputed
     with torch.no_grad():
@@ -315,7 +315,7 @@ def test_damaged_cache_file_is_recomputed(tmp_path):
     for f in os.listdir(tmp_path):
         (tmp_path / f).write_bytes(b"not a checkpoint")
     again = gp.pre_prune(model, items, cfg, _loss)
-    assert again.report["cache"] is None and again.report["kept_total"] == 3
+    assert again.report.cache is None and again.report.kept_total == 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,8 +376,8 @@ def test_pre_prune_masked_lm():
     sel = gp.pre_prune(model, _sentences(), gp.PrePruneConfig(n_samples=8, topk=0.01, source="diff",
                        batch_size=4), loss)
     n = sum(p.numel() for p in model.parameters())
-    assert sel.report["kept_total"] == math.ceil(0.01 * n)
-    assert sel.report["backward_passes"] == 4
+    assert sel.report.kept_total == math.ceil(0.01 * n)
+    assert sel.report.backward_passes == 4
     kept = torch.cat([sel.importance[k].reshape(-1)[v] for k, v in sel.indices.items()])
     dropped = torch.cat([sel.importance[k].reshape(-1)[~sel.masks[k].reshape(-1)] for k in sel.indices])
     assert float(kept.min()) >= float(dropped.max())
@@ -409,4 +409,4 @@ def test_pre_prune_causal_lm_matches_per_sample_loop():
     model.zero_grad()
     for n in acc:
         torch.testing.assert_close(sel.importance[n], acc[n].abs(), rtol=1e-4, atol=1e-7)
-    assert sel.report["kept_total"] == 50
+    assert sel.report.kept_total == 50

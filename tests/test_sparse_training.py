@@ -1135,7 +1135,7 @@ def test_report_matches_masks():
     model = build("cnn")
     trainer = gp.SparseTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
                                gp.SparseConfig(density=0.2, end_step=0))
-    rep = trainer.report()
+    rep = trainer.report
     assert isinstance(rep, SparsityReport)
     rows = {r["name"]: r for r in rep.rows}
     assert set(rows) == set(trainer.masks)

@@ -114,7 +114,7 @@ def test_search_meets_constraints_and_export_matches(case, tmp_path):
     again = st.load_pruned(lambda: build(name, seed=3), tmp_path / "pruned")
     again.eval()
     torch.testing.assert_close(again(x), small(x))
-    assert "params:" in found.report() and "flops:" in found.report()
+    assert "params:" in str(found.report) and "flops:" in str(found.report)
 
 
 @pytest.mark.parametrize("method", ["taylor", "magnitude", "michel"])

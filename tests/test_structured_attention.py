@@ -236,7 +236,7 @@ def test_search_with_a_params_budget_meets_it_and_round_trips(tmp_path):
                                                                                st.PrunedMultiheadAttention)
     with torch.no_grad():
         torch.testing.assert_close(again(x), small(x))
-    text = found.report()
+    text = str(found.report)
     assert "heads" in text and "params:" in text
 
 
@@ -287,7 +287,7 @@ def test_latency_fields_in_the_report():
     lat = found.latency_ms
     assert set(lat["dense"]) == set(lat["pruned"]) == {1, 32}
     assert all(v > 0 for key in ("dense", "pruned") for v in lat[key].values())
-    text = found.report()
+    text = str(found.report)
     assert "latency batch 1:" in text and "latency batch 32:" in text
     calls = []
 

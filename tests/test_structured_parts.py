@@ -331,7 +331,7 @@ def test_dry_run_report_lists_groups_and_skipped():
     data = batches("mlp", 1)
     found = st.search(model, {"params": "70%"}, data, loss_fn, "gradnas", data[0][0],
                       rules={"nn.Linear": {"feature_divisor": 1}})
-    text = found.report()
+    text = str(found.report)
     assert "group" in text and "kept" in text and "5: output is a model output" in text
     assert f"params: {found.dense_params} -> {found.params}" in text
 

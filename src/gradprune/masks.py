@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ._checks import check_bool, check_names
+from ._report import SparsityReport  # noqa: F401  (re-exported: gradprune.masks.SparsityReport)
 from .patterns import NMPattern
 from .targets import find_targets
 
@@ -478,37 +479,3 @@ def _units_pruned(pattern, prev: torch.Tensor) -> torch.Tensor:
         return per_group >= (pattern.m - pattern.n)
     per_unit = pattern.unit_scores(pruned, "mean", True)
     return per_unit >= 1.0
-
-
-class SparsityReport:
-    """Per-layer table of what a mask set removed (``str(report)`` prints it).
-
-    ``rows`` is a list of dicts with ``name``, ``shape``, ``numel``, ``kept``, ``sparsity`` and
-    ``note`` (why a layer was skipped); ``overall`` is the sparsity over the masked layers.
-    """
-
-    columns = ("name", "shape", "numel", "kept", "sparsity", "note")
-
-    def __init__(self, masks: "MaskSet", skipped: Mapping[str, str] | None = None,
-                 shapes: Mapping[str, torch.Size] | None = None):
-        self.rows = []
-        for n, m in masks.items():
-            kept = int(m.sum())
-            self.rows.append({"name": n, "shape": tuple(m.shape), "numel": m.numel(), "kept": kept,
-                              "sparsity": 1.0 - kept / m.numel(), "note": ""})
-        for n, why in (skipped or {}).items():
-            shape = tuple((shapes or {}).get(n, ()))
-            numel = int(torch.Size(shape).numel()) if shape else 0
-            self.rows.append({"name": n, "shape": shape, "numel": numel, "kept": numel,
-                              "sparsity": 0.0, "note": f"skipped: {why}"})
-        self.overall = masks.sparsity()
-
-    def to_dict(self) -> dict:
-        return {"overall": self.overall, "layers": [dict(r, shape=list(r["shape"])) for r in self.rows]}
-
-    def __str__(self) -> str:
-        from ._table import format_table
-
-        return format_table(self.rows, self.columns) + f"\noverall sparsity: {self.overall:.4f}"
-
-    __repr__ = __str__

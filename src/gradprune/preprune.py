@@ -52,7 +52,7 @@ Example:
     >>> sel = gp.pre_prune(model, data, gp.PrePruneConfig(n_samples=8, topk=5, source="diff"), loss_fn)
     >>> sum(len(i) for i in sel.indices.values())
     5
-    >>> sel.report["samples_per_class"]
+    >>> sel.report.samples_per_class
     {0: 4, 1: 4}
 """
 
@@ -80,6 +80,7 @@ from ._modes import keeps_modes
 from .config import Config, atomic_write
 from ._distributed import (all_reduce_gradients, all_reduce_tensors, resolve_process_group,
                                        sum_over_ranks)
+from ._report import SelectionReport
 from .masks import MaskSet
 from .scores import scoring_context
 from .select import Units, select
@@ -208,14 +209,20 @@ class PrePruneSelection:
     """The result of :func:`pre_prune`.
 
     ``masks``: a :class:`MaskSet` of kept entries per parameter; ``indices``: kept flat indices per
-    parameter (sorted); ``importance``: importance tensor per parameter; ``report``: counts, time,
-    samples per class, backward passes, cache use.
+    parameter (sorted); ``importance``: importance tensor per parameter; ``report``: a
+    :class:`~gradprune.report.SelectionReport` (``print(sel.report)``; counts, time, samples per
+    class, backward passes and cache use as attributes: ``sel.report.kept_total``). Reading it
+    as the dict it was, ``sel.report["kept_total"]``, is deprecated.
     """
 
     masks: MaskSet
     indices: dict
     importance: dict
-    report: dict
+    report: SelectionReport
+
+    def __post_init__(self):
+        if isinstance(self.report, Mapping):  # built with the dict of earlier versions
+            self.report = SelectionReport(self.masks, self.report)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -674,7 +681,7 @@ def pre_prune(
             ``DistributedDataParallel`` model, whose inner ``.module`` is what ``loss_fn`` gets):
             every rank passes the whole dataset and the same config, takes its share of the seeded
             sample's batches, and the statistics are summed over the ranks, so every rank gets the
-            selection of a single-process run (``report["backward_passes"]`` counts this rank's).
+            selection of a single-process run (``report.backward_passes`` counts this rank's).
     """
     start = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -821,4 +828,4 @@ def pre_prune(
         "cache": cache_hit,
         "seconds": time.perf_counter() - start,
     }
-    return PrePruneSelection(masks, kept_idx, importance, report)
+    return PrePruneSelection(masks, kept_idx, importance, SelectionReport(masks, report))

@@ -187,8 +187,10 @@ class Pruner:
         """Whether every prune event has happened."""
         return self.step > self._last_event
 
+    @property
     def report(self) -> SparsityReport:
-        """Per-layer sparsity table of the current masks."""
+        """Per-layer sparsity table of the current masks (``print(pruner.report)``; see
+        :class:`~gradprune.report.Report`). Calling it, ``pruner.report()``, is deprecated."""
         return SparsityReport(self.masks, self.skipped, self._skipped_shapes)
 
     def state_dict(self) -> dict:

@@ -311,7 +311,7 @@ def _run_recipe(recipe: dict, base_dir: str, overwrite: bool = False) -> tuple[d
             pruner.on_after_optimizer_step()
 
         _train_loop(model, data, loss_fn, recipe["train"], lambda: (pruner.on_step_begin(), opt.zero_grad()), step)
-        rep = pruner.report()
+        rep = pruner.report
         report.update(rep.to_dict(), config=recipe["prune"].to_dict(), steps=pruner.step)
         text = str(rep)
         files = _write_common(out, model, pruner.masks, report)
@@ -322,7 +322,7 @@ def _run_recipe(recipe: dict, base_dir: str, overwrite: bool = False) -> tuple[d
         opt = _optimizer(model, recipe["train"])
         sparse = SparseTrainer(model, opt, recipe["sparse"])
         _train_loop(model, data, loss_fn, recipe["train"], opt.zero_grad, sparse.step)
-        rep = sparse.report()
+        rep = sparse.report
         report.update(rep.to_dict(), updates=sparse.updates, steps=sparse.step_count,
                       config={k: v for k, v in recipe["sparse"].to_dict().items() if not callable(v)})
         text = str(rep)
@@ -337,7 +337,7 @@ def _run_recipe(recipe: dict, base_dir: str, overwrite: bool = False) -> tuple[d
         found = search(model, sec["constraints"], data=data, loss_fn=loss_fn, method=sec["method"],
                        example_input=example, **kwargs)
         small = found.export()
-        text = str(found.report())
+        text = str(found.report)
         report.update(search=text, constraints=sec["constraints"], method=sec["method"],
                       params=sum(p.numel() for p in small.parameters()))
         write_file_set(out, {"pruned": lambda t: save_pruned(small, t), "report.json": _json_writer(report)})
@@ -348,10 +348,10 @@ def _run_recipe(recipe: dict, base_dir: str, overwrite: bool = False) -> tuple[d
         if data is None or loss_fn is None:
             raise RecipeError("workflow 'preprune' needs data: (a dataset of dict items) and loss_fn:")
         sel = pre_prune(model, data, recipe["preprune"], loss_fn)
-        report.update({k: v for k, v in sel.report.items()},
+        report.update({k: v for k, v in sel.report.to_dict().items() if k not in ("kind", "layers")},
                       config={k: v for k, v in recipe["preprune"].to_dict().items()
                               if k not in ("dataset", "mask")})
-        text = f"kept {sel.report['kept_total']} of {sel.report['total']} entries"
+        text = str(sel.report)
         write_file_set(out, {"selection.pt": lambda t: torch.save(
             {"indices": sel.indices, "masks": sel.masks.state_dict()}, t), "report.json": _json_writer(report)})
         files = ["selection.pt", "report.json"]

@@ -17,6 +17,12 @@ line says what it counts: the *prunable weights* (the masked tensors) or *all we
 ``model``/``example_input`` factories the report also counts FLOPs (2 x MACs of one forward, dense
 and with the measured per-layer density).
 
+The report objects of the library (``.report`` of ``gp.prune``'s and ``gp.pre_prune``'s results,
+of ``Pruner``, ``SparseTrainer`` and ``gp.search``'s result: :class:`SparsityReport`,
+:class:`SelectionReport`, :class:`SearchReport`, all a :class:`Report` with ``str``, ``to_dict()``,
+``to_markdown()`` and ``plot()``) are defined in ``gradprune._report`` and re-exported here; their
+plots and this command's share :func:`series_style` and :func:`density_panel`.
+
 Example:
     >>> import tempfile, os, torch, torch.nn as nn
     >>> from gradprune.report import checkpoint_report
@@ -40,15 +46,13 @@ import torch
 from torch import nn
 
 from ._io import load_json, load_safetensors, load_torch
+from ._report import (ALL_WEIGHTS, PRUNABLE, Report, SearchReport, SelectionReport, SparsityReport,
+                      density_panel, format_overall, series_style)
 from ._table import format_table
 from .config import atomic_write
 
 __all__ = ["checkpoint_report", "format_report", "plot_report", "report_figure", "series_style", "format_overall",
-           "PRUNABLE", "ALL_WEIGHTS"]
-
-#: what each overall line counts
-PRUNABLE = "prunable weights (the masked tensors)"
-ALL_WEIGHTS = "all weight tensors (2-D and up)"
+           "PRUNABLE", "ALL_WEIGHTS", "Report", "SparsityReport", "SelectionReport", "SearchReport", "density_panel"]
 
 KINDS = {"masks": "masks (kept entries per mask)",
          "selection": "pre-pruning selection (kept entries per mask)",
@@ -220,21 +224,6 @@ def checkpoint_report(path, model_factory: Callable[[], nn.Module] | None = None
     return rep
 
 
-def format_overall(what: str, sparsity: float, zeros: int | None = None, total: int | None = None) -> str:
-    """One overall line that says what it counts, e.g. for ``what=PRUNABLE``:
-    ``overall sparsity of prunable weights (the masked tensors): 0.9500 (950 of 1,000 entries zero)``.
-
-    Example:
-        >>> from gradprune.report import format_overall, ALL_WEIGHTS
-        >>> format_overall(ALL_WEIGHTS, 0.5, 2, 4)
-        'overall sparsity of all weight tensors (2-D and up): 0.5000 (2 of 4 entries zero)'
-    """
-    text = f"overall sparsity of {what}: {sparsity:.4f}"
-    if zeros is not None and total is not None:
-        text += f" ({zeros:,} of {total:,} entries zero)"
-    return text
-
-
 def format_report(rep: dict) -> str:
     """The table and the overall lines ``gradprune report`` prints.
 
@@ -254,27 +243,6 @@ def format_report(rep: dict) -> str:
     return "\n".join(lines)
 
 
-_MARKERS = ("o", "s", "^", "D", "v", "P", "X")  # 7 markers, coprime with tab20's 20 colours
-
-
-def series_style(i: int) -> dict:
-    """Colour, marker and line style of the ``i``-th series of a plot: 20 distinct colours (tab20)
-    and a marker cycle of 7, so 140 series differ in colour or marker and the first 20 in both.
-
-    Example:
-        >>> from gradprune.report import series_style
-        >>> series_style(0)["marker"], series_style(1)["marker"]
-        ('o', 's')
-    """
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab20"]
-    # even entries first (the strong colours), then the light ones
-    colour = cmap(((i % 20) * 2) % 20 + (i % 20) // 10)
-    return {"color": colour, "marker": _MARKERS[i % len(_MARKERS)],
-            "linestyle": ("-", "--", ":", "-.")[(i // 20) % 4]}
-
-
 def report_figure(rep: dict, results: dict | None = None):
     """The matplotlib figure :func:`plot_report` saves: per-layer density bars and, with a demo
     ``results.json``, accuracy vs sparsity (one series per criterion x pattern). Every panel is
@@ -287,15 +255,10 @@ def report_figure(rep: dict, results: dict | None = None):
     names = [r["name"] for r in rep["layers"]]
     height = max(4.0, 0.18 * len(names) + 1.0)
     fig, axes = plt.subplots(1, n_axes, figsize=(6.5 * n_axes, height), squeeze=False)
-    ax = axes[0][0]
     what = "kept fraction of each mask" if rep.get("kind") in ("masks", "selection") else "nonzero fraction"
-    ax.barh(range(len(names)), [r["density"] for r in rep["layers"]], color="C0")
-    ax.set_yticks(range(len(names)), names, fontsize=7)
-    ax.set_xlim(0, 1)
-    ax.set_xlabel(f"density ({what})")
-    ax.invert_yaxis()
-    ax.set_title(f"per-layer density; overall sparsity of {rep['overall_counts']}: "
-                 f"{rep['overall_sparsity']:.3f}", fontsize=9)
+    density_panel(axes[0][0], names, [r["density"] for r in rep["layers"]],
+                  f"per-layer density; overall sparsity of {rep['overall_counts']}: {rep['overall_sparsity']:.3f}",
+                  f"density ({what})")
     if results:
         ax2 = axes[0][1]
         groups: dict = {}

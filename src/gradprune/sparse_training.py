@@ -894,8 +894,10 @@ class SparseTrainer:
                 self._set_units(n, units & ~dropped)
 
     # -- reporting -------------------------------------------------------------------------------
+    @property
     def report(self) -> SparsityReport:
-        """Per-layer density/sparsity table of the current masks."""
+        """Per-layer density/sparsity table of the current masks (``print(trainer.report)``; see
+        :class:`~gradprune.report.Report`). Calling it, ``trainer.report()``, is deprecated."""
         return SparsityReport(self.masks)
 
     def training_flops(self, example_input: Any) -> dict:

@@ -189,7 +189,7 @@ class _FSDPDriver:
     def _attach(self, masks) -> None:
         masks.shard_spans = fsdp_shard_spans(self.fsdp_model, masks.params())
 
-    def __getattr__(self, name):  # masks, step, history, report(), ... of the wrapped object
+    def __getattr__(self, name):  # masks, step, history, report, ... of the wrapped object
         if name.startswith("_") or name in ("fsdp_model", "pruner", "trainer"):
             raise AttributeError(name)
         return getattr(self._inner, name)
@@ -207,7 +207,7 @@ class FSDPPruner(_FSDPDriver):
     own ``on_after_optimizer_step``). Every other mask application (weights, gradients, optimizer
     state) works on each rank's local shard, with no communication. Create the optimizer after
     wrapping, from ``model.parameters()``. Attributes not defined here (``masks``, ``step``,
-    ``done``, ``report()``, ``state_dict()``, ...) are the wrapped pruner's (``.pruner``).
+    ``done``, ``report``, ``state_dict()``, ...) are the wrapped pruner's (``.pruner``).
     """
 
     def __init__(self, model: nn.Module, config: Any = None, *,

@@ -68,7 +68,7 @@ def save_selection(selection, path: str | os.PathLike) -> None:
     for n, idx in selection.indices.items():
         tensors[f"indices/{n}"] = idx.detach().cpu().to(torch.int64).contiguous()
         tensors[f"importance/{n}"] = selection.importance[n].detach().cpu().contiguous()
-    meta = {"format": "gradprune-selection", "kept_total": str(selection.report.get("kept_total"))}
+    meta = {"format": "gradprune-selection", "kept_total": str(sum(int(i.numel()) for i in selection.indices.values()))}
     atomic_write(path, lambda tmp: st.save_file(tensors, tmp, metadata=meta))
 
 

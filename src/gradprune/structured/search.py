@@ -51,7 +51,7 @@ from torch import nn
 from .._checks import check_bool, check_choice, check_int, check_optional_bool
 from .._progress import progress
 from .._modes import keeps_modes
-from .._table import format_table
+from .._report import SearchReport
 from .export import export_model
 from .flops import CostModel
 from .gates import Gates
@@ -150,11 +150,13 @@ class SearchResult:
                          "width": g.size, "kept": self.widths[gi], "choices": len(self.choices[gi])})
         return rows
 
-    def report(self) -> str:
-        """Per-group widths, then params and FLOPs of the dense model and of the subnet."""
-        lines = [format_table(self.rows(), ["group", "unit", "modules", "width", "kept", "choices"])]
-        lines.append(f"params: {self.dense_params} -> {self.params} "
-                     f"({self.params / max(self.dense_params, 1):.1%})")
+    @property
+    def report(self) -> SearchReport:
+        """Per-group widths, then params and FLOPs of the dense model and of the subnet
+        (``print(found.report)``; see :class:`~gradprune.report.Report`). Calling it,
+        ``found.report()``, is deprecated (it returns this text)."""
+        lines = [f"params: {self.dense_params} -> {self.params} "
+                 f"({self.params / max(self.dense_params, 1):.1%})"]
         lines.append(f"flops:  {self.dense_flops} -> {self.flops} "
                      f"({self.flops / max(self.dense_flops, 1):.1%})")
         if "kv_cache" in self.constraints:
@@ -177,7 +179,10 @@ class SearchResult:
         if self.analysis.skipped:
             lines.append("not pruned:")
             lines += [f"  {s['module'] or '<model>'}: {s['reason']}" for s in self.analysis.skipped]
-        return "\n".join(lines)
+        extra = {"method": self.method, "params": {"dense": self.dense_params, "subnet": self.params},
+                 "flops": {"dense": self.dense_flops, "subnet": self.flops}, "latency_ms": self.latency_ms,
+                 "latency_search": self.latency_search, "skipped": self.analysis.skipped}
+        return SearchReport(self.rows(), lines, extra)
 
     def gates(self) -> Gates:
         """Fixed gates with the units this result removes turned off (a context manager)."""
@@ -224,7 +229,7 @@ class SearchResult:
         ``example_input_fn(batch_size)`` gives the input (a tensor or a tuple of tensors); by
         default the rows of the search's ``example_input`` are repeated to the batch size.
         Returns and stores ``latency_ms = {"dense": {bs: ms}, "pruned": {bs: ms}, "repeats": n}``,
-        which :meth:`report` then shows next to params and FLOPs."""
+        which :attr:`report` then shows next to params and FLOPs."""
         check_int("repeats", repeats, min_value=1)
         check_int("warmup", warmup, min_value=0)
         if example_input_fn is None:
@@ -260,7 +265,7 @@ class LatencyProbe:
     of the same measurement; one in milliseconds on the candidate's median.
 
     Latency is measured, so it is noisy: two searches can pick neighbouring subnets, and near
-    the bound a candidate can pass in one measurement and fail in another. ``report()`` shows the
+    the bound a candidate can pass in one measurement and fail in another. ``report`` shows the
     measurement the search used. Under ``torch.distributed`` (``group``), every rank times the
     candidate and the medians are averaged over the ranks, so all ranks take the same decisions.
     """
