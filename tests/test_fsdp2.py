@@ -111,3 +111,97 @@ def test_pruner_snip_momentum_4x1_global_matches_single_process(tmp_path, world)
     _assert_close(_stack(results, "params"), _local_params(single))
     assert all(r["sparsity"] == pruner.masks.sparsity() == 0.5 for r in results)
     assert all(r["zero"] for r in results)
+
+
+# ---------------------------------------------------------------------------------------------
+# one-shot pruning
+
+ONESHOT = [dict(criterion="snip", sparsity=0.7, scope="global"),
+           dict(criterion="taylor", topk=0.3, threshold=1e-4, scope="global"),
+           dict(criterion="magnitude", sparsity=0.5, pattern="2:4", scope="local"),
+           dict(criterion="snip", sparsity=0.5, pattern="channel", scope="global", allocation="uniform")]
+
+
+def _oneshot(model, batches, fields):
+    return gp.prune(model, data=batches, loss_fn=_ce, **fields)
+
+
+def _oneshot_rank(rank, world):
+    out = []
+    for fields in ONESHOT:
+        model = _shard_model(_mlp())
+        torch.manual_seed(12345 + rank)
+        res = _oneshot(model, _shard(_global_batches(3, 12), rank, world), fields)
+        out.append({"masks": _local_masks(res.masks), "sparsity": res.masks.sparsity(),
+                    "report": res.report.to_dict()})
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_one_shot_prune_global_matches_single_process(tmp_path, world):
+    results = run_ranks(tmp_path, _oneshot_rank, world=world)
+    for i, fields in enumerate(ONESHOT):
+        res = _oneshot(_mlp(), _global_batches(3, 12), fields)
+        per_rank = [r[i] for r in results]
+        _assert_equal_masks(_stack(per_rank, "masks"), _local_masks(res.masks))
+        assert all(r["sparsity"] == res.masks.sparsity() for r in per_rank), fields
+        assert all(r["report"] == res.report.to_dict() for r in per_rank), fields
+
+
+# ---------------------------------------------------------------------------------------------
+# sparse training: every preset with updates (RigL, SET, SNFS: momentum growth and redistribution)
+
+SPARSE = {"rigl": lambda: gp.SparseConfig.rigl(density=0.3, total_steps=8, update_interval=2),
+          "snfs": lambda: gp.SparseConfig.snfs(density=0.3, total_steps=8, update_interval=2),
+          "set": lambda: gp.SparseConfig.set(density=0.3, total_steps=8, update_interval=2),
+          "global_magnitude": lambda: gp.SparseConfig.rigl(density=0.3, total_steps=8, update_interval=2,
+                                                           prune="global_magnitude", init="uniform"),
+          "pruning": lambda: gp.SparseConfig.pruning(density=0.3, total_steps=8, update_interval=2)}
+
+
+def _sparse_loop(model, batches, preset):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    trainer = gp.SparseTrainer(model, opt, SPARSE[preset]())
+    for batch in batches:
+        opt.zero_grad()
+        _ce(model, batch).backward()
+        trainer.step()
+    return trainer, opt
+
+
+def _sparse_rank(rank, world, presets):
+    from gradprune._distributed import local
+
+    out = {}
+    for preset in presets:
+        model = _shard_model(_mlp())
+        torch.manual_seed(12345 + rank)
+        trainer, opt = _sparse_loop(model, _shard(_global_batches(8, 12), rank, world), preset)
+        zero = all(bool((local(p.detach())[~trainer.masks[n]] == 0).all()) for n, p in trainer.masks.params().items())
+        if not trainer.config.dense_gradients:  # SNFS keeps a dense momentum by design
+            zero = zero and all(bool((local(opt.state[p]["momentum_buffer"])[~trainer.masks[n]] == 0).all())
+                                for n, p in trainer.masks.params().items())
+        out[preset] = {"masks": _local_masks(trainer.masks), "params": _local_params(model),
+                       "updates": trainer.updates, "history": trainer.history, "zero": zero}
+    return out
+
+
+def _check_sparse(results, presets):
+    for preset in presets:
+        trainer, _ = _sparse_loop(single := _mlp(), _global_batches(8, 12), preset)
+        per_rank = [r[preset] for r in results]
+        _assert_equal_masks(_stack(per_rank, "masks"), _local_masks(trainer.masks))
+        _assert_close(_stack(per_rank, "params"), _local_params(single))
+        assert all(r["updates"] == trainer.updates > 0 for r in per_rank), preset
+        assert all(r["history"] == trainer.history for r in per_rank), preset
+        assert all(r["zero"] for r in per_rank), preset
+
+
+def test_sparse_trainer_presets_match_single_process_2_ranks(tmp_path):
+    results = run_ranks(tmp_path, _sparse_rank, list(SPARSE), world=2)
+    _check_sparse(results, list(SPARSE))
+
+
+def test_sparse_trainer_rigl_snfs_match_single_process_3_ranks(tmp_path):
+    results = run_ranks(tmp_path, _sparse_rank, ["rigl", "snfs"], world=3)
+    _check_sparse(results, ["rigl", "snfs"])
