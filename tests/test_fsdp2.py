@@ -205,3 +205,84 @@ def test_sparse_trainer_presets_match_single_process_2_ranks(tmp_path):
 def test_sparse_trainer_rigl_snfs_match_single_process_3_ranks(tmp_path):
     results = run_ranks(tmp_path, _sparse_rank, ["rigl", "snfs"], world=3)
     _check_sparse(results, ["rigl", "snfs"])
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints through torch.distributed.checkpoint (DCP): model + optimizer + trainer/pruner state
+
+def _dcp_state(model, opt, obj) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    from gradprune.integrations.distributed import Checkpointable
+
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt),
+            "gradprune": Checkpointable(obj)}
+
+
+def _dcp_load(path, model, opt, obj) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    state = _dcp_state(model, opt, obj)
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+
+
+def _rigl():
+    return gp.SparseConfig.rigl(density=0.3, total_steps=12, update_interval=2)
+
+
+def _train(model, opt, trainer, batches):
+    for batch in batches:
+        opt.zero_grad()
+        _ce(model, batch).backward()
+        trainer.step()
+
+
+def _dcp_rank(rank, world, path, phase):
+    """``phase="resume"``: 4 steps, save, 4 more steps (reference); a fresh model, optimizer and
+    trainer load the checkpoint and run the same 4 steps. ``phase="reshard"``: load what another
+    world size saved, then train on."""
+    import torch.distributed.checkpoint as dcp
+
+    batches = _shard(_global_batches(8, 12), rank, world)
+
+    def build():
+        model = _shard_model(_mlp())
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        return model, opt, gp.SparseTrainer(model, opt, _rigl())
+
+    if phase == "resume":
+        model, opt, trainer = build()
+        _train(model, opt, trainer, batches[:4])
+        dcp.save(_dcp_state(model, opt, trainer), checkpoint_id=str(path))
+        saved = _local_masks(trainer.masks)
+        _train(model, opt, trainer, batches[4:])
+        ref = {"masks": _local_masks(trainer.masks), "params": _local_params(model), "saved": saved}
+    model, opt, trainer = build()
+    torch.manual_seed(777 + rank)
+    _dcp_load(path, model, opt, trainer)
+    loaded = _local_masks(trainer.masks)
+    _train(model, opt, trainer, batches[4:])
+    out = {"loaded": loaded, "masks": _local_masks(trainer.masks), "params": _local_params(model),
+           "updates": trainer.updates, "step": trainer.step_count}
+    return {**out, "ref": ref} if phase == "resume" else out
+
+
+def test_dcp_resume_is_bitwise_and_reshards_to_another_world_size(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    results = run_ranks(tmp_path / "a", _dcp_rank, ckpt, "resume", world=2)
+    for r in results:
+        _assert_equal_masks(r["loaded"], r["ref"]["saved"])
+        _assert_equal_masks(r["masks"], r["ref"]["masks"])
+        for n in r["params"]:
+            assert torch.equal(r["params"][n], r["ref"]["params"][n]), f"{n} not bitwise identical"
+    saved = _stack([r["ref"] for r in results], "saved")
+    resharded = run_ranks(tmp_path / "b", _dcp_rank, ckpt, "reshard", world=3)
+    _assert_equal_masks(_stack(resharded, "loaded"), saved)
+    assert all(r["step"] == 8 and r["updates"] == results[0]["updates"] for r in resharded)
+    kept = {n: int(m.sum()) for n, m in _stack(resharded, "masks").items()}
+    assert kept == {n: int(m.sum()) for n, m in _stack(results, "masks").items()}  # exact counts kept

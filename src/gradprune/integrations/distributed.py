@@ -65,6 +65,7 @@ __all__ = [
     "FSDPSparseTrainer",
     "fsdp_shard_spans",
     "fsdp_full_params",
+    "Checkpointable",
 ]
 
 
@@ -130,6 +131,82 @@ def check_masks_in_sync(masks: Any, group: Any = None) -> str:
             "process_group=); see docs/distributed.md"
         )
     return ref_overall
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.distributed.checkpoint (DCP)
+
+_MISSING = object()
+
+
+def _split(state: Any, where: str = "state") -> tuple[Any, Any]:
+    """``(tensors, rest)``: the tensors of nested dicts (the same nesting), and everything else."""
+    if isinstance(state, torch.Tensor):
+        return state, _MISSING
+    if isinstance(state, Mapping):
+        tensors, rest = {}, {}
+        for k, v in state.items():
+            t, r = _split(v, f"{where}[{k!r}]")
+            if t is not _MISSING and not (isinstance(t, dict) and not t and isinstance(v, Mapping) and v):
+                tensors[k] = t
+            if r is not _MISSING:
+                rest[k] = r
+        return tensors, rest
+    if isinstance(state, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in state):
+        raise TypeError(f"{where} holds tensors in a list: not supported by Checkpointable")
+    return _MISSING, state
+
+
+def _join(tensors: Any, rest: Any) -> Any:
+    if not isinstance(tensors, Mapping):
+        return tensors
+    out = dict(rest) if isinstance(rest, Mapping) else {}
+    for k, v in tensors.items():
+        out[k] = _join(v, out.get(k))
+    return out
+
+
+class Checkpointable:
+    """A :class:`~gradprune.Pruner` or :class:`~gradprune.SparseTrainer` (anything with
+    ``state_dict``/``load_state_dict``) as a ``torch.distributed.checkpoint`` ``Stateful``: put it
+    in the state dict you give ``dcp.save``/``dcp.load`` beside the model and the optimizer.
+
+    Its tensors (masks: bool DTensors placed like their sharded weights; criterion statistics; the
+    generator) go to DCP as tensors, so each rank writes only its shards and a checkpoint loads
+    into another world size (DCP reshards); the rest (counters, history, config) is one small
+    ``torch.save`` blob read back with ``weights_only=True``. ``dcp.load`` calls
+    ``load_state_dict`` on the wrapped object, which validates everything first, as usual.
+
+    Example (under ``torchrun``; see ``docs/distributed.md``)::
+
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt),
+                 "sparse": Checkpointable(trainer)}
+        dcp.save(state, checkpoint_id="ckpt")
+        ...
+        dcp.load(state, checkpoint_id="ckpt")   # trainer.load_state_dict runs inside
+        set_model_state_dict(model, state["model"]); set_optimizer_state_dict(model, opt, state["optim"])
+    """
+
+    def __init__(self, obj: Any):
+        if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
+            raise TypeError(f"obj must have state_dict() and load_state_dict() (a Pruner or SparseTrainer), "
+                            f"got {type(obj).__name__}")
+        self.obj = obj
+
+    def state_dict(self) -> dict:
+        import io
+
+        tensors, rest = _split(self.obj.state_dict())
+        blob = io.BytesIO()
+        torch.save(rest, blob)
+        blob.seek(0)
+        return {"tensors": tensors, "meta": blob}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        blob = state["meta"]
+        blob.seek(0)
+        rest = torch.load(blob, weights_only=True)
+        self.obj.load_state_dict(_join(state["tensors"], rest))
 
 
 # ---------------------------------------------------------------------------------------------
