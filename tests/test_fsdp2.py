@@ -286,3 +286,61 @@ def test_dcp_resume_is_bitwise_and_reshards_to_another_world_size(tmp_path):
     assert all(r["step"] == 8 and r["updates"] == results[0]["updates"] for r in resharded)
     kept = {n: int(m.sum()) for n, m in _stack(resharded, "masks").items()}
     assert kept == {n: int(m.sum()) for n, m in _stack(results, "masks").items()}  # exact counts kept
+
+
+# ---------------------------------------------------------------------------------------------
+# memory: no rank materialises a whole parameter, gradient or score tensor
+
+def _forbid_gathers():
+    """Make every DTensor redistribution that yields a whole tensor (``full_tensor``,
+    ``redistribute`` to ``Replicate``, an op's implicit gather) of more than 16 entries raise:
+    FSDP2's own all-gathers of forward and backward do not go through it."""
+    import math
+    from unittest import mock
+
+    import torch.distributed.tensor._api as api
+    import torch.distributed.tensor._dispatch as dispatch
+    import torch.distributed.tensor._redistribute as redist
+
+    real = redist.redistribute_local_tensor
+
+    def guarded(local_tensor, current_spec, target_spec, *args, **kwargs):
+        out = real(local_tensor, current_spec, target_spec, *args, **kwargs)
+        whole = math.prod(target_spec.shape)
+        if whole > 16 and out.numel() == whole:
+            raise AssertionError(f"a whole tensor of shape {tuple(target_spec.shape)} was gathered")
+        return out
+
+    return [mock.patch.object(m, "redistribute_local_tensor", guarded) for m in (dispatch, api, redist)
+            if hasattr(m, "redistribute_local_tensor")]
+
+
+def _no_gather_rank(rank, world):
+    import contextlib
+
+    batches = _shard(_global_batches(6, 12), rank, world)
+    done = []
+    with contextlib.ExitStack() as stack:
+        for p in _forbid_gathers():
+            stack.enter_context(p)
+        from torch.distributed.tensor import DTensor
+
+        probe = _shard_model(_mlp())[0].weight
+        try:  # the guard works: a whole weight cannot be gathered
+            DTensor.full_tensor(probe)
+        except AssertionError:
+            done.append("guard")
+        _pruner_loop(_shard_model(_mlp()), batches)
+        done.append("pruner")
+        for preset in ("rigl", "snfs"):
+            _sparse_loop(_shard_model(_mlp()), batches, preset)
+            done.append(preset)
+        for fields in ONESHOT:
+            _oneshot(_shard_model(_mlp()), batches[:2], fields)
+        done.append("prune")
+    return done
+
+
+def test_no_rank_gathers_a_whole_tensor(tmp_path):
+    results = run_ranks(tmp_path, _no_gather_rank, world=2)
+    assert results == [["guard", "pruner", "rigl", "snfs", "prune"]] * 2
