@@ -344,3 +344,39 @@ def _no_gather_rank(rank, world):
 def test_no_rank_gathers_a_whole_tensor(tmp_path):
     results = run_ranks(tmp_path, _no_gather_rank, world=2)
     assert results == [["guard", "pruner", "rigl", "snfs", "prune"]] * 2
+
+
+# ---------------------------------------------------------------------------------------------
+# pre_prune; patterns whose units would straddle the shards
+
+def _preprune_rank(rank, world):
+    from test_distributed import _preprune
+
+    model = _shard_model(_mlp())
+    torch.manual_seed(99 + rank)
+    out = {"mean": {"masks": _preprune(model, "mean")[0]}}
+    try:  # per-sample statistics need whole per-sample gradients: refused, before any work
+        _preprune(model, "mean_sq")
+    except ValueError as e:
+        out["per_sample"] = str(e)
+    torch.manual_seed(0)
+    model = _shard_model(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 4)))
+    try:  # 16 rows over 3 ranks: 6, 6, 4; blocks of 4 rows would straddle ranks 0 and 1
+        gp.prune(model, criterion="magnitude", sparsity=0.5, pattern="4x1")
+    except ValueError as e:
+        out["straddle"] = str(e)
+    out["row_local"] = gp.prune(model, criterion="magnitude", sparsity=0.5, pattern="2:4").masks.sparsity()
+    return out
+
+
+@pytest.mark.parametrize("world", [3])
+def test_pre_prune_matches_single_process_and_straddling_blocks_are_refused(tmp_path, world):
+    from test_distributed import _preprune
+
+    results = run_ranks(tmp_path, _preprune_rank, world=world)
+    expect, _, _ = _preprune(_mlp(), "mean")
+    _assert_equal_masks(_stack([r["mean"] for r in results], "masks"), expect)
+    assert all("statistic='mean_sq'" in r["per_sample"] for r in results)
+    for r in results:  # every rank refuses (none is left waiting in a collective), naming the layer
+        assert "layer '0.weight'" in r["straddle"] and "'4x1'" in r["straddle"]
+        assert r["row_local"] == 0.5  # N:M along the input dimension stays within a row

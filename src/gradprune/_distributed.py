@@ -161,7 +161,7 @@ class RowShard:
     ``shape`` (``torch.chunk`` rule, as FSDP2 shards), over process group ``group``. ``key``
     identifies the placement (mesh and placements), so a change of placement is detected."""
 
-    __slots__ = ("name", "shape", "start", "stop", "group", "mesh", "placements", "key")
+    __slots__ = ("name", "shape", "start", "stop", "chunk", "group", "mesh", "placements", "key")
 
     def __init__(self, name: str, t: Any):
         from torch.distributed.tensor import Replicate, Shard
@@ -176,12 +176,12 @@ class RowShard:
                              "fully_shard) or replicated")
         rows = self.shape[0] if self.shape else 1
         if not sharded:
-            self.group, self.start, self.stop = None, 0, rows
+            self.group, self.start, self.stop, self.chunk = None, 0, rows, rows
             return
         dim = sharded[0][0]
         self.group = mesh.get_group(dim)
         world, rank = mesh.size(dim), mesh.get_local_rank(dim)
-        chunk = -(-rows // world)
+        self.chunk = chunk = -(-rows // world)  # rows per rank (the last ones may hold fewer)
         self.start, self.stop = min(rows, rank * chunk), min(rows, (rank + 1) * chunk)
 
     @property

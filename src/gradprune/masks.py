@@ -576,9 +576,9 @@ def _check_row_local(name: str, spec: RowShard, pattern, transposed: bool) -> No
                          "input dimension): its units straddle the ranks' shards; exclude it or "
                          "use nn.Linear")
     rows = getattr(pattern, "rows", 1)
-    if rows > 1 and (spec.start % rows or (spec.stop - spec.start) % rows):
+    if rows > 1 and spec.chunk % rows:  # the same answer on every rank: all raise, none waits
         raise ValueError(f"layer {name!r}: pattern {pattern.spec!r} needs blocks of {rows} rows, but "
-                         f"this rank's shard holds rows {spec.start}:{spec.stop} of {spec.shape[0]}: "
+                         f"its {spec.shape[0]} rows are sharded {spec.chunk} per rank: "
                          "blocks would straddle the shards; choose a world size (or "
                          "fully_shard's shard_placement_fn) that splits the rows into multiples of "
                          f"{rows}, or a row-local pattern (unstructured, N:M, 1xM, channels)")
