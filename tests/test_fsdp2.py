@@ -202,6 +202,7 @@ def test_sparse_trainer_presets_match_single_process_2_ranks(tmp_path):
     _check_sparse(results, list(SPARSE))
 
 
+@pytest.mark.slow
 def test_sparse_trainer_rigl_snfs_match_single_process_3_ranks(tmp_path):
     results = run_ranks(tmp_path, _sparse_rank, ["rigl", "snfs"], world=3)
     _check_sparse(results, ["rigl", "snfs"])
@@ -270,6 +271,7 @@ def _dcp_rank(rank, world, path, phase):
     return {**out, "ref": ref} if phase == "resume" else out
 
 
+@pytest.mark.slow
 def test_dcp_resume_is_bitwise_and_reshards_to_another_world_size(tmp_path):
     ckpt = tmp_path / "ckpt"
     (tmp_path / "a").mkdir()
@@ -380,3 +382,45 @@ def test_pre_prune_matches_single_process_and_straddling_blocks_are_refused(tmp_
     for r in results:  # every rank refuses (none is left waiting in a collective), naming the layer
         assert "layer '0.weight'" in r["straddle"] and "'4x1'" in r["straddle"]
         assert r["row_local"] == 0.5  # N:M along the input dimension stays within a row
+
+
+# ---------------------------------------------------------------------------------------------
+# the docs' example, and FSDP1's deprecation
+
+def test_docs_fsdp2_example_runs_in_two_processes(tmp_path):
+    from test_distributed import _example_worker
+
+    results = run_ranks(tmp_path, _example_worker, "distributed_fsdp2")
+    assert results[0] == results[1]
+    res = results[0]
+    assert res["gradual"] == 0.5 and res["oneshot"] == 0.75 and res["updates"] == 2 and res["resumed"]
+    assert res["density"] == pytest.approx(0.3, abs=0.01)
+
+
+def test_docs_show_the_fsdp2_example_verbatim_first():
+    from test_distributed import ROOT
+
+    doc = (ROOT / "docs" / "distributed.md").read_text(encoding="utf-8")
+    source = (ROOT / "examples" / "distributed_fsdp2.py").read_text(encoding="utf-8")
+    assert source.startswith("# torchrun --standalone --nproc_per_node 2\n")
+    assert source in doc and doc.index(source) < doc.index("## FSDP1")
+    assert "torchrun --standalone --nproc_per_node 2 examples/distributed_fsdp2.py" in doc
+
+
+def _fsdp1_rank(rank, world):
+    import warnings
+
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from gradprune.integrations.distributed import FSDPPruner
+
+    model = FSDP(_mlp(), use_orig_params=True, device_id=torch.device("cpu"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        FSDPPruner(model, gp.PruneConfig(target_sparsity=0.5, end_step=2, frequency=1))
+    return [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
+
+
+def test_fsdp1_wrappers_are_deprecated(tmp_path):
+    results = run_ranks(tmp_path, _fsdp1_rank, world=2)
+    assert all(any("FSDPPruner drives FSDP1" in m and "fully_shard" in m for m in r) for r in results)

@@ -19,7 +19,12 @@ single-process run on the global batches. ``pre_prune``: every rank passes the w
 same config; the seeded sample is split over the ranks and the (linear) gradient statistics are
 summed, so the result equals a single-process run.
 
-**FSDP** (``FullyShardedDataParallel(..., use_orig_params=True)``): :class:`FSDPPruner` and
+**FSDP2** (``torch.distributed.fsdp.fully_shard``: parameters are DTensors sharded on dim 0):
+``Pruner``, ``SparseTrainer``, ``prune`` and ``pre_prune`` take the sharded model as it is. Each
+rank's masks hold only its rows; selection is exact over all ranks through small all-reduces of
+counts; :class:`Checkpointable` saves the state through ``torch.distributed.checkpoint``.
+
+**FSDP1** (deprecated upstream; ``FullyShardedDataParallel(..., use_orig_params=True)``): :class:`FSDPPruner` and
 :class:`FSDPSparseTrainer` drive a ``Pruner``/``SparseTrainer`` whose parameters live as flat shards:
 they unshard parameters and gradients (``summon_full_params``) only where full tensors are needed
 (scoring steps and prune events of the pruner; connectivity updates of the trainer) and otherwise
@@ -257,6 +262,12 @@ def fsdp_shard_spans(model: nn.Module, params: Mapping[str, torch.Tensor]) -> di
 
 class _FSDPDriver:
     def __init__(self, model: nn.Module):
+        import warnings
+
+        warnings.warn(f"{type(self).__name__} drives FSDP1 (FullyShardedDataParallel), which PyTorch "
+                      "deprecates, and gathers whole parameters at every scoring step: shard the model "
+                      "with FSDP2 (torch.distributed.fsdp.fully_shard) and pass it to gp.Pruner / "
+                      "gp.SparseTrainer as it is (docs/distributed.md)", DeprecationWarning, stacklevel=3)
         self._FSDP = _fsdp(model)
         self.fsdp_model = model
 
