@@ -424,3 +424,23 @@ def _fsdp1_rank(rank, world):
 def test_fsdp1_wrappers_are_deprecated(tmp_path):
     results = run_ranks(tmp_path, _fsdp1_rank, world=2)
     assert all(any("FSDPPruner drives FSDP1" in m and "fully_shard" in m for m in r) for r in results)
+
+
+@pytest.mark.slow
+def test_lightning_callbacks_run_unchanged_under_model_parallel_strategy(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from test_distributed import ROOT
+
+    pytest.importorskip("lightning")
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed next to this Python")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(ROOT / "examples" / "lightning_fsdp2.py")],
+                          capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Lightning FSDP2 gradual: sparsity 0.50; SNFS: 2 updates, density 0.30" in proc.stdout
