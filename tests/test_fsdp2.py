@@ -97,9 +97,11 @@ def _pruner_rank(rank, world):
     pruner, opt = _pruner_loop(model, _shard(_global_batches(STEPS, 12), rank, world))
     from gradprune._distributed import local
 
+    from gradprune.integrations.distributed import gather_masks
+
     zero = all(bool((local(p.detach())[~pruner.masks[n]] == 0).all()) for n, p in pruner.masks.params().items())
     return {"masks": _local_masks(pruner.masks), "params": _local_params(model),
-            "sparsity": pruner.masks.sparsity(), "zero": zero}
+            "sparsity": pruner.masks.sparsity(), "zero": zero, "whole": gather_masks(pruner.masks)}
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -111,6 +113,8 @@ def test_pruner_snip_momentum_4x1_global_matches_single_process(tmp_path, world)
     _assert_close(_stack(results, "params"), _local_params(single))
     assert all(r["sparsity"] == pruner.masks.sparsity() == 0.5 for r in results)
     assert all(r["zero"] for r in results)
+    _assert_equal_masks(results[0]["whole"], _local_masks(pruner.masks))  # export: whole masks on rank 0
+    assert all(r["whole"] is None for r in results[1:])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -71,6 +71,7 @@ __all__ = [
     "fsdp_shard_spans",
     "fsdp_full_params",
     "Checkpointable",
+    "gather_masks",
 ]
 
 
@@ -212,6 +213,35 @@ class Checkpointable:
         blob.seek(0)
         rest = torch.load(blob, weights_only=True)
         self.obj.load_state_dict(_join(state["tensors"], rest))
+
+
+def gather_masks(masks: Any) -> dict[str, torch.Tensor] | None:
+    """The whole masks of a sharded (FSDP2) :class:`~gradprune.MaskSet` on the first rank of the
+    shards' process group (``None`` on the others), e.g. to save one safetensors file for
+    inference. A collective (one ``gather_object`` of each rank's bool rows): call it on every rank.
+
+    Example (under ``torchrun``)::
+
+        full = gather_masks(trainer.masks)
+        if full is not None:
+            gradprune.integrations.safetensors.save_masks(full, "masks.safetensors")
+    """
+    masks = _masks_of(masks)
+    shards = {n: s for n, s in getattr(masks, "row_shards", {}).items() if s.sharded}
+    local = {n: m.detach().cpu() for n, m in masks.items()}
+    if not shards:
+        return local
+    groups = {id(s.group): s.group for s in shards.values()}
+    if len(groups) != 1:
+        raise ValueError("gather_masks needs every sharded mask on one process group")
+    dist = _initialized_dist()
+    group = next(iter(groups.values()))
+    first = dist.get_global_rank(group, 0)
+    gathered: list | None = [None] * dist.get_world_size(group) if dist.get_rank() == first else None
+    dist.gather_object({n: local[n] for n in shards}, gathered, dst=first, group=group)
+    if gathered is None:
+        return None
+    return {n: torch.cat([g[n] for g in gathered]) if n in shards else m for n, m in local.items()}
 
 
 # ---------------------------------------------------------------------------------------------
