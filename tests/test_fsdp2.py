@@ -448,3 +448,32 @@ def test_lightning_callbacks_run_unchanged_under_model_parallel_strategy(tmp_pat
                           capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Lightning FSDP2 gradual: sparsity 0.50; SNFS: 2 updates, density 0.30" in proc.stdout
+
+
+def _replace_rank(rank, world):
+    from torch.distributed.tensor import Replicate, Shard
+
+    from gradprune._distributed import local
+
+    model = _shard_model(_mlp())
+    res = gp.prune(model, criterion="magnitude", sparsity=0.5)
+    masks, layer = res.masks, model[2]
+    sharded = masks["2.weight"].clone()
+    with torch.no_grad():  # re-placed: the weight is now replicated (and dense again)
+        layer.weight = nn.Parameter(layer.weight.redistribute(layer.weight.device_mesh, [Replicate()]).add_(1.0))
+    replicated = masks["2.weight"].clone()  # re-derived for the new placement, applied at once
+    zero_after_replace = bool((local(layer.weight.detach())[~replicated] == 0).all())
+    with torch.no_grad():  # and back to dim-0 shards
+        layer.weight = nn.Parameter(layer.weight.redistribute(layer.weight.device_mesh, [Shard(0)]))
+    back = masks["2.weight"].clone()
+    return {"sharded": sharded, "replicated": replicated, "back": back, "zero": zero_after_replace,
+            "sparsity": masks.sparsity()}
+
+
+def test_masks_follow_a_change_of_placement(tmp_path):
+    results = run_ranks(tmp_path, _replace_rank, world=2)
+    whole = torch.cat([r["sharded"] for r in results])
+    for r in results:
+        assert torch.equal(r["replicated"], whole)  # never a stale shard
+        assert torch.equal(r["back"], r["sharded"]) and r["zero"]
+        assert r["sparsity"] == 0.5

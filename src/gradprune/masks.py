@@ -104,7 +104,13 @@ class MaskSet(Mapping):
 
     # -- mapping ------------------------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self._masks[self.aliases.get(name, name)]
+        name = self.aliases.get(name, name)
+        if name in self.row_shards:  # a sharded parameter re-placed since: re-derive its shard now
+            bound, ptr, shape = self._bound[name]
+            live = self._live(name)
+            if not (live is bound and _ptr(live) == ptr and live.shape == shape):
+                self._resync_shard(name, live)
+        return self._masks[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._masks)
