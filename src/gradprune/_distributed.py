@@ -9,7 +9,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-__all__ = ["is_ddp", "resolve_process_group", "sum_over_ranks", "all_reduce_tensors",
+__all__ = ["is_ddp", "resolve_process_group", "sum_over_ranks", "all_reduce_tensors", "is_dtensor",
+           "local", "RowShard", "all_reduce_ints", "all_reduce_floats", "rank_in",
            "all_reduce_gradients"]
 
 _BUCKET_BYTES = 25 * 1024 * 1024  # DDP's default bucket size
@@ -131,3 +132,89 @@ def all_reduce_gradients(params: Mapping[str, torch.Tensor] | Iterable[torch.Ten
     all_reduce_tensors(grads, group, average=average, bucket_bytes=bucket_bytes)
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP2 (``fully_shard``): DTensor parameters sharded on dim 0
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (an FSDP2 parameter, gradient or
+    optimizer state)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(t, DTensor)
+
+
+def local(t: Any) -> Any:
+    """This rank's shard of a DTensor (a view of its storage: in-place edits reach the DTensor);
+    anything else unchanged."""
+    if is_dtensor(t):
+        with torch.no_grad():
+            return t.to_local()
+    return t
+
+
+class RowShard:
+    """Where this rank's shard of a dim-0-sharded DTensor lies: rows ``start:stop`` of a tensor of
+    ``shape`` (``torch.chunk`` rule, as FSDP2 shards), over process group ``group``. ``key``
+    identifies the placement (mesh and placements), so a change of placement is detected."""
+
+    __slots__ = ("name", "shape", "start", "stop", "chunk", "group", "mesh", "placements", "key")
+
+    def __init__(self, name: str, t: Any):
+        from torch.distributed.tensor import Replicate, Shard
+
+        mesh, placements = t.device_mesh, tuple(t.placements)
+        self.name, self.shape, self.mesh, self.placements = name, tuple(t.shape), mesh, placements
+        self.key = (id(mesh), placements, self.shape)
+        sharded = [(i, p) for i, p in enumerate(placements) if not isinstance(p, Replicate)]
+        if len(sharded) > 1 or (sharded and (not isinstance(sharded[0][1], Shard) or sharded[0][1].dim != 0)):
+            raise ValueError(f"parameter {name!r} is a DTensor with placements {placements}: gradprune "
+                             "supports DTensors sharded on dim 0 over one mesh dimension (FSDP2's "
+                             "fully_shard) or replicated")
+        rows = self.shape[0] if self.shape else 1
+        if not sharded:
+            self.group, self.start, self.stop, self.chunk = None, 0, rows, rows
+            return
+        dim = sharded[0][0]
+        self.group = mesh.get_group(dim)
+        world, rank = mesh.size(dim), mesh.get_local_rank(dim)
+        self.chunk = chunk = -(-rows // world)  # rows per rank (the last ones may hold fewer)
+        self.start, self.stop = min(rows, rank * chunk), min(rows, (rank + 1) * chunk)
+
+    @property
+    def sharded(self) -> bool:
+        return self.group is not None
+
+    def to_dtensor(self, local_tensor: torch.Tensor):
+        """``local_tensor`` (this rank's rows) as a DTensor placed like the parameter."""
+        from torch.distributed.tensor import DTensor
+
+        stride = torch.empty(self.shape, device="meta").stride()
+        return DTensor.from_local(local_tensor, self.mesh, self.placements, run_check=False,
+                                  shape=torch.Size(self.shape), stride=stride)
+
+
+def all_reduce_ints(values: list[int], group: Any, device: Any = None, op: str = "sum") -> list[int]:
+    """Element-wise sum (``op="max"``: maximum) of a short list of ints over ``group``."""
+    dist = _dist()
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
+    return [int(v) for v in t.tolist()]
+
+
+def all_reduce_floats(values: list[float], group: Any, device: Any = None, op: str = "max") -> list[float]:
+    """Element-wise maximum (``op="min"``, ``"sum"``) of a short list of floats over ``group``."""
+    dist = _dist()
+    ops = {"max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN, "sum": dist.ReduceOp.SUM}
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=ops[op], group=group)
+    return [float(v) for v in t.tolist()]
+
+
+def rank_in(group: Any) -> tuple[int, int]:
+    """``(rank, world size)`` of this process in ``group``."""
+    dist = _dist()
+    return dist.get_rank(group), dist.get_world_size(group)

@@ -29,15 +29,22 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Iterable, Iterator
 
+import math
+
 import torch
 from torch import nn
 
 from ._checks import check_bool, check_names
+from ._distributed import RowShard, all_reduce_ints, is_dtensor, local
 from ._report import SparsityReport  # noqa: F401  (re-exported: gradprune.masks.SparsityReport)
 from .patterns import NMPattern
 from .targets import find_targets
 
 __all__ = ["MaskSet"]
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return local(t).data_ptr()
 
 
 class MaskSet(Mapping):
@@ -84,16 +91,27 @@ class MaskSet(Mapping):
         # {name: (start, stop)}: a parameter stored as a flat shard (FSDP use_orig_params=True) holds
         # entries start:stop of its flattened mask; set by gradprune.integrations.distributed
         self.shard_spans: dict[str, tuple[int, int]] = {}
+        # {name: RowShard}: a DTensor parameter (FSDP2 fully_shard) whose mask holds only this
+        # rank's rows (``self[name]`` is that local shard; ``state_dict()`` gives DTensors)
+        self.row_shards: dict[str, RowShard] = {}
         for n, p in self._params.items():
-            self._masks[n] = torch.ones(p.shape, dtype=torch.bool, device=p.device)
+            if is_dtensor(p):
+                self.row_shards[n] = RowShard(n, p)
+            self._masks[n] = torch.ones(local(p).shape, dtype=torch.bool, device=p.device)
         self._where: dict[str, tuple] = {}  # name -> (its module's _parameters, attr, attr_orig)
-        self._bound = {n: (p, p.data_ptr(), p.shape) for n, p in self._params.items()}
+        self._bound = {n: (p, _ptr(p), p.shape) for n, p in self._params.items()}
         for n, m in (masks or {}).items():
             self[n] = m
 
     # -- mapping ------------------------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self._masks[self.aliases.get(name, name)]
+        name = self.aliases.get(name, name)
+        if name in self.row_shards:  # a sharded parameter re-placed since: re-derive its shard now
+            bound, ptr, shape = self._bound[name]
+            live = self._live(name)
+            if not (live is bound and _ptr(live) == ptr and live.shape == shape):
+                self._resync_shard(name, live)
+        return self._masks[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._masks)
@@ -111,7 +129,10 @@ class MaskSet(Mapping):
         if mask.dtype != torch.bool:
             raise TypeError(f"mask for {name!r} must have dtype torch.bool, got {mask.dtype}")
         p = self._params[name]
-        if mask.shape != p.shape:
+        spec = self.row_shards.get(name)
+        if spec is not None:
+            mask = self._local_rows(name, spec, mask)
+        elif mask.shape != p.shape:
             raise ValueError(f"mask for {name!r} must have shape {tuple(p.shape)}, got {tuple(mask.shape)}")
         self._masks[name] = mask.to(p.device).clone()
         for key in [k for k in self._pruned if k[0] == name]:
@@ -120,6 +141,28 @@ class MaskSet(Mapping):
 
     def __repr__(self) -> str:
         return f"MaskSet({len(self)} parameters, sparsity={self.sparsity():.4f})"
+
+    @staticmethod
+    def _local_rows(name: str, spec: RowShard, mask: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a mask for a sharded parameter: from a DTensor mask (redistributed
+        to the parameter's placements first if they differ), a mask of the local shard's shape, or
+        a whole mask (its rows are sliced; nothing is gathered)."""
+        if is_dtensor(mask):
+            if tuple(mask.placements) != spec.placements or mask.device_mesh != spec.mesh:
+                mask = mask.redistribute(spec.mesh, spec.placements)
+            if tuple(mask.shape) != spec.shape:
+                raise ValueError(f"mask for {name!r} must have shape {spec.shape}, got {tuple(mask.shape)}")
+            return mask.to_local()
+        rows = (spec.stop - spec.start, *spec.shape[1:])
+        if tuple(mask.shape) == rows:
+            return mask
+        if tuple(mask.shape) == spec.shape:
+            return mask[spec.start:spec.stop]
+        raise ValueError(f"mask for sharded parameter {name!r} must have its shape {spec.shape} or "
+                         f"this rank's shard's {rows}, got {tuple(mask.shape)}")
+
+    def _local_param(self, name: str) -> torch.Tensor:
+        return local(self._params[name].detach())
 
     def params(self) -> dict[str, nn.Parameter]:
         self._sync()
@@ -158,7 +201,10 @@ class MaskSet(Mapping):
         """
         for n, (bound, ptr, shape) in self._bound.items():
             live = self._live(n)
-            if live is bound and live.data_ptr() == ptr and live.shape == shape:
+            if live is bound and _ptr(live) == ptr and live.shape == shape:
+                continue
+            if n in self.row_shards or is_dtensor(live):
+                self._resync_shard(n, live)
                 continue
             mask = self._masks[n]
             flat = live.dim() == 1 and live.shape != mask.shape  # a flat (FSDP) shard
@@ -174,6 +220,28 @@ class MaskSet(Mapping):
             self._bound[n] = (live, live.data_ptr(), live.shape)
             if not bool(self._masks[n].all()) and (not flat or self._is_shard(n, live)):
                 live.detach().mul_(self._factor(n, live))
+
+    def _resync_shard(self, n: str, live: torch.Tensor) -> None:
+        """Re-derive the local mask of a DTensor parameter that was replaced or re-placed: the old
+        shard is redistributed to the new placements (a collective; never a stale shard)."""
+        old = self.row_shards.get(n)
+        if not is_dtensor(live):
+            raise ValueError(f"parameter {n!r} is no longer a DTensor: rebuild the MaskSet")
+        new = RowShard(n, live)
+        if new.shape != (old.shape if old is not None else tuple(self._masks[n].shape)):
+            raise ValueError(f"parameter {n!r} was replaced by one of shape {new.shape}: rebuild the MaskSet")
+        if old is None:
+            self._masks[n] = self._local_rows(n, new, self._masks[n])
+        elif old.key != new.key:
+            self._masks[n] = self._local_rows(n, new, old.to_dtensor(self._masks[n]))
+        self.row_shards[n] = new
+        self._params[n] = live
+        self._plan_cache = None
+        self._bound[n] = (live, _ptr(live), live.shape)
+        with torch.no_grad():
+            if not bool(self._masks[n].all()):
+                lp = local(live.detach())
+                lp.mul_(self._factor(n, lp))
 
     def _factor(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """The mask as 1.0/0.0 in ``like``'s dtype and device, cached (masks may be edited in
@@ -224,8 +292,9 @@ class MaskSet(Mapping):
         key = sum([m._version for m in masks])
         # a fully dense mask (a dense first layer, an ERK layer capped at 1) would multiply by ones
         sparse = [n for n, m in self._masks.items() if not bool(m.all())]
-        plan = (key, [self._params[n] for n in sparse], [self._factor(n, self._params[n]) for n in sparse],
-                [self._params[n].detach() for n in sparse], masks)
+        plan = (key, [self._params[n] for n in sparse],
+                [self._factor(n, self._local_param(n)) for n in sparse],
+                [self._local_param(n) for n in sparse], masks)
         self._plan_cache = plan
         return plan[1], plan[2], plan[3]
 
@@ -243,13 +312,13 @@ class MaskSet(Mapping):
     def apply_to_grads(self) -> None:
         """Zero the gradients of pruned weights in place."""
         params, factors, _ = self._plan()
-        grads = [p.grad for p in params]
+        grads = [local(p.grad) for p in params]
         if all([g is not None and g.dtype == p.dtype and not g.requires_grad
                 for g, p in zip(grads, params)]):
             self._multiply(grads, factors)  # plain gradients: no autograd context needed
             return
         with torch.no_grad():
-            ps = [(n, p.grad) for n, p in self._params.items() if p.grad is not None]
+            ps = [(n, local(p.grad)) for n, p in self._params.items() if p.grad is not None]
             self._multiply([g for _, g in ps], [self._factor(n, g) for n, g in ps])
 
     @torch.no_grad()
@@ -264,7 +333,8 @@ class MaskSet(Mapping):
             if not state:
                 continue
             for v in state.values():
-                if isinstance(v, torch.Tensor) and (v.shape == p.shape or self._is_shard(n, v)):
+                v = local(v)
+                if isinstance(v, torch.Tensor) and (v.shape == self._masks[n].shape or self._is_shard(n, v)):
                     tensors.append(v)
                     factors.append(self._factor(n, v))
         self._multiply(tensors, factors)
@@ -285,23 +355,39 @@ class MaskSet(Mapping):
 
         Parameters replaced since the masks were built are re-bound first (see :meth:`_sync`), so
         this is the sparsity of the weights the model holds now."""
-        self._sync()
+        counts = self.layer_counts()
         if per_layer:
-            return {n: 1.0 - float(m.sum()) / m.numel() for n, m in self._masks.items()}
-        total = sum(m.numel() for m in self._masks.values())
-        kept = sum(int(m.sum()) for m in self._masks.values())
-        return 1.0 - kept / total
+            return {n: 1.0 - k / t for n, (k, t) in counts.items()}
+        return 1.0 - sum(k for k, _ in counts.values()) / sum(t for _, t in counts.values())
 
     def count(self) -> tuple[int, int]:
         """``(kept, total)`` entries over all masks (a shared tensor counts once)."""
+        counts = self.layer_counts()
+        return sum(k for k, _ in counts.values()), sum(t for _, t in counts.values())
+
+    def layer_counts(self) -> dict[str, tuple[int, int]]:
+        """``{name: (kept, total)}`` per mask, over every rank for a sharded (FSDP2) parameter
+        (one small all-reduce of the per-rank counts; a collective then: call it on every rank)."""
         self._sync()
-        return (sum(int(m.sum()) for m in self._masks.values()),
-                sum(m.numel() for m in self._masks.values()))
+        out = {n: (int(m.sum()), m.numel()) for n, m in self._masks.items()}
+        by_group: dict[int, tuple] = {}
+        for n, spec in self.row_shards.items():
+            if spec.sharded:
+                by_group.setdefault(id(spec.group), (spec.group, []))[1].append(n)
+        for group, names in by_group.values():
+            kept = all_reduce_ints([out[n][0] for n in names], group, self._masks[names[0]].device)
+            for n, k in zip(names, kept):
+                out[n] = (k, math.prod(self.row_shards[n].shape))
+        return out
 
     # -- state --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """``{name: bool mask}`` (CPU copies): save with ``torch.save`` or safetensors."""
-        return {n: m.detach().cpu().clone() for n, m in self._masks.items()}
+        """``{name: bool mask}`` (CPU copies): save with ``torch.save`` or safetensors.
+
+        A sharded (FSDP2) parameter's mask is a bool ``DTensor`` placed like the parameter (each
+        rank holds its rows): save it with ``torch.distributed.checkpoint``, which can reshard it."""
+        return {n: self.row_shards[n].to_dtensor(m.detach().clone()) if n in self.row_shards
+                else m.detach().cpu().clone() for n, m in self._masks.items()}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
         """Load masks saved by :meth:`state_dict`, validating names, shapes and dtype first."""
@@ -320,7 +406,9 @@ class MaskSet(Mapping):
             if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
                 raise TypeError(f"mask for {n!r} must be a bool tensor, got "
                                 f"{m.dtype if isinstance(m, torch.Tensor) else type(m).__name__}")
-            if m.shape != self._params[n].shape:
+            if n in self.row_shards:
+                m = self._local_rows(n, self.row_shards[n], m)
+            elif m.shape != self._params[n].shape:
                 raise ValueError(f"mask for {n!r} must have shape {tuple(self._params[n].shape)}, "
                                  f"got {tuple(m.shape)}")
             staged[n] = m
@@ -442,12 +530,17 @@ def build_masks(
     transposed = set(transposed)
     flip = lambda n, t: t.transpose(0, 1) if n in transposed else t  # noqa: E731
     layers, eff_scores = [], {}
+    shards = {n: RowShard(n, p) for n, p in params.items() if is_dtensor(p)}
     for n, p in params.items():
         s = scores[n]
         if s.shape != p.shape:
             raise ValueError(f"scores for {n!r} must have shape {tuple(p.shape)}, got {tuple(s.shape)}")
-        s = flip(n, s)
         prev = None if previous is None else previous.get(n)
+        if n in shards:  # FSDP2: this rank's rows only, selected together with the other ranks
+            _check_row_local(n, shards[n], pattern, n in transposed)
+            s = MaskSet._local_rows(n, shards[n], s) if not is_dtensor(s) else local(s)
+            prev = None if prev is None else MaskSet._local_rows(n, shards[n], prev)
+        s = flip(n, s)
         prev = None if prev is None else flip(n, prev)
         layer_signed = signed
         if prev is not None and not bool(prev.all()):
@@ -458,17 +551,44 @@ def build_masks(
         unit_pruned = None
         if prev is not None and not bool(prev.all()):
             unit_pruned = _units_pruned(pattern, prev)
-        layers.append(Units(n, unit_scores, pattern.unit_weight(s.shape), p.numel(), unit_pruned,
-                            raw_density(p.shape, allocation)))
+        spec = shards.get(n)
+        layers.append(Units(n, unit_scores, pattern.unit_weight(_oriented(p.shape, n in transposed)),
+                            p.numel(), unit_pruned, raw_density(p.shape, allocation),
+                            group=spec.group if spec is not None else None))
+    by_group: dict[int, tuple] = {}  # sharded layers: their number of units over every rank
+    for u in layers:
+        if u.group is not None:
+            by_group.setdefault(id(u.group), (u.group, []))[1].append(u)
+    for group, us in by_group.values():
+        for u, total in zip(us, all_reduce_ints([u.scores.numel() for u in us], group, us[0].scores.device)):
+            u.total = total
     keep = select(layers, allocation=allocation, **selection)
     out = {}
     for n, p in params.items():
         s, layer_signed = eff_scores[n]
         m = flip(n, pattern.expand(keep[n], s, layer_signed)).contiguous()
         if previous is not None and n in previous:
-            m = m & previous[n]
+            prev = previous[n]
+            m = m & (MaskSet._local_rows(n, shards[n], prev) if n in shards else prev)
         out[n] = m
     return out
+
+
+def _check_row_local(name: str, spec: RowShard, pattern, transposed: bool) -> None:
+    """A pattern's units must lie within one rank's rows of a dim-0-sharded weight."""
+    if not spec.sharded:
+        return
+    if transposed:
+        raise ValueError(f"layer {name!r} is stored [in, out] (Conv1D) and sharded on dim 0 (its "
+                         "input dimension): its units straddle the ranks' shards; exclude it or "
+                         "use nn.Linear")
+    rows = getattr(pattern, "rows", 1)
+    if rows > 1 and spec.chunk % rows:  # the same answer on every rank: all raise, none waits
+        raise ValueError(f"layer {name!r}: pattern {pattern.spec!r} needs blocks of {rows} rows, but "
+                         f"its {spec.shape[0]} rows are sharded {spec.chunk} per rank: "
+                         "blocks would straddle the shards; choose a world size (or "
+                         "fully_shard's shard_placement_fn) that splits the rows into multiples of "
+                         f"{rows}, or a row-local pattern (unstructured, N:M, 1xM, channels)")
 
 
 def _units_pruned(pattern, prev: torch.Tensor) -> torch.Tensor:

@@ -78,8 +78,8 @@ from ._checks import (check_bool, check_choice, check_float, check_int, check_na
 from ._progress import progress
 from ._modes import keeps_modes
 from .config import Config, atomic_write
-from ._distributed import (all_reduce_gradients, all_reduce_tensors, resolve_process_group,
-                                       sum_over_ranks)
+from ._distributed import (RowShard, all_reduce_gradients, all_reduce_tensors, is_dtensor, local,
+                                       resolve_process_group, sum_over_ranks)
 from ._report import SelectionReport
 from .masks import MaskSet
 from .scores import scoring_context
@@ -740,6 +740,17 @@ def pre_prune(
                 raise ValueError(f"mask names a parameter that is not scored: {n!r}")
             if m.shape != chosen[n].shape:
                 raise ValueError(f"mask[{n!r}] must have shape {tuple(chosen[n].shape)}, got {tuple(m.shape)}")
+    # FSDP2 (fully_shard): every rank runs every sample and FSDP averages the gradients; each rank
+    # then scores and selects its own rows, together with the others (exact global top-k)
+    shards = {n: RowShard(n, p) for n, p in chosen.items() if is_dtensor(p)}
+    if shards and (process_group is not None or config.cache_dir is not None):
+        raise ValueError("pre_prune on a fully_shard-ed model: FSDP2 already reduces the gradients; pass "
+                         "the whole dataset on every rank without process_group= and cache_dir= (got "
+                         f"process_group={process_group!r}, cache_dir={config.cache_dir!r})")
+    if shards and config.statistic != "mean":
+        raise ValueError(f"pre_prune on a fully_shard-ed model supports statistic='mean' (FSDP2 reduces "
+                         f"batch gradients; no rank holds whole per-sample gradients), got "
+                         f"statistic={config.statistic!r}")
 
     indices, per_class, filled = sample_indices(classes, targets, config.n_samples, config.seed)
     if filled:
@@ -804,21 +815,29 @@ def pre_prune(
 
     layers = []
     for n, p in chosen.items():
-        pruned = None
+        spec, pruned = shards.get(n), None
         if config.mask is not None and n in config.mask:
-            pruned = ~config.mask[n].to(p.device).reshape(-1)
-        layers.append(Units(n, importance[n].reshape(-1), 1, p.numel(), pruned))
+            m = config.mask[n].to(p.device)
+            pruned = ~(m[spec.start:spec.stop] if spec is not None else m).reshape(-1)
+        layers.append(Units(n, local(importance[n]).reshape(-1), 1, p.numel(), pruned,
+                            group=spec.group if spec is not None else None,
+                            total=p.numel() if spec is not None else None))
     keep = select(layers, topk=config.topk, threshold=config.threshold, scope="global")
-    masks = MaskSet(model, names=list(chosen), masks={n: keep[n].reshape(chosen[n].shape) for n in chosen})
-    kept_idx = {n: torch.nonzero(keep[n]).flatten().cpu() for n in chosen}
+    masks = MaskSet(model, names=list(chosen), masks={n: keep[n].reshape(local(chosen[n]).shape) for n in chosen})
+    # a sharded parameter: this rank's kept entries, as indices into the whole flattened parameter
+    kept_idx = {n: torch.nonzero(keep[n]).flatten().cpu()
+                + (shards[n].start * (p.numel() // max(1, p.shape[0])) if n in shards and p.dim() else 0)
+                for n, p in chosen.items()}
     if config.cache_dir is not None and cache_hit != "selection" and rank == 0:
         cpu_imp = {n: t.detach().cpu() for n, t in importance.items()}
         atomic_write(sel_path, lambda t: torch.save(
             {"key": sel_key, "importance": cpu_imp, "indices": kept_idx}, t))
     total = sum(p.numel() for p in chosen.values())
-    kept_total = sum(int(i.numel()) for i in kept_idx.values())
+    kept = {n: k for n, (k, _) in masks.layer_counts().items()} if shards else \
+        {n: int(i.numel()) for n, i in kept_idx.items()}
+    kept_total = sum(kept.values())
     report = {
-        "kept": {n: int(i.numel()) for n, i in kept_idx.items()},
+        "kept": kept,
         "kept_total": kept_total,
         "total": total,
         "samples": len(indices),

@@ -17,6 +17,10 @@ Rules, all exact:
 - **Bounds.** ``min_sparsity``/``max_sparsity`` per layer: a layer at a bound is frozen there and
   the rest of the target goes to the others; an infeasible target raises ``ValueError`` first.
   ``max_sparsity`` is hard: a layer's count rounds down to stay within it (tiny layers included).
+- **Sharded layers** (FSDP2: a layer's units split over the ranks of a process group, in order):
+  the same rules, exactly. Counts, bounds and per-rank tie counts go through small all-reduces
+  (the global threshold by 32 bisection steps); no rank gathers another's scores. Ties at the
+  threshold are taken from the highest rank down, which is the higher flat index first.
 - **Allocation** (local scope): ``uniform``, ``er`` (``(n_in + n_out) / (n_in * n_out)``) or ``erk``
   (``sum(shape) / prod(shape)``) raw densities scaled by one factor so the total matches, clipped to
   the bounds (so density never exceeds 1).
@@ -36,7 +40,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -57,10 +61,12 @@ class Units:
     numel: int                    # weights in the layer
     pruned: torch.Tensor | None = None   # 1-D bool: already pruned by an earlier mask
     raw: float = 1.0              # raw density for er/erk allocation
+    group: Any = None             # process group the units are sharded over (FSDP2), in rank order
+    total: int | None = None      # units over all ranks when sharded
 
     @property
     def n(self) -> int:
-        return self.scores.numel()
+        return self.scores.numel() if self.total is None else self.total
 
     @property
     def scale(self) -> float:
@@ -68,7 +74,7 @@ class Units:
         return self.numel / self.weight
 
     def n_forced(self) -> int:
-        return 0 if self.pruned is None else int(self.pruned.sum())
+        return _gcounts([self], [self.pruned])[0]
 
     def masked_scores(self) -> torch.Tensor:
         if self.pruned is None:
@@ -86,6 +92,39 @@ def raw_density(shape: Sequence[int], allocation: str) -> float:
     if allocation == "erk":
         return sum(shape) / math.prod(shape)
     raise ValueError(f"allocation must be one of uniform, er, erk; got {allocation!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# counting over the ranks of sharded layers
+
+def _gcounts(layers: Sequence[Units], tensors: Sequence[torch.Tensor | None]) -> list[int]:
+    """``count_nonzero`` of each tensor (``None``: 0), summed over its layer's ranks: one
+    all-reduce per process group."""
+    counts = [0 if t is None else int(torch.count_nonzero(t)) for t in tensors]
+    groups: dict[int, tuple[Any, list[int], Any]] = {}
+    for i, u in enumerate(layers):
+        if u.group is not None:
+            groups.setdefault(id(u.group), (u.group, [], u.scores.device))[1].append(i)
+    if groups:
+        from ._distributed import all_reduce_ints
+
+        for group, idx, device in groups.values():
+            summed = all_reduce_ints([counts[i] for i in idx], group, device)
+            for i, c in zip(idx, summed):
+                counts[i] = c
+    return counts
+
+
+def _sharded(layers: Sequence[Units]) -> list[Units]:
+    return [u for u in layers if u.group is not None]
+
+
+def _lowest_of(u: Units, scores: torch.Tensor, k: int, forced: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`_prune_lowest` of one layer, sharded or not (the same rule either way)."""
+    if u.group is None:
+        return _prune_lowest(scores, k, forced)
+    one = Units(u.name, scores, 1, u.n, forced, group=u.group, total=u.n)
+    return _global_lowest([one], k, [1])[u.name]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +172,7 @@ def _unkey(k: int) -> float:
 _SAMPLE = 1 << 16
 
 
-def _threshold(scores, unit_weights, target, smin, smax, weight_at_most) -> float:
+def _threshold(scores, unit_weights, target, smin, smax, weight_at_most, sample: bool = True) -> float:
     """The smallest score ``t`` whose cumulative removed weight ``W(<= t)`` reaches ``target``.
 
     Fast path: bracket ``t`` with quantiles of a strided sample, verify the bracket by counting,
@@ -142,7 +181,7 @@ def _threshold(scores, unit_weights, target, smin, smax, weight_at_most) -> floa
     """
     n_total = sum(s.numel() for s in scores)
     lo_key, hi_key = _key(smin), _key(smax)
-    if n_total > 4 * _SAMPLE:
+    if sample and n_total > 4 * _SAMPLE:
         stride = max(1, n_total // _SAMPLE)
         sample = torch.cat([s[::stride].cpu() for s in scores])
         sample_w = torch.cat([torch.full((s[::stride].numel(),), float(w)) for s, w in zip(scores, unit_weights)])
@@ -189,11 +228,14 @@ def _global_lowest(layers: list[Units], target: float, unit_weights: list[int]) 
     Units an earlier mask pruned come first and count toward ``target`` (also against free units
     that score ``-inf``): the rest is selected among the free units only.
     """
-    if any(u.pruned is not None and bool(u.pruned.any()) for u in layers):
-        frees = [torch.ones(u.n, dtype=torch.bool, device=u.scores.device) if u.pruned is None
+    forced = _gcounts(layers, [u.pruned for u in layers])
+    if any(forced):
+        frees = [torch.ones(u.scores.numel(), dtype=torch.bool, device=u.scores.device) if u.pruned is None
                  else ~u.pruned for u in layers]
-        done = sum(w * (u.n - int(f.sum())) for u, f, w in zip(layers, frees, unit_weights))
-        sub = _global_lowest([Units(u.name, u.scores[f], u.weight, u.numel) for u, f in zip(layers, frees)],
+        done = sum(w * k for k, w in zip(forced, unit_weights))
+        sub = _global_lowest([Units(u.name, u.scores[f], u.weight, u.numel, group=u.group,
+                                    total=None if u.group is None else u.n - k)
+                              for u, f, k in zip(layers, frees, forced)],
                              target - done, unit_weights)
         out = {}
         for u, f in zip(layers, frees):
@@ -202,39 +244,58 @@ def _global_lowest(layers: list[Units], target: float, unit_weights: list[int]) 
             out[u.name] = o
         return out
     scores = [u.masked_scores().float() for u in layers]
-    total = sum(w * s.numel() for w, s in zip(unit_weights, scores))
+    total = sum(w * u.n for w, u in zip(unit_weights, layers))
     if target <= 0:
-        return {u.name: torch.zeros(u.n, dtype=torch.bool, device=u.scores.device) for u in layers}
+        return {u.name: torch.zeros(u.scores.numel(), dtype=torch.bool, device=u.scores.device) for u in layers}
     if target >= total:
-        return {u.name: torch.ones(u.n, dtype=torch.bool, device=u.scores.device) for u in layers}
+        return {u.name: torch.ones(u.scores.numel(), dtype=torch.bool, device=u.scores.device) for u in layers}
     bounds = [torch.aminmax(s) for s in scores if s.numel()]
-    finite_min = min(float(b.min) for b in bounds)
-    finite_max = max(float(b.max) for b in bounds)
+    finite_min = min([float(b.min) for b in bounds], default=math.inf)
+    finite_max = max([float(b.max) for b in bounds], default=-math.inf)
+    sharded = _sharded(layers)
+    if sharded:  # the bounds over every rank (the same group for every sharded layer)
+        from ._distributed import all_reduce_floats
+
+        lo, neg_hi = all_reduce_floats([finite_min, -finite_max], sharded[0].group,
+                                       sharded[0].scores.device, op="min")
+        finite_min, finite_max = lo, -neg_hi
 
     def weight_at_most(t: float) -> int:
-        return sum(w * int(torch.count_nonzero(s <= t)) for w, s in zip(unit_weights, scores))
+        return sum(w * c for w, c in zip(unit_weights, _gcounts(layers, [s <= t for s in scores])))
 
-    t = _threshold(scores, unit_weights, target, finite_min, finite_max, weight_at_most)
+    t = _threshold(scores, unit_weights, target, finite_min, finite_max, weight_at_most,
+                   sample=not sharded)
     out = {u.name: s < t for u, s in zip(layers, scores)}
-    removed = sum(w * int(torch.count_nonzero(out[u.name])) for u, w in zip(layers, unit_weights))
+    removed = sum(w * c for w, c in zip(unit_weights, _gcounts(layers, [out[u.name] for u in layers])))
     # ties at t: later layers first, higher index first, until the target is reached (closest)
     for u, s, w in reversed(list(zip(layers, scores, unit_weights))):
         if removed >= target:
             break
         ties = torch.nonzero(s == t).flatten()
-        if not ties.numel():
+        per_rank, me = [ties.numel()], 0
+        if u.group is not None:  # the tie counts of every rank (rank order is index order)
+            from ._distributed import all_reduce_ints, rank_in
+
+            me, world = rank_in(u.group)
+            per_rank = all_reduce_ints([ties.numel() if r == me else 0 for r in range(world)],
+                                       u.group, u.scores.device)
+        n_ties = sum(per_rank)
+        if not n_ties:
             continue
         gap = target - removed
-        take = min(ties.numel(), int(gap // w))
+        take = min(n_ties, int(gap // w))
         stop = False
-        if take < ties.numel() and gap - take * w > 0:
+        if take < n_ties and gap - take * w > 0:
             rest = gap - take * w
             if w - rest <= rest:
                 take += 1          # one more overshoots by less than stopping undershoots
             else:
                 stop = True        # stopping here is closer to the target
         if take:
-            out[u.name][ties[ties.numel() - take:]] = True
+            # the highest ranks' ties go first; this rank takes what is left of ``take`` after them
+            mine = min(per_rank[me], max(0, take - sum(per_rank[me + 1:])))
+            if mine:
+                out[u.name][ties[ties.numel() - mine:]] = True
             removed += take * w
         if stop:
             break
@@ -249,8 +310,8 @@ def _global_with_bounds(layers, target_units_weight, unit_weights, lo_k, hi_k):
         rem = target_units_weight - sum(unit_weights[i] * k for i, k in fixed.items())
         result = _global_lowest([layers[i] for i in free], rem, [unit_weights[i] for i in free]) if free else {}
         over, under, excess, deficit = {}, {}, 0, 0
-        for i in free:
-            k = int(result[layers[i].name].sum())
+        ks = _gcounts([layers[i] for i in free], [result[layers[i].name] for i in free])
+        for i, k in zip(free, ks):
             if k > hi_k[i]:
                 over[i] = hi_k[i]
                 excess += unit_weights[i] * (k - hi_k[i])
@@ -266,7 +327,7 @@ def _global_with_bounds(layers, target_units_weight, unit_weights, lo_k, hi_k):
     out = {}
     for i, u in enumerate(layers):
         if i in fixed:
-            out[u.name] = _prune_lowest(u.scores, fixed[i], u.pruned)
+            out[u.name] = _lowest_of(u, u.scores, fixed[i], u.pruned)
         else:
             out[u.name] = result[u.name]
     return out
@@ -323,8 +384,8 @@ def select(
         raise ValueError("one of sparsity, topk or threshold must be set")
     check_topk("topk", topk)                  # bool and topk=0 are rejected everywhere
     check_threshold("threshold", threshold)
-    for u in layers:
-        if torch.isnan(u.scores).any():
+    for u, nans in zip(layers, _gcounts(layers, [torch.isnan(u.scores) for u in layers])):
+        if nans:
             raise ValueError(f"scores of {u.name!r} contain NaN")
     if sparsity is not None:
         pruned = _select_sparsity(layers, sparsity, scope, allocation, min_sparsity, max_sparsity)
@@ -360,7 +421,7 @@ def _select_sparsity(layers, sparsity, scope, allocation, min_s, max_s):
         out = {}
         for u, s, c in zip(layers, per_layer, caps):
             k = max(u.n_forced(), min(_units_at_most(c, u), round_half_up(s * u.scale)))
-            out[u.name] = _prune_lowest(u.scores, k, u.pruned)
+            out[u.name] = _lowest_of(u, u.scores, k, u.pruned)
         return out
     # global
     weights = [u.weight for u in layers]
@@ -391,7 +452,7 @@ def _select_topk_threshold(layers, topk, threshold, scope):
             r = u.scores < threshold if u.pruned is None else u.pruned | (u.scores < threshold)
         removed[u.name] = r
     if topk is None:
-        return {u.name: torch.zeros(u.n, dtype=torch.bool, device=u.scores.device)
+        return {u.name: torch.zeros(u.scores.numel(), dtype=torch.bool, device=u.scores.device)
                 if removed[u.name] is None else removed[u.name] for u in layers}
 
     def keep_count(remaining: int) -> int:
@@ -399,17 +460,14 @@ def _select_topk_threshold(layers, topk, threshold, scope):
             return min(topk, remaining)
         return min(remaining, math.ceil(round(topk * remaining, 9)))
 
-    def n_removed(u) -> int:
-        r = removed[u.name]
-        return 0 if r is None else int(torch.count_nonzero(r))
-
+    n_removed = _gcounts(layers, [removed[u.name] for u in layers])
     if scope == "local":
         out = {}
-        for u in layers:
-            remaining = u.n - n_removed(u)
-            out[u.name] = _prune_lowest(u.scores.float(), u.n - keep_count(remaining), removed[u.name])
+        for u, r in zip(layers, n_removed):
+            out[u.name] = _lowest_of(u, u.scores.float(), u.n - keep_count(u.n - r), removed[u.name])
         return out
-    remaining = sum(u.n - n_removed(u) for u in layers)
+    remaining = sum(u.n - r for u, r in zip(layers, n_removed))
     k_prune = sum(u.n for u in layers) - keep_count(remaining)
-    tmp = [Units(u.name, u.scores.float(), 1, u.n, removed[u.name]) for u in layers]
+    tmp = [Units(u.name, u.scores.float(), 1, u.n, removed[u.name], group=u.group, total=u.total)
+           for u in layers]
     return _global_lowest(tmp, k_prune, [1] * len(tmp))

@@ -98,6 +98,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from . import _sharded
+from ._distributed import local
 from ._io import load_torch
 from ._resume import apply_keeping, restore_zeroed
 from ._checks import check_bool, check_choice, check_float, check_int, check_str_list, round_half_up
@@ -312,9 +314,13 @@ class LayerContext:
 # ---------------------------------------------------------------------------------------------
 # exact selection with seeded random tie-breaking
 
-def _pick(scores: torch.Tensor, candidates: torch.Tensor, n: int, largest: bool, gen: torch.Generator) -> torch.Tensor:
+def _pick(scores: torch.Tensor, candidates: torch.Tensor, n: int, largest: bool, gen: torch.Generator,
+          group: Any = None) -> torch.Tensor:
     """Bool mask of exactly ``n`` candidates with the largest (or smallest) scores; ties at the
-    cut are broken uniformly at random with ``gen``."""
+    cut are broken uniformly at random with ``gen``. ``group``: the tensors are this rank's part of
+    a layer sharded over that process group (FSDP2); the same entries are picked as in one process."""
+    if group is not None:
+        return _sharded.pick(scores, candidates, n, largest, gen, group)
     out = torch.zeros_like(candidates)
     n_cand = int(candidates.sum())
     if n <= 0:
@@ -340,8 +346,10 @@ def _pick(scores: torch.Tensor, candidates: torch.Tensor, n: int, largest: bool,
     return out
 
 
-def _pick_random(candidates: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
-    """Bool mask of exactly ``n`` of ``candidates``, uniformly at random."""
+def _pick_random(candidates: torch.Tensor, n: int, gen: torch.Generator, group: Any = None) -> torch.Tensor:
+    """Bool mask of exactly ``n`` of ``candidates``, uniformly at random (``group``: see :func:`_pick`)."""
+    if group is not None:
+        return _sharded.pick_random(candidates, n, gen, group)
     if n <= 0:
         return torch.zeros_like(candidates)
     idx = torch.nonzero(candidates).flatten()
@@ -351,7 +359,8 @@ def _pick_random(candidates: torch.Tensor, n: int, gen: torch.Generator) -> torc
     return out
 
 
-def _set_signed_drop(weight: torch.Tensor, active: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+def _set_signed_drop(weight: torch.Tensor, active: torch.Tensor, n: int, gen: torch.Generator,
+                     group: Any = None) -> torch.Tensor:
     """Bool mask of exactly ``n`` of the ``active`` weights (flat tensors) that SET drops (Mocanu
     et al. 2018): the weights closest to zero on each side, i.e. the smallest positive and the
     largest negative ones, in proportion to how many of each sign are active.
@@ -375,14 +384,14 @@ def _set_signed_drop(weight: torch.Tensor, active: torch.Tensor, n: int, gen: to
     """
     w = weight.detach().reshape(-1)
     zero, pos, neg = active & (w == 0), active & (w > 0), active & (w < 0)
-    z = min(n, int(zero.sum()))
+    z = min(n, _sharded.count(zero, group))
     r = n - z
-    n_p, n_n = int(pos.sum()), int(neg.sum())
+    n_p, n_n = _sharded.count(pos, group), _sharded.count(neg, group)
     n_pos = round_half_up(r * n_p / (n_p + n_n)) if n_p + n_n else 0
     n_pos = min(max(n_pos, r - n_n), n_p)
-    out = _pick(w, zero, z, largest=False, gen=gen)
-    out |= _pick(w, pos, n_pos, largest=False, gen=gen)
-    out |= _pick(w, neg, r - n_pos, largest=True, gen=gen)
+    out = _pick(w, zero, z, largest=False, gen=gen, group=group)
+    out |= _pick(w, pos, n_pos, largest=False, gen=gen, group=group)
+    out |= _pick(w, neg, r - n_pos, largest=True, gen=gen, group=group)
     return out
 
 
@@ -449,6 +458,7 @@ class SparseTrainer:
         self._versions = None  # weight version counters after our last step (see _before_step)
         self.history: list[dict] = []
         self.masks = MaskSet(model, names=list(self.params))
+        self._check_sharded()
         self._units: dict[str, torch.Tensor] = {}
         self._initial_density: dict[str, float] = {}
         self._warned_past_end = False
@@ -458,18 +468,47 @@ class SparseTrainer:
         self._provisional: list | None = None
         self._init_masks()
 
+    # -- FSDP2: layers sharded on dim 0 (each rank holds its rows' units) --------------------
+    def _check_sharded(self) -> None:
+        cfg = self.config
+        sharded = [n for n, spec in self.masks.row_shards.items() if spec.sharded]
+        if not sharded:
+            return
+        rules = [k for k in ("init", "prune", "grow", "redistribute", "decay") if callable(getattr(cfg, k))]
+        if rules:
+            raise ValueError(f"SparseTrainer on a fully_shard-ed model: callable rules {rules} see whole "
+                             f"weights, which no rank holds ({sharded[0]!r} is sharded); use the named rules")
+
+    def _group(self, name: str) -> Any:
+        """The process group ``name``'s units are sharded over (``None``: whole on this rank)."""
+        spec = self.masks.row_shards.get(name)
+        return spec.group if spec is not None else None
+
+    def _count(self, name: str, t: torch.Tensor) -> int:
+        """``count_nonzero`` of a per-unit tensor of layer ``name``, over every rank."""
+        return _sharded.count(t, self._group(name))
+
+    def _unit_range(self, name: str) -> tuple[int, int]:
+        """The units (in the layer's flat unit order) that this rank's rows hold."""
+        spec = self.masks.row_shards.get(name)
+        total = self._n_units(name)
+        if spec is None:
+            return 0, total
+        per_row = total // spec.shape[0]
+        return spec.start * per_row, spec.stop * per_row
+
     # -- unit helpers -----------------------------------------------------------------------
     def _n_units(self, name: str) -> int:
         return self._unit_pattern[name].n_units(self.params[name].shape)
 
     def _unit_scores(self, name: str, t: torch.Tensor) -> torch.Tensor:
         pat = self._unit_pattern[name]
-        return pat.unit_scores(t.detach().abs(), self.config.struct_reduce, True)
+        return pat.unit_scores(local(t.detach()).abs(), self.config.struct_reduce, True)
 
     def _set_units(self, name: str, units: torch.Tensor) -> None:
         self._units[name] = units
         p = self.params[name]
-        self.masks[name] = self._unit_pattern[name].expand(units, p.detach(), True)
+        self.masks[name] = self._unit_pattern[name].expand(units, local(p.detach()), True)
 
     def _weight_mask(self, name: str, units: torch.Tensor) -> torch.Tensor:
         """A bool mask shaped like the weight (a copy) from per-unit ``units``: what callables get."""
@@ -544,12 +583,15 @@ class SparseTrainer:
                 m = source[n]
                 if m.shape != p.shape or m.dtype != torch.bool:
                     raise ValueError(f"lottery_masks[{n!r}] must be a bool mask of shape {tuple(p.shape)}")
-                units = (self._unit_scores(n, m.float()) > 0)
+                spec = self.masks.row_shards.get(n)
+                units = (self._unit_scores(n, m[spec.start:spec.stop] if spec else m.float()) > 0)
                 if cfg.lottery_shuffle:
-                    k = int(units.sum())
-                    perm = torch.randperm(units.numel(), generator=gen)[:k]
-                    units = torch.zeros_like(units)
-                    units[perm.to(units.device)] = True
+                    k = self._count(n, units)
+                    lo, hi = self._unit_range(n)
+                    perm = torch.randperm(self._n_units(n), generator=gen)[:k]
+                    units = torch.zeros(self._n_units(n), dtype=torch.bool)
+                    units[perm] = True
+                    units = units[lo:hi].to(units.device)
                 self._set_units(n, units.to(p.device))
         else:
             dens = self._layer_densities(kind)
@@ -561,8 +603,9 @@ class SparseTrainer:
                     units[:] = True
                 else:
                     units[torch.randperm(n_units, generator=gen)[:k]] = True
-                self._set_units(n, units.to(p.device))
-        self._initial_density = {n: float(u.float().mean()) for n, u in self._units.items()}
+                lo, hi = self._unit_range(n)  # the draw is over every unit; this rank keeps its own
+                self._set_units(n, units[lo:hi].to(p.device))
+        self._initial_density = {n: self._count(n, u) / self._n_units(n) for n, u in self._units.items()}
         self._final_density = self._layer_densities("uniform") if cfg.decay == "magnitude_prune" else None
         # zeroes weights and optimizer state: what may be a checkpoint's is kept until the first
         # step, for load_state_dict to put back (a model or optimizer loaded before the trainer)
@@ -649,7 +692,7 @@ class SparseTrainer:
             StepsPastEndWarning, stacklevel=3)
 
     def _weight_versions(self) -> tuple:
-        return tuple(p._version for p in self.params.values())
+        return tuple(local(p)._version for p in self.params.values())
 
     def _before_step(self) -> None:
         """Mask the gradients (unless ``dense_gradients``); re-mask the weights and state first if
@@ -717,11 +760,11 @@ class SparseTrainer:
     def _momentum(self, p: torch.Tensor) -> torch.Tensor | None:
         state = self.optimizer.state.get(p, {})
         if "momentum_buffer" in state and state["momentum_buffer"] is not None:
-            return state["momentum_buffer"]
+            return local(state["momentum_buffer"])
         if "exp_avg" in state:
             eps = next((g.get("eps", 1e-8) for g in self.optimizer.param_groups
                         if any(q is p for q in g["params"])), 1e-8)
-            return state["exp_avg"] / (state["exp_avg_sq"].sqrt() + eps)
+            return local(state["exp_avg"]) / (local(state["exp_avg_sq"]).sqrt() + eps)
         return None
 
     def _ctx(self, n: str) -> LayerContext:
@@ -759,7 +802,7 @@ class SparseTrainer:
         gen = self.generator
         names = list(self.params)
         before = {n: self._units[n].clone() for n in names}
-        active = {n: int(before[n].sum()) for n in names}
+        active = {n: self._count(n, before[n]) for n in names}
         n_drop = {n: min(active[n], round_half_up(fraction * active[n])) for n in names}
         redistributing = callable(cfg.redistribute) or cfg.redistribute != "none"
         growing = callable(cfg.grow) or cfg.grow != "none"
@@ -767,8 +810,8 @@ class SparseTrainer:
         # with a nonzero score for score-based growth unless grow_zero_score; with regrow_dropped
         # the dropped connections too (whatever their score: regrowing one is keeping it)
         grow_scores = {n: self._grow_scores(n) for n in names} if growing else {}
-        free = {n: int((~before[n] if grow_scores.get(n) is None or cfg.grow_zero_score else
-                        ~before[n] & (grow_scores[n] != 0)).sum()) for n in names}
+        free = {n: self._count(n, ~before[n] if grow_scores.get(n) is None or cfg.grow_zero_score else
+                               ~before[n] & (grow_scores[n] != 0)) for n in names}
         room = {n: free[n] + (n_drop[n] if cfg.regrow_dropped else 0) for n in names}
         if growing and not redistributing:
             # a layer regrows what it dropped: it cannot drop more than it can regrow (a dense
@@ -791,25 +834,26 @@ class SparseTrainer:
                     raise ValueError(f"prune callable must remove exactly {n_drop[n]} active connections "
                                      f"from {n!r} and add none")
         elif cfg.prune == "global_magnitude":
-            layers = [Units(n, self._unit_scores(n, self.params[n]), 1, before[n].numel(), ~before[n])
-                      for n in names]
+            layers = [Units(n, self._unit_scores(n, self.params[n]), 1, self._n_units(n), ~before[n],
+                            group=self._group(n), total=self._n_units(n)) for n in names]
             total_drop = sum(n_drop.values())
-            inactive = sum(b.numel() - active[n] for n, b in before.items())
+            inactive = sum(self._n_units(n) - active[n] for n in names)
             pruned = _global_lowest(layers, inactive + total_drop, [1] * len(layers))
             for n in names:
                 after[n] = ~pruned[n]
-            n_drop = {n: active[n] - int(after[n].sum()) for n in names}
+            n_drop = {n: active[n] - self._count(n, after[n]) for n in names}
         elif cfg.prune == "set_signed":
             for n in names:
-                after[n] = before[n] & ~_set_signed_drop(self.params[n], before[n], n_drop[n], gen)
+                after[n] = before[n] & ~_set_signed_drop(local(self.params[n]), before[n], n_drop[n], gen,
+                                                         self._group(n))
         else:
             for n in names:
                 scores = self._unit_scores(n, self.params[n])
-                dropped = _pick(scores, before[n], n_drop[n], largest=False, gen=gen)
+                dropped = _pick(scores, before[n], n_drop[n], largest=False, gen=gen, group=self._group(n))
                 after[n] = before[n] & ~dropped
         # how many to grow where
         if growing:
-            capacity = [free[n] + (active[n] - int(after[n].sum()) if cfg.regrow_dropped else 0)
+            capacity = [free[n] + (active[n] - self._count(n, after[n]) if cfg.regrow_dropped else 0)
                         for n in names]
             total = min(sum(n_drop.values()), sum(capacity))
             # without redistribution each layer regrows what it dropped (exactly, whenever its
@@ -829,21 +873,24 @@ class SparseTrainer:
                         raise ValueError(f"grow callable must add exactly {n_grow[n]} connections to {n!r}, "
                                          f"added {int(grown.sum())}")
                 elif grow_scores[n] is None:  # random
-                    grown = _pick_random(candidates, n_grow[n], self.generator)
+                    grown = _pick_random(candidates, n_grow[n], self.generator, self._group(n))
                 else:
                     if not cfg.grow_zero_score:
                         keep_room = (before[n] & ~after[n]) if cfg.regrow_dropped else False
                         candidates = candidates & ((grow_scores[n] != 0) | keep_room)
-                    grown = _pick(grow_scores[n], candidates, n_grow[n], largest=True, gen=self.generator)
+                    grown = _pick(grow_scores[n], candidates, n_grow[n], largest=True, gen=self.generator,
+                                  group=self._group(n))
                 after[n] = after[n] | grown
         for n in names:
             pat, p = self._unit_pattern[n], self.params[n]
-            grown = pat.expand(after[n] & ~before[n], p.detach(), True)
+            w = local(p.detach())
+            grown = pat.expand(after[n] & ~before[n], w, True)
             self._set_units(n, after[n])
             if grown.any():  # grown weights and their optimizer state start at exactly 0
-                p.detach().masked_fill_(grown, 0.0)
+                w.masked_fill_(grown, 0.0)
                 for v in self.optimizer.state.get(p, {}).values():
-                    if isinstance(v, torch.Tensor) and v.shape == p.shape:
+                    v = local(v)
+                    if isinstance(v, torch.Tensor) and v.shape == w.shape:
                         v.masked_fill_(grown, 0)
 
     def _grow_scores(self, n: str) -> torch.Tensor | None:
@@ -871,10 +918,12 @@ class SparseTrainer:
         if callable(cfg.redistribute):
             return float(cfg.redistribute(p.detach(), self._weight_mask(n, units), self._ctx(n)))
         if cfg.redistribute == "nonzero":
-            return float(units.sum())
+            return float(self._count(n, units))
         src = self._momentum(p) if cfg.redistribute == "momentum" else p.grad
-        if src is None or not units.any():
+        if src is None or not self._count(n, units):
             return 0.0
+        if self._group(n) is not None:
+            return _sharded.mean_over(self._unit_scores(n, src)[units], self._group(n))
         return float(self._unit_scores(n, src)[units].mean())
 
     def _gradual_prune(self) -> None:
@@ -887,10 +936,10 @@ class SparseTrainer:
             n_units = self._n_units(n)
             keep = n_units - min(n_units, round_half_up(s * n_units))
             units = self._units[n]
-            n_drop = int(units.sum()) - keep
+            n_drop = self._count(n, units) - keep
             if n_drop > 0:
                 dropped = _pick(self._unit_scores(n, self.params[n]), units, n_drop, largest=False,
-                                gen=self.generator)
+                                gen=self.generator, group=self._group(n))
                 self._set_units(n, units & ~dropped)
 
     # -- reporting -------------------------------------------------------------------------------
@@ -1003,7 +1052,7 @@ class SparseTrainer:
         for n, p in self.params.items():
             pat, m = self._unit_pattern[n], self.masks[n]
             units[n] = m.reshape(-1).clone() if pat.spec == "1x1" else pat.unit_scores(m.float(), "max", True) > 0
-            if pat.spec != "1x1" and not torch.equal(pat.expand(units[n], p.detach(), True), m):
+            if pat.spec != "1x1" and not torch.equal(pat.expand(units[n], local(p.detach()), True), m):
                 self.masks.load_state_dict(previous)
                 raise ValueError(f"mask for {n!r} does not cover whole {pat.spec} units, as this config's "
                                  "structured rules need")

@@ -19,7 +19,12 @@ single-process run on the global batches. ``pre_prune``: every rank passes the w
 same config; the seeded sample is split over the ranks and the (linear) gradient statistics are
 summed, so the result equals a single-process run.
 
-**FSDP** (``FullyShardedDataParallel(..., use_orig_params=True)``): :class:`FSDPPruner` and
+**FSDP2** (``torch.distributed.fsdp.fully_shard``: parameters are DTensors sharded on dim 0):
+``Pruner``, ``SparseTrainer``, ``prune`` and ``pre_prune`` take the sharded model as it is. Each
+rank's masks hold only its rows; selection is exact over all ranks through small all-reduces of
+counts; :class:`Checkpointable` saves the state through ``torch.distributed.checkpoint``.
+
+**FSDP1** (deprecated upstream; ``FullyShardedDataParallel(..., use_orig_params=True)``): :class:`FSDPPruner` and
 :class:`FSDPSparseTrainer` drive a ``Pruner``/``SparseTrainer`` whose parameters live as flat shards:
 they unshard parameters and gradients (``summon_full_params``) only where full tensors are needed
 (scoring steps and prune events of the pruner; connectivity updates of the trainer) and otherwise
@@ -65,6 +70,8 @@ __all__ = [
     "FSDPSparseTrainer",
     "fsdp_shard_spans",
     "fsdp_full_params",
+    "Checkpointable",
+    "gather_masks",
 ]
 
 
@@ -133,6 +140,111 @@ def check_masks_in_sync(masks: Any, group: Any = None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# torch.distributed.checkpoint (DCP)
+
+_MISSING = object()
+
+
+def _split(state: Any, where: str = "state") -> tuple[Any, Any]:
+    """``(tensors, rest)``: the tensors of nested dicts (the same nesting), and everything else."""
+    if isinstance(state, torch.Tensor):
+        return state, _MISSING
+    if isinstance(state, Mapping):
+        tensors, rest = {}, {}
+        for k, v in state.items():
+            t, r = _split(v, f"{where}[{k!r}]")
+            if t is not _MISSING and not (isinstance(t, dict) and not t and isinstance(v, Mapping) and v):
+                tensors[k] = t
+            if r is not _MISSING:
+                rest[k] = r
+        return tensors, rest
+    if isinstance(state, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in state):
+        raise TypeError(f"{where} holds tensors in a list: not supported by Checkpointable")
+    return _MISSING, state
+
+
+def _join(tensors: Any, rest: Any) -> Any:
+    if not isinstance(tensors, Mapping):
+        return tensors
+    out = dict(rest) if isinstance(rest, Mapping) else {}
+    for k, v in tensors.items():
+        out[k] = _join(v, out.get(k))
+    return out
+
+
+class Checkpointable:
+    """A :class:`~gradprune.Pruner` or :class:`~gradprune.SparseTrainer` (anything with
+    ``state_dict``/``load_state_dict``) as a ``torch.distributed.checkpoint`` ``Stateful``: put it
+    in the state dict you give ``dcp.save``/``dcp.load`` beside the model and the optimizer.
+
+    Its tensors (masks: bool DTensors placed like their sharded weights; criterion statistics; the
+    generator) go to DCP as tensors, so each rank writes only its shards and a checkpoint loads
+    into another world size (DCP reshards); the rest (counters, history, config) is one small
+    ``torch.save`` blob read back with ``weights_only=True``. ``dcp.load`` calls
+    ``load_state_dict`` on the wrapped object, which validates everything first, as usual.
+
+    Example (under ``torchrun``; see ``docs/distributed.md``)::
+
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt),
+                 "sparse": Checkpointable(trainer)}
+        dcp.save(state, checkpoint_id="ckpt")
+        ...
+        dcp.load(state, checkpoint_id="ckpt")   # trainer.load_state_dict runs inside
+        set_model_state_dict(model, state["model"]); set_optimizer_state_dict(model, opt, state["optim"])
+    """
+
+    def __init__(self, obj: Any):
+        if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
+            raise TypeError(f"obj must have state_dict() and load_state_dict() (a Pruner or SparseTrainer), "
+                            f"got {type(obj).__name__}")
+        self.obj = obj
+
+    def state_dict(self) -> dict:
+        import io
+
+        tensors, rest = _split(self.obj.state_dict())
+        blob = io.BytesIO()
+        torch.save(rest, blob)
+        blob.seek(0)
+        return {"tensors": tensors, "meta": blob}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        blob = state["meta"]
+        blob.seek(0)
+        rest = torch.load(blob, weights_only=True)
+        self.obj.load_state_dict(_join(state["tensors"], rest))
+
+
+def gather_masks(masks: Any) -> dict[str, torch.Tensor] | None:
+    """The whole masks of a sharded (FSDP2) :class:`~gradprune.MaskSet` on the first rank of the
+    shards' process group (``None`` on the others), e.g. to save one safetensors file for
+    inference. A collective (one ``gather_object`` of each rank's bool rows): call it on every rank.
+
+    Example (under ``torchrun``)::
+
+        full = gather_masks(trainer.masks)
+        if full is not None:
+            gradprune.integrations.safetensors.save_masks(full, "masks.safetensors")
+    """
+    masks = _masks_of(masks)
+    shards = {n: s for n, s in getattr(masks, "row_shards", {}).items() if s.sharded}
+    local = {n: m.detach().cpu() for n, m in masks.items()}
+    if not shards:
+        return local
+    groups = {id(s.group): s.group for s in shards.values()}
+    if len(groups) != 1:
+        raise ValueError("gather_masks needs every sharded mask on one process group")
+    dist = _initialized_dist()
+    group = next(iter(groups.values()))
+    first = dist.get_global_rank(group, 0)
+    gathered: list | None = [None] * dist.get_world_size(group) if dist.get_rank() == first else None
+    dist.gather_object({n: local[n] for n in shards}, gathered, dst=first, group=group)
+    if gathered is None:
+        return None
+    return {n: torch.cat([g[n] for g in gathered]) if n in shards else m for n, m in local.items()}
+
+
+# ---------------------------------------------------------------------------------------------
 # FSDP (use_orig_params=True)
 
 def _fsdp(model: Any):
@@ -180,6 +292,12 @@ def fsdp_shard_spans(model: nn.Module, params: Mapping[str, torch.Tensor]) -> di
 
 class _FSDPDriver:
     def __init__(self, model: nn.Module):
+        import warnings
+
+        warnings.warn(f"{type(self).__name__} drives FSDP1 (FullyShardedDataParallel), which PyTorch "
+                      "deprecates, and gathers whole parameters at every scoring step: shard the model "
+                      "with FSDP2 (torch.distributed.fsdp.fully_shard) and pass it to gp.Pruner / "
+                      "gp.SparseTrainer as it is (docs/distributed.md)", DeprecationWarning, stacklevel=3)
         self._FSDP = _fsdp(model)
         self.fsdp_model = model
 
