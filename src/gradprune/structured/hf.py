@@ -95,7 +95,8 @@ class AttentionSpec:
     Generic head-count attributes (``num_heads``, ``num_attention_heads``, ``n_heads``,
     ``num_key_value_heads``, ``all_head_size``…) are set where the module has them; ``attrs`` are
     always set (``"groups"``: query heads per key/value head).
-    ``config_heads``: can a config with ``head_dim`` express fewer heads (LLaMA-style configs)?
+    ``config_heads``: the ``model_type`` s whose config takes ``head_dim``, so it can express
+    fewer heads (LLaMA-style configs; others derive the head size from the head count).
     ``classes``: known attention class names (their normalised names are rule keys
     ``"hf.<class>"``). ``unsupported``: why the heads of this layout are never pruned."""
 
@@ -108,7 +109,7 @@ class AttentionSpec:
     cross_q: str | None = None
     o: tuple = ("o_proj",)
     attrs: dict = field(default_factory=dict)
-    config_heads: bool = False
+    config_heads: tuple = ()
     heads_divide_hidden: bool = False
     classes: tuple = ()
     unsupported: str | None = None
@@ -179,7 +180,8 @@ register_attention(AttentionSpec("distilbert", q="q_lin", k="k_lin", v="v_lin", 
                                  classes=("DistilBertSelfAttention", "MultiHeadSelfAttention")))
 # LLaMA, Mistral, Qwen, Gemma, Phi, OPT, BART, Whisper, CLIP, ViT, Dinov2…
 register_attention(AttentionSpec("qkv_proj", q="q_proj", k="k_proj", v="v_proj",
-                                 o=("o_proj", "out_proj", "dense"), config_heads=True,
+                                 o=("o_proj", "out_proj", "dense"),
+                                 config_heads=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"),
                                  attrs={"num_heads": "heads", "num_key_value_heads": "kv_heads",
                                         "num_key_value_groups": "groups"},
                                  classes=_LLAMA + ("OPTAttention", "BartAttention",
@@ -190,8 +192,11 @@ register_attention(AttentionSpec("t5", q="q", k="k", v="v", o=("o",), classes=("
                                  "computed once for all layers, so heads are not pruned"))
 register_attention(AttentionSpec("gpt2", fused="c_attn", cross_q="q_attn", o=("c_proj",),
                                  attrs={"split_size": "width"}, classes=("GPT2Attention",)))
-register_attention(AttentionSpec("phi3", fused="qkv_proj", o=("o_proj",), config_heads=True,
-                                 classes=("Phi3Attention",)))
+register_attention(AttentionSpec("phi3", fused="qkv_proj", o=("o_proj",),
+                                 classes=("Phi3Attention",),
+                                 unsupported="the forward splits qkv_proj at "
+                                 "config.num_attention_heads * head_dim, one count shared by "
+                                 "every layer, so heads are not pruned"))
 register_attention(AttentionSpec("gpt_neox", fused="query_key_value", layout="heads", o=("dense",),
                                  classes=("GPTNeoXAttention",)))
 register_attention(AttentionSpec("wqkv", fused="Wqkv", o=("Wo", "out_proj"),
@@ -528,12 +533,13 @@ def _attention(b: _Builder, name: str, mod: nn.Module, match) -> None:
     attrs.update(spec.attrs)
     norm = _normal_class(mod)
     rule = norm if norm in head_rule_types() else "Attention"
-    handler = HFHeads(name, n, d, per, o, attrs, mq, rule, spec.config_heads,
+    family = _family(b, name)
+    handler = HFHeads(name, n, d, per, o, attrs, mq, rule, family in spec.config_heads,
                       spec.heads_divide_hidden, q=projs.get("q") or projs["fused"],
                       k=projs.get("k") or (projs["fused"] if "q" in projs else None))
     cross = "cross_heads" if _is_cross(name, mod) else "heads"
     space = b.group(name, n, producers, slices, [(name, type(mod))], handler, rule_type=rule,
-                    kind=f"{_family(b, name)}.{cross}")
+                    kind=f"{family}.{cross}")
     for m, segs in roles.items():
         b.roles[m] = {"out": Layout(2, 3, tuple(
             (space, inner) if s == "g" else (b.space(s[1]), inner) for s, inner in segs))}
@@ -770,6 +776,29 @@ def _read_state(path: str) -> dict:
     raise FileNotFoundError(f"path must be a directory written by save_pretrained; no weights in {path}")
 
 
+def _narrow(model: nn.Module, widths: dict, cls_name: str) -> None:
+    """Set the recorded widths on ``model``'s modules (new, empty parameters of those widths)."""
+    modules = dict(model.named_modules())
+    for name, attrs in widths.items():
+        mod = modules.get(name)
+        if mod is None:
+            raise ValueError(f"config.{WIDTHS_KEY} names a module {name!r} that {cls_name} "
+                             "does not have")
+        for key, value in attrs.items():
+            setattr(mod, key, value)
+        if isinstance(mod, nn.Linear):
+            shape = (mod.out_features, mod.in_features)
+        elif is_conv1d(mod):
+            shape = (mod.nx, mod.nf)
+        else:
+            continue
+        w = mod.weight
+        mod.weight = nn.Parameter(torch.empty(shape, dtype=w.dtype, device=w.device))
+        if mod.bias is not None:
+            mod.bias = nn.Parameter(torch.empty(shape[0] if isinstance(mod, nn.Linear) else shape[1],
+                                                dtype=w.dtype, device=w.device))
+
+
 def load_pruned_pretrained(cls, path: str | os.PathLike, config=None):
     """Load a pruned Hugging Face model saved with ``save_pretrained``: build ``cls(config)``
     (``config`` read from ``path`` by default), narrow the layers recorded in
@@ -788,36 +817,29 @@ def load_pruned_pretrained(cls, path: str | os.PathLike, config=None):
     if not isinstance(widths, dict):
         raise ValueError(f"config.{WIDTHS_KEY} must be a dict of module widths, got "
                          f"{type(widths).__name__}")
-    model = cls(config)
-    modules = dict(model.named_modules())
     for name, attrs in widths.items():
-        mod = modules.get(name)
-        if mod is None:
-            raise ValueError(f"config.{WIDTHS_KEY} names a module {name!r} that {cls.__name__} "
-                             "does not have")
-        for key, value in attrs.items():
-            setattr(mod, key, value)
-        if isinstance(mod, nn.Linear):
-            w = mod.weight
-            mod.weight = nn.Parameter(torch.empty(mod.out_features, mod.in_features, dtype=w.dtype))
-            if mod.bias is not None:
-                mod.bias = nn.Parameter(torch.empty(mod.out_features, dtype=w.dtype))
-        elif is_conv1d(mod):
-            w = mod.weight
-            mod.weight = nn.Parameter(torch.empty(mod.nx, mod.nf, dtype=w.dtype))
-            if mod.bias is not None:
-                mod.bias = nn.Parameter(torch.empty(mod.nf, dtype=w.dtype))
-    state = _read_state(path)
-    result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        raise ValueError(f"weights in {path} do not fit {cls.__name__}: unexpected "
-                         f"{result.unexpected_keys[:5]}")
-    if result.missing_keys:
-        model.tie_weights()
-        loaded = {t.data_ptr() for k, t in model.state_dict().items() if k in state}
-        params = model.state_dict()
-        untied = [k for k in result.missing_keys if params[k].data_ptr() not in loaded]
-        if untied:
-            raise ValueError(f"weights in {path} miss {untied[:5]} for {cls.__name__}")
+        if not isinstance(attrs, dict):
+            raise ValueError(f"config.{WIDTHS_KEY}[{name!r}] must be a dict of attributes, got "
+                             f"{type(attrs).__name__}")
+
+    def narrowed_init(self, *args, **kwargs):
+        cls.__init__(self, *args, **kwargs)
+        _narrow(self, widths, cls.__name__)
+
+    # transformers' own loader (its checkpoint key conversions, tied weights, sharded files)
+    # builds the narrowed model through this subclass; the result is a plain ``cls`` again
+    narrowed = type(cls.__name__, (cls,), {"__init__": narrowed_init, "__module__": cls.__module__})
+    try:
+        model, info = narrowed.from_pretrained(path, config=config, output_loading_info=True)
+    except Exception as exc:  # a damaged or foreign file: name the weight files
+        files = [os.path.join(path, f) for f in sorted(os.listdir(path))
+                 if f.endswith((".safetensors", ".bin", ".json")) and f != "config.json"]
+        raise ValueError(f"cannot load the pruned weights in {', '.join(files) or path}: "
+                         f"{type(exc).__name__}: {exc}") from exc
+    model.__class__ = cls
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise ValueError(f"weights in {path} do not fit {cls.__name__}: "
+                         + "; ".join(f"{k} {sorted(v)[:5]}" for k, v in bad.items()))
     model.eval()
     return model
