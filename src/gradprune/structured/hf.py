@@ -118,14 +118,14 @@ class AttentionSpec:
 @dataclass(frozen=True)
 class MLPSpec:
     """How to read one MLP layout: child paths of the ``up`` projection, the optional ``gate``
-    projection (``fused_gate``: ``up`` holds ``[gate | up]``), the activation module ``act`` (its
-    output is the post-activation point) and the ``down`` projection; ``config``: the config
+    projection (``fused_gate``: ``up`` holds ``[gate | up]``), the candidate names of the
+    activation module ``act`` (its output is the post-activation point) and the ``down`` projection; ``config``: the config
     fields of the width (for uniform widths), tried in order."""
 
     name: str
     up: str
     down: str
-    act: str | None = None
+    act: tuple = ()
     gate: str | None = None
     fused_gate: bool = False
     config: tuple = ("intermediate_size",)
@@ -160,7 +160,7 @@ def register_attention(spec: AttentionSpec) -> AttentionSpec:
 def register_mlp(spec: MLPSpec) -> MLPSpec:
     """Add an MLP layout to the registry (tried in registration order).
 
-    Example: ``register_mlp(MLPSpec("mine", up="w1", act="act", down="w2"))``."""
+    Example: ``register_mlp(MLPSpec("mine", up="w1", act=("act",), down="w2"))``."""
     if not isinstance(spec, MLPSpec):
         raise TypeError(f"spec must be an MLPSpec, got {type(spec).__name__}")
     MLP_SPECS.append(spec)
@@ -177,6 +177,7 @@ register_attention(AttentionSpec("bert", q="query", k="key", v="value", o=("^out
 register_attention(AttentionSpec("deberta", q="query_proj", k="key_proj", v="value_proj",
                                  o=("^output.dense",), classes=("DisentangledSelfAttention",)))
 register_attention(AttentionSpec("distilbert", q="q_lin", k="k_lin", v="v_lin", o=("out_lin",),
+                                 attrs={"dim": "width"},  # transformers 4.x: dim // n_heads
                                  classes=("DistilBertSelfAttention", "MultiHeadSelfAttention")))
 # LLaMA, Mistral, Qwen, Gemma, Phi, OPT, BART, Whisper, CLIP, ViT, Dinov2…
 register_attention(AttentionSpec("qkv_proj", q="q_proj", k="k_proj", v="v_proj",
@@ -202,18 +203,18 @@ register_attention(AttentionSpec("gpt_neox", fused="query_key_value", layout="he
 register_attention(AttentionSpec("wqkv", fused="Wqkv", o=("Wo", "out_proj"),
                                  classes=("ModernBertAttention", "MptAttention")))
 
-register_mlp(MLPSpec("bert", up="intermediate.dense", act="intermediate", down="output.dense"))
-register_mlp(MLPSpec("albert", up="ffn", act="activation", down="ffn_output"))
-register_mlp(MLPSpec("distilbert", up="lin1", act="activation", down="lin2", config=("hidden_dim",)))
-register_mlp(MLPSpec("fc", up="fc1", act="activation_fn", down="fc2",
+register_mlp(MLPSpec("bert", up="intermediate.dense", act=("intermediate",), down="output.dense"))
+register_mlp(MLPSpec("albert", up="ffn", act=("activation",), down="ffn_output"))
+register_mlp(MLPSpec("distilbert", up="lin1", act=("activation",), down="lin2", config=("hidden_dim",)))
+register_mlp(MLPSpec("fc", up="fc1", act=("activation_fn", "activation"), down="fc2",
                      config=("intermediate_size", "ffn_dim")))
-register_mlp(MLPSpec("gpt2", up="c_fc", act="act", down="c_proj", config=("n_inner",)))
-register_mlp(MLPSpec("h_to_4h", up="dense_h_to_4h", act="act", down="dense_4h_to_h",
+register_mlp(MLPSpec("gpt2", up="c_fc", act=("act",), down="c_proj", config=("n_inner",)))
+register_mlp(MLPSpec("h_to_4h", up="dense_h_to_4h", act=("act",), down="dense_4h_to_h",
                      config=("intermediate_size", "ffn_hidden_size")))
-register_mlp(MLPSpec("t5", up="wi", act="act", down="wo", config=("d_ff",)))
-register_mlp(MLPSpec("t5_gated", gate="wi_0", up="wi_1", act="act", down="wo", config=("d_ff",)))
-register_mlp(MLPSpec("gated", gate="gate_proj", up="up_proj", act="act_fn", down="down_proj"))
-register_mlp(MLPSpec("gate_up", up="gate_up_proj", fused_gate=True, act="activation_fn",
+register_mlp(MLPSpec("t5", up="wi", act=("act",), down="wo", config=("d_ff",)))
+register_mlp(MLPSpec("t5_gated", gate="wi_0", up="wi_1", act=("act",), down="wo", config=("d_ff",)))
+register_mlp(MLPSpec("gated", gate="gate_proj", up="up_proj", act=("act_fn",), down="down_proj"))
+register_mlp(MLPSpec("gate_up", up="gate_up_proj", fused_gate=True, act=("activation_fn",),
                      down="down_proj"))
 
 _IMPL_MARKS = ("Sdpa", "FlashAttention2", "FlashAttention3", "Flash", "Eager", "Flex")
@@ -278,15 +279,19 @@ class HFHeads(HeadHandler):
         def shape(x):
             return (int(torch.tensor(x.shape[:-2]).prod()) if x.dim() > 2 else 1, x.shape[-2])
 
+        def pair():  # the projections may run in either order (ViT 4.x: key first)
+            while len(calls) < min(len(queries), len(keys)):
+                calls.append((*queries[len(calls)], keys[len(calls)]))
+
         def q_hook(module, args, output):
             queries.append(shape(args[0]))
             if self.k is None:
-                calls.append((*queries[-1], queries[-1][1]))
+                keys.append(queries[-1][1])
+            pair()
 
         def k_hook(module, args, output):
             keys.append(shape(args[0])[1])
-            if len(queries) >= len(keys):
-                calls.append((*queries[len(keys) - 1], keys[-1]))
+            pair()
         handles = [modules[self.q].register_forward_hook(q_hook)]
         if self.k is not None:
             handles.append(modules[self.k].register_forward_hook(k_hook))
@@ -479,6 +484,16 @@ def _head_layout(b: _Builder, name: str, mod: nn.Module, spec: AttentionSpec, pr
     return n_q, n_kv, d
 
 
+# attention classes whose transformers 4.x forward cannot run with fewer heads -> why
+_OLD_TRANSFORMERS = {"CLIPAttention": "its forward reshapes the heads' output to the input's "
+                     "hidden size"}
+
+
+def _transformers_major() -> int:
+    version = getattr(sys.modules.get("transformers"), "__version__", "5")
+    return int(version.split(".")[0]) if version.split(".")[0].isdigit() else 5
+
+
 def _attention(b: _Builder, name: str, mod: nn.Module, match) -> None:
     """The head group of recognised attention ``name``."""
     spec, projs, o = match
@@ -532,12 +547,19 @@ def _attention(b: _Builder, name: str, mod: nn.Module, match) -> None:
              if isinstance(getattr(mod, a, None), int) and not isinstance(getattr(mod, a), bool)}
     attrs.update(spec.attrs)
     norm = _normal_class(mod)
+    cross = _is_cross(name, mod)
+    if cross and norm.replace("Self", "Cross") in head_rule_types():  # 4.x: one class for both
+        norm = norm.replace("Self", "Cross")
     rule = norm if norm in head_rule_types() else "Attention"
+    why = _OLD_TRANSFORMERS.get(norm) if _transformers_major() < 5 else None
+    if why:
+        b.skip(name, f"{cls}: heads not pruned under transformers {_transformers_major()}.x ({why})")
+        return
     family = _family(b, name)
     handler = HFHeads(name, n, d, per, o, attrs, mq, rule, family in spec.config_heads,
                       spec.heads_divide_hidden, q=projs.get("q") or projs["fused"],
                       k=projs.get("k") or (projs["fused"] if "q" in projs else None))
-    cross = "cross_heads" if _is_cross(name, mod) else "heads"
+    cross = "cross_heads" if cross else "heads"
     space = b.group(name, n, producers, slices, [(name, type(mod))], handler, rule_type=rule,
                     kind=f"{family}.{cross}")
     for m, segs in roles.items():
@@ -555,8 +577,8 @@ def _match_mlp(b: _Builder, name: str):
         gate, gatem = _child(b, name, spec.gate)
         if spec.gate is not None and not _is_proj(gatem):
             continue
-        act, actm = _child(b, name, spec.act)
-        return spec, up, gate, act if isinstance(actm, nn.Module) else None, down
+        acts = [a for a in (_child(b, name, c) for c in spec.act) if isinstance(a[1], nn.Module)]
+        return spec, up, gate, acts[0][0] if acts else None, down
     return None
 
 
