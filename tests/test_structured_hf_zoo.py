@@ -189,14 +189,18 @@ def test_recognition_does_not_depend_on_the_attention_implementation(family, att
     assert sum(g.handler is not None for g in analysis.groups) == (0 if family in NO_HEADS else 2)
 
 
-def test_uniform_widths_write_the_config_of_a_new_family(tmp_path):
-    model, x = _model("opt"), _input("opt")
-    found = st.search(model, {"params": "80%"}, [x], _loss, "gradnas", x, uniform=True,
+UNIFORM = ["opt", "bert", "distilbert", "gpt_neox", "phi", "gemma", "gpt2", "vit", "clip_text", "phi3"]
+
+
+@pytest.mark.parametrize("family", UNIFORM)
+def test_uniform_widths_write_the_family_config_for_plain_from_pretrained(family, tmp_path):
+    model, x = _model(family), _input(family)
+    found = st.search(model, {"params": "85%"}, [x], _loss, "gradnas", x, uniform=True,
                       rules={"nn.Linear": {"feature_divisor": 1}})
     small = found.export()
-    assert small.config.ffn_dim < 24
+    assert found.keep and _params(small) <= 0.85 * _params(model)
     small.save_pretrained(tmp_path)
-    again = transformers.OPTModel.from_pretrained(tmp_path).eval()
+    again = type(model).from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(_out(again, x), _out(small, x))
 
