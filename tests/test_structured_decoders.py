@@ -406,25 +406,31 @@ def test_unsupported_llama_style_layers_are_listed_in_skipped():
     assert [g.name for g in analysis.groups] == ["layers.0.mlp.up_proj", "layers.1.mlp.up_proj"]
     assert {"module": "layers.0.self_attn",
             "reason": "Qwen2Attention: heads not pruned (a single query head)"} in analysis.skipped
-    # an attention or MLP of another class than the family's is not assumed to work alike
+    # recognition is by structure: a LLaMA attention inside a Mistral model is a head group too
     model = _llama(family="mistral")
     model.layers[1].self_attn = _llama().layers[1].self_attn
     model.layers[1].mlp = torch.nn.Identity()
     analysis = st.find_groups(model, _ids()[0])
-    assert [g.name for g in analysis.groups] == ["layers.0.self_attn", "layers.0.mlp.up_proj"]
-    reasons = {s["module"]: s["reason"] for s in analysis.skipped}
-    assert "an unknown attention class, not MistralAttention" in reasons["layers.1.self_attn"]
-    assert reasons["layers.1.mlp"].startswith("Identity: neurons not pruned")
+    assert [g.name for g in analysis.groups] == ["layers.0.self_attn", "layers.0.mlp.up_proj",
+                                                 "layers.1.self_attn"]
+    assert analysis.groups[2].rule_type == "LlamaAttention"
 
 
-def test_an_unsupported_family_is_listed_and_left_untouched():
+def test_an_unknown_layout_is_listed_and_left_untouched():
     from transformers import GemmaConfig, GemmaModel
     torch.manual_seed(0)
     model = GemmaModel(GemmaConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1,
                                    num_attention_heads=2, num_key_value_heads=1, head_dim=8,
                                    intermediate_size=20, **TOKENS)).eval()
+    # projections under names no registered layout uses
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    attn.wq, attn.wo = attn.q_proj, attn.o_proj
+    del attn.q_proj, attn.o_proj
+    mlp.w1, mlp.w2 = mlp.up_proj, mlp.down_proj
+    del mlp.up_proj, mlp.down_proj
     analysis = st.find_groups(model, _ids()[0])
     assert analysis.groups == []
-    (skip,) = analysis.skipped
-    assert "GemmaModel is not a supported family" in skip["reason"]
-    assert "mistral, qwen2, qwen3" in skip["reason"]
+    reasons = {s["module"]: s["reason"] for s in analysis.skipped}
+    assert "outside any recognised attention or MLP block" in reasons["layers.0.self_attn.wq"]
+    assert "outside any recognised attention or MLP block" in reasons["layers.0.mlp.w1"]
+    assert "no attention or MLP block of a registered layout" in reasons[""]

@@ -224,9 +224,10 @@ def test_uniform_refuses_what_a_plain_config_cannot_express():
 
 
 def test_bert_head_handler_config_fields_only_express_the_unpruned_count():
-    from gradprune.structured.hf import BertHeads, GPT2Heads
-    for cls in (BertHeads, GPT2Heads):
-        h = cls("layer.attention.self", 4, 8)
-        assert h.config_fields(4) == {}
+    from transformers import GPT2Config, GPT2Model
+    gpt2 = GPT2Model(GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=4, n_positions=16))
+    for net in (_bert(), gpt2):
+        h = st.find_groups(net, torch.zeros(1, 4, dtype=torch.long)).groups[0].handler
+        assert h.n_heads == 4 and h.config_fields(4) == {}
         with pytest.raises(ValueError, match="cannot express 3 of 4 heads"):
             h.config_fields(3)

@@ -62,7 +62,7 @@ def test_several_constraints_at_once_and_an_absolute_bound_in_bytes():
     assert found.kv_cache <= dense // 2 and found.params <= 0.85 * found.dense_params
     assert found.flops <= 0.9 * found.dense_flops
     assert found.kv_cache == _cache_bytes_per_token(found.export())
-    assert f"kv_cache: {dense} -> {found.kv_cache} bytes/token" in found.report()
+    assert f"kv_cache: {dense} -> {found.kv_cache} bytes/token" in str(found.report)
 
 
 def test_multi_query_attention_cache_cannot_shrink_and_is_named_before_scoring():

@@ -35,7 +35,7 @@ from torch import nn
 from .._checks import check_bool
 from .._io import load_json, load_torch, write_file_set
 from .groups import _BN, _CONV, _CONVT, _IN, Analysis, is_conv1d
-from .hf import ATTENTION_ATTRS, apply_uniform_config, record_widths
+from .hf import apply_uniform_config, head_attrs, record_widths
 
 __all__ = ["export_model", "save_pruned", "load_pruned", "ARCH_FILE", "WEIGHTS_FILE"]
 
@@ -156,7 +156,7 @@ def _arch_of(mod: nn.Module) -> dict | None:
         return {"in_features": mod.in_features, "out_features": mod.out_features}
     if is_conv1d(mod):
         return {"nx": mod.nx, "nf": mod.nf}
-    attrs = ATTENTION_ATTRS.get(type(mod).__name__)  # Hugging Face attention: head counts
+    attrs = head_attrs(mod)  # Hugging Face attention: head counts
     if attrs is not None:
         return {a: getattr(mod, a) for a in attrs if isinstance(getattr(mod, a, None), int)}
     if isinstance(mod, _CONV + _CONVT):

@@ -58,7 +58,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["find_groups", "Analysis", "Group", "Slice", "Layout"]
+__all__ = ["find_groups", "register_analyser", "Analysis", "Group", "Slice", "Layout"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -781,20 +781,41 @@ def _as_args(example_input) -> tuple:
         f"example_input must be a tensor or a tuple of tensors, got {type(example_input).__name__}")
 
 
-def find_groups(model: nn.Module, example_input) -> Analysis:
+# analysers of models torch.fx cannot trace (Hugging Face: structured.hf registers its own), tried
+# in order before tracing: fn(model, example_input, mlp_gate=...) -> Analysis | None (not theirs)
+_ANALYSERS: list = []
+
+
+def register_analyser(fn):
+    """Register ``fn(model, example_input, mlp_gate=...) -> Analysis | None``, tried by
+    :func:`find_groups` before tracing (``None``: not a model it knows).
+
+    Example: ``register_analyser(lambda model, example_input, mlp_gate: None)``."""
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    if fn not in _ANALYSERS:
+        _ANALYSERS.append(fn)
+    return fn
+
+
+def find_groups(model: nn.Module, example_input, mlp_gate: str = "post_activation") -> Analysis:
     """Find the dependency groups of ``model`` by tracing it and running it on ``example_input``.
 
     Returns an :class:`Analysis` with the prunable ``groups`` and the ``skipped`` modules (each a
     ``{"module": name, "reason": text}``). The model is run once in eval mode without gradients
-    and is not modified.
+    and is not modified. ``mlp_gate`` (recognised transformer MLPs, e.g. Hugging Face models):
+    gate FFN neurons after the activation (``"post_activation"``) or on the up projection's
+    output (``"pre_activation"``, ModelOpt's position).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if mlp_gate not in ("post_activation", "pre_activation"):
+        raise ValueError(f"mlp_gate must be 'post_activation' or 'pre_activation', got {mlp_gate!r}")
     args = _as_args(example_input)
-    from .hf import analyse_hf
-    hf = analyse_hf(model, example_input)
-    if hf is not None:
-        return hf
+    for analyse in _ANALYSERS:
+        found = analyse(model, example_input, mlp_gate=mlp_gate)
+        if found is not None:
+            return found
     gm, opaque = _trace(model)
     if gm is None:
         return Analysis(model=model, groups=[], skipped=[{"module": k, "reason": v}

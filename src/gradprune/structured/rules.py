@@ -10,9 +10,11 @@ is not given keeps its default ``{"*": {...}}``.
   (default 0.05, 0.10, …, 1.0) and ``channel_divisor`` (default 32).
 - ``nn.Linear``, ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``, ``nn.InstanceNorm1d/2d/3d``,
   ``nn.LayerNorm``: ``features_ratio`` and ``feature_divisor`` (same defaults).
-- attention, per attention module (``nn.MultiheadAttention``, ``hf.BertSelfAttention``,
-  ``hf.BertCrossAttention``, ``hf.GPT2Attention`` (self- and cross-attention),
-  ``hf.LlamaAttention``, ``hf.MistralAttention``, ``hf.Qwen2Attention``, ``hf.Qwen3Attention``):
+- attention, per attention module (``nn.MultiheadAttention``; a Hugging Face attention by its
+  class name without the implementation marker, e.g. ``hf.BertSelfAttention`` also for
+  ``BertSdpaSelfAttention``, ``hf.GPT2Attention``, ``hf.LlamaAttention``, ``hf.OPTAttention``:
+  every class registered in :data:`gradprune.structured.hf.ATTENTION_SPECS`; ``hf.Attention``
+  for any other recognised attention):
   ``n_heads_ratio`` (default ``None``: any number of heads) and ``n_heads_divisor`` (default 1);
   a ratio list gives the widths as above, in heads (for LLaMA-style attention, in KV groups: a
   unit is one key/value head with its query heads; with a single key/value head, a query head). FFN neurons of a
@@ -52,7 +54,7 @@ from torch import nn
 
 from .._checks import check_int, round_half_up
 from ..config import Config
-from .hf import ATTENTION_ATTRS
+from .hf import head_rule_types
 
 __all__ = ["ChannelRule", "FeatureRule", "HeadRule", "SearchRules", "candidate_widths",
            "DEFAULT_RATIOS", "CHANNEL_TYPES", "FEATURE_TYPES", "HEAD_TYPES"]
@@ -63,7 +65,7 @@ CHANNEL_TYPES = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose
 FEATURE_TYPES = ("Linear", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm",
                  "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm")
 # attention modules whose units are heads; "hf." types are Hugging Face classes
-_HF_TYPES = tuple(ATTENTION_ATTRS)
+_HF_TYPES = head_rule_types()
 HEAD_TYPES = ("MultiheadAttention", *_HF_TYPES)
 
 

@@ -207,11 +207,11 @@ class SearchResult:
     def uniform_keep(self) -> dict:
         """``keep`` with every family of groups (same role in every layer of a Hugging Face
         model) cut to its minimum width over layers, keeping the highest-scored units."""
-        from .hf import FAMILIES, families
+        from .hf import families
         fams = families(self.analysis)
         if not fams:
-            raise ValueError("uniform widths need a Hugging Face model of a supported family "
-                             f"({', '.join(FAMILIES)})")
+            raise ValueError("uniform widths need a Hugging Face model with recognised attention "
+                             "or MLP blocks (see result.skipped)")
         keep = dict(self.keep)
         for gis in fams.values():
             w = min(self.widths[gi] for gi in gis)
@@ -464,7 +464,8 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
            rules: dict | SearchRules | None = None, score_func: Callable | None = None, *,
            max_iter_data_loader: int = 128, per_sample: bool = False, magnitude_norm: str = "l2",
            show_progress: bool | None = None, measure_latency: bool = False,
-           uniform: bool = False, process_group=None) -> SearchResult:
+           uniform: bool = False, process_group=None,
+           mlp_gate: str = "post_activation") -> SearchResult:
     """Find the subnet of ``model`` that meets every constraint with the least sensitivity.
 
     Args:
@@ -501,6 +502,10 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
             heads, the FFN neurons of every layer): the sensitivity of a width is the sum over
             layers; the export then has a plain config that ``from_pretrained`` loads. BERT and
             GPT-2 heads are kept (their config derives the head size from the head count).
+        mlp_gate: where a recognised transformer MLP's neurons are gated (Hugging Face models):
+            ``"post_activation"`` (the activation's output, the default) or ``"pre_activation"``
+            (the up projection's output, where ModelOpt's gradnas gates BERT's
+            ``intermediate.dense``); gated MLPs (``act(gate) * up``) are gated on ``up`` either way.
 
     Raises ``ValueError`` naming the smallest reachable params and FLOPs (and latency) when no
     subnet meets the constraints.
@@ -526,6 +531,7 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
         raise TypeError(f"score_func must be callable as score_func(model) -> float for method='fastnas', "
                         f"got {type(score_func).__name__}")
     check_bool("uniform", uniform)
+    check_choice("mlp_gate", mlp_gate, ("post_activation", "pre_activation"))
     parse_constraints(constraints, {k: 1.0 for k in CONSTRAINT_KEYS})  # syntax, before any work
     if not isinstance(rules, SearchRules):
         rules = SearchRules(rules)
@@ -537,7 +543,7 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
         raise ValueError(f"model has no parameters: there is nothing to search over "
                          f"(got an empty {type(model).__name__})")
     try:
-        analysis = find_groups(model, example_input)
+        analysis = find_groups(model, example_input, mlp_gate=mlp_gate)
         cost = CostModel(analysis, example_input)
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
         if _is_own_error(exc):
@@ -549,11 +555,11 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
                          ) from exc
     fams = {}
     if uniform:
-        from .hf import FAMILIES, families, uniform_width_ok
+        from .hf import families, uniform_width_ok
         fams = families(analysis)
         if not fams:
-            raise ValueError("uniform=True needs a Hugging Face model of a supported family "
-                             f"({', '.join(FAMILIES)})")
+            raise ValueError("uniform=True needs a Hugging Face model with recognised attention "
+                             "or MLP blocks (see find_groups(...).skipped)")
     kv = KVCache(analysis)
     dense = {"params": cost.dense_params, "flops": cost.dense_flops, "kv_cache": kv.dense}
     if "kv_cache" in constraints and not kv.dense:

