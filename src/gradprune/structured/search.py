@@ -52,6 +52,7 @@ from .._checks import check_bool, check_choice, check_int, check_optional_bool
 from .._progress import progress
 from .._modes import keeps_modes
 from .._table import format_table
+from .depth import check_axes, search_layers
 from .export import export_model
 from .flops import CostModel
 from .gates import Gates
@@ -459,7 +460,7 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
            rules: dict | SearchRules | None = None, score_func: Callable | None = None, *,
            max_iter_data_loader: int = 128, per_sample: bool = False, magnitude_norm: str = "l2",
            show_progress: bool | None = None, measure_latency: bool = False,
-           uniform: bool = False, process_group=None) -> SearchResult:
+           uniform: bool = False, process_group=None, axes: tuple | None = None) -> SearchResult:
     """Find the subnet of ``model`` that meets every constraint with the least sensitivity.
 
     Args:
@@ -496,12 +497,22 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
             heads, the FFN neurons of every layer): the sensitivity of a width is the sum over
             layers; the export then has a plain config that ``from_pretrained`` loads. BERT and
             GPT-2 heads are kept (their config derives the head size from the head count).
+        axes: what may be removed (default ``("heads", "mlp")``, the widths above).
+            ``("layers",)`` drops whole decoder layers instead (``method``: ``gradnas``,
+            ``block_influence`` or ``loss_drop``; a :class:`~gradprune.structured.depth.LayerSearchResult`
+            is returned; see :mod:`gradprune.structured.depth`). ``"hidden"`` and ``"experts"``
+            are not available yet (``NotImplementedError``).
 
     Raises ``ValueError`` naming the smallest reachable params and FLOPs (and latency) when no
     subnet meets the constraints.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if "layers" in check_axes(axes):
+        if process_group is not None or measure_latency:
+            raise ValueError("axes=('layers',) does not take process_group or measure_latency yet")
+        return search_layers(model, constraints, data, loss_fn, method, example_input,
+                             max_iter_data_loader=max_iter_data_loader, show_progress=show_progress)
     check_choice("method", method, METHODS)
     if example_input is None:
         raise ValueError("example_input must be given (a tensor or a tuple of tensors), got None")
