@@ -71,6 +71,16 @@ def test_default_axes_are_todays_width_search():
     assert a.widths == b.widths and a.params == b.params and isinstance(b, gp.SearchResult)
 
 
+@pytest.mark.parametrize("axis", ["heads", "mlp"])
+def test_width_axes_select_what_is_pruned(axis):
+    model, data = _model(), _batches()
+    rules = {"nn.Linear": {"feature_divisor": 4}}
+    found = gp.search(model, {"params": "92%"}, data, loss_fn, "gradnas", data[0], rules, axes=(axis,))
+    cut = {g.unit for gi, g in enumerate(found.groups) if found.widths[gi] < g.size}
+    assert cut == {"heads" if axis == "heads" else "channels"}
+    assert found.params <= 0.92 * found.dense_params
+
+
 @pytest.mark.parametrize("axes, exc, words", [
     (("layers", "depth"), ValueError, ["'depth'", "heads", "mlp", "hidden", "layers", "experts"]),
     (("hidden",), NotImplementedError, ["'hidden'"]),

@@ -58,8 +58,8 @@ from .._progress import progress
 from .._table import format_table
 from .groups import _as_args
 
-__all__ = ["AXES", "DEFAULT_AXES", "IMPLEMENTED_AXES", "LAYER_METHODS", "check_axes", "decoder_layers",
-           "layer_scores", "LayerGates", "LayerSearchResult", "search_layers", "drop_layers"]
+__all__ = ["AXES", "DEFAULT_AXES", "IMPLEMENTED_AXES", "LAYER_METHODS", "check_axes", "group_axis",
+           "decoder_layers", "layer_scores", "LayerGates", "LayerSearchResult", "search_layers", "drop_layers"]
 
 AXES = ("heads", "mlp", "hidden", "layers", "experts")
 IMPLEMENTED_AXES = ("heads", "mlp", "layers")
@@ -104,6 +104,12 @@ def check_axes(axes) -> tuple:
             f"axes={out!r}: 'layers' cannot be combined with width axes in one search yet; search "
             "axes=('layers',), export, then search the widths of the exported model")
     return out
+
+
+def group_axis(group) -> str:
+    """The width axis a dependency group belongs to: ``"heads"`` for attention heads / KV
+    groups, ``"mlp"`` for every other group of neurons or channels."""
+    return "heads" if group.unit == "heads" else "mlp"
 
 
 def decoder_layers(model: nn.Module) -> tuple:

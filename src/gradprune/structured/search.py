@@ -52,7 +52,7 @@ from .._checks import check_bool, check_choice, check_int, check_optional_bool
 from .._progress import progress
 from .._modes import keeps_modes
 from .._table import format_table
-from .depth import check_axes, search_layers
+from .depth import check_axes, group_axis, search_layers
 from .export import export_model
 from .flops import CostModel
 from .gates import Gates
@@ -508,7 +508,8 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if "layers" in check_axes(axes):
+    axes = check_axes(axes)
+    if "layers" in axes:
         if process_group is not None or measure_latency:
             raise ValueError("axes=('layers',) does not take process_group or measure_latency yet")
         return search_layers(model, constraints, data, loss_fn, method, example_input,
@@ -573,6 +574,9 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
             lat_frac = float(_PCT.match(constraints["latency"]).group(1)) / 100.0
     bounds = parse_constraints(constraints, dense)
     choices = _group_choices(analysis, rules)
+    for gi in choices:  # a group of an axis not in ``axes`` keeps its width
+        if group_axis(analysis.groups[gi]) not in axes:
+            choices[gi] = (analysis.groups[gi].size,)
     for gis in fams.values():  # uniform: the widths every layer of the family allows
         common = {w for w in set.intersection(*(set(choices[gi]) for gi in gis))
                   if all(uniform_width_ok(analysis, gi, w) for gi in gis)}
