@@ -106,14 +106,15 @@ def test_axes_validation(axes, exc, words):
     (dict(method="taylor"), ["method", "'taylor'", "block_influence"]),
     (dict(constraints={"latency": "50%"}), ["latency", "layers"]),
     (dict(loss_fn=None), ["loss_fn"]),
+    (dict(rules={"nn.Linear": {"feature_divisor": 4}}), ["rules", "layers"]),
 ])
 def test_layers_input_errors(kw, words):
     model, data = _model(), _batches()
-    args = dict(constraints={"params": "80%"}, method="gradnas", loss_fn=loss_fn)
+    args = dict(constraints={"params": "80%"}, method="gradnas", loss_fn=loss_fn, rules=None)
     args.update(kw)
     with pytest.raises((TypeError, ValueError)) as info:
         gp.search(model, args["constraints"], data, args["loss_fn"], method=args["method"],
-                  example_input=data[0], axes=("layers",))
+                  example_input=data[0], rules=args["rules"], axes=("layers",))
     for w in words:
         assert w in str(info.value)
 
@@ -182,6 +183,14 @@ def test_loss_drop_is_the_measured_loss_increase():
             dropped = sum(float(loss_fn(small, b)) for b in data) / len(data)
             assert float(found.scores[i]) == pytest.approx(dropped - base, rel=1e-9, abs=1e-12)
     assert found.dropped == [int(torch.argmin(found.scores))]
+
+
+def test_layer_scores_run_in_eval_mode_and_restore_it():
+    model, data = _model(attention_dropout=0.5).train(), _batches()
+    a = _search(model, {"params": "80%"}, "loss_drop", data).scores
+    assert model.training and all(m.training for m in model.modules())
+    b = _search(model, {"params": "80%"}, "loss_drop", data).scores
+    assert torch.equal(a, b)
 
 
 # ---------------------------------------------------------------- budgets

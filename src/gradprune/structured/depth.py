@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_choice, check_int
+from .._modes import preserve_modes
 from .._progress import progress
 from .._table import format_table
 from .groups import _as_args
@@ -212,7 +213,8 @@ def _loss(loss_fn, model, batch) -> torch.Tensor:
 def layer_scores(model: nn.Module, data: Iterable, loss_fn: Callable, method: str = "gradnas",
                  max_batches: int = 128, show_progress: bool | None = None) -> tuple:
     """Score every decoder layer (see the module docs); returns ``(scores, batches)`` with
-    ``scores`` a float64 tensor, one entry per layer, higher = more important.
+    ``scores`` a float64 tensor, one entry per layer, higher = more important. The model runs in
+    eval mode (restored after), its parameters with ``requires_grad=False`` (restored after).
 
     Example:
         >>> import torch
@@ -235,7 +237,8 @@ def layer_scores(model: nn.Module, data: Iterable, loss_fn: Callable, method: st
     count = torch.zeros(n, dtype=torch.float64)
     batches = 0
     bar = progress(total=None, desc=f"layer scores ({method})", enable=show_progress)
-    with _frozen(model):
+    with _frozen(model), preserve_modes(model):
+        model.eval()  # deterministic: a loss difference must not be dropout noise
         for batch in itertools.islice(iter(data), max_batches):
             batches += 1
             bar.update(1)

@@ -510,8 +510,8 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     axes = check_axes(axes)
     if "layers" in axes:
-        if process_group is not None or measure_latency:
-            raise ValueError("axes=('layers',) does not take process_group or measure_latency yet")
+        if process_group is not None or measure_latency or rules is not None:
+            raise ValueError("axes=('layers',) does not take rules, process_group or measure_latency yet")
         return search_layers(model, constraints, data, loss_fn, method, example_input,
                              max_iter_data_loader=max_iter_data_loader, show_progress=show_progress)
     check_choice("method", method, METHODS)
