@@ -60,7 +60,7 @@ from .._table import format_table
 from .groups import _as_args
 
 __all__ = ["AXES", "DEFAULT_AXES", "IMPLEMENTED_AXES", "LAYER_METHODS", "check_axes", "group_axis",
-           "decoder_layers", "layer_scores", "LayerGates", "LayerSearchResult", "search_layers", "drop_layers"]
+           "decoder_layers", "layer_scores", "LayerGates", "LayerSearchResult", "search_layers", "search_layers_and_widths", "drop_layers"]
 
 AXES = ("heads", "mlp", "hidden", "layers", "experts")
 IMPLEMENTED_AXES = ("heads", "mlp", "layers")
@@ -78,8 +78,7 @@ def check_axes(axes) -> tuple:
     """Validate ``axes`` (``None``: :data:`DEFAULT_AXES`, today's heads + MLP widths).
 
     Unknown names raise ``ValueError``; known axes this version cannot prune yet (``"hidden"``,
-    ``"experts"``) raise ``NotImplementedError``; ``"layers"`` cannot be combined with width
-    axes yet (search the layers, then the widths of the export).
+    ``"experts"``) raise ``NotImplementedError``.
 
     Example:
         >>> check_axes(None), check_axes(["layers"])
@@ -100,10 +99,6 @@ def check_axes(axes) -> tuple:
     if missing:
         raise NotImplementedError(f"axes {', '.join(map(repr, missing))} cannot be pruned by this "
                                   f"version of gradprune yet; available: {', '.join(IMPLEMENTED_AXES)}")
-    if "layers" in out and len(out) > 1:
-        raise NotImplementedError(
-            f"axes={out!r}: 'layers' cannot be combined with width axes in one search yet; search "
-            "axes=('layers',), export, then search the widths of the exported model")
     return out
 
 
@@ -486,3 +481,66 @@ def search_layers(model: nn.Module, constraints: dict, data: Iterable | None, lo
         flops=values["flops"], dense_params=costs.dense_params, dense_flops=costs.dense_flops,
         constraints=bounds, batches=batches, kv_cache=values.get("kv_cache"),
         dense_kv_cache=costs.dense_kv, example_input=example_input)
+
+
+def search_layers_and_widths(model: nn.Module, constraints: dict, data: Iterable | None,
+                             loss_fn: Callable | None, method: str, example_input, axes: tuple,
+                             width_search: Callable, *, max_iter_data_loader: int = 128,
+                             show_progress: bool | None = None, **width_kw):
+    """``search(..., axes=("layers", "heads", "mlp"))``: depth and width together, ``gradnas``
+    only (layer and unit scores are then both mean squared gate gradients, so they add up).
+
+    The layers are scored once; for every ``k`` (the ``k`` lowest-scored layers dropped) the width
+    search runs on the model without them, to the same absolute bounds; the ``k`` whose removed
+    layer scores plus removed unit scores are smallest wins. Returns the width search's
+    ``SearchResult`` on that depth-pruned copy (``export()`` gives the model without both), with
+    ``dropped_layers`` and ``layer_scores`` added and the ``dense_*`` counts of ``model``.
+    This runs up to ``num_hidden_layers`` width searches (each scoring ``data`` again)."""
+    from .search import CONSTRAINT_KEYS, parse_constraints
+
+    if method != "gradnas":
+        raise ValueError(f"method={method!r}: combining 'layers' with width axes needs method='gradnas' "
+                         "(layer and unit scores are then both squared gate gradients)")
+    if example_input is None:
+        raise ValueError("example_input must be given (a tensor or a tuple of tensors), got None")
+    if data is None or not callable(loss_fn):
+        raise ValueError("data and loss_fn(model, batch) must be given to score the layers")
+    parse_constraints(constraints, {k: 1.0 for k in CONSTRAINT_KEYS})
+    for key in constraints:
+        if key not in LAYER_CONSTRAINTS:
+            raise ValueError(f"constraints[{key!r}] is not supported with the 'layers' axis yet; "
+                             f"use {', '.join(LAYER_CONSTRAINTS)}")
+    costs = _LayerCosts(model, example_input)
+    bounds = parse_constraints(constraints, {"params": costs.dense_params, "flops": costs.dense_flops,
+                                             "kv_cache": costs.dense_kv or 0})
+    widths_axes = tuple(a for a in axes if a != "layers")
+    scores, _ = layer_scores(model, data, loss_fn, "gradnas", max_iter_data_loader, show_progress)
+    order = sorted(range(costs.n), key=lambda i: (float(scores[i]), i))
+    best, last_error = None, None
+    for k in range(costs.n):
+        small = drop_layers(copy.deepcopy(model), order[:k])
+        try:
+            found = width_search(small, dict(bounds), data, loss_fn, "gradnas", example_input,
+                                 axes=widths_axes, max_iter_data_loader=max_iter_data_loader,
+                                 show_progress=show_progress, **width_kw)
+        except ValueError as exc:
+            if "no subnet meets" not in str(exc):
+                raise
+            last_error = exc
+            continue
+        removed = sum(float(found.scores[gi].double().sum() - found.scores[gi][keep].double().sum())
+                      for gi, keep in found.keep.items())
+        total = float(scores[order[:k]].sum()) + removed
+        if best is None or total < best[0]:
+            best = (total, k, found)
+    if best is None:
+        raise ValueError(f"no subnet meets constraints by dropping layers and pruning "
+                         f"{', '.join(widths_axes)}: {last_error}")
+    _, k, found = best
+    found.dropped_layers = sorted(order[:k])
+    found.layer_scores = scores
+    found.dense_params, found.dense_flops = costs.dense_params, costs.dense_flops
+    if costs.dense_kv is not None and found.dense_kv_cache is not None:
+        found.dense_kv_cache = costs.dense_kv
+    found.constraints = bounds
+    return found

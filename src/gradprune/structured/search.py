@@ -52,7 +52,7 @@ from .._checks import check_bool, check_choice, check_int, check_optional_bool
 from .._progress import progress
 from .._modes import keeps_modes
 from .._table import format_table
-from .depth import check_axes, group_axis, search_layers
+from .depth import check_axes, group_axis, search_layers, search_layers_and_widths
 from .export import export_model
 from .flops import CostModel
 from .gates import Gates
@@ -500,8 +500,10 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
         axes: what may be removed (default ``("heads", "mlp")``, the widths above).
             ``("layers",)`` drops whole decoder layers instead (``method``: ``gradnas``,
             ``block_influence`` or ``loss_drop``; a :class:`~gradprune.structured.depth.LayerSearchResult`
-            is returned; see :mod:`gradprune.structured.depth`). ``"hidden"`` and ``"experts"``
-            are not available yet (``NotImplementedError``).
+            is returned; see :mod:`gradprune.structured.depth`). ``"layers"`` with width axes
+            (``gradnas`` only) returns the width result on the depth-pruned copy
+            (:func:`~gradprune.structured.depth.search_layers_and_widths`). ``"hidden"`` and
+            ``"experts"`` are not available yet (``NotImplementedError``).
 
     Raises ``ValueError`` naming the smallest reachable params and FLOPs (and latency) when no
     subnet meets the constraints.
@@ -509,9 +511,16 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     axes = check_axes(axes)
+    if "layers" in axes and (process_group is not None or measure_latency):
+        raise ValueError("the 'layers' axis does not take process_group or measure_latency yet")
+    if "layers" in axes and len(axes) > 1:
+        return search_layers_and_widths(
+            model, constraints, data, loss_fn, method, example_input, axes, search,
+            max_iter_data_loader=max_iter_data_loader, show_progress=show_progress, rules=rules,
+            uniform=uniform, per_sample=per_sample)
     if "layers" in axes:
-        if process_group is not None or measure_latency or rules is not None:
-            raise ValueError("axes=('layers',) does not take rules, process_group or measure_latency yet")
+        if rules is not None:
+            raise ValueError("axes=('layers',) does not take rules (they restrict widths)")
         return search_layers(model, constraints, data, loss_fn, method, example_input,
                              max_iter_data_loader=max_iter_data_loader, show_progress=show_progress)
     check_choice("method", method, METHODS)
