@@ -317,3 +317,13 @@ def test_layers_combined_with_widths(tmp_path):
     with pytest.raises(ValueError, match="gradnas"):
         gp.search(model, {"params": "45%"}, data, loss_fn, method="taylor", example_input=data[0],
                   axes=("layers", "mlp"))
+
+
+def test_layers_with_widths_unreachable_budget_named_before_scoring():
+    model, data = _model(), _batches()
+
+    def never(*a):
+        raise AssertionError("scored although the budget is unreachable")
+    with pytest.raises(ValueError, match="smallest reachable.*one of 4 decoder layers kept"):
+        gp.search(model, {"params": "5%"}, data, never, method="gradnas", example_input=data[0],
+                  rules={"nn.Linear": {"feature_divisor": 8}}, axes=("layers", "mlp"))

@@ -483,6 +483,10 @@ def search_layers(model: nn.Module, constraints: dict, data: Iterable | None, lo
         dense_kv_cache=costs.dense_kv, example_input=example_input)
 
 
+class _Reachable(Exception):
+    """Raised by the probe loss: the width search got past its reachability check."""
+
+
 def search_layers_and_widths(model: nn.Module, constraints: dict, data: Iterable | None,
                              loss_fn: Callable | None, method: str, example_input, axes: tuple,
                              width_search: Callable, *, max_iter_data_loader: int = 128,
@@ -514,6 +518,19 @@ def search_layers_and_widths(model: nn.Module, constraints: dict, data: Iterable
     bounds = parse_constraints(constraints, {"params": costs.dense_params, "flops": costs.dense_flops,
                                              "kv_cache": costs.dense_kv or 0})
     widths_axes = tuple(a for a in axes if a != "layers")
+
+    def probe(m, batch):  # reached only when the budget is reachable (checked before scoring)
+        raise _Reachable
+
+    try:  # the smallest subnet: one layer kept, the smallest widths
+        width_search(drop_layers(copy.deepcopy(model), range(1, costs.n)), dict(bounds), data, probe,
+                     "gradnas", example_input, axes=widths_axes, **width_kw)
+    except _Reachable:
+        pass
+    except ValueError as exc:
+        if "no subnet meets" in str(exc):
+            raise ValueError(f"{exc} (with one of {costs.n} decoder layers kept)") from None
+        raise
     scores, _ = layer_scores(model, data, loss_fn, "gradnas", max_iter_data_loader, show_progress)
     order = sorted(range(costs.n), key=lambda i: (float(scores[i]), i))
     best, last_error = None, None
