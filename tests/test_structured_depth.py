@@ -17,6 +17,7 @@ import gradprune as gp
 
 transformers = pytest.importorskip("transformers")
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM,  # noqa: E402
+                          Gemma3ForCausalLM, Gemma3TextConfig,
                           LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
@@ -37,6 +38,9 @@ FAMILIES = {
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 8}),
     # layer_types sliding, full, sliding, full; soft-capping; head_dim independent of hidden size
     "gemma2": (Gemma2Config, Gemma2ForCausalLM, {"head_dim": 8, "sliding_window": 3}),
+    # local/global rotary embeddings per layer type: sliding, full, sliding, full
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM,
+               {"head_dim": 8, "sliding_window": 3, "sliding_window_pattern": 2}),
 }
 METHODS = ("gradnas", "block_influence", "loss_drop")
 
@@ -265,7 +269,7 @@ def _generate(model, ids, use_cache):
                           use_cache=use_cache, pad_token_id=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2-sliding", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2-sliding", "gemma2", "gemma3"])
 def test_generate_with_cache_after_dropping_layers(family):
     model = _model(family)
     from gradprune.structured.depth import drop_layers
