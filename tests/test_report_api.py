@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gradprune as gp
+from gradprune.structured.depth import LayerReport
 from gradprune.report import PRUNABLE, Report, SearchReport, SelectionReport, SparsityReport
 
 N_LAYERS = 17  # 16 prunable Linear layers (the last is the classifier, left dense): 15+ series
@@ -83,10 +84,23 @@ def _search_result():
                      rules={"nn.Linear": {"feature_divisor": 1}})
 
 
+def _layer_search_result():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=N_LAYERS - 1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    ids = [torch.randint(0, 32, (2, 6))]
+    return gp.search(model, {"params": "80%"}, ids, lambda m, b: m(b, labels=b).loss, method="block_influence",
+                     example_input=ids[0], axes=("layers",))
+
+
 BUILDERS = {"PruneResult": _prune_result, "Pruner": _pruner, "SparseTrainer": _sparse_trainer,
-            "PrePruneSelection": _selection, "SearchResult": _search_result}
+            "PrePruneSelection": _selection, "SearchResult": _search_result,
+            "LayerSearchResult": _layer_search_result}
 REPORT_TYPE = {"PruneResult": SparsityReport, "Pruner": SparsityReport, "SparseTrainer": SparsityReport,
-               "PrePruneSelection": SelectionReport, "SearchResult": SearchReport}
+               "PrePruneSelection": SelectionReport, "SearchResult": SearchReport,
+               "LayerSearchResult": LayerReport}
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
@@ -122,7 +136,7 @@ def test_str_is_the_table_and_overall_says_what_it_counts(made):
         overall = [ln for ln in text.splitlines() if ln.startswith("overall")]
         assert overall == [f"overall sparsity of {PRUNABLE}: {obj.masks.sparsity():.4f} "
                            f"({obj.report.to_dict()['zeros']:,} of {obj.report.to_dict()['total']:,} entries zero)"]
-    if kind == "SearchResult":
+    if kind in ("SearchResult", "LayerSearchResult"):
         assert "params:" in text and "flops:" in text
 
 
@@ -130,7 +144,7 @@ def test_to_dict_round_trips_through_json(made):
     _, obj = made
     d = obj.report.to_dict()
     assert json.loads(json.dumps(d)) == d
-    assert [r[obj.report.name_key] for r in d["layers"]] == _layer_names(obj.report)
+    assert [str(r[obj.report.name_key]) for r in d["layers"]] == _layer_names(obj.report)
     if isinstance(obj.report, SparsityReport):
         assert d["overall"] == obj.masks.sparsity() and d["overall_counts"] == PRUNABLE
 

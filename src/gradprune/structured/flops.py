@@ -66,6 +66,11 @@ def _custom_flops() -> dict:
 
 def count_flops(model: nn.Module, example_input) -> int:
     """FLOPs (2 x MACs) of one forward on ``example_input``, measured by ``FlopCounterMode``."""
+    return int(flop_counter(model, example_input).get_total_flops())
+
+
+def flop_counter(model: nn.Module, example_input) -> FlopCounterMode:
+    """The ``FlopCounterMode`` of one forward (per-module counts: ``get_flop_counts()``)."""
     args = _as_args(example_input)
     was_training = model.training
     fastpath = torch.backends.mha.get_fastpath_enabled()
@@ -77,7 +82,7 @@ def count_flops(model: nn.Module, example_input) -> int:
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         model.train(was_training)
-    return int(counter.get_total_flops())
+    return counter
 
 
 def _kvol(mod) -> int:

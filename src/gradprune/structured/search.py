@@ -52,6 +52,7 @@ from .._checks import check_bool, check_choice, check_int, check_optional_bool
 from .._progress import progress
 from .._modes import keeps_modes
 from .._report import SearchReport
+from .depth import check_axes, group_axis, search_layers, search_layers_and_widths
 from .export import export_model
 from .flops import CostModel
 from .gates import Gates
@@ -159,6 +160,9 @@ class SearchResult:
                  f"({self.params / max(self.dense_params, 1):.1%})"]
         lines.append(f"flops:  {self.dense_flops} -> {self.flops} "
                      f"({self.flops / max(self.dense_flops, 1):.1%})")
+        dropped = getattr(self, "dropped_layers", None)
+        if dropped is not None:  # search(..., axes=("layers", ...)): the widths are of the shallower copy
+            lines.insert(0, f"decoder layers dropped: {list(dropped)}")
         if "kv_cache" in self.constraints:
             lines.append(f"kv_cache: {self.dense_kv_cache} -> {self.kv_cache} bytes/token "
                          f"({self.kv_cache / max(self.dense_kv_cache, 1):.1%})")
@@ -465,7 +469,7 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
            max_iter_data_loader: int = 128, per_sample: bool = False, magnitude_norm: str = "l2",
            show_progress: bool | None = None, measure_latency: bool = False,
            uniform: bool = False, process_group=None,
-           mlp_gate: str = "post_activation") -> SearchResult:
+           mlp_gate: str = "post_activation", axes: tuple | None = None) -> SearchResult:
     """Find the subnet of ``model`` that meets every constraint with the least sensitivity.
 
     Args:
@@ -506,12 +510,33 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
             ``"post_activation"`` (the activation's output, the default) or ``"pre_activation"``
             (the up projection's output, where ModelOpt's gradnas gates BERT's
             ``intermediate.dense``); gated MLPs (``act(gate) * up``) are gated on ``up`` either way.
+        axes: what may be removed (default ``("heads", "mlp")``, the widths above).
+            ``("layers",)`` drops whole decoder layers instead (``method``: ``gradnas``,
+            ``block_influence`` or ``loss_drop``; a :class:`~gradprune.structured.depth.LayerSearchResult`
+            is returned; see :mod:`gradprune.structured.depth`). ``"layers"`` with width axes
+            (``gradnas`` only) returns the width result on the depth-pruned copy
+            (:func:`~gradprune.structured.depth.search_layers_and_widths`). ``"hidden"`` and
+            ``"experts"`` are not available yet (``NotImplementedError``).
 
     Raises ``ValueError`` naming the smallest reachable params and FLOPs (and latency) when no
     subnet meets the constraints.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    axes = check_axes(axes)
+    check_choice("mlp_gate", mlp_gate, ("post_activation", "pre_activation"))
+    if "layers" in axes and (process_group is not None or measure_latency):
+        raise ValueError("the 'layers' axis does not take process_group or measure_latency yet")
+    if "layers" in axes and len(axes) > 1:
+        return search_layers_and_widths(
+            model, constraints, data, loss_fn, method, example_input, axes, search,
+            max_iter_data_loader=max_iter_data_loader, show_progress=show_progress, rules=rules,
+            uniform=uniform, per_sample=per_sample, mlp_gate=mlp_gate)
+    if "layers" in axes:
+        if rules is not None:
+            raise ValueError("axes=('layers',) does not take rules (they restrict widths)")
+        return search_layers(model, constraints, data, loss_fn, method, example_input,
+                             max_iter_data_loader=max_iter_data_loader, show_progress=show_progress)
     check_choice("method", method, METHODS)
     if example_input is None:
         raise ValueError("example_input must be given (a tensor or a tuple of tensors), got None")
@@ -573,6 +598,9 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
             lat_frac = float(_PCT.match(constraints["latency"]).group(1)) / 100.0
     bounds = parse_constraints(constraints, dense)
     choices = _group_choices(analysis, rules)
+    for gi in choices:  # a group of an axis not in ``axes`` keeps its width
+        if group_axis(analysis.groups[gi]) not in axes:
+            choices[gi] = (analysis.groups[gi].size,)
     for gis in fams.values():  # uniform: the widths every layer of the family allows
         common = {w for w in set.intersection(*(set(choices[gi]) for gi in gis))
                   if all(uniform_width_ok(analysis, gi, w) for gi in gis)}
