@@ -142,3 +142,7 @@ def any_model(request) -> ModelSpec:
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes over 20 s (several processes); -m 'not slow' skips it")

@@ -192,18 +192,6 @@ def test_cache_dir_that_is_a_file_fails_before_any_gradient(tmp_path):
     assert path.read_text() == "x"
 
 
-def test_docs_example_runs(capsys):
-    import pathlib
-    import re
-
-    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "files.md").read_text(encoding="utf-8")
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert blocks
-    for block in blocks:
-        exec(compile(block, "docs/files.md", "exec"), {})
-    assert capsys.readouterr().out.split() == ["None", "selection", "None"]
-
-
 def test_code_of_a_module_without_a_file_is_keyed(tmp_path):
     """A notebook's ``__main__`` has no ``__file__``: its functions are user code, keyed by code."""
     import types

@@ -1,6 +1,6 @@
 """Resuming ``SparseTrainer`` and ``Pruner`` in any loading order (issue #13, point 1), loud and
 all-or-nothing ``load_state_dict``, the warning past ``total_steps`` and the Pruner's optimizer and
-config checks (point 8), and the executable examples of docs/resume.md.
+config checks (point 8); docs/resume.md's examples run in tests/test_docs.py.
 
 A run of N steps uninterrupted must equal, bit for bit (every weight, every optimizer state tensor,
 every mask, the counters), K steps + checkpoint (deep-copied state dicts) + a fresh model,
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import pathlib
-import re
 import warnings
 
 import pytest
@@ -421,22 +420,6 @@ def test_no_warning_without_a_schedule_or_a_planned_length():
     assert _steps_with_warnings(direct, 3 * N_STEPS) == []
     with pytest.raises(ValueError, match="total_steps"):
         gp.SparseConfig(total_steps=0)
-
-
-# ---------------------------------------------------------------------------------------------
-# docs/resume.md
-
-_FENCE = re.compile(r"^```([\w-]*)[ \t]*\n(.*?)^```[ \t]*$", flags=re.S | re.M)
-
-
-def test_resume_doc_python_blocks_run(tmp_path, monkeypatch):
-    text = (ROOT / "docs" / "resume.md").read_text(encoding="utf-8")
-    blocks = [body for kind, body in _FENCE.findall(text) if kind == "python"]
-    assert len(blocks) >= 3
-    monkeypatch.chdir(tmp_path)
-    namespace = {"__name__": "docs_resume"}
-    for i, block in enumerate(blocks, start=1):
-        exec(compile(block, f"docs/resume.md (python block {i})", "exec"), namespace)
 
 
 # ---------------------------------------------------------------------------------------------

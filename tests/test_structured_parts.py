@@ -465,18 +465,3 @@ if given is not None:
         widths = {gi: len(k) for gi, k in keep.items()}
         cost = st.CostModel(analysis, x)
         assert cost.costs(widths) == (st.count_params(small), st.count_flops(small, x))
-
-
-def test_docs_structured_examples_run(capsys):
-    import pathlib
-    import re
-    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "structured.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert len(blocks) >= 2
-    namespace = {}
-    for block in blocks:
-        exec(compile(block, "docs/structured.md", "exec"), namespace)
-    out = capsys.readouterr().out
-    assert "params:" in out and "output is a model output" in out
-    found = namespace["found"]
-    assert found.flops <= 0.5 * found.dense_flops and found.params <= 0.7 * found.dense_params
