@@ -80,7 +80,11 @@ def test_cross_attention_heads_are_groups_like_self_attention_heads():
     assert [s.describe() for s in analysis.groups[_cross_groups(analysis)[0]].slices] == [
         f"{names[0]}.{p}.weight[dim 0] (4 per unit)" for p in ("query", "key", "value")] + [
         "decoder.bert.encoder.layer.0.crossattention.output.dense.weight[dim 1] (4 per unit)"]
-    assert len(analysis.skipped) == 1  # the hidden size only
+    # the hidden size, and every layer that works on it alone (listed, not silently kept)
+    assert [s["module"] for s in analysis.skipped] == [
+        "<hidden size>", "encoder.pooler.dense", "decoder.cls.predictions.transform.dense",
+        "decoder.cls.predictions.decoder"]
+    assert all("hidden size" in s["reason"] for s in analysis.skipped)
     # a BERT encoder and a GPT-2 decoder: both families are analysed
     analysis = st.find_groups(_seq2seq("gpt2"), _batch())
     assert {g.kind for g in analysis.groups} == {"bert.heads", "bert.ffn", "gpt2.heads",
