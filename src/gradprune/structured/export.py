@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -193,7 +194,10 @@ def save_pruned(model: nn.Module, path: str | os.PathLike) -> None:
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)
     record = {"format": _FORMAT, "version": 1, "modules": architecture(model)}
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    full = model.state_dict()
+    state = OrderedDict((k, v.detach().cpu()) for k, v in full.items())
+    # module versions (``_version``): a module's _load_from_state_dict may need them (MNASNet)
+    state._metadata = getattr(full, "_metadata", OrderedDict())
 
     def write_json(tmp):
         with open(tmp, "w", encoding="utf-8") as fh:

@@ -91,6 +91,10 @@ _MERGE_FUNCS = {operator.add, operator.sub, operator.mul, torch.add, torch.sub, 
                 operator.iadd, operator.isub, operator.imul}
 _MERGE_METHODS = {"add", "sub", "mul", "add_", "sub_", "mul_"}
 _META_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "get_device"}
+_KNOWN_FUNCS = (_ZERO_KEEPING_FUNCS | _POOL_FUNCS | _RESHAPE_FUNCS | _MERGE_FUNCS
+                | {torch.cat, torch.concat, getattr, operator.getitem, operator.truediv, torch.div,
+                   operator.itruediv, torch.transpose, torch.swapaxes, torch.permute, torch.mean,
+                   torch.sum})
 
 
 def is_conv1d(mod: nn.Module) -> bool:
@@ -334,12 +338,17 @@ class _Propagator(fx.Interpreter):
 
     # -- interpreter ----------------------------------------------------------------------------
     def run_node(self, n: fx.Node):
+        from .blocks import identity_probe, is_identity
+        before = identity_probe(n, self.env, self.layouts, _KNOWN_FUNCS)
         result = super().run_node(n)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         ins = [self.layouts.get(a) for a in n.all_input_nodes]
         ins_present = [lay for lay in ins if lay is not None]
         try:
-            out = self._propagate(n, args, kwargs, result, ins_present)
+            if before is not None and is_identity(before, args, result):
+                out = self.layouts[n.args[0]]  # e.g. stochastic depth in eval mode: x returned as is
+            else:
+                out = self._propagate(n, args, kwargs, result, ins_present)
         except _Unsupported as exc:
             self.block(ins_present, str(exc))
             out = None
@@ -355,7 +364,9 @@ class _Propagator(fx.Interpreter):
         if n.op == "get_attr":
             owner = self.param_owner.get(n.target)
             if owner is not None:
-                self._taint(owner, f"parameter {n.target} is used outside its module")
+                users = sorted({getattr(u.target, "__name__", str(u.target)) for u in n.users})
+                self._taint(owner, f"parameter {n.target} is used outside its module"
+                            + (f" (by {', '.join(users)})" if users else ""))
             return None
         if n.op == "output":
             self.block(ins, "output is a model output")
@@ -572,10 +583,17 @@ class _Propagator(fx.Interpreter):
         lb = self.layouts.get(n.args[1]) if isinstance(n.args[1], fx.Node) else None
         mul = "mul" in opname
         if la is not None and lb is not None:
-            if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape):
+            if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
                 raise _Unsupported(f"{n.name}: {opname} of channel tensors of different shapes")
-            self.unify(la, lb, f"{n.name}: {opname} of differently laid-out channels")
-            return la
+            if a.shape == b.shape:
+                self.unify(la, lb, f"{n.name}: {opname} of differently laid-out channels")
+                return la
+            from .blocks import broadcast_merge  # squeeze-and-excitation: x * scale[N, C, 1, 1]
+            lay = broadcast_merge(la, lb, a, b, result)
+            if lay is None:
+                raise _Unsupported(f"{n.name}: {opname} of channel tensors of different shapes")
+            self.unify(la, lb, f"{n.name}: {opname} of differently laid-out channels", same_dims=False)
+            return lay
         lay = la if la is not None else lb
         other = b if la is not None else a
         if mul and not isinstance(other, torch.Tensor):
@@ -812,21 +830,24 @@ def find_groups(model: nn.Module, example_input, mlp_gate: str = "post_activatio
     if mlp_gate not in ("post_activation", "pre_activation"):
         raise ValueError(f"mlp_gate must be 'post_activation' or 'pre_activation', got {mlp_gate!r}")
     args = _as_args(example_input)
+    from .blocks import list_unpruned
     for analyse in _ANALYSERS:
         found = analyse(model, example_input, mlp_gate=mlp_gate)
         if found is not None:
-            return found
-    gm, opaque = _trace(model)
-    if gm is None:
-        return Analysis(model=model, groups=[], skipped=[{"module": k, "reason": v}
-                                                         for k, v in opaque.items()],
-                        roles={}, mask_points={}, space_group={}, space_size=[])
-    prop = _Propagator(gm, opaque)
+            return list_unpruned(found)
     was_training = model.training
     try:
-        model.eval()
+        model.eval()  # traced and run in eval mode: stochastic depth, dropout are identities
+        gm, opaque = _trace(model)
+        if gm is None:
+            return Analysis(model=model, groups=[], skipped=[{"module": k, "reason": v}
+                                                             for k, v in opaque.items()],
+                            roles={}, mask_points={}, space_group={}, space_size=[])
+        prop = _Propagator(gm, opaque)
         with torch.no_grad():
             prop.run(*args)
     finally:
         model.train(was_training)
-    return prop.finish(model)
+    taints = {m: slot["taint"] for m, slot in prop.roles.items() if "taint" in slot}
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    return list_unpruned(prop.finish(model), taints, called)

@@ -42,6 +42,7 @@ import math
 import re
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -435,16 +436,38 @@ def _kv_text(kv: KVCache, widths: dict, bounds: dict) -> str:
     return f", kv_cache={k} bytes/token ({k / max(kv.dense, 1):.1%})"
 
 
-def _ranking(scores: torch.Tensor, balance: int) -> list:
-    """Units sorted by decreasing score (ties: lower index first), per balance chunk."""
+def _ranking(scores: torch.Tensor, balance: int, tiebreak: torch.Tensor | None = None) -> list:
+    """Units sorted by decreasing score, per balance chunk; ties by decreasing ``tiebreak`` (the
+    weight norm), then lower index first."""
     n = scores.numel()
     chunk = n // balance
     ranks = []
     for c in range(balance):
         s = scores[c * chunk:(c + 1) * chunk].to(torch.float64)
-        order = torch.sort(-s, stable=True).indices  # ties: lower index first
+        order = torch.arange(s.numel())
+        if tiebreak is not None:
+            order = torch.sort(-tiebreak[c * chunk:(c + 1) * chunk].to(torch.float64), stable=True).indices
+        order = order[torch.sort(-s[order], stable=True).indices]  # stable: ties keep that order
         ranks.append((order + c * chunk).tolist())
     return ranks
+
+
+def _warn_untied(analysis: Analysis, scores: dict, choices: dict, method: str) -> None:
+    """Warn when the scores of a prunable group cannot rank its units (all equal: all zero, e.g.
+    behind a zero-initialised classifier every gate gradient is 0); they are then ranked by weight
+    norm and cut no further than the budget needs."""
+    if method in ("magnitude", "fastnas"):
+        return
+    tied = [gi for gi, c in choices.items() if len(c) > 1 and scores[gi].numel() > 1
+            and bool((scores[gi] == scores[gi].reshape(-1)[0]).all())]
+    if not tied:
+        return
+    names = ", ".join(analysis.groups[gi].name for gi in tied[:5]) + (", ..." if len(tied) > 5 else "")
+    zero = all(float(scores[gi].abs().max()) == 0.0 for gi in tied)
+    warnings.warn(f"method={method!r} scores cannot rank the units of {len(tied)} of "
+                  f"{len(analysis.groups)} groups ({names}): every unit scored "
+                  f"{'0' if zero else 'the same'}{' (is the loss constant? e.g. a zero-initialised head)' if zero else ''}; "
+                  "ranking them by the L2 norm of their weights instead", stacklevel=3)
 
 
 def _keep_for(ranks: list, width: int) -> torch.Tensor:
@@ -622,7 +645,9 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
     else:
         scores = magnitude_scores(analysis, magnitude_norm)
 
-    ranks = {gi: _ranking(scores[gi], g.balance) for gi, g in enumerate(analysis.groups)}
+    norms = scores if method in ("magnitude", "fastnas") else magnitude_scores(analysis, "l2")
+    ranks = {gi: _ranking(scores[gi], g.balance, norms[gi]) for gi, g in enumerate(analysis.groups)}
+    _warn_untied(analysis, scores, choices, method)
     if method == "fastnas":
         calib = None
         if data is not None:
@@ -632,6 +657,7 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
         _break_ties(sens, analysis, ranks, scores)
     else:
         sens = {gi: _sensitivities(scores[gi], ranks[gi], choices[gi]) for gi in choices}
+        _break_ties(sens, analysis, ranks, norms)  # equal scores: cut no further than needed
     for gis in fams.values():  # uniform: a family's width costs the sum over its layers
         total = {w: sum(sens[gi][w] for gi in gis) for w in choices[gis[0]]}
         for gi in gis:

@@ -1,0 +1,472 @@
+"""The structured coverage matrix on tiny in-code replicas of torchvision's building blocks.
+
+gradprune and its CI do not need torchvision: each block is rebuilt here as torchvision writes it
+(squeeze-and-excitation, stochastic depth as a function ``torch.fx.wrap``-ed like
+``torchvision.ops.stochastic_depth``, channel shuffle, an MnasNet-like inverted residual whose
+module checks its state-dict version, Swin-like attention that receives its Linear weights as
+arguments, a ViT-like encoder with a zero-initialised head). Every replica goes through
+``search`` -> ``export`` -> ``save_pruned``/``load_pruned`` for a FLOPs and a params budget, and
+each run checks the budget (``FlopCounterMode`` and a parameter count), outputs equal to the gated
+model's, and the reload round trip. When torchvision is importable, real torchvision models at
+small input sizes run through the same checks.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.fx
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import gradprune.structured as st
+from gradprune.structured import load_pruned, save_pruned
+
+# -- replicas ------------------------------------------------------------------------------------
+
+
+def stochastic_depth(x, p: float, mode: str, training: bool = True):
+    """``torchvision.ops.stochastic_depth``: drops whole samples in training, identity in eval."""
+    if not training or p == 0.0:
+        return x
+    keep = torch.empty([x.shape[0]] + [1] * (x.dim() - 1), dtype=x.dtype).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+torch.fx.wrap("stochastic_depth")  # as torchvision does: a leaf call in the traced graph
+
+
+class StochasticDepth(nn.Module):
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return stochastic_depth(x, self.p, "row", self.training)
+
+
+class SqueezeExcitation(nn.Module):
+    """torchvision.ops.SqueezeExcitation: ``scale * input`` with ``scale`` of shape [N, C, 1, 1]."""
+
+    def __init__(self, c: int, squeeze: int, scale_activation=nn.Sigmoid):
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1, self.fc2 = nn.Conv2d(c, squeeze, 1), nn.Conv2d(squeeze, c, 1)
+        self.activation, self.scale_activation = nn.SiLU(), scale_activation()
+
+    def forward(self, x):
+        scale = self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x)))))
+        return scale * x
+
+
+class MBConv(nn.Module):
+    """EfficientNet's block: expand, depthwise, SE, project, stochastic depth on the residual."""
+
+    def __init__(self, c: int, expand: int = 4, p: float = 0.2):
+        super().__init__()
+        e = c * expand
+        self.block = nn.Sequential(
+            nn.Conv2d(c, e, 1, bias=False), nn.BatchNorm2d(e), nn.SiLU(),
+            nn.Conv2d(e, e, 3, padding=1, groups=e, bias=False), nn.BatchNorm2d(e), nn.SiLU(),
+            SqueezeExcitation(e, max(1, c // 4)), nn.Conv2d(e, c, 1, bias=False), nn.BatchNorm2d(c))
+        self.stochastic_depth = StochasticDepth(p)
+
+    def forward(self, x):
+        result = self.block(x)
+        result = self.stochastic_depth(result)
+        result += x
+        return result
+
+
+class EfficientNetLike(nn.Module):
+    def __init__(self, n_classes: int = 5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.SiLU())
+        self.blocks = nn.Sequential(MBConv(16), MBConv(16))
+        self.head = nn.Sequential(nn.Conv2d(16, 32, 1), nn.BatchNorm2d(32), nn.SiLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, n_classes))
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
+
+
+class MnasNetLike(nn.Module):
+    """Inverted residuals (expand, depthwise, project) with BatchNorm momentum 1 - 0.9997; like
+    torchvision's MNASNet, the model checks its state-dict version on load (fails when a saved
+    state dict lost its ``_metadata``)."""
+
+    _version = 2
+
+    def __init__(self, n_classes: int = 5):
+        super().__init__()
+        m = 1 - 0.9997
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16, momentum=m), nn.ReLU())
+        self.layers = nn.ModuleList([nn.Sequential(
+            nn.Conv2d(16, 48, 1, bias=False), nn.BatchNorm2d(48, momentum=m), nn.ReLU(inplace=True),
+            nn.Conv2d(48, 48, 3, padding=1, groups=48, bias=False), nn.BatchNorm2d(48, momentum=m),
+            nn.ReLU(inplace=True), nn.Conv2d(48, 16, 1, bias=False), nn.BatchNorm2d(16, momentum=m))
+            for _ in range(2)])
+        self.classifier = nn.Linear(16, n_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for layer in self.layers:
+            x = layer(x) + x
+        return self.classifier(x.mean([2, 3]))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        version = local_metadata.get("version", None)
+        if version not in (1, 2):
+            raise ValueError(f"version should be set to 1 or 2 instead of {version}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+def channel_shuffle(x, groups: int):
+    n, c, h, w = x.size()
+    x = x.view(n, groups, c // groups, h, w)
+    x = torch.transpose(x, 1, 2).contiguous()
+    return x.view(n, c, h, w)
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNetV2's stride-1 unit: split, one branch convolved, concatenated, shuffled."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        b = c // 2
+        self.branch2 = nn.Sequential(
+            nn.Conv2d(b, b, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True),
+            nn.Conv2d(b, b, 3, padding=1, groups=b, bias=False), nn.BatchNorm2d(b),
+            nn.Conv2d(b, b, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        x1, x2 = x.chunk(2, dim=1)
+        out = torch.cat((x1, self.branch2(x2)), dim=1)
+        return channel_shuffle(out, 2)
+
+
+class ShuffleNetLike(nn.Module):
+    def __init__(self, n_classes: int = 5):
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.stage = nn.Sequential(ShuffleUnit(32), ShuffleUnit(32))
+        self.conv5 = nn.Sequential(nn.Conv2d(32, 64, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        self.fc = nn.Linear(64, n_classes)
+
+    def forward(self, x):
+        return self.fc(self.conv5(self.stage(self.conv1(x))).mean([2, 3]))
+
+
+def shifted_window_attention(x, qkv_weight, proj_weight, num_heads: int, qkv_bias=None, proj_bias=None):
+    """Swin's functional attention (no windows here): the Linear weights come in as arguments."""
+    n, length, c = x.shape
+    qkv = F.linear(x, qkv_weight, qkv_bias).reshape(n, length, 3, num_heads, c // num_heads)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, length, c)
+    return F.linear(out, proj_weight, proj_bias)
+
+
+torch.fx.wrap("shifted_window_attention")
+
+
+class ShiftedWindowAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.qkv, self.proj, self.num_heads = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), heads
+
+    def forward(self, x):
+        return shifted_window_attention(x, self.qkv.weight, self.proj.weight, self.num_heads,
+                                        qkv_bias=self.qkv.bias, proj_bias=self.proj.bias)
+
+
+class SwinBlock(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), ShiftedWindowAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(0.0), nn.Linear(4 * dim, dim))
+        self.stochastic_depth = StochasticDepth(0.1)
+
+    def forward(self, x):
+        x = x + self.stochastic_depth(self.attn(self.norm1(x)))
+        return x + self.stochastic_depth(self.mlp(self.norm2(x)))
+
+
+class SwinLike(nn.Module):
+    def __init__(self, n_classes: int = 5, dim: int = 16):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.blocks = nn.Sequential(SwinBlock(dim, 2), SwinBlock(dim, 2))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, n_classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        return self.head(self.norm(self.blocks(x)).mean(1))
+
+
+class ViTLike(nn.Module):
+    """torchvision's VisionTransformer in small: class token, nn.MultiheadAttention encoder blocks,
+    MLP blocks, and a zero-initialised head (every gate gradient is 0 at initialisation)."""
+
+    def __init__(self, n_classes: int = 5, dim: int = 32, heads: int = 8, layers: int = 2):
+        super().__init__()
+        self.conv_proj = nn.Conv2d(3, dim, 4, stride=4)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.ln1 = nn.ModuleList([nn.LayerNorm(dim) for _ in range(layers)])
+        self.attn = nn.ModuleList([nn.MultiheadAttention(dim, heads, batch_first=True) for _ in range(layers)])
+        self.ln2 = nn.ModuleList([nn.LayerNorm(dim) for _ in range(layers)])
+        self.mlp = nn.ModuleList([nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+                                  for _ in range(layers)])
+        self.ln, self.head = nn.LayerNorm(dim), nn.Linear(dim, n_classes)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x):
+        x = self.conv_proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        for ln1, attn, ln2, mlp in zip(self.ln1, self.attn, self.ln2, self.mlp):
+            y = ln1(x)
+            x = x + attn(y, y, y, need_weights=False)[0]
+            x = x + mlp(ln2(x))
+        return self.head(self.ln(x)[:, 0])
+
+
+REPLICAS = {"efficientnet": EfficientNetLike, "mnasnet": MnasNetLike, "shufflenet": ShuffleNetLike,
+            "swin": SwinLike, "vit": ViTLike}
+RULES = {t: {"channel_divisor": 1} for t in ("nn.Conv2d",)}
+RULES.update({t: {"feature_divisor": 1} for t in ("nn.Linear", "nn.BatchNorm2d", "nn.LayerNorm")})
+
+# -- the matrix ----------------------------------------------------------------------------------
+
+
+def _flops(model, x) -> int:
+    """FlopCounterMode on one forward (MHA fast path off, so that attention is counted)."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return int(counter.get_total_flops())
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _data(x, n_classes, n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(x.shape, generator=g), torch.randint(0, n_classes, (x.shape[0],), generator=g))
+            for _ in range(n)]
+
+
+def _loss(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def check_matrix_entry(factory, x, key, tmp_path, method="gradnas", n_classes=5, rules=RULES, frac=0.5):
+    """search -> export -> save_pruned/load_pruned at ``frac`` of ``key``; every check of the matrix."""
+    torch.manual_seed(0)
+    model = factory().eval()
+    dense_flops, dense_params = _flops(model, x), _params(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a zero head warns (tested on its own below)
+        found = st.search(model, {key: f"{frac:.0%}"}, _data(x, n_classes), _loss, method, x,
+                          rules=rules, max_iter_data_loader=2)
+    small = found.export().eval()
+    flops, params = _flops(small, x), _params(small)
+    assert params == found.params
+    reached = {"flops": flops / dense_flops, "params": params / dense_params}[key]
+    assert frac - 0.1 <= reached <= frac  # the budget, met without cutting far past it
+    with torch.no_grad():
+        with found.gates():
+            gated = model(x)
+        out = small(x)
+    torch.testing.assert_close(out, gated, rtol=1e-4, atol=1e-5)
+    save_pruned(small, tmp_path / "small")
+    back = load_pruned(factory, tmp_path / "small").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), out)
+    return found, flops / dense_flops, params / dense_params
+
+
+# Swin's functional attention stays whole (listed in skipped): its FLOPs alone are ~45% of this
+# tiny replica's, so its FLOPs budget is 60%
+FRACTIONS = {("swin", "flops"): 0.6}
+
+
+@pytest.mark.parametrize("key", ["flops", "params"])
+@pytest.mark.parametrize("name", sorted(REPLICAS))
+def test_coverage_matrix_on_replicas(name, key, tmp_path):
+    check_matrix_entry(REPLICAS[name], torch.randn(2, 3, 16, 16), key, tmp_path,
+                       frac=FRACTIONS.get((name, key), 0.5))
+
+
+# -- the blocks one by one -----------------------------------------------------------------------
+
+
+def _groups_of(analysis) -> dict:
+    """module -> name of the group that cuts its outputs or channels."""
+    return {s.module: g.name for g in analysis.groups for s in g.slices if s.role != "in"}
+
+
+def test_squeeze_excitation_merges_the_scale_with_the_main_path():
+    analysis = st.find_groups(EfficientNetLike(), torch.randn(2, 3, 8, 8))
+    expand = analysis.group("blocks.0.block.0")
+    # the expanded channels: expand conv, depthwise conv, both BatchNorms, the SE's pooled input
+    # (fc1's columns) and its scale (fc2's rows), the projection's columns
+    assert [s.describe() for s in expand.slices] == [
+        "blocks.0.block.0.weight[dim 0]", "blocks.0.block.1[channels]", "blocks.0.block.3[channels]",
+        "blocks.0.block.4[channels]", "blocks.0.block.6.fc1.weight[dim 1]",
+        "blocks.0.block.6.fc2.weight[dim 0]", "blocks.0.block.7.weight[dim 1]"]
+    # the SE bottleneck is a group of its own
+    assert [s.describe() for s in analysis.group("blocks.0.block.6.fc1").slices] == [
+        "blocks.0.block.6.fc1.weight[dim 0]", "blocks.0.block.6.fc2.weight[dim 1]"]
+    assert not any("different shapes" in s["reason"] for s in analysis.skipped)
+
+
+def test_stochastic_depth_is_an_identity_and_keeps_the_residual_stream_prunable():
+    model = EfficientNetLike()  # in training mode: the analysis runs it in eval mode
+    analysis = st.find_groups(model, torch.randn(2, 3, 8, 8))
+    assert model.training
+    groups = _groups_of(analysis)
+    # stem, both projections and the head's input: one residual-stream group
+    assert {groups[m] for m in ("stem.0", "blocks.0.block.7", "blocks.1.block.7")} == {"stem.0"}
+    assert [s["module"] for s in analysis.skipped] == ["head.5"]  # the classifier only
+
+    class Bumped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.b(_bump(self.a(x)))
+    # a function that returns its input changed in place is not taken for an identity
+    analysis = st.find_groups(Bumped(), torch.randn(3, 4))
+    assert analysis.groups == []
+    assert any("_bump" in s["reason"] for s in analysis.skipped if s["module"] == "a")
+
+
+def _bump(x):
+    return x.add_(1.0)  # in place, returns its input: not an identity
+
+
+torch.fx.wrap("_bump")
+
+
+def test_broadcast_products_whose_channels_do_not_line_up_still_block():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            # [N, 8, H, W] * [N, 8, 1, W]: no pooled scale; still a per-channel product -> merged
+            y = self.a(x) * self.b(x).mean(2, keepdim=True)
+            # [N, 8, H, W] * [N, 1, 1, 8]-shaped channels on another dim: blocked
+            z = self.c(y)
+            return z * z.mean((2, 3)).view(z.shape[0], 1, 1, 2)
+    analysis = st.find_groups(M(), torch.randn(2, 3, 2, 2))
+    assert _groups_of(analysis)["b"] == _groups_of(analysis)["a"]
+    assert any(s["module"] == "c" for s in analysis.skipped)
+
+
+def test_swin_functional_attention_layers_are_listed_with_the_reason():
+    analysis = st.find_groups(SwinLike(), torch.randn(2, 3, 16, 16))
+    reasons = {s["module"]: s["reason"] for s in analysis.skipped}
+    for i in range(2):
+        for layer in ("qkv", "proj"):
+            assert "shifted_window_attention" in reasons[f"blocks.{i}.attn.{layer}"]
+        assert _groups_of(analysis)[f"blocks.{i}.mlp.0"] == f"blocks.{i}.mlp.0"  # MLPs are pruned
+
+
+def test_every_unpruned_prunable_layer_is_listed():
+    for factory in REPLICAS.values():
+        model = factory()
+        analysis = st.find_groups(model, torch.randn(2, 3, 16, 16))
+        sliced = {s.module for g in analysis.groups for s in g.slices}
+        listed = {s["module"] for s in analysis.skipped}
+        for name, mod in model.named_modules():
+            if isinstance(mod, (nn.Linear, nn.Conv2d, nn.MultiheadAttention)) and name not in sliced:
+                assert name in listed or any(name.startswith(p + ".") for p in sliced | listed), name
+
+
+def test_a_layer_the_forward_never_calls_is_listed():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.unused, self.b = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+    reasons = {s["module"]: s["reason"] for s in st.find_groups(M(), torch.randn(3, 4)).skipped}
+    assert "not called" in reasons["unused"]
+
+
+def test_save_pruned_keeps_module_versions(tmp_path):
+    model = MnasNetLike().eval()
+    save_pruned(model, tmp_path / "m")
+    back = load_pruned(MnasNetLike, tmp_path / "m").eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x))
+
+
+# -- scores that cannot rank -----------------------------------------------------------------------
+
+
+def test_zero_scores_warn_and_do_not_cut_past_the_budget(tmp_path):
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.warns(UserWarning, match="cannot rank"):
+        st.search(ViTLike(), {"flops": "50%"}, _data(x, 5), _loss, "gradnas", x, rules=RULES,
+                  max_iter_data_loader=2)
+    found, flops, params = check_matrix_entry(ViTLike, x, "flops", tmp_path)
+    assert 0.45 <= flops <= 0.5  # close to the budget, not every group at its minimum
+    assert min(found.widths.values()) > 1
+
+
+@pytest.mark.parametrize("method", ["gradnas", "taylor", "michel"])
+def test_tied_scores_fall_back_to_the_weight_norm(method):
+    """All gate gradients are 0: units are ranked by the L2 norm of their weights (documented
+    tie-breaker), and each group is cut only as far as the budget needs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    nn.init.zeros_(model[4].weight)
+    with torch.no_grad():
+        model[0].weight[3] *= 10.0  # the largest row: the last unit of group 0 to go
+    x = torch.randn(4, 8)
+    with pytest.warns(UserWarning, match="cannot rank the units of 2 of 2 groups"):
+        found = st.search(model, {"params": "60%"}, _data(x, 3), _loss, method, x, rules=RULES,
+                          max_iter_data_loader=2)
+    assert 3 in found.keep[0].tolist()
+    dense = sum(p.numel() for p in model.parameters())
+    assert 0.5 * dense < found.params <= 0.6 * dense
+    # scores that rank do not warn
+    nn.init.normal_(model[4].weight)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        st.search(model, {"params": "60%"}, _data(x, 3), _loss, method, x, rules=RULES,
+                  max_iter_data_loader=2)
+
+
+# -- real torchvision models (only where torchvision is installed) -----------------------------------
+
+TORCHVISION = [("resnet18", {}), ("mobilenet_v3_small", {}), ("efficientnet_b0", {}), ("mnasnet0_5", {}),
+               ("shufflenet_v2_x0_5", {}), ("vit_b_32", {"image_size": 32})]
+
+
+@pytest.mark.parametrize("key", ["flops", "params"])
+@pytest.mark.parametrize("name,kwargs", TORCHVISION)
+def test_coverage_matrix_on_torchvision(name, kwargs, key, tmp_path):
+    try:
+        import torchvision.models as tvm
+    except Exception:  # noqa: BLE001 - absent, or a build whose C++ ops do not load
+        pytest.skip("torchvision is not importable")
+    rules = {t: {"channel_divisor": 8} for t in ("nn.Conv2d",)}
+    rules.update({t: {"feature_divisor": 8} for t in ("nn.Linear", "nn.BatchNorm2d", "nn.LayerNorm")})
+    check_matrix_entry(lambda: getattr(tvm, name)(num_classes=5, **kwargs), torch.randn(2, 3, 32, 32),
+                       key, tmp_path, rules=rules)
