@@ -121,13 +121,16 @@ METHODS = {
     "gp_rigl_uniform_dfl": ("gradprune RigL-uniform, dense first layer (= rigl-torch allocation)", "gradprune"),
     "gp_rigl_uniform_dfl_regrow": ("gradprune RigL-uniform, dense first layer, regrow_dropped=True "
                                    "(= rigl-torch allocation and regrowth)", "gradprune"),
+    "gp_rigl_uniform_dfl_disjoint": ("gradprune RigL-uniform, dense first layer, regrow_dropped=False, "
+                                     "drop_rounding=\"half_up\" (the disjoint variant)", "gradprune"),
     "gp_snfs": ("gradprune SNFS (momentum growth + redistribution, α=0.5)", "gradprune"),
     "gp_gmp": ("gradprune gradual magnitude pruning (Zhu & Gupta)", "gradprune"),
     "rigl_torch": ("rigl-torch RigL (uniform, dense first layer)", "rigl-torch"),
 }
 SPARSE_METHODS = [k for k in METHODS if k not in ("dense", "dense2")]
 # run by default (the regrow_dropped and set_signed variants only when asked for: --methods ...)
-DEFAULT_METHODS = [k for k in SPARSE_METHODS if k not in ("gp_rigl_uniform_dfl_regrow", "gp_set_signed")]
+DEFAULT_METHODS = [k for k in SPARSE_METHODS
+                   if k not in ("gp_rigl_uniform_dfl_regrow", "gp_rigl_uniform_dfl_disjoint", "gp_set_signed")]
 # the extended-training block (RigL paper's "RigL_Nx"): these methods again, N times the steps
 EXTENDED_METHODS = ["gp_rigl_erk", "gp_rigl_uniform_dfl", "rigl_torch"]
 
@@ -149,9 +152,11 @@ STATIC_NOTES = [
     "Remaining differences between rigl-torch RigL and gradprune RigL-uniform with a dense first "
     "layer (same allocation, ΔT, α, cosine decay, T_end, 11 updates in the full run; measured update "
     "steps, 0-based: rigl-torch 99, 199, …, 1099 (it counts the call itself), gradprune 100, 200, …, "
-    "1100 (after 100 optimizer steps)): rigl-torch drops floor(f·n_active) per layer, gradprune round-half-up; rigl-torch lets a "
-    "connection dropped in an update be regrown in the same update (it then keeps its value), "
-    "gradprune grows only among connections that were inactive before the drop unless `regrow_dropped=True` (the row that says so), which does what rigl-torch and the RigL authors' code do; rigl-torch resets "
+    "1100 (after 100 optimizer steps); the RigL authors' code would also update at step 0); both drop "
+    "floor(f·n_active) per layer and grow among every connection inactive after the drop, so a just-dropped "
+    "connection may be regrown and keeps its value (gradprune's RigL preset since `drop_rounding=\"floor\"`, "
+    "`regrow_dropped=True`; results made before that used round-half-up and disjoint growth, or the "
+    "row says so); rigl-torch resets "
     "only SGD's momentum buffer, gradprune every optimizer state tensor shaped like the weight (same "
     "thing for SGD); rigl-torch masks gradients with a tensor hook during backward, gradprune after "
     "backward inside `step()`; ties: rigl-torch topk order, gradprune seeded random. Initial random "
@@ -173,9 +178,12 @@ def gp_config(key, density, steps, interval, seed):
         return gp.SparseConfig.rigl(density=density, init="uniform", **common)
     if key == "gp_rigl_uniform_dfl":
         return gp.SparseConfig.rigl(density=density, init="uniform", dense_first_layer=True, **common)
-    if key == "gp_rigl_uniform_dfl_regrow":
+    if key == "gp_rigl_uniform_dfl_regrow":  # the preset's default since drop_rounding="floor" too
         return gp.SparseConfig.rigl(density=density, init="uniform", dense_first_layer=True,
-                                    regrow_dropped=True, **common)
+                                    regrow_dropped=True, drop_rounding="half_up", **common)
+    if key == "gp_rigl_uniform_dfl_disjoint":
+        return gp.SparseConfig.rigl(density=density, init="uniform", dense_first_layer=True,
+                                    regrow_dropped=False, drop_rounding="half_up", **common)
     if key == "gp_snfs":
         return gp.SparseConfig.snfs(density=density, **common)
     if key == "gp_gmp":
