@@ -721,10 +721,38 @@ def script_path() -> str:
 MERGE_MAY_DIFFER = ("seeds", "extended", "extended_sparsities", "out", "render", "merge")
 
 
-def merge_runs(paths, out):
+def peer_records(paths, runs, peer_paths):
+    """The records of methods the runs did not train (rigl-torch, unchanged by a gradprune change)
+    taken from earlier runs, for the (model, seed) pairs the runs trained: a peer's result depends
+    only on the seed (the same initial weights, batches and global-RNG seed in every run), so
+    ``--peers-from`` saves rerunning it. The settings must agree as for ``--merge``."""
+    a0 = runs[0]["meta"]["args"]
+    have = {(r.get("model"), r.get("seed")) for d in runs for r in d["records"]}
+    mine = {r.get("method") for d in runs for r in d["records"]}
+    tags = {m.partition("@x")[2] for m in mine}  # only the step lengths the runs trained
+    out, seen = [], set()
+    for p in peer_paths:
+        d = json.load(open(p))
+        diff = sorted(k for k in set(a0) | set(d["meta"]["args"])
+                      if k not in MERGE_MAY_DIFFER + ("methods",) and a0.get(k) != d["meta"]["args"].get(k))
+        if diff:
+            raise ValueError(f"{p} differs from {paths[0]} in {', '.join(diff)}")
+        for r in d["records"]:
+            key = (r.get("model"), r.get("method"), r.get("target_sparsity"), r.get("seed"))
+            if r.get("method") in mine or (r.get("model"), r.get("seed")) not in have or key in seen \
+                    or r.get("method", "").partition("@x")[2] not in tags:
+                continue
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+def merge_runs(paths, out, peer_paths=()):
     """Write one result from several runs' JSON files (e.g. more seeds run later). The runs must
     agree on every setting but the seeds and the extended runs, and no (model, method, sparsity,
-    seed) may appear twice; the Markdown then reports every seed of every run."""
+    seed) may appear twice; the Markdown then reports every seed of every run. ``peer_paths``:
+    earlier runs whose records of the methods these runs did not train are added (see
+    :func:`peer_records`)."""
     runs = [json.load(open(p)) for p in paths]
     a0 = runs[0]["meta"]["args"]
     for p, d in zip(paths[1:], runs[1:]):
@@ -740,14 +768,21 @@ def merge_runs(paths, out):
                 raise ValueError(f"{p}: {key} is already in an earlier run")
             seen.add(key)
             records.append(r)
+    peers = peer_records(paths, runs, peer_paths) if peer_paths else []
+    records += peers
     meta = dict(runs[0]["meta"])
     args = dict(a0)
+    if peers:
+        args["methods"] = list(a0["methods"]) + sorted({r["method"].partition("@x")[0] for r in peers}
+                                                       - set(a0["methods"]))
     args["seeds"] = sorted({sd for d in runs for sd in d["meta"]["args"]["seeds"]})
     args["extended"] = max((d["meta"]["args"].get("extended") or 0) for d in runs)
     args["out"] = str(out)
     meta["args"] = args
     meta["command"] = " ".join([".dst-venv/bin/python", script_path(), "--merge"]
-                               + [str(p) for p in paths] + ["--out", str(out)])
+                               + [str(p) for p in paths]
+                               + (["--peers-from"] + [str(p) for p in peer_paths] if peer_paths else [])
+                               + ["--out", str(out)])
     meta["merged_from"] = [{"path": str(p), "command": d["meta"]["command"], "git": d["meta"].get("git"),
                             "seeds": d["meta"]["args"]["seeds"], "wall_s": d["meta"].get("wall_s")}
                            for p, d in zip(paths, runs)]
@@ -759,6 +794,12 @@ def merge_runs(paths, out):
         for m in meta["merged_from"]) + ". Timing ratios are per run (each divides by its own dense "
         "steps), so averaging them over the runs is fair; runs with extended steps contribute the "
         "extended rows alone; the wall time above is the sum of the runs' (they may have run at the same time)."]
+    if peers:
+        meta["extra_notes"].append(
+            f"The rows of {', '.join(sorted({method_label(r['method']) for r in peers}))} are taken "
+            f"from {', '.join(f'`{p}`' for p in peer_paths)} ({len(peers)} records, the same seeds; "
+            "`--peers-from`): a peer's result depends only on the seed, so it was not rerun; its "
+            "timing ratios divide by that run's own dense steps.")
     BASE_STEPS[0] = args["steps"]
     skipped = [x for d in runs for x in d.get("skipped", [])]
     rows = summarise(records)
@@ -796,11 +837,17 @@ def main(argv=None):
     p.add_argument("--merge", metavar="JSON", nargs="+", default=None,
                    help="combine the records of runs that differ only in their seeds (and --extended) "
                         "into --out (JSON + Markdown; no training)")
+    p.add_argument("--no-noise-floor", action="store_true",
+                   help="skip the second dense copy (the timing noise floor row): less compute")
+    p.add_argument("--peers-from", metavar="JSON", nargs="+", default=None,
+                   help="with --merge: add the records of the methods the merged runs did not train "
+                        "(e.g. rigl_torch, which a gradprune change cannot affect) from earlier runs, "
+                        "for the same seeds")
     args = p.parse_args(argv)
     if args.merge:
         if not args.out:
             p.error("--merge needs --out")
-        merge_runs([Path(x) for x in args.merge], Path(args.out))
+        merge_runs([Path(x) for x in args.merge], Path(args.out), [Path(x) for x in args.peers_from or ()])
         return
     if args.render:
         src = Path(args.render)
@@ -884,7 +931,8 @@ def main(argv=None):
     for kind in args.models:
         for seed in args.seeds:
             load_before = os.getloadavg()[0]
-            recs, sk = run_block(kind, seed, data, args, args.methods, args.sparsities, log)
+            recs, sk = run_block(kind, seed, data, args, args.methods, args.sparsities, log,
+                                 baselines=("dense",) if args.no_noise_floor else ("dense", "dense2"))
             if args.extended and args.extended > 1:
                 ext = argparse.Namespace(**{**vars(args), "steps": args.steps * args.extended})
                 r2, s2 = run_block(kind, seed, data, ext, [m for m in EXTENDED_METHODS if m in args.methods],
