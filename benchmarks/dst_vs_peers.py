@@ -718,29 +718,42 @@ def script_path() -> str:
     return f"benchmarks/{name}" if name.endswith(".py") else "benchmarks/dst_vs_peers.py"
 
 
-MERGE_MAY_DIFFER = ("seeds", "extended", "extended_sparsities", "out", "render", "merge")
+MERGE_MAY_DIFFER = ("seeds", "extended", "extended_sparsities", "out", "render", "merge", "no_noise_floor", "peers_from")
 
 
 def peer_records(paths, runs, peer_paths):
-    """The records of methods the runs did not train (rigl-torch, unchanged by a gradprune change)
+    """The records of the peers' methods the runs did not train (rigl-torch: never gradprune's or
+    the baselines', which a gradprune change may affect or which each run times itself)
     taken from earlier runs, for the (model, seed) pairs the runs trained: a peer's result depends
-    only on the seed (the same initial weights, batches and global-RNG seed in every run), so
-    ``--peers-from`` saves rerunning it. The settings must agree as for ``--merge``."""
+    only on the seed (the same initial weights, batches and global-RNG seed in every run) on one
+    machine and environment (the dense runs must agree exactly, checked), so ``--peers-from`` saves
+    rerunning it. The settings must agree as for ``--merge``."""
     a0 = runs[0]["meta"]["args"]
     have = {(r.get("model"), r.get("seed")) for d in runs for r in d["records"]}
     mine = {r.get("method") for d in runs for r in d["records"]}
-    tags = {m.partition("@x")[2] for m in mine}  # only the step lengths the runs trained
+    tags = {m.partition("@x")[2] for m in mine}  # only the step lengths and sparsities the runs trained
+    levels = {r.get("target_sparsity") for d in runs for r in d["records"]}
+    base_dense = {(r.get("model"), r.get("seed")): r.get("test_acc") for d in runs for r in d["records"]
+                  if r.get("method") == "dense"}
     out, seen = [], set()
     for p in peer_paths:
         d = json.load(open(p))
         diff = sorted(k for k in set(a0) | set(d["meta"]["args"])
-                      if k not in MERGE_MAY_DIFFER + ("methods",) and a0.get(k) != d["meta"]["args"].get(k))
+                      if k not in MERGE_MAY_DIFFER + ("methods", "sparsities") and a0.get(k) != d["meta"]["args"].get(k))
         if diff:
             raise ValueError(f"{p} differs from {paths[0]} in {', '.join(diff)}")
+        # the same seed gives the same result only on the same machine and environment: the dense
+        # runs of both must agree exactly, or the peer's rows are not this run's
+        dense = {(r.get("model"), r.get("seed")): r.get("test_acc") for r in d["records"] if r.get("method") == "dense"}
+        differ = sorted(k for k, v in base_dense.items() if k in dense and dense[k] != v)
+        if differ or not set(base_dense) & set(dense):
+            raise ValueError(f"{p}: its dense runs differ from these runs' ({differ[:5]}...): another machine "
+                             "or environment, so its peer rows cannot be paired with these runs'")
         for r in d["records"]:
             key = (r.get("model"), r.get("method"), r.get("target_sparsity"), r.get("seed"))
-            if r.get("method") in mine or (r.get("model"), r.get("seed")) not in have or key in seen \
-                    or r.get("method", "").partition("@x")[2] not in tags:
+            if METHODS.get(r.get("method", "").partition("@x")[0], ("", "gradprune"))[1] in ("gradprune", "baseline") \
+                    or r.get("method") in mine or (r.get("model"), r.get("seed")) not in have or key in seen \
+                    or r.get("method", "").partition("@x")[2] not in tags or r.get("target_sparsity") not in levels:
                 continue
             seen.add(key)
             out.append(r)
@@ -798,8 +811,9 @@ def merge_runs(paths, out, peer_paths=()):
         meta["extra_notes"].append(
             f"The rows of {', '.join(sorted({method_label(r['method']) for r in peers}))} are taken "
             f"from {', '.join(f'`{p}`' for p in peer_paths)} ({len(peers)} records, the same seeds; "
-            "`--peers-from`): a peer's result depends only on the seed, so it was not rerun; its "
-            "timing ratios divide by that run's own dense steps.")
+            "`--peers-from`, its dense runs identical to these runs'): a peer's result depends only "
+            "on the seed there, so it was not trained again in these runs; its timing ratios divide by "
+            "that run's own dense steps.")
     BASE_STEPS[0] = args["steps"]
     skipped = [x for d in runs for x in d.get("skipped", [])]
     rows = summarise(records)
