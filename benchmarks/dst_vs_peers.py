@@ -121,13 +121,16 @@ METHODS = {
     "gp_rigl_uniform_dfl": ("gradprune RigL-uniform, dense first layer (= rigl-torch allocation)", "gradprune"),
     "gp_rigl_uniform_dfl_regrow": ("gradprune RigL-uniform, dense first layer, regrow_dropped=True "
                                    "(= rigl-torch allocation and regrowth)", "gradprune"),
+    "gp_rigl_uniform_dfl_disjoint": ("gradprune RigL-uniform, dense first layer, regrow_dropped=False, "
+                                     "drop_rounding=\"half_up\" (the disjoint variant)", "gradprune"),
     "gp_snfs": ("gradprune SNFS (momentum growth + redistribution, α=0.5)", "gradprune"),
     "gp_gmp": ("gradprune gradual magnitude pruning (Zhu & Gupta)", "gradprune"),
     "rigl_torch": ("rigl-torch RigL (uniform, dense first layer)", "rigl-torch"),
 }
 SPARSE_METHODS = [k for k in METHODS if k not in ("dense", "dense2")]
 # run by default (the regrow_dropped and set_signed variants only when asked for: --methods ...)
-DEFAULT_METHODS = [k for k in SPARSE_METHODS if k not in ("gp_rigl_uniform_dfl_regrow", "gp_set_signed")]
+DEFAULT_METHODS = [k for k in SPARSE_METHODS
+                   if k not in ("gp_rigl_uniform_dfl_regrow", "gp_rigl_uniform_dfl_disjoint", "gp_set_signed")]
 # the extended-training block (RigL paper's "RigL_Nx"): these methods again, N times the steps
 EXTENDED_METHODS = ["gp_rigl_erk", "gp_rigl_uniform_dfl", "rigl_torch"]
 
@@ -149,9 +152,11 @@ STATIC_NOTES = [
     "Remaining differences between rigl-torch RigL and gradprune RigL-uniform with a dense first "
     "layer (same allocation, ΔT, α, cosine decay, T_end, 11 updates in the full run; measured update "
     "steps, 0-based: rigl-torch 99, 199, …, 1099 (it counts the call itself), gradprune 100, 200, …, "
-    "1100 (after 100 optimizer steps)): rigl-torch drops floor(f·n_active) per layer, gradprune round-half-up; rigl-torch lets a "
-    "connection dropped in an update be regrown in the same update (it then keeps its value), "
-    "gradprune grows only among connections that were inactive before the drop unless `regrow_dropped=True` (the row that says so), which does what rigl-torch and the RigL authors' code do; rigl-torch resets "
+    "1100 (after 100 optimizer steps); the RigL authors' code would also update at step 0); both drop "
+    "floor(f·n_active) per layer and grow among every connection inactive after the drop, so a just-dropped "
+    "connection may be regrown and keeps its value (gradprune's RigL preset since `drop_rounding=\"floor\"`, "
+    "`regrow_dropped=True`; results made before that used round-half-up and disjoint growth, or the "
+    "row says so); rigl-torch resets "
     "only SGD's momentum buffer, gradprune every optimizer state tensor shaped like the weight (same "
     "thing for SGD); rigl-torch masks gradients with a tensor hook during backward, gradprune after "
     "backward inside `step()`; ties: rigl-torch topk order, gradprune seeded random. Initial random "
@@ -173,9 +178,12 @@ def gp_config(key, density, steps, interval, seed):
         return gp.SparseConfig.rigl(density=density, init="uniform", **common)
     if key == "gp_rigl_uniform_dfl":
         return gp.SparseConfig.rigl(density=density, init="uniform", dense_first_layer=True, **common)
-    if key == "gp_rigl_uniform_dfl_regrow":
+    if key == "gp_rigl_uniform_dfl_regrow":  # the preset's default since drop_rounding="floor" too
         return gp.SparseConfig.rigl(density=density, init="uniform", dense_first_layer=True,
-                                    regrow_dropped=True, **common)
+                                    regrow_dropped=True, drop_rounding="half_up", **common)
+    if key == "gp_rigl_uniform_dfl_disjoint":
+        return gp.SparseConfig.rigl(density=density, init="uniform", dense_first_layer=True,
+                                    regrow_dropped=False, drop_rounding="half_up", **common)
     if key == "gp_snfs":
         return gp.SparseConfig.snfs(density=density, **common)
     if key == "gp_gmp":
@@ -710,13 +718,54 @@ def script_path() -> str:
     return f"benchmarks/{name}" if name.endswith(".py") else "benchmarks/dst_vs_peers.py"
 
 
-MERGE_MAY_DIFFER = ("seeds", "extended", "extended_sparsities", "out", "render", "merge")
+MERGE_MAY_DIFFER = ("seeds", "extended", "extended_sparsities", "out", "render", "merge", "no_noise_floor", "peers_from")
 
 
-def merge_runs(paths, out):
+def peer_records(paths, runs, peer_paths):
+    """The records of the peers' methods the runs did not train (rigl-torch: never gradprune's or
+    the baselines', which a gradprune change may affect or which each run times itself)
+    taken from earlier runs, for the (model, seed) pairs the runs trained: a peer's result depends
+    only on the seed (the same initial weights, batches and global-RNG seed in every run) on one
+    machine and environment (the dense runs must agree exactly, checked), so ``--peers-from`` saves
+    rerunning it. The settings must agree as for ``--merge``."""
+    a0 = runs[0]["meta"]["args"]
+    have = {(r.get("model"), r.get("seed")) for d in runs for r in d["records"]}
+    mine = {r.get("method") for d in runs for r in d["records"]}
+    tags = {m.partition("@x")[2] for m in mine}  # only the step lengths and sparsities the runs trained
+    levels = {r.get("target_sparsity") for d in runs for r in d["records"]}
+    base_dense = {(r.get("model"), r.get("seed")): r.get("test_acc") for d in runs for r in d["records"]
+                  if r.get("method") == "dense"}
+    out, seen = [], set()
+    for p in peer_paths:
+        d = json.load(open(p))
+        diff = sorted(k for k in set(a0) | set(d["meta"]["args"])
+                      if k not in MERGE_MAY_DIFFER + ("methods", "sparsities") and a0.get(k) != d["meta"]["args"].get(k))
+        if diff:
+            raise ValueError(f"{p} differs from {paths[0]} in {', '.join(diff)}")
+        # the same seed gives the same result only on the same machine and environment: the dense
+        # runs of both must agree exactly, or the peer's rows are not this run's
+        dense = {(r.get("model"), r.get("seed")): r.get("test_acc") for r in d["records"] if r.get("method") == "dense"}
+        differ = sorted(k for k, v in base_dense.items() if k in dense and dense[k] != v)
+        if differ or not set(base_dense) & set(dense):
+            raise ValueError(f"{p}: its dense runs differ from these runs' ({differ[:5]}...): another machine "
+                             "or environment, so its peer rows cannot be paired with these runs'")
+        for r in d["records"]:
+            key = (r.get("model"), r.get("method"), r.get("target_sparsity"), r.get("seed"))
+            if METHODS.get(r.get("method", "").partition("@x")[0], ("", "gradprune"))[1] in ("gradprune", "baseline") \
+                    or r.get("method") in mine or (r.get("model"), r.get("seed")) not in have or key in seen \
+                    or r.get("method", "").partition("@x")[2] not in tags or r.get("target_sparsity") not in levels:
+                continue
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+def merge_runs(paths, out, peer_paths=()):
     """Write one result from several runs' JSON files (e.g. more seeds run later). The runs must
     agree on every setting but the seeds and the extended runs, and no (model, method, sparsity,
-    seed) may appear twice; the Markdown then reports every seed of every run."""
+    seed) may appear twice; the Markdown then reports every seed of every run. ``peer_paths``:
+    earlier runs whose records of the methods these runs did not train are added (see
+    :func:`peer_records`)."""
     runs = [json.load(open(p)) for p in paths]
     a0 = runs[0]["meta"]["args"]
     for p, d in zip(paths[1:], runs[1:]):
@@ -732,14 +781,21 @@ def merge_runs(paths, out):
                 raise ValueError(f"{p}: {key} is already in an earlier run")
             seen.add(key)
             records.append(r)
+    peers = peer_records(paths, runs, peer_paths) if peer_paths else []
+    records += peers
     meta = dict(runs[0]["meta"])
     args = dict(a0)
+    if peers:
+        args["methods"] = list(a0["methods"]) + sorted({r["method"].partition("@x")[0] for r in peers}
+                                                       - set(a0["methods"]))
     args["seeds"] = sorted({sd for d in runs for sd in d["meta"]["args"]["seeds"]})
     args["extended"] = max((d["meta"]["args"].get("extended") or 0) for d in runs)
     args["out"] = str(out)
     meta["args"] = args
     meta["command"] = " ".join([".dst-venv/bin/python", script_path(), "--merge"]
-                               + [str(p) for p in paths] + ["--out", str(out)])
+                               + [str(p) for p in paths]
+                               + (["--peers-from"] + [str(p) for p in peer_paths] if peer_paths else [])
+                               + ["--out", str(out)])
     meta["merged_from"] = [{"path": str(p), "command": d["meta"]["command"], "git": d["meta"].get("git"),
                             "seeds": d["meta"]["args"]["seeds"], "wall_s": d["meta"].get("wall_s")}
                            for p, d in zip(paths, runs)]
@@ -751,6 +807,13 @@ def merge_runs(paths, out):
         for m in meta["merged_from"]) + ". Timing ratios are per run (each divides by its own dense "
         "steps), so averaging them over the runs is fair; runs with extended steps contribute the "
         "extended rows alone; the wall time above is the sum of the runs' (they may have run at the same time)."]
+    if peers:
+        meta["extra_notes"].append(
+            f"The rows of {', '.join(sorted({method_label(r['method']) for r in peers}))} are taken "
+            f"from {', '.join(f'`{p}`' for p in peer_paths)} ({len(peers)} records, the same seeds; "
+            "`--peers-from`, its dense runs identical to these runs'): a peer's result depends only "
+            "on the seed there, so it was not trained again in these runs; its timing ratios divide by "
+            "that run's own dense steps.")
     BASE_STEPS[0] = args["steps"]
     skipped = [x for d in runs for x in d.get("skipped", [])]
     rows = summarise(records)
@@ -788,11 +851,17 @@ def main(argv=None):
     p.add_argument("--merge", metavar="JSON", nargs="+", default=None,
                    help="combine the records of runs that differ only in their seeds (and --extended) "
                         "into --out (JSON + Markdown; no training)")
+    p.add_argument("--no-noise-floor", action="store_true",
+                   help="skip the second dense copy (the timing noise floor row): less compute")
+    p.add_argument("--peers-from", metavar="JSON", nargs="+", default=None,
+                   help="with --merge: add the records of the methods the merged runs did not train "
+                        "(e.g. rigl_torch, which a gradprune change cannot affect) from earlier runs, "
+                        "for the same seeds")
     args = p.parse_args(argv)
     if args.merge:
         if not args.out:
             p.error("--merge needs --out")
-        merge_runs([Path(x) for x in args.merge], Path(args.out))
+        merge_runs([Path(x) for x in args.merge], Path(args.out), [Path(x) for x in args.peers_from or ()])
         return
     if args.render:
         src = Path(args.render)
@@ -876,7 +945,8 @@ def main(argv=None):
     for kind in args.models:
         for seed in args.seeds:
             load_before = os.getloadavg()[0]
-            recs, sk = run_block(kind, seed, data, args, args.methods, args.sparsities, log)
+            recs, sk = run_block(kind, seed, data, args, args.methods, args.sparsities, log,
+                                 baselines=("dense",) if args.no_noise_floor else ("dense", "dense2"))
             if args.extended and args.extended > 1:
                 ext = argparse.Namespace(**{**vars(args), "steps": args.steps * args.extended})
                 r2, s2 = run_block(kind, seed, data, ext, [m for m in EXTENDED_METHODS if m in args.methods],

@@ -6,9 +6,11 @@ Train a sparse network from scratch at a fixed parameter budget (sparselearning 
 1. On an *update step* (every ``update_interval`` optimizer steps, from step ``update_interval`` while
    the step is below ``end_step``; or the first step after ``on_epoch_end()`` with ``update_on="epoch"``) the
    optimizer step is replaced by a connectivity update (RigL, Algorithm 1): in every layer the
-   fraction ``f(t)`` (the *decay*) of active weights is dropped by the *prune* rule and as many are
-   regrown by the *grow* rule among the connections that were inactive before the drop (dropped and
-   grown sets are disjoint). Per-layer nonzero counts are preserved **exactly** (with a
+   fraction ``f(t)`` (the *decay*) of active weights is dropped by the *prune* rule
+   (``floor(f * active)`` with ``drop_rounding="floor"``, the RigL preset's; rounded half up by
+   default) and as many are regrown by the *grow* rule among the connections that were inactive
+   before the drop (dropped and grown sets are disjoint), or, with ``regrow_dropped=True`` (the RigL
+   preset's), among all connections inactive after it. Per-layer nonzero counts are preserved **exactly** (with a
    *redistribute* rule, the total is preserved exactly and the layers' shares follow the rule,
    never above full density). Grown weights and their optimizer state start at 0.
 2. Otherwise: gradients of inactive weights are zeroed (unless ``dense_gradients``), the optimizer
@@ -62,10 +64,10 @@ everything random comes from that one generator, so the same seed gives the same
 
 By default a connection dropped in an update cannot be regrown in the same update, so the
 dropped and the grown sets are disjoint and every update replaces exactly the dropped count.
-``regrow_dropped=True`` grows among every connection inactive after the drop, as the RigL
-authors' reference implementation (``reinit_when_same=False``) and rigl-torch do: a dropped
-connection that is regrown keeps its weight and optimizer state (it never left), so an update
-may replace fewer connections than it dropped; counts stay exact either way.
+``regrow_dropped=True`` (set by :meth:`SparseConfig.rigl`) grows among every connection inactive
+after the drop, as the RigL authors' reference implementation (``reinit_when_same=False``) and
+rigl-torch do: a dropped connection that is regrown keeps its weight and optimizer state (it never
+left), so an update may replace fewer connections than it dropped; counts stay exact either way.
 
 Example:
     >>> import torch, torch.nn as nn
@@ -118,6 +120,13 @@ PRUNES = ("magnitude", "global_magnitude", "struct_magnitude", "set_signed")
 GROWS = ("gradient", "momentum", "random", "none", "struct_gradient")
 REDISTRIBUTES = ("none", "momentum", "gradient", "nonzero")
 DECAYS = ("cosine", "linear", "constant", "magnitude_prune")
+DROP_ROUNDINGS = ("floor", "half_up")
+
+# What a saved trainer state without these config fields was run with: they were added later
+# (``regrow_dropped``, ``drop_rounding``), and before that every update grew disjointly and rounded
+# the drop count half up. ``load_state_dict`` reads a saved config lacking them with these values, so
+# such a checkpoint resumes only into a config with the old semantics (never silently the new ones).
+_LEGACY_CONFIG = {"regrow_dropped": False, "drop_rounding": "half_up"}
 
 # Optimizers (exact classes: a subclass may do anything) whose update of a weight with a zero
 # gradient and zero state is exactly 0, with or without weight decay (the weight is 0 too): once the
@@ -174,6 +183,7 @@ class SparseConfig(Config):
     dense_gradients: bool = False
     grow_zero_score: bool = False
     regrow_dropped: bool = False
+    drop_rounding: str = "half_up"
     struct_reduce: str = "mean"
     lottery_masks: Any = None
     lottery_shuffle: bool = False
@@ -197,6 +207,7 @@ class SparseConfig(Config):
     _validate_start_step = staticmethod(lambda v: check_int("start_step", v, min_value=0))
     _validate_end_step = staticmethod(lambda v: check_int("end_step", v, min_value=0))
     _validate_update_on = staticmethod(lambda v: check_choice("update_on", v, ("step", "epoch")))
+    _validate_drop_rounding = staticmethod(lambda v: check_choice("drop_rounding", v, DROP_ROUNDINGS))
     _validate_struct_reduce = staticmethod(lambda v: check_choice("struct_reduce", v, ("mean", "max")))
     _validate_seed = staticmethod(lambda v: check_int("seed", v, min_value=0))
     _validate_total_steps = staticmethod(lambda v: check_int("total_steps", v, min_value=1, allow_none=True))
@@ -246,9 +257,34 @@ class SparseConfig(Config):
     @classmethod
     def rigl(cls, density: float = 0.1, *, total_steps: int, **overrides) -> "SparseConfig":
         """RigL (Evci et al. 2020): ERK init, magnitude drop, gradient growth, alpha=0.3,
-        update every 100 steps, cosine decay, updates stop at 3/4 of training."""
+        update every 100 steps, cosine decay, updates stop at 3/4 of training.
+
+        Each update follows the RigL authors' reference code (``sparse_optimizers_base.py``) and
+        rigl-torch: a layer drops ``floor(f * active)`` connections (``drop_rounding="floor"``) and
+        grows as many among *all* connections inactive after the drop (``regrow_dropped=True``,
+        Algorithm 1's ``ArgTopK`` over ``i not in theta \\ I_drop``): a connection dropped and
+        regrown in the same update keeps its weight and optimizer state; a new one starts at 0 with
+        zero optimizer state. ``regrow_dropped=False, drop_rounding="half_up"`` is the disjoint
+        variant (this preset's behaviour before these fields existed: every update replaces exactly
+        the dropped count).
+
+        Timing: the update replaces the optimizer step, at optimizer steps ``t = dT, 2 dT, ...``
+        while ``t < end_step`` (``dT = update_interval``; ``t`` counts every ``step()`` call from
+        0), i.e. after ``dT`` ordinary steps. The reference code also updates at step 0, on the
+        gradients at initialisation; rigl-torch one step earlier (``t = dT - 1, 2 dT - 1, ...``, it
+        counts the call itself). gradprune skips the step-0 update: its first mask is already
+        random, and dropping by the magnitudes of freshly initialised weights only swaps random
+        connections for ones with large gradients at init, at the cost of the first batch's
+        optimizer step; both libraries then make the same number of updates. Example:
+
+            >>> import gradprune as gp
+            >>> cfg = gp.SparseConfig.rigl(density=0.1, total_steps=1000)
+            >>> cfg.drop_rounding, cfg.regrow_dropped, cfg.end_step
+            ('floor', True, 750)
+        """
         base = dict(density=density, init="erk", prune="magnitude", grow="gradient",
                     redistribute="none", decay="cosine", alpha=0.3, update_interval=100,
+                    regrow_dropped=True, drop_rounding="floor",
                     end_step=_three_quarters(total_steps), total_steps=total_steps)
         return cls.from_dict({**base, **overrides})
 
@@ -393,6 +429,18 @@ def _set_signed_drop(weight: torch.Tensor, active: torch.Tensor, n: int, gen: to
     out |= _pick(w, pos, n_pos, largest=False, gen=gen, group=group)
     out |= _pick(w, neg, r - n_pos, largest=True, gen=gen, group=group)
     return out
+
+
+def _drop_count(rounding: str, fraction: float, active: int) -> int:
+    """How many of a layer's ``active`` connections an update with drop fraction ``fraction``
+    drops: ``floor(fraction * active)`` (the RigL authors' code and rigl-torch: ``int(n * f)``) or
+    ``fraction * active`` rounded half up.
+
+        >>> _drop_count("floor", 0.25, 10), _drop_count("half_up", 0.25, 10)
+        (2, 3)
+    """
+    x = fraction * active
+    return int(math.floor(x)) if rounding == "floor" else round_half_up(x)
 
 
 def _allocate_counts(capacity: list[int], weights: list[float], total: int) -> list[int]:
@@ -803,7 +851,7 @@ class SparseTrainer:
         names = list(self.params)
         before = {n: self._units[n].clone() for n in names}
         active = {n: self._count(n, before[n]) for n in names}
-        n_drop = {n: min(active[n], round_half_up(fraction * active[n])) for n in names}
+        n_drop = {n: min(active[n], _drop_count(cfg.drop_rounding, fraction, active[n])) for n in names}
         redistributing = callable(cfg.redistribute) or cfg.redistribute != "none"
         growing = callable(cfg.grow) or cfg.grow != "none"
         # where each layer can regrow: connections inactive before the drop (nothing just dropped),
@@ -1020,11 +1068,18 @@ class SparseTrainer:
         if not isinstance(saved, Mapping):
             raise TypeError(f"trainer state 'config' must be a dict, got {type(saved).__name__}")
         mine = self._config_state()
+        # a state saved before these fields existed ran with the old semantics (_LEGACY_CONFIG)
+        legacy = {k: v for k, v in _LEGACY_CONFIG.items() if k not in saved} if saved else {}
+        saved = {**saved, **legacy}
         diff = sorted(set(mine) ^ set(saved) | {k for k in set(mine) & set(saved) if saved[k] != mine[k]})
         if diff:
             absent = sorted(set(mine) - set(saved))
+            old = {k: v for k, v in legacy.items() if k in diff}
             raise ValueError(f"trainer state was saved with a different config (fields {diff})"
-                             + (f"; the saved config lacks {absent}" if absent else ""))
+                             + (f"; the saved config lacks {absent}" if absent else "")
+                             + (f"; it predates {sorted(old)} and ran with "
+                                + ", ".join(f"{k}={v!r}" for k, v in sorted(old.items()))
+                                + ": build the config with these to resume it" if old else ""))
         step_count = check_int("step_count", state["step_count"], min_value=0)
         updates = check_int("updates", state["updates"], min_value=0)
         pending = check_bool("epoch_update_pending", state["epoch_update_pending"])
