@@ -258,14 +258,14 @@ def test_owl_overall_count_is_exact_and_layers_differ(sequential):
 # -- bad input: clear errors before any work -------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(criterion="wanda", allocation="owl", pattern="2:4"), ValueError, "owl"),
+    (dict(criterion="wanda", allocation="owl", pattern="2:4"), ValueError, "owl.*sets per-layer sparsities"),
     (dict(criterion="sparsegpt", pattern="2:4", sparsity=0.3), ValueError, "2:4"),
     (dict(criterion="wanda", sequential=True, blocks=["model.nope"]), ValueError, "model.nope"),
-    (dict(criterion="wanda", allocation="owl", owl_lambda=0.6), ValueError, "owl_lambda"),
+    (dict(criterion="wanda", allocation="owl", owl_lambda=0.6), ValueError, "owl_lambda must be"),
     (dict(criterion="wanda", sequential=1), TypeError, "sequential"),
     (dict(criterion="wanda", criterion_options={"comparison": "col"}), ValueError, "comparison"),
-    (dict(criterion="ria", criterion_options={"a": -1.0}), ValueError, "a"),
-    (dict(criterion="wanda", offload="/tmp/x"), ValueError, "offload"),
+    (dict(criterion="ria", criterion_options={"a": -1.0}), ValueError, r"\ba must be"),
+    (dict(criterion="wanda", offload="/tmp/x"), ValueError, "offload= is used with sequential=True"),
     (dict(criterion="wanda", sequential=True, include=["lm_head"], include_classifier=True), ValueError, "outside"),
 ])
 def test_bad_input_raises_before_any_work(kwargs, exc, match):
