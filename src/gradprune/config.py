@@ -33,7 +33,7 @@ __all__ = ["Config", "PruneConfig", "SCHEDULES", "SCOPES", "ALLOCATIONS", "REDUC
 
 SCHEDULES = ("oneshot", "cubic", "exp", "linear", "cos", "cube")
 SCOPES = ("global", "local")
-ALLOCATIONS = ("uniform", "er", "erk")
+ALLOCATIONS = ("uniform", "er", "erk", "owl")
 REDUCTIONS = ("mean", "sum", "max")
 ACCUMULATIONS = ("mean", "last")
 DEFAULT_MODULE_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "MultiheadAttention")
@@ -271,7 +271,8 @@ class PruneConfig(Config):
             the order existing mask -> threshold -> topk. Not combined with ``target_sparsity``.
         initial_sparsity: sparsity the schedule starts from (``s_0``).
         scope: ``"local"`` (every layer to the target) or ``"global"`` (one threshold over all).
-        allocation: per-layer sparsity for local scope: ``"uniform"``, ``"er"`` or ``"erk"``.
+        allocation: per-layer sparsity for local scope: ``"uniform"``, ``"er"``, ``"erk"`` or
+            ``"owl"`` (outlier-weighed, from calibration inputs; :func:`gradprune.prune` only).
         min_sparsity, max_sparsity: per-layer bounds; a capped layer's share goes to the others.
         schedule, start_step, end_step, frequency: gradual schedule over optimizer steps.
         include, exclude, module_types, include_classifier: which parameters are prunable

@@ -18,7 +18,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -46,6 +46,9 @@ class PruneResult:
     report: SparsityReport
     config: PruneConfig
     batches: int
+    #: one-shot LLM runs (see :mod:`gradprune.oneshot`): ``weights_changed`` (``sparsegpt``
+    #: reconstructs kept weights), ``calibration_seconds``, ``peak_device_bytes``, OWL ratios
+    details: dict = field(default_factory=dict)
 
 
 def make_config(config: PruneConfig | None, fields: Mapping[str, Any]) -> PruneConfig:
@@ -84,6 +87,12 @@ def prune(
     mask: Mapping[str, torch.Tensor] | None = None,
     show_progress: bool | None = None,
     process_group=None,
+    sequential: bool = False,
+    blocks: Iterable[str] | None = None,
+    device=None,
+    offload=None,
+    owl_m: float = 5.0,
+    owl_lambda: float = 0.08,
     **fields,
 ) -> PruneResult:
     """Prune ``model`` in place, one-shot, and return the masks, scores and a per-layer report.
@@ -103,6 +112,11 @@ def prune(
             of every batch and the gradients are averaged over the ranks after each backward, so
             every rank gets the masks of a single-process run on the global batches. Implied by a
             ``DistributedDataParallel`` model (its group); see ``docs/distributed.md``.
+        sequential, blocks, device, offload, owl_m, owl_lambda: one-shot LLM sparsity, used with
+            the criteria that read layer inputs (``wanda``, ``sparsegpt``, ``gblm``, ``ria``) and
+            ``allocation="owl"``: calibrate block by block on the pruned model's inputs, in
+            bounded memory. See :mod:`gradprune.oneshot`; ``res.details`` says what was done
+            (``weights_changed=True`` for ``sparsegpt``).
 
     Scores are computed in eval mode; the model's mode, ``requires_grad`` flags and gradients are
     restored afterwards.
@@ -135,6 +149,29 @@ def prune(
             f"criterion {cfg.criterion!r} reads gradients: pass data= and loss_fn= "
             "(loss_fn(model, batch) -> scalar loss)"
         )
+    layerwise = getattr(criterion, "reads_inputs", False) or sequential or cfg.allocation == "owl"
+    if layerwise:
+        from .oneshot import check_options, prune_with_inputs
+
+        check_options(sequential=sequential, blocks=blocks, offload=offload, owl_m=owl_m,
+                      owl_lambda=owl_lambda, allocation=cfg.allocation, pattern=pattern,
+                      criterion_cls=type(criterion), sparsity=target)
+        if data is None or loss_fn is None:
+            raise ValueError(f"criterion {cfg.criterion!r} with sequential={sequential}, allocation="
+                             f"{cfg.allocation!r} reads layer inputs: pass data= and loss_fn=")
+        if mask is not None or target is None or cfg.scope != "local":
+            raise ValueError("one-shot LLM pruning (input criteria, sequential, owl) takes a sparsity "
+                             "with scope='local' and no mask=")
+        new, details = prune_with_inputs(
+            model, cfg, params, transposed, pattern, criterion, data=data, loss_fn=loss_fn,
+            n_batches=n_batches, sequential=sequential, blocks=blocks, device=device, offload=offload,
+            owl_m=owl_m, owl_lambda=owl_lambda, show_progress=show_progress, process_group=process_group)
+        masks = MaskSet(model, names=fit, masks=new)
+        masks.apply()
+        report = SparsityReport(masks, skipped, {n: targets[n].shape for n in skipped})
+        return PruneResult(masks, {}, report, cfg, details.get("batches", 0), details)
+    if sequential or blocks is not None or offload is not None:
+        raise ValueError("sequential=, blocks= and offload= apply to one-shot LLM pruning only")
     previous = None
     if mask is not None:
         if not isinstance(mask, Mapping):

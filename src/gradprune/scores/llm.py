@@ -1,0 +1,281 @@
+"""One-shot LLM criteria that read layer inputs: ``wanda``, ``sparsegpt``, ``gblm``, ``ria``.
+
+They score a ``Linear`` (or GPT-2 ``Conv1D``) weight ``W`` (read as ``[out, in]``) from the
+inputs ``X`` (``[tokens, in]``: every calibration token that reaches the layer) that
+:func:`gradprune.prune` feeds them through forward hooks on the layer (``add_inputs``):
+
+========= ============================================================ ===== ==========
+name      score                                                        grad  comparison
+========= ============================================================ ===== ==========
+wanda     ``|W_ij| * ||X_j||_2``                                       no    row
+ria       ``(|W_ij|/sum_row|W_i.| + |W_ij|/sum_col|W_.j|) * ||X_j||_2^a``  no    layer
+gblm      ``|W_ij| * (||X_j||_2 + alpha * ||G_ij||_2)``                yes   row
+sparsegpt OBS saliency ``W_ij^2 / [H^-1]_jj^2``, ``H = X^T X + damp I``  no    block
+========= ============================================================ ===== ==========
+
+* ``||X_j||_2`` is the L2 norm over all calibration tokens of input feature ``j`` (not squared).
+* ``gblm``: ``||G_ij||_2`` is the L2 norm over calibration batches of the language-modelling loss
+  gradient (batch size 1 gives the paper's per-sample norm); ``alpha`` (default 100, the
+  reference implementation's gradient scale) weighs it against the activation term.
+* ``ria``: ``a`` (default 0.5) is the activation exponent of the RIA paper.
+* *comparison*: which entries compete. ``"row"`` (Wanda's default): every output row of the
+  unit grid prunes the same share (exactly, see :func:`gradprune.prune`); ``"layer"``: the whole
+  layer competes (RIA's default). Choose with ``criterion_options={"comparison": ...}``.
+* ``sparsegpt`` (Frantar & Alistarh 2023) does not only select: it reconstructs the kept weights
+  (the OBS update), column block by column block (``blocksize`` 128, lazy batched updates), with
+  ``percdamp`` (default 0.01) of the mean Hessian diagonal added as damping. The result says
+  ``weights_changed=True``. Its mask is chosen per column block (adaptive mask selection), or per
+  group of ``M`` columns for ``N:M``.
+
+Example:
+    >>> import torch, gradprune as gp
+    >>> w = torch.nn.Parameter(torch.tensor([[1.0, -2.0], [3.0, 0.5]]))
+    >>> crit = gp.get_criterion("wanda", {"lin.weight": w})
+    >>> crit.add_inputs("lin.weight", torch.tensor([[3.0, 0.0], [4.0, 1.0]]))   # ||X_0|| = 5, ||X_1|| = 1
+    >>> crit.scores["lin.weight"]
+    tensor([[ 5.0000,  2.0000],
+            [15.0000,  0.5000]])
+"""
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_choice, check_float, check_int
+from .criteria import Criterion, _acc_like, register_criterion
+
+__all__ = ["InputCriterion", "WandaCriterion", "RiaCriterion", "GblmCriterion", "SparseGPTCriterion",
+           "COMPARISONS"]
+
+COMPARISONS = ("row", "layer")
+
+
+class InputCriterion(Criterion):
+    """Base of the criteria that read each layer's inputs (``reads_inputs = True``).
+
+    ``add_inputs(name, x)`` accumulates ``x`` (``[tokens, in]``) for parameter ``name``;
+    ``transposed`` names weights stored ``[in, out]``. Scores are shaped like the parameter.
+    """
+
+    needs_grad = False
+    reads_inputs = True
+    updates_weights = False
+    default_comparison = "row"
+    option_names = ("comparison",)
+
+    def __init__(self, params, comparison: str | None = None):
+        super().__init__(params)
+        self.comparison = check_choice("comparison", comparison or self.default_comparison, COMPARISONS)
+        self.transposed: set = set()
+        self.sq: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+
+    def add_inputs(self, name: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if name not in self.sq:
+            self.sq[name] = torch.zeros(x.shape[-1], dtype=torch.float32, device=x.device)
+            self.tokens[name] = 0
+        self.sq[name] += (x * x).sum(0)
+        self.tokens[name] += x.shape[0]
+
+    def forget(self, name: str) -> None:
+        """Drop the statistics of ``name`` (after it is pruned; bounds memory)."""
+        self.sq.pop(name, None)
+        self.tokens.pop(name, None)
+
+    def reset(self) -> None:
+        self.sq.clear()
+        self.tokens.clear()
+
+    def ready(self) -> bool:
+        return set(self.sq) >= set(self.params)
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The parameter as a float ``[out, in]`` matrix."""
+        w = self.params[name].detach().float()
+        return w.t() if name in self.transposed else w.reshape(w.shape[0], -1)
+
+    def input_norm(self, name: str) -> torch.Tensor:
+        if name not in self.sq:
+            raise ValueError(f"criterion {self.name!r} reads layer inputs and has none for {name!r}: "
+                             "use gp.prune(model, criterion=..., data=..., loss_fn=...) so the "
+                             "calibration batches run through the model")
+        return self.sq[name].sqrt()
+
+    def score_one(self, name: str) -> torch.Tensor:  # [out, in]
+        raise NotImplementedError
+
+    def score(self, name: str) -> torch.Tensor:
+        s = self.score_one(name)
+        p = self.params[name]
+        return (s.t() if name in self.transposed else s.reshape(p.shape)).contiguous()
+
+    @property
+    def scores(self):
+        return {n: self.score(n) for n in self.params}
+
+
+@register_criterion("wanda")
+class WandaCriterion(InputCriterion):
+    """Wanda (Sun et al. 2024): ``|W_ij| * ||X_j||_2``, compared within each output row."""
+
+    def score_one(self, name):
+        return self.weight(name).abs() * self.input_norm(name).to(self.weight(name).device)
+
+
+@register_criterion("ria")
+class RiaCriterion(InputCriterion):
+    """RIA (Zhang et al. 2024): relative importance ``|W|/row sum + |W|/column sum`` times
+    ``||X_j||_2 ** a`` (``a=0.5``); compared over the whole layer by default, as in the paper."""
+
+    default_comparison = "layer"
+    option_names = ("comparison", "a")
+
+    def __init__(self, params, comparison: str | None = None, a: float = 0.5):
+        super().__init__(params, comparison)
+        self.a = check_float("a", a, low=0.0)
+
+    def score_one(self, name):
+        w = self.weight(name).abs()
+        tiny = torch.finfo(w.dtype).tiny
+        ri = w / w.sum(1, keepdim=True).clamp_min(tiny) + w / w.sum(0, keepdim=True).clamp_min(tiny)
+        return ri * self.input_norm(name).to(w.device).pow(self.a)
+
+
+@register_criterion("gblm")
+class GblmCriterion(InputCriterion):
+    """GBLM-Pruner (Das et al. 2023): ``|W_ij| * (||X_j||_2 + alpha * ||G_ij||_2)`` with the
+    gradient's L2 norm taken over the calibration batches (``alpha=100``)."""
+
+    needs_grad = True
+    option_names = ("comparison", "alpha")
+
+    def __init__(self, params, comparison: str | None = None, alpha: float = 100.0):
+        super().__init__(params, comparison)
+        self.alpha = check_float("alpha", alpha, low=0.0)
+        self.grad_sq = {n: _acc_like(p) for n, p in self.params.items()}
+        self.batches = 0
+
+    def on_before_optimizer_step(self) -> None:
+        for n, p in self.params.items():
+            if p.grad is not None:
+                g = p.grad.detach().to(self.grad_sq[n].dtype)
+                self.grad_sq[n].addcmul_(g, g)
+        self.batches += 1
+
+    def reset(self) -> None:
+        super().reset()
+        for acc in self.grad_sq.values():
+            acc.zero_()
+        self.batches = 0
+
+    def score_one(self, name):
+        g = self.grad_sq[name].sqrt()
+        g = g.t() if name in self.transposed else g.reshape(g.shape[0], -1)
+        w = self.weight(name)
+        return w.abs() * (self.input_norm(name).to(w.device) + self.alpha * g.to(w.device))
+
+
+@register_criterion("sparsegpt")
+class SparseGPTCriterion(InputCriterion):
+    """SparseGPT (Frantar & Alistarh 2023): OBS pruning with weight reconstruction.
+
+    Accumulates ``H = X^T X`` per layer; :meth:`prune_layer` chooses the mask and updates the kept
+    weights. ``scores`` gives the (static) OBS saliency ``W^2 / [H^-1]_jj^2`` for inspection.
+    """
+
+    updates_weights = True
+    default_comparison = "layer"
+    option_names = ("percdamp", "blocksize")
+
+    def __init__(self, params, percdamp: float = 0.01, blocksize: int = 128):
+        super().__init__(params, "layer")
+        self.percdamp = check_float("percdamp", percdamp, low=0.0)
+        self.blocksize = check_int("blocksize", blocksize, min_value=1)
+        self.hessian: dict[str, torch.Tensor] = {}
+
+    def add_inputs(self, name, x):
+        super().add_inputs(name, x)
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if name not in self.hessian:
+            self.hessian[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
+        self.hessian[name].addmm_(x.t(), x)
+
+    def forget(self, name):
+        super().forget(name)
+        self.hessian.pop(name, None)
+
+    def reset(self):
+        super().reset()
+        self.hessian.clear()
+
+    def _hinv(self, name: str, w: torch.Tensor):
+        """Upper Cholesky factor of the damped inverse Hessian, and the dead inputs."""
+        if name not in self.hessian:
+            self.input_norm(name)  # raises the "no inputs" error
+        h = self.hessian[name].to(w.device, torch.float64).clone()
+        dead = torch.diag(h) == 0
+        h[dead, dead] = 1.0
+        h += self.percdamp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+        try:
+            hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+            return torch.linalg.cholesky(hinv, upper=True), dead
+        except RuntimeError as e:  # not positive definite even after damping
+            raise ValueError(f"sparsegpt: the Hessian of {name!r} is not positive definite with "
+                             f"percdamp={self.percdamp}; raise percdamp") from e
+
+    def score_one(self, name):
+        w = self.weight(name).double()
+        hinv, _ = self._hinv(name, w)
+        return (w.pow(2) / torch.diag(hinv).pow(2)).float()
+
+    def prune_layer(self, name: str, choose) -> torch.Tensor:
+        """Prune and reconstruct ``name`` in place; returns its keep mask (parameter layout).
+
+        ``choose(block_saliency [out, width], start) -> bool prune mask [out, width]`` picks the
+        entries to prune in each column block (the caller keeps counts exact); N:M patterns choose
+        within groups as they are reached, so blocks are multiples of ``M``.
+        """
+        p = self.params[name]
+        w = self.weight(name).double().clone()
+        hinv, dead = self._hinv(name, w)
+        w[:, dead] = 0.0
+        cols = w.shape[1]
+        bs = getattr(choose, "block_multiple", 1)
+        bs = max(bs, (self.blocksize // bs) * bs)
+        prune_mask = torch.zeros_like(w, dtype=torch.bool)
+        for i1 in range(0, cols, bs):
+            i2 = min(i1 + bs, cols)
+            w1, h1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+            d = torch.diag(h1)
+            err = torch.zeros_like(w1)
+            m1 = choose(w1.pow(2) / d.pow(2), i1) if not getattr(choose, "per_group", False) else None
+            group = getattr(choose, "group", 0)
+            for i in range(i2 - i1):
+                if m1 is None and i % group == 0:
+                    sal = w1[:, i:i + group].pow(2) / d[i:i + group].pow(2)
+                    g = choose(sal, i1 + i)
+                    prune_mask[:, i1 + i:i1 + i + group] = g
+                col_pruned = prune_mask[:, i1 + i] if m1 is None else m1[:, i]
+                q = w1[:, i].masked_fill(col_pruned, 0.0)
+                e = (w1[:, i] - q) / d[i]
+                w1[:, i:] -= e.unsqueeze(1) * h1[i, i:].unsqueeze(0)
+                w1[:, i] = q
+                err[:, i] = e
+            if m1 is not None:
+                prune_mask[:, i1:i2] = m1
+            w[:, i1:i2] = w1
+            w[:, i2:] -= err @ hinv[i1:i2, i2:]
+        keep = ~prune_mask
+        w = w * keep
+        with torch.no_grad():
+            new = (w.t() if name in self.transposed else w.reshape(p.shape)).to(p.dtype)
+            p.copy_(new)
+        return (keep.t() if name in self.transposed else keep.reshape(p.shape)).contiguous()
+
+
+def layer_inputs_error(weight_before: torch.Tensor, weight_after: torch.Tensor, x: torch.Tensor) -> float:
+    """``||X W_before^T - X W_after^T||_F^2 / ||X W_before^T||_F^2``: a layer's relative
+    reconstruction error on inputs ``x`` (``[tokens, in]``; weights ``[out, in]``)."""
+    x, before, after = x.detach().float(), weight_before.detach().float(), weight_after.detach().float()
+    ref = x @ before.t()
+    return float((ref - x @ after.t()).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
