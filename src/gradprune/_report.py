@@ -214,6 +214,16 @@ class Report:
         return self._legacy()
 
 
+def _mask_counts(masks) -> list:
+    """``[(name, shape, kept, numel)]`` per mask: a MaskSet counts sharded (FSDP2) masks over
+    every rank (the whole weight's shape); a plain mapping counts its tensors."""
+    counts = masks.layer_counts() if hasattr(masks, "layer_counts") else {
+        n: (int(m.sum()), m.numel()) for n, m in masks.items()}
+    shards = getattr(masks, "row_shards", {})
+    return [(n, tuple(shards[n].shape) if n in shards else tuple(m.shape), *counts[n])
+            for n, m in masks.items()]
+
+
 class SparsityReport(Report):
     """Per-layer table of what a mask set removed (``str(report)`` prints it).
 
@@ -232,13 +242,7 @@ class SparsityReport(Report):
 
     def __init__(self, masks, skipped: Mapping[str, str] | None = None, shapes: Mapping | None = None):
         rows = []
-        # a MaskSet counts sharded (FSDP2) masks over every rank; a plain mapping counts its tensors
-        counts = masks.layer_counts() if hasattr(masks, "layer_counts") else {
-            n: (int(m.sum()), m.numel()) for n, m in masks.items()}
-        shards = getattr(masks, "row_shards", {})
-        for n, m in masks.items():
-            kept, numel = counts[n]
-            shape = tuple(shards[n].shape) if n in shards else tuple(m.shape)
+        for n, shape, kept, numel in _mask_counts(masks):
             rows.append({"name": n, "shape": shape, "numel": numel, "kept": kept,
                          "sparsity": 1.0 - kept / numel if numel else 0.0,
                          "density": kept / numel if numel else 0.0, "note": ""})
@@ -247,7 +251,7 @@ class SparsityReport(Report):
             numel = math.prod(int(s) for s in shape) if shape else 0
             rows.append({"name": n, "shape": shape, "numel": numel, "kept": numel,
                          "sparsity": 0.0, "density": 1.0, "note": f"skipped: {why}"})
-        total = sum(counts[n][1] for n in counts)
+        total = sum(r["numel"] for r in rows if not r["note"])
         zeros = total - sum(r["kept"] for r in rows if not r["note"])
         self.overall = masks.sparsity()
         super().__init__("sparsity", rows, ("name", "shape", "numel", "kept", "sparsity", "note"),
@@ -280,13 +284,7 @@ class SelectionReport(Report):
     def __init__(self, masks, stats: Mapping):
         self._stats = dict(stats)
         rows = []
-        # a MaskSet counts sharded (FSDP2) masks over every rank; a plain mapping counts its tensors
-        counts = masks.layer_counts() if hasattr(masks, "layer_counts") else {
-            n: (int(m.sum()), m.numel()) for n, m in masks.items()}
-        shards = getattr(masks, "row_shards", {})
-        for n, m in masks.items():
-            kept, numel = counts[n]
-            shape = tuple(shards[n].shape) if n in shards else tuple(m.shape)
+        for n, shape, kept, numel in _mask_counts(masks):
             rows.append({"name": n, "shape": shape, "numel": numel, "kept": kept,
                          "density": kept / numel if numel else 0.0})
         total = self._stats.get("total", sum(r["numel"] for r in rows))
