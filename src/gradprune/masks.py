@@ -358,11 +358,15 @@ class MaskSet(Mapping):
         counts = self.layer_counts()
         if per_layer:
             return {n: 1.0 - k / t for n, (k, t) in counts.items()}
-        return 1.0 - sum(k for k, _ in counts.values()) / sum(t for _, t in counts.values())
+        kept, total = self._totals(counts)
+        return 1.0 - kept / total
 
     def count(self) -> tuple[int, int]:
         """``(kept, total)`` entries over all masks (a shared tensor counts once)."""
-        counts = self.layer_counts()
+        return self._totals(self.layer_counts())
+
+    @staticmethod
+    def _totals(counts: dict) -> tuple[int, int]:
         return sum(k for k, _ in counts.values()), sum(t for _, t in counts.values())
 
     def layer_counts(self) -> dict[str, tuple[int, int]]:

@@ -101,8 +101,11 @@ class InputCriterion(Criterion):
                              "calibration batches run through the model")
         return self.sq[name].sqrt()
 
-    def score_one(self, name: str) -> torch.Tensor:  # [out, in]
-        raise NotImplementedError
+    def score_one(self, name: str) -> torch.Tensor:
+        """The ``[out, in]`` score matrix of parameter ``name``; each registered subclass (wanda,
+        ria, gblm, sparsegpt) defines it."""
+        raise NotImplementedError(f"{type(self).__name__} does not define score_one: subclass "
+                                  "InputCriterion and return the [out, in] score matrix")
 
     def score(self, name: str) -> torch.Tensor:
         s = self.score_one(name)
