@@ -891,6 +891,8 @@ def search_hidden_and_widths(model: nn.Module, constraints: dict, data: Iterable
     _, k, keep, found = best
     found.hidden_size, found.dense_hidden_size = k, rmap.hidden_size
     found.hidden_keep, found.hidden_scores = keep, scores
+    if k < rmap.hidden_size:  # the width search's analysis lists the hidden size as unpruned
+        found.analysis.skipped = [s for s in found.analysis.skipped if s["module"] != "<hidden size>"]
     found.dense_params, found.dense_flops = costs.dense_params, costs.dense_flops
     if dense_kv is not None and found.dense_kv_cache is not None:
         found.dense_kv_cache = dense_kv

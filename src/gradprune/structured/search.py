@@ -164,6 +164,9 @@ class SearchResult:
         dropped = getattr(self, "dropped_layers", None)
         if dropped is not None:  # search(..., axes=("layers", ...)): the widths are of the shallower copy
             lines.insert(0, f"decoder layers dropped: {list(dropped)}")
+        hidden = getattr(self, "hidden_size", None)
+        if hidden is not None:  # search(..., axes=("hidden", ...)): the widths are of the narrower copy
+            lines.insert(0, f"hidden_size: {self.dense_hidden_size} -> {hidden} (residual channels)")
         if "kv_cache" in self.constraints:
             lines.append(f"kv_cache: {self.dense_kv_cache} -> {self.kv_cache} bytes/token "
                          f"({self.kv_cache / max(self.dense_kv_cache, 1):.1%})")
