@@ -206,13 +206,56 @@ def test_bad_input_is_named():
                   axes=("hidden", "layers"))
 
 
-def test_not_understood_tensors_are_listed():
-    from transformers import OPTConfig, OPTForCausalLM
-    model = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=16, ffn_dim=32, num_hidden_layers=1,
-                                     num_attention_heads=2, max_position_embeddings=32,
-                                     word_embed_proj_dim=16))
-    with pytest.raises(ValueError, match="embed_positions"):
-        residual_map(model)
+OTHER = {  # decoders of the same building blocks: no new code
+    # nn.LayerNorm (mean and variance over the kept channels), parallel attention and MLP, fc1/fc2
+    "phi": ("PhiConfig", "PhiForCausalLM", {}),
+    # a bias-free layer norm of its own class, parallel blocks, logit scale
+    "cohere": ("CohereConfig", "CohereForCausalLM", {}),
+    # q_norm over every head (its width equals the hidden size here), post-norms
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+}
+
+
+@pytest.mark.parametrize("family", list(OTHER))
+def test_other_decoders_with_the_same_blocks(family):
+    config_name, lm_name, extra = OTHER[family]
+    torch.manual_seed(0)
+    model = getattr(transformers, lm_name)(getattr(transformers, config_name)(**{**BASE, **extra})).eval()
+    ids = _batches()[0]
+    found = gp.search(model, {"params": "85%"}, _batches(), loss_fn, example_input=ids,
+                      axes=("hidden",), hidden_divisor=8)
+    small = found.export()
+    assert sum(p.numel() for p in small.parameters()) == found.params and found.hidden_size < H
+    with torch.no_grad():
+        with found.gates():
+            gated = model(ids).logits
+        torch.testing.assert_close(small(ids).logits, gated, rtol=1e-4, atol=1e-5)
+
+
+def _never(m, b):
+    raise AssertionError("scored although the hidden size cannot be pruned")
+
+
+@pytest.mark.parametrize("config_name, lm_name, extra, words", [
+    # a learned position embedding of the hidden size
+    ("OPTConfig", "OPTForCausalLM", {"ffn_dim": 32, "word_embed_proj_dim": H}, ["embed_positions"]),
+    # MoE: router and expert weights are not explained by the registry's blocks
+    ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2},
+     ["mlp.gate.weight", "experts"]),
+    # StableLM derives the head size from hidden_size whatever head_dim says
+    ("StableLmConfig", "StableLmForCausalLM", {}, ["cannot express hidden_size", "q_proj"]),
+])
+def test_not_understood_models_are_refused_before_scoring(config_name, lm_name, extra, words):
+    torch.manual_seed(0)
+    model = getattr(transformers, lm_name)(getattr(transformers, config_name)(**{**BASE, **extra})).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError) as info:
+        gp.search(model, {"params": "85%"}, _batches(), _never, example_input=_batches()[0],
+                  axes=("hidden",), hidden_divisor=8)
+    assert "left unpruned" in str(info.value)
+    for w in words:
+        assert w in str(info.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_bf16_search_and_export():

@@ -14,7 +14,8 @@ are those of the attention and MLP blocks of the registry in :mod:`~gradprune.st
 projections); the norms are the modules with a 1-D ``weight`` (and optional ``bias``) of the
 hidden size outside the attention blocks (per-head ``q_norm`` / ``k_norm`` are not touched). A
 norm must behave as an RMS norm (probed: scale-invariant, not shift-invariant, zero in, zero out
-per channel) or be an ``nn.LayerNorm``. Any other parameter or persistent buffer with a
+per channel) or as a layer norm (probed: ``(x - mean) / sqrt(var + eps) * weight (+ bias)``, as
+``nn.LayerNorm``). Any other parameter or persistent buffer with a
 dimension of the hidden size is *not understood*: the hidden size is then not pruned and the
 error lists each such tensor with its reason.
 
@@ -24,7 +25,7 @@ residual stream exactly zero in every layer. An RMS norm over the hidden size di
 root mean square over *all* channels; after export it averages over the kept ones only, so the
 gated model evaluates every norm over the kept channels (an RMS norm on ``alpha * x`` divided by
 ``alpha``, ``alpha = sqrt(hidden / kept)``, which is exactly the RMS over the kept channels, eps
-included; an ``nn.LayerNorm`` with its mean and variance over the kept channels). The exported
+included; a layer norm with its mean and variance over the kept channels). The exported
 model then equals the gated model up to float rounding.
 
 **Scores** (higher = more important; weights get no gradients; eval mode):
@@ -171,11 +172,35 @@ def _dims_of(mod) -> tuple:
     return (mod.nx, mod.nf) if is_conv1d(mod) else (mod.in_features, mod.out_features)
 
 
+def _eps(mod: nn.Module) -> float | None:
+    for a in ("eps", "variance_epsilon", "epsilon"):
+        v = getattr(mod, a, None)
+        if isinstance(v, float) and not isinstance(v, bool):
+            return v
+    return None
+
+
+def _layernorm(mod: nn.Module, x: torch.Tensor, mask: torch.Tensor, kept: int) -> torch.Tensor:
+    """A layer norm with weight, optional bias and eps of ``mod`` over the channels of ``mask``."""
+    m = mask.to(dtype=torch.float32, device=x.device)
+    xf = x.float()
+    mean = (xf * m).sum(-1, keepdim=True) / kept
+    var = (((xf - mean) * m) ** 2).sum(-1, keepdim=True) / kept
+    y = (xf - mean) / torch.sqrt(var + _eps(mod))
+    if getattr(mod, "weight", None) is not None:
+        y = y * mod.weight.float()
+    if getattr(mod, "bias", None) is not None:
+        y = y + mod.bias.float()
+    return y * m
+
+
 def _norm_kind(mod: nn.Module, size: int) -> str | None:
-    """``"layernorm"`` for an ``nn.LayerNorm``, ``"rms"`` for a norm that behaves as an RMS norm
-    on a probe (scale-invariant, not shift-invariant, a zero channel stays zero), else ``None``."""
-    if isinstance(mod, nn.LayerNorm):
-        return "layernorm" if mod.normalized_shape == (size,) else None
+    """``"rms"`` for a norm that behaves as an RMS norm on a probe (scale-invariant, not
+    shift-invariant, a zero channel stays zero); ``"layernorm"`` for one that is scale- and
+    shift-invariant and computes ``(x - mean) / sqrt(var + eps) * weight (+ bias)`` with its own
+    ``eps`` (``nn.LayerNorm``, Cohere's bias-free layer norm...); else ``None``."""
+    if isinstance(mod, nn.LayerNorm) and mod.normalized_shape != (size,):
+        return None
     p = mod.weight
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, size, generator=gen).to(device=p.device, dtype=p.dtype)
@@ -188,7 +213,13 @@ def _norm_kind(mod: nn.Module, size: int) -> str | None:
         return None
     if y.shape != x.shape or not torch.allclose(y.float(), y3.float(), **tol):
         return None
-    if torch.allclose(y.float(), ys.float(), **tol) or bool(y[:, 0].abs().max() > 0):
+    if torch.allclose(y.float(), ys.float(), **tol):  # mean-subtracting
+        if _eps(mod) is None:
+            return None
+        with torch.no_grad():
+            ref = _layernorm(mod, x, torch.ones(size), size)
+        return "layernorm" if torch.allclose(y.float(), ref, **tol) else None
+    if bool(y[:, 0].abs().max() > 0):
         return None
     return "rms"
 
@@ -302,8 +333,8 @@ def residual_map(model: nn.Module) -> ResidualMap:
             continue
         kind = _norm_kind(mod, h)
         if kind is None:
-            problems.append(f"{name}: {type(mod).__name__} over the hidden size is neither an "
-                            "nn.LayerNorm nor an RMS norm (probed)")
+            problems.append(f"{name}: {type(mod).__name__} over the hidden size is neither a "
+                            "layer norm nor an RMS norm (probed)")
             continue
         norms[name] = kind
     final = [n for n in norms if not n.startswith(layers_name + ".")]
@@ -311,6 +342,9 @@ def residual_map(model: nn.Module) -> ResidualMap:
     # every parameter of a mapped module is explained (a reader's bias has its output width)
     mapped = set(readers) | set(writers) | set(norms) | {embed} | ({lm_head} if lm_head else set())
     accounted = {id(p) for n in mapped for p in b.modules[n].parameters(recurse=False)}
+    # inside a recognised attention block, everything but the projections works on their
+    # outputs (per-head q_norm / k_norm, OLMo2's q_norm over every head), not on the stream
+    accounted |= {id(p) for a in attention for p in b.modules[a].parameters()}
     if not problems:
         for key, p in model.named_parameters():
             if id(p) not in accounted and h in p.shape:
@@ -348,17 +382,7 @@ def _rms_post(alpha: float):
 
 def _layernorm_post(mask: torch.Tensor, kept: int):
     def hook(mod, args, output):
-        x = args[0]
-        m = mask.to(dtype=torch.float32, device=x.device)
-        xf = x.float()
-        mean = (xf * m).sum(-1, keepdim=True) / kept
-        var = (((xf - mean) * m) ** 2).sum(-1, keepdim=True) / kept
-        y = (xf - mean) / torch.sqrt(var + mod.eps)
-        if mod.weight is not None:
-            y = y * mod.weight.float()
-        if mod.bias is not None:
-            y = y + mod.bias.float()
-        return (y * m).to(output.dtype)
+        return _layernorm(mod, args[0], mask, kept).to(output.dtype)
     return hook
 
 
@@ -595,6 +619,36 @@ def _build(model: nn.Module, config) -> nn.Module:
     return new.to(dtype=p.dtype)
 
 
+def _check_shapes(new: nn.Module, state: dict, k: int) -> None:
+    """``ValueError`` naming the tensors whose shape the config with hidden size ``k`` builds
+    differently from the sliced weights (a head size derived from ``hidden_size``...)."""
+    built = new.state_dict()
+    bad = [f"{key} {tuple(t.shape)} (the sliced weight is {tuple(state[key].shape)})"
+           for key, t in built.items() if key in state and t.shape != state[key].shape]
+    if bad:
+        raise ValueError(f"{type(new).__name__}'s config cannot express hidden_size {k}: it builds "
+                         + "; ".join(bad[:4]) + (" ..." if len(bad) > 4 else "")
+                         + " (does its config derive a head size from hidden_size?); the hidden "
+                         "size is left unpruned")
+
+
+def _check_expressible(rmap: ResidualMap, k: int) -> None:
+    """Build the model with hidden size ``k`` on the meta device and compare its shapes with
+    the sliced weights' (before any scoring)."""
+    model = rmap.model
+    config = _config_with(model.config, k, rmap.head_dim)
+    slices = rmap.slices()
+    state = {}
+    for key, t in model.state_dict().items():
+        shape = list(t.shape)
+        if key in slices:
+            shape[slices[key]] = k
+        state[key] = torch.empty(shape, device="meta")
+    with torch.device("meta"):
+        new = type(model)(config)
+    _check_shapes(new, state, k)
+
+
 def export_hidden(rmap: ResidualMap, keep: torch.Tensor) -> nn.Module:
     """A new model with only the residual channels ``keep`` (sorted indices): see the module
     docs. ``rmap.model`` is not changed.
@@ -623,6 +677,7 @@ def export_hidden(rmap: ResidualMap, keep: torch.Tensor) -> nn.Module:
         dim = slices.get(key)
         state[key] = t if dim is None else t.index_select(dim, keep.to(t.device))
     new = _build(model, config)
+    _check_shapes(new, state, k)
     new.load_state_dict(state, strict=True)
     if rmap.lm_head is not None and (new.get_output_embeddings().weight is
                                      new.get_input_embeddings().weight) != rmap.tied:
@@ -783,6 +838,7 @@ def search_hidden(model: nn.Module, constraints: dict, data: Iterable | None, lo
     rmap, divisor = _prepare(model, constraints, data, loss_fn, method, example_input, hidden_divisor,
                              max_iter_data_loader)
     choices = hidden_widths(rmap, divisor)
+    _check_expressible(rmap, choices[0])
     costs = _HiddenCosts(rmap, example_input)
     bounds = parse_constraints(constraints, {"params": costs.dense_params, "flops": costs.dense_flops})
     asked = ", ".join(f"{k} <= {b:g}" for k, b in bounds.items())
@@ -843,6 +899,7 @@ def search_hidden_and_widths(model: nn.Module, constraints: dict, data: Iterable
     rmap, divisor = _prepare(model, constraints, data, loss_fn, method, example_input, hidden_divisor,
                              max_iter_data_loader, allowed=("params", "flops", "kv_cache"))
     choices = hidden_widths(rmap, divisor)
+    _check_expressible(rmap, choices[0])
     costs = _HiddenCosts(rmap, example_input)
     from .kvcache import _config_elements, _element_size
     elements = _config_elements(model)
