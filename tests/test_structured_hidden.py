@@ -292,3 +292,21 @@ def test_staged_search_with_heads_and_mlp(family):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, gated, rtol=1e-4, atol=1e-5)
     assert reloaded.generate(ids[:1], max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, ids.shape[1] + 3)
+
+
+def test_staged_search_per_layer_widths_load_with_load_pruned_pretrained():
+    model = _model("llama")
+    data = _batches()
+    ids = data[0]
+    found = gp.search(model, {"params": "55%"}, data, loss_fn, example_input=ids,
+                      axes=("heads", "mlp", "hidden"), hidden_divisor=8)
+    assert found.hidden_size < H and "hidden_size: 32 -> " in str(found.report)
+    assert not any(s["module"] == "<hidden size>" for s in found.skipped)
+    with tempfile.TemporaryDirectory() as folder:
+        found.export().save_pretrained(folder)
+        reloaded = gp.structured.load_pruned_pretrained(LlamaForCausalLM, folder)
+    assert sum(p.numel() for p in reloaded.parameters()) == found.params <= 0.55 * found.dense_params
+    with torch.no_grad():
+        with found.gates():
+            gated = found.analysis.model(ids).logits
+        torch.testing.assert_close(reloaded(ids).logits, gated, rtol=1e-4, atol=1e-5)

@@ -369,8 +369,10 @@ def residual_map(model: nn.Module) -> ResidualMap:
 
 
 def _rms_pre(alpha: float):
-    def hook(mod, args):
-        return (args[0] * alpha,) + tuple(args[1:])
+    def hook(mod, args, kwargs):
+        if args:
+            return (args[0] * alpha,) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"] * alpha}
     return hook
 
 
@@ -381,8 +383,9 @@ def _rms_post(alpha: float):
 
 
 def _layernorm_post(mask: torch.Tensor, kept: int):
-    def hook(mod, args, output):
-        return _layernorm(mod, args[0], mask, kept).to(output.dtype)
+    def hook(mod, args, kwargs, output):
+        x = args[0] if args else kwargs["hidden_states"]
+        return _layernorm(mod, x, mask, kept).to(output.dtype)
     return hook
 
 
@@ -428,10 +431,12 @@ class HiddenGates:
             mask = (self.values.detach() != 0).float()
             for n, kind in self.rmap.norms.items():
                 if kind == "rms":
-                    self.handles.append(modules[n].register_forward_pre_hook(_rms_pre(alpha)))
+                    self.handles.append(modules[n].register_forward_pre_hook(_rms_pre(alpha),
+                                                                             with_kwargs=True))
                     self.handles.append(modules[n].register_forward_hook(_rms_post(alpha)))
                 else:
-                    self.handles.append(modules[n].register_forward_hook(_layernorm_post(mask, self.kept)))
+                    self.handles.append(modules[n].register_forward_hook(_layernorm_post(mask, self.kept),
+                                                                         with_kwargs=True))
         return self
 
     def __exit__(self, *exc):

@@ -759,6 +759,8 @@ def _search_hidden(model, constraints, data, loss_fn, method, example_input, rul
     if len(axes) == 1:
         if rules is not None:
             raise ValueError("axes=('hidden',) does not take rules (they restrict widths); use hidden_divisor")
+        if per_sample:
+            raise ValueError("axes=('hidden',) does not take per_sample=True (its gradnas score is per batch)")
         return search_hidden(model, constraints, data, loss_fn, method, example_input,
                              hidden_divisor=hidden_divisor, max_iter_data_loader=max_iter_data_loader,
                              show_progress=show_progress)
