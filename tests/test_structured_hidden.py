@@ -201,9 +201,11 @@ def test_bad_input_is_named():
         gp.search(model, {"params": "80%"}, _batches(), loss_fn, method="taylor", **kw)
     with pytest.raises(ValueError, match="latency"):
         gp.search(model, {"latency": "80%"}, _batches(), loss_fn, **kw)
-    with pytest.raises(ValueError, match="layers"):
+    with pytest.raises(ValueError, match="'hidden' cannot be combined with 'layers'"):
         gp.search(model, {"params": "80%"}, _batches(), loss_fn, example_input=ids,
                   axes=("hidden", "layers"))
+    with pytest.raises(ValueError, match="per_sample"):
+        gp.search(model, {"params": "80%"}, _batches(), loss_fn, per_sample=True, **kw)
 
 
 OTHER = {  # decoders of the same building blocks: no new code

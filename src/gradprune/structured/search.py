@@ -751,9 +751,9 @@ def _search_hidden(model, constraints, data, loss_fn, method, example_input, rul
     """The ``"hidden"`` axis, alone or with width axes (see :mod:`gradprune.structured.hidden`)."""
     from .hidden import search_hidden, search_hidden_and_widths
 
-    if "layers" in axes:
-        raise ValueError(f"axes={axes!r}: 'hidden' and 'layers' cannot be combined yet; prune one, "
-                         "export, then search the exported model on the other")
+    if "layers" in axes or "experts" in axes:
+        raise ValueError(f"axes={axes!r}: 'hidden' cannot be combined with 'layers' or 'experts' yet; "
+                         "prune one, export, then search the exported model on the other")
     if process_group is not None or measure_latency:
         raise ValueError("the 'hidden' axis does not take process_group or measure_latency yet")
     if len(axes) == 1:
