@@ -686,7 +686,8 @@ def goals(rows, a, records=()):
                 d = g["test_acc"][0] - t["test_acc"][0]
                 L.append(f"- {kind.upper()} {100 * s:.0f}%{', ' + tag[2:] + '× steps' if tag else ''}: {label} "
                          f"{g['test_acc'][0]:.3f} ± {g['test_acc'][1]:.3f} vs rigl-torch {t['test_acc'][0]:.3f} "
-                         f"± {t['test_acc'][1]:.3f} -> " + ("met" if d >= 0 else "NOT met") + f" ({d:+.3f}"
+                         f"± {t['test_acc'][1]:.3f} -> mean " + ("at or above" if d >= 0 else "below")
+                         + f" rigl-torch's ({d:+.3f}"
                          + paired(kind, key + tag, "rigl_torch" + tag, s, verdict=True) + ")")
     for kind in a["models"]:  # the sign-split SET drop against the preset's magnitude drop
         for s in a["sparsities"]:
