@@ -477,3 +477,132 @@ def test_masks_follow_a_change_of_placement(tmp_path):
         assert torch.equal(r["replicated"], whole)  # never a stale shard
         assert torch.equal(r["back"], r["sharded"]) and r["zero"]
         assert r["sparsity"] == 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# structured search: the structure is analysed on a meta copy, the gates score the shards
+
+SEARCHES = [("gradnas", False), ("gradnas", True), ("taylor", False), ("michel", False), ("magnitude", False)]
+
+
+def _structured(model, data):
+    from gradprune.structured import search
+    from test_distributed import _SEARCH_RULES
+
+    out = {}
+    for method, per_sample in SEARCHES:
+        res = search(model, {"params": "60%"}, data, _ce, method, example_input=torch.randn(2, 1, 6, 6),
+                     rules=_SEARCH_RULES, per_sample=per_sample)
+        out[f"{method}{'_ps' if per_sample else ''}"] = {
+            "widths": res.widths, "keep": {gi: k.tolist() for gi, k in res.keep.items()},
+            "scores": {gi: v.clone() for gi, v in res.scores.items()}, "params": res.params,
+            "flops": res.flops, "batches": res.batches}
+    return out, res
+
+
+def _search_batches():
+    gen = torch.Generator().manual_seed(7)  # 12 samples a batch: equal shards on 2 and 3 ranks
+    return [(torch.randn(12, 1, 6, 6, generator=gen), torch.randint(0, 4, (12,), generator=gen)) for _ in range(3)]
+
+
+def _search_rank(rank, world):
+    import contextlib
+
+    from test_distributed import _search_cnn
+
+    model = _shard_model(_search_cnn(0))
+    torch.manual_seed(50 + rank)
+    with contextlib.ExitStack() as stack:  # scoring never gathers a whole weight outside FSDP2's own
+        for p in _forbid_gathers():
+            stack.enter_context(p)
+        out, res = _structured(model, _shard(_search_batches(), rank, world))
+    try:
+        res.export()
+    except ValueError as e:
+        out["export_error"] = str(e)
+    out["local"] = _local_params(model)
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_structured_search_scoring_matches_single_process(tmp_path, world):
+    from test_distributed import _search_cnn
+
+    results = run_ranks(tmp_path, _search_rank, world=world)
+    expect, single = _structured(_search_cnn(0), _search_batches())
+    for rank, got in enumerate(results):
+        for key, ref in expect.items():
+            res = got[key]
+            assert res["keep"] == ref["keep"] and res["widths"] == ref["widths"], f"rank {rank}: {key}"
+            assert (res["params"], res["flops"], res["batches"]) == (ref["params"], ref["flops"], ref["batches"])
+            for gi in ref["scores"]:
+                a, b = res["scores"][gi], ref["scores"][gi]
+                assert torch.allclose(a, b, rtol=1e-5, atol=1e-12), (rank, key, gi, (a - b).abs().max(), a, b)
+        assert "export needs whole weights" in got["export_error"] and "export(model=" in got["export_error"]
+    # the user gathers the weights into an unsharded copy and exports from it: the single run's export
+    whole = {n: torch.cat([r["local"][n] for r in results]) for n in results[0]["local"]}
+    copy = _search_cnn(1)
+    copy.load_state_dict(whole)
+    exported = single.export(model=copy)
+    reference = single.export()
+    for (n, a), (_, b) in zip(exported.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def _tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=24,
+        max_position_embeddings=16, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+def _bert_batches():
+    gen = torch.Generator().manual_seed(3)
+    return [(torch.randint(0, 40, (4, 6), generator=gen), torch.randint(0, 3, (4,), generator=gen)) for _ in range(3)]
+
+
+def _bert_search(model, data):
+    from gradprune.structured import search
+
+    def loss_fn(m, batch):
+        return F.cross_entropy(m(batch[0]).logits, batch[1])
+
+    out = {}
+    for uniform in (False, True):
+        res = search(model, {"params": "90%"}, data, loss_fn, "gradnas", data[0][0],
+                     rules={"nn.Linear": {"feature_divisor": 1}}, uniform=uniform)
+        out[uniform] = {"groups": [(g.name, g.unit) for g in res.groups], "widths": res.widths,
+                        "keep": {gi: k.tolist() for gi, k in res.keep.items()}, "params": res.params,
+                        "scores": res.scores}
+    return out
+
+
+def _bert_rank(rank, world):
+    import contextlib
+
+    from torch.distributed.fsdp import fully_shard
+
+    model = _tiny_bert()
+    for layer in model.bert.encoder.layer:
+        fully_shard(layer)
+    fully_shard(model)
+    with contextlib.ExitStack() as stack:
+        for p in _forbid_gathers():
+            stack.enter_context(p)
+        return _bert_search(model, _shard(_bert_batches(), rank, world))
+
+
+def test_structured_search_on_a_sharded_hugging_face_model_matches_single_process(tmp_path):
+    pytest.importorskip("transformers")
+    results = run_ranks(tmp_path, _bert_rank, world=2)
+    expect = _bert_search(_tiny_bert(), _bert_batches())
+    assert any(unit == "heads" for _, unit in expect[False]["groups"])  # heads and FFN neurons
+    for got in results:
+        for uniform, ref in expect.items():
+            res = got[uniform]
+            assert {k: res[k] for k in ("groups", "widths", "keep", "params")} == \
+                {k: ref[k] for k in ("groups", "widths", "keep", "params")}
+            for gi, s in ref["scores"].items():
+                assert torch.allclose(res["scores"][gi], s, rtol=1e-5, atol=1e-12)
