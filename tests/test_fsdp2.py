@@ -606,3 +606,118 @@ def test_structured_search_on_a_sharded_hugging_face_model_matches_single_proces
                 {k: ref[k] for k in ("groups", "widths", "keep", "params")}
             for gi, s in ref["scores"].items():
                 assert torch.allclose(res["scores"][gi], s, rtol=1e-5, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face Trainer callbacks: sharded masks are saved and resumed through DCP
+
+def _hf_callbacks_rank(rank, world, folder):
+    from types import SimpleNamespace
+
+    from gradprune.integrations.hf import STATE_DIR, STATE_FILE, PruningCallback, SparseTrainingCallback
+
+    pytest.importorskip("transformers")
+    batches = _shard(_global_batches(8, 12), rank, world)
+    args = SimpleNamespace(output_dir=str(folder))
+
+    def run(cb, model, opt, steps, start=0):
+        for i, batch in enumerate(steps, start=start + 1):  # the Trainer's hook order
+            cb.on_step_begin(args, None, None)
+            opt.zero_grad()
+            _ce(model, batch).backward()
+            cb.on_pre_optimizer_step(args, None, None)
+            opt.step()
+            cb.on_optimizer_step(args, None, None)
+            if i == 4:
+                cb.on_save(args, SimpleNamespace(global_step=i), None)
+
+    out = {}
+    for kind in ("pruning", "sparse"):
+        def make(resume_from=None):
+            model = _shard_model(_mlp())
+            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            cb = (PruningCallback(gp.PruneConfig(**PRUNE_CFG), resume_from=resume_from) if kind == "pruning" else
+                  SparseTrainingCallback(SPARSE["rigl"](), resume_from=resume_from))
+            cb.on_train_begin(args, None, None, model=model, optimizer=opt)
+            return cb, model, opt
+
+        args.output_dir = str(folder / kind)
+        cb, model, opt = make()
+        run(cb, model, opt, batches)
+        ckpt = folder / kind / "checkpoint-4"
+        written = sorted(p.name for p in ckpt.iterdir())
+        # the state at step 4 is what a fresh run restores; it then trains on like the first run
+        fresh, model2, opt2 = make(resume_from=str(ckpt))
+        resumed = fresh.pruner if kind == "pruning" else fresh.sparse
+        out[kind] = {"written": written, "step": (resumed.step if kind == "pruning" else resumed.step_count),
+                     "loaded": _local_masks(resumed.masks)}
+    try:  # a sharded run refuses the whole-mask file of an unsharded run
+        (folder / "unsharded").mkdir(exist_ok=True)
+        if rank == 0:
+            torch.save({}, folder / "unsharded" / STATE_FILE)
+        torch.distributed.barrier()
+        cb = PruningCallback(gp.PruneConfig(**PRUNE_CFG), resume_from=str(folder / "unsharded"))
+        model = _shard_model(_mlp())
+        cb.on_train_begin(args, None, None, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    except ValueError as e:
+        out["refused"] = str(e)
+    out["dir"] = STATE_DIR
+    return out
+
+
+def _hf_single_at_step_4(kind):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    engine = (gp.Pruner(model, gp.PruneConfig(**PRUNE_CFG), optimizer=opt) if kind == "pruning"
+              else gp.SparseTrainer(model, opt, SPARSE["rigl"]()))
+    for batch in _global_batches(8, 12)[:4]:
+        if kind == "pruning":
+            engine.on_step_begin()
+        opt.zero_grad()
+        _ce(model, batch).backward()
+        if kind == "pruning":
+            engine.on_before_optimizer_step()
+            opt.step()
+            engine.on_after_optimizer_step()
+        else:
+            engine.before_optimizer_step()
+            opt.step()
+            engine.after_optimizer_step()
+    return _local_masks(engine.masks)
+
+
+@pytest.mark.slow
+def test_hf_callbacks_save_sharded_masks_with_dcp_and_resume(tmp_path):
+    pytest.importorskip("transformers")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (tmp_path / "run").mkdir()
+    results = run_ranks(tmp_path / "run", _hf_callbacks_rank, folder, world=2)
+    for kind in ("pruning", "sparse"):
+        per_rank = [r[kind] for r in results]
+        assert all(r["written"] == [results[0]["dir"]] for r in per_rank)  # a DCP folder, no .pt file
+        assert all(r["step"] == 4 for r in per_rank)
+        _assert_equal_masks(_stack(per_rank, "loaded"), _hf_single_at_step_4(kind))
+    assert all("gradprune_state/" in r["refused"] for r in results)
+
+
+@pytest.mark.slow
+def test_hf_trainer_callbacks_run_unchanged_under_accelerate_fsdp2(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from test_distributed import ROOT
+
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed next to this Python")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(ROOT / "examples" / "hf_trainer_fsdp2.py")],
+                          capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("HF Trainer FSDP2: sharded True; gradual: sparsity 0.50, state saved True, resumed True at step 8; "
+            "SNFS: 2 updates, density 0.30") in proc.stdout

@@ -72,6 +72,9 @@ __all__ = [
     "fsdp_full_params",
     "Checkpointable",
     "gather_masks",
+    "is_sharded",
+    "save_sharded_state",
+    "load_sharded_state",
 ]
 
 
@@ -213,6 +216,29 @@ class Checkpointable:
         blob.seek(0)
         rest = torch.load(blob, weights_only=True)
         self.obj.load_state_dict(_join(state["tensors"], rest))
+
+
+def is_sharded(obj: Any) -> bool:
+    """Whether the masks of ``obj`` (a :class:`~gradprune.MaskSet`, or anything with ``.masks``)
+    hold only this rank's rows of some parameter (FSDP2's ``fully_shard``)."""
+    return any(s.sharded for s in getattr(_masks_of(obj), "row_shards", {}).values())
+
+
+def save_sharded_state(obj: Any, path: str) -> None:
+    """Save ``obj``'s state (a Pruner or SparseTrainer: masks, statistics, counters) to the folder
+    ``path`` with ``torch.distributed.checkpoint``: each rank writes its own mask rows, the first
+    rank the small rest. A collective: call it on every rank with the same ``path``."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"gradprune": Checkpointable(obj)}, checkpoint_id=str(path))
+
+
+def load_sharded_state(obj: Any, path: str) -> None:
+    """Load into ``obj`` what :func:`save_sharded_state` wrote (any world size: DCP reshards;
+    a single process gets whole masks). A collective under ``torch.distributed``."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load({"gradprune": Checkpointable(obj)}, checkpoint_id=str(path))
 
 
 def gather_masks(masks: Any) -> dict[str, torch.Tensor] | None:
