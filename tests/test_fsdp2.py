@@ -721,3 +721,37 @@ def test_hf_trainer_callbacks_run_unchanged_under_accelerate_fsdp2(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert ("HF Trainer FSDP2: sharded True; gradual: sparsity 0.50, state saved True, resumed True at step 8; "
             "SNFS: 2 updates, density 0.30") in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# check_masks_in_sync on sharded masks: per-shard checksums, no rows cross ranks
+
+def _in_sync_rank(rank, world):
+    import contextlib
+
+    from gradprune.integrations.distributed import MasksOutOfSyncError, check_masks_in_sync
+
+    pruner, _ = _pruner_loop(_shard_model(_mlp()), _shard(_global_batches(STEPS, 12), rank, world))
+    out = {}
+    with contextlib.ExitStack() as stack:  # shard by shard: nothing whole is gathered
+        for p in _forbid_gathers():
+            stack.enter_context(p)
+        out["digest"] = check_masks_in_sync(pruner)
+    mask = pruner.masks["2.weight"]
+    if rank == world - 1:  # this rank's shard goes astray: a kept weight is dropped from its mask only
+        kept = torch.nonzero(mask.flatten()).flatten()[0]
+        mask.view(-1)[kept] = False
+    try:
+        check_masks_in_sync(pruner.masks)
+    except MasksOutOfSyncError as e:
+        out["error"] = str(e)
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_check_masks_in_sync_on_sharded_masks_detects_a_desynced_shard(tmp_path, world):
+    results = run_ranks(tmp_path, _in_sync_rank, world=world)
+    assert len({r["digest"] for r in results}) == 1  # in sync: the same digest on every rank
+    for r in results:  # every rank raises, naming the rank and the layer
+        assert f"rank {world - 1}: '2.weight': 1 pruned entries are nonzero" in r["error"], r["error"]
+        assert "rank 0" not in r["error"]
