@@ -594,6 +594,7 @@ def _bert_rank(rank, world):
         return _bert_search(model, _shard(_bert_batches(), rank, world))
 
 
+@pytest.mark.slow
 def test_structured_search_on_a_sharded_hugging_face_model_matches_single_process(tmp_path):
     pytest.importorskip("transformers")
     results = run_ranks(tmp_path, _bert_rank, world=2)
@@ -755,3 +756,61 @@ def test_check_masks_in_sync_on_sharded_masks_detects_a_desynced_shard(tmp_path,
     for r in results:  # every rank raises, naming the rank and the layer
         assert f"rank {world - 1}: '2.weight': 1 pruned entries are nonzero" in r["error"], r["error"]
         assert "rank 0" not in r["error"]
+
+
+class _Encoder(nn.Module):
+    """A tiny transformer: torch's own multi-head attention (heads) and feed-forward (neurons)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(8, 16)
+        self.layer = nn.TransformerEncoderLayer(16, 4, 24, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.layer(self.embed(x)).mean(1))
+
+
+def _encoder_batches():
+    gen = torch.Generator().manual_seed(5)
+    return [(torch.randn(6, 5, 8, generator=gen), torch.randint(0, 4, (6,), generator=gen)) for _ in range(3)]
+
+
+def _encoder_search(model, data):
+    from gradprune.structured import search
+
+    out = {}
+    for method in ("gradnas", "magnitude"):
+        res = search(model, {"params": "80%"}, data, _ce, method, example_input=torch.randn(2, 5, 8),
+                     rules={"nn.Linear": {"feature_divisor": 1}})
+        out[method] = {"groups": [(g.name, g.unit) for g in res.groups], "keep": {gi: k.tolist() for gi, k in res.keep.items()},
+                       "widths": res.widths, "params": res.params, "scores": res.scores}
+    return out
+
+
+def _encoder_rank(rank, world):
+    import contextlib
+
+    from torch.distributed.fsdp import fully_shard
+
+    model = _Encoder()
+    fully_shard(model.layer)
+    fully_shard(model)
+    with contextlib.ExitStack() as stack:
+        for p in _forbid_gathers():
+            stack.enter_context(p)
+        return _encoder_search(model, _shard(_encoder_batches(), rank, world))
+
+
+def test_structured_search_on_sharded_multihead_attention_matches_single_process(tmp_path):
+    results = run_ranks(tmp_path, _encoder_rank, world=2)
+    expect = _encoder_search(_Encoder(), _encoder_batches())
+    assert any(unit == "heads" for _, unit in expect["gradnas"]["groups"])
+    for got in results:
+        for method, ref in expect.items():
+            res = got[method]
+            assert {k: res[k] for k in ("groups", "keep", "widths", "params")} == \
+                {k: ref[k] for k in ("groups", "keep", "widths", "params")}, method
+            for gi, s in ref["scores"].items():
+                assert torch.allclose(res["scores"][gi], s, rtol=1e-5, atol=1e-12), (method, gi)

@@ -36,7 +36,6 @@ import torch
 
 from .._distributed import RowShard, all_reduce_tensors, is_dtensor, local
 from ..scores.stats import stream_gradients
-from .attention import HeadHandler
 from .gates import Gates
 from .groups import Analysis
 
@@ -156,12 +155,7 @@ def magnitude_scores(analysis: Analysis, norm: str = "l2", side: str = "out") ->
     with torch.no_grad():
         for gi, g in enumerate(analysis.groups):
             if g.handler is not None:
-                owner = getattr(g.handler, "module", None)
-                custom = type(g.handler).magnitude is not HeadHandler.magnitude
-                if custom and owner is not None and _sharded_weights(modules[owner]):
-                    raise ValueError(f"magnitude scores of the heads of {owner!r} need its whole weights, "
-                                     "which are fully_shard-ed (FSDP2)")
-                m = g.handler.magnitude(modules, norm) if custom else None
+                m = g.handler.magnitude(modules, norm)  # a handler's own norm sums each rank's rows
                 if m is not None:
                     out[gi] = m
                     by_handler.add(gi)
@@ -187,10 +181,6 @@ def magnitude_scores(analysis: Analysis, norm: str = "l2", side: str = "out") ->
             for gi, part in parts.items():
                 out[gi] += part
     return {gi: acc if norm == "l1" or gi in by_handler else acc.sqrt() for gi, acc in out.items()}
-
-
-def _sharded_weights(mod) -> bool:
-    return any(is_dtensor(p) and RowShard("", p).sharded for p in mod.parameters(recurse=False))
 
 
 def _row_shard(name: str, w):
