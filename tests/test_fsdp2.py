@@ -516,6 +516,7 @@ def _search_rank(rank, world):
         for p in _forbid_gathers():
             stack.enter_context(p)
         out, res = _structured(model, _shard(_search_batches(), rank, world))
+    out["report"] = res.report.to_dict()
     try:
         res.export()
     except ValueError as e:
@@ -538,6 +539,7 @@ def test_structured_search_scoring_matches_single_process(tmp_path, world):
             for gi in ref["scores"]:
                 a, b = res["scores"][gi], ref["scores"][gi]
                 assert torch.allclose(a, b, rtol=1e-5, atol=1e-12), (rank, key, gi, (a - b).abs().max(), a, b)
+        assert got["report"] == single.report.to_dict()
         assert "export needs whole weights" in got["export_error"] and "export(model=" in got["export_error"]
     # the user gathers the weights into an unsharded copy and exports from it: the single run's export
     whole = {n: torch.cat([r["local"][n] for r in results]) for n in results[0]["local"]}
