@@ -540,7 +540,11 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
             model): every rank feeds its own shard of each batch; gate gradients are averaged over
             the ranks per batch (per-sample sums are added), so every rank finds the same subnet
             as one process on the global batches; latency measurements are averaged over the
-            ranks.
+            ranks. A ``fully_shard``-ed (FSDP2) model is taken as it is (its shards' group by
+            default): the structure is analysed on a meta-device copy, the gates score the shards,
+            and weight norms are summed from each rank's rows; ``fastnas`` and latency are refused,
+            and :meth:`SearchResult.export` needs ``model=`` an unsharded copy with whole weights
+            (``docs/distributed.md``).
         measure_latency: also time the dense and the exported model on CPU at batch sizes 1
             and 32 (:meth:`SearchResult.latency`); the report then shows it.
         uniform: (Hugging Face models) search one common width per family of groups (the
