@@ -816,3 +816,59 @@ def test_structured_search_on_sharded_multihead_attention_matches_single_process
                 {k: ref[k] for k in ("groups", "keep", "widths", "params")}, method
             for gi, s in ref["scores"].items():
                 assert torch.allclose(res["scores"][gi], s, rtol=1e-5, atol=1e-12), (method, gi)
+
+
+_HSDP_SCRIPT = '''
+import torch, torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+import gradprune as gp
+from gradprune.integrations.distributed import MasksOutOfSyncError, check_masks_in_sync
+
+dist.init_process_group("gloo")
+mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard"))  # HSDP: 2 replicas of 1 shard
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+for layer in (model[0], model[2]):
+    fully_shard(layer, mesh=mesh)
+fully_shard(model, mesh=mesh)
+masks = gp.prune(model, criterion="magnitude", sparsity=0.5).masks
+digest = check_masks_in_sync(masks)
+if dist.get_rank() == 1:  # this replica keeps one more weight than the other: its weights are still 0
+    m = masks["0.weight"].view(-1)
+    m[torch.nonzero(~m)[0]] = True
+try:
+    check_masks_in_sync(masks)
+    print("not detected")
+except MasksOutOfSyncError as e:
+    print(f"rank {dist.get_rank()} {tuple(model[0].weight.placements)} in sync {digest[:8]}; then: {e}")
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_check_masks_in_sync_compares_replicas_of_a_shard_under_hsdp(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from test_distributed import ROOT
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed next to this Python")
+    script = tmp_path / "hsdp.py"
+    script.write_text(_HSDP_SCRIPT, encoding="utf-8")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
+    assert len(lines) == 2 and "not detected" not in proc.stdout
+    digests = {line.split(" in sync ")[1][:8] for line in lines}
+    assert len(digests) == 1  # in sync at first: the same digest on both ranks
+    for line in lines:
+        assert "(Replicate(), Shard(dim=0))" in line
+        assert "rank 1: '0.weight': rows 0:16 differ from those of rank 0" in line
