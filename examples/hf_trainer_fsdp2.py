@@ -10,7 +10,7 @@ The masks are sharded like the weights; each checkpoint folder gets the pruner's
 
 On GPUs the Trainer runs accelerate's FSDP2 as configured. accelerate (1.16) enables FSDP only on
 accelerators: on CPU it silently falls back to DDP, so on CPU (gloo) this script forces its FSDP2
-path with ``CPUFSDPTrainer`` (three lines; for trying it out and for the tests).
+path with ``CPUFSDPTrainer`` (a few lines; for trying it out and for the tests).
 """
 
 import os
