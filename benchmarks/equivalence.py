@@ -103,14 +103,16 @@ def documented_gp(inc):
                 start_step=inc["start_step"] + inc["pruning_frequency"] - 1,
                 end_step=inc["end_step"] - 1, frequency=inc["pruning_frequency"],
                 accumulate="last" if crit in ("gradient", "snip") else "mean",
-                reduce_each_step=inc.get("criterion_reduce_type", "mean") == "max")
+                reduce_each_step=inc.get("criterion_reduce_type", "mean") == "max",
+                # INC truncates its unit counts: int(units * sparsity)
+                count_rounding="floor")
 
 
 def old_guide_gp(inc):
     """What the guide said before: start one frequency later, same end, averaged scores."""
     cfg = documented_gp(inc)
     cfg.update(start_step=inc["start_step"] + inc["pruning_frequency"], end_step=inc["end_step"],
-               accumulate="mean", reduce_each_step=False)
+               accumulate="mean", reduce_each_step=False, count_rounding="half_up")
     return cfg
 
 
@@ -148,6 +150,7 @@ def variants(name, inc):
         flat["pattern"] += "-flat"
         v["N:M-flat (old conv layout)"] = flat
     doc = documented_gp(inc)
+    v["documented, round half up"] = dict(doc, count_rounding="half_up")
     if doc["reduce_each_step"]:
         v["documented, reduce once"] = dict(doc, reduce_each_step=False)
     if doc["accumulate"] == "last":
