@@ -299,7 +299,9 @@ def render(result):
          f"pruning_frequency={INC_SCHED['freq']}`, global scope, exp decay.", "",
          "Variants: **documented** = the recipe in `docs/migration/from_neural_compressor.md` "
          "(`start_step = INC start + frequency - 1`, `end_step = INC end - 1`, "
-         "`accumulate=\"last\"` for gradient/snip, `reduce_each_step=True` with `reduce=\"max\"`); "
+         "`accumulate=\"last\"` for gradient/snip, `reduce_each_step=True` with `reduce=\"max\"`, "
+         "`count_rounding=\"floor\"`); **documented, round half up** = the same with gradprune's "
+         "default `count_rounding=\"half_up\"` (the documented recipe before the option existed); "
          "**old guide** = what the guide said before (`start_step = INC start + frequency`, same "
          "`end_step`, default accumulation); **N:M-flat** = the documented recipe with the pre-0.2 "
          "conv N:M grouping; **documented, reduce once** / **documented, accumulate mean** = the "
@@ -330,11 +332,18 @@ NOTES = [
     "entries pruned; for `snip`/`snip_momentum`/`magnitude` a pruned weight scores 0 and stays "
     "pruned, but `gradient` scores pruned weights by their (nonzero) gradient, so INC can bring "
     "a pruned weight back where gradprune keeps it pruned: see the gradient rows.",
-    "Unit counts: INC truncates the number of units to prune (`int(units * s)`), gradprune rounds "
-    "half up (`round_half_up(units * s)`); where the two differ at an intermediate event the masks "
-    "differ by one or more units from then on (the 'count differs?' column), and the runs drift "
-    "apart (different weights, so different scores). INC's global `N:M` selection also does not "
-    "hit the target exactly (its final sparsity column).",
+    "Unit counts: INC truncates the number of units to prune (`int(units * s)`); gradprune rounds "
+    "half up by default and truncates with `count_rounding=\"floor\"` (the documented recipe). With "
+    "half-up rounding, where the two counts differ at an intermediate event the masks differ by one "
+    "or more units from then on (the 'count differs?' column) and the runs drift apart (different "
+    "weights, so different scores); with floor every `1x1`, `NxM`/`1x4` block case is identical at "
+    "every step.",
+    "N:M is not a unit-count difference: at an intermediate sparsity INC's `N:M` pattern chooses "
+    "whole groups of M (`int(groups * s * M / N)` of them) and prunes N entries in each, and prunes "
+    "every score tied at its threshold, so its sparsity overshoots (final sparsity column: 0.5091 "
+    "for 2:4 on the MLP); gradprune selects single entries up to the per-group cap to the exact "
+    "count. The two agree once every group is full (INC 1:4 magnitude on the MLP), not in general; "
+    "floor rounding does not change that (2:4 rows).",
     "sparselearning (`MagnitudePruneDecay`) is not on PyPI and is not driven by this script; the "
     "guide's mapping for it is derived from its source, not checked by running it.",
 ]
