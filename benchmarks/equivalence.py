@@ -338,12 +338,14 @@ NOTES = [
     "or more units from then on (the 'count differs?' column) and the runs drift apart (different "
     "weights, so different scores); with floor every `1x1`, `NxM`/`1x4` block case is identical at "
     "every step.",
-    "N:M is not a unit-count difference: at an intermediate sparsity INC's `N:M` pattern chooses "
-    "whole groups of M (`int(groups * s * M / N)` of them) and prunes N entries in each, and prunes "
-    "every score tied at its threshold, so its sparsity overshoots (final sparsity column: 0.5091 "
-    "for 2:4 on the MLP); gradprune selects single entries up to the per-group cap to the exact "
-    "count. The two agree once every group is full (INC 1:4 magnitude on the MLP), not in general; "
-    "floor rounding does not change that (2:4 rows).",
+    "N:M is not a unit-count difference: both libraries count whole groups of M made N:M "
+    "(`int(groups * s * M / N_pruned)` with floor), but they rank the groups differently. INC "
+    "(`patterns/ninm.py`, `reduce_scores`) scores a group by the reduced scores of the entries it "
+    "*keeps* (the lowest N_pruned zeroed, then reduced over all M), gradprune by the entries it "
+    "would prune; and INC prunes every score tied at its thresholds, so its sparsity ends near, not "
+    "on, the target (final sparsity column: 0.5091 for 2:4 on the MLP). The two agree at every step "
+    "only where the choice of groups coincides (INC 1:4 magnitude on the MLP); floor rounding does "
+    "not change that (2:4 rows).",
     "sparselearning (`MagnitudePruneDecay`) is not on PyPI and is not driven by this script; the "
     "guide's mapping for it is derived from its source, not checked by running it.",
 ]
