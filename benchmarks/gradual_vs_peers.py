@@ -8,8 +8,9 @@ Setting: MNIST-1D (generated offline with ``mnist1d.data.make_dataset``), two mo
 40-256-256-10 and a small 1D CNN). For every seed a dense model is trained first; every method then
 fine-tunes a copy of that same dense model with the same optimizer (fresh Adam), the same number of
 steps and the same batch order, pruning gradually with the same pattern, target sparsity and
-sparsity schedule (exp decay, the same sparsity at the same steps; see GPHooks for why gradprune's
-start_step is one frequency later than INC's). Reported, all measured by this script:
+sparsity schedule (exp decay, the same sparsity at the same steps; gradprune follows the recipe of
+docs/migration/from_neural_compressor.md, checked step by step by benchmarks/equivalence.py:
+start_step = INC start + frequency - 1, end_step = INC end - 1, count_rounding="floor"). Reported, all measured by this script:
 
 * test accuracy after fine-tuning (mean +- std over seeds);
 * achieved sparsity = fraction of exact zeros in the weights of the pruned layers after training,
@@ -211,13 +212,17 @@ class NoHooks:
 class GPHooks(NoHooks):
     def __init__(self, model, names, pattern, target, criterion, sched):
         # Neural Compressor's first event (at start_step) is event k=0 of its exp formula and prunes
-        # nothing; gradprune's first event is k=1 and already prunes. Unless told otherwise, gradprune
-        # starts one frequency later, so that both libraries follow the same sparsity trajectory (the
-        # measured trajectories are in the JSON).
-        start = sched["start"] + sched["freq"] if sched.get("align", True) else sched["start"]
+        # nothing, and INC prunes at the START of its step g where gradprune prunes at the END of step
+        # g - 1. Unless told otherwise, gradprune follows the migration guide's recipe, checked mask for
+        # mask by benchmarks/equivalence.py: start = INC start + frequency - 1, end = INC end - 1, and
+        # INC's truncated unit counts (count_rounding="floor").
+        align = sched.get("align", True)
+        start = sched["start"] + sched["freq"] - 1 if align else sched["start"]
+        end = sched["end"] - 1 if align else sched["end"]
         self.cfg = gp.PruneConfig(
             criterion=criterion, pattern=pattern, target_sparsity=target, schedule="exp",
-            start_step=min(start, sched["end"]), end_step=sched["end"], frequency=sched["freq"],
+            start_step=min(start, end), end_step=end, frequency=sched["freq"],
+            count_rounding="floor" if align else "half_up",
             scope="global", include=[f"{n}.weight" for n in names], seed=sched["seed"])
         self.pruner = gp.Pruner(model, self.cfg)
 
@@ -502,11 +507,20 @@ def write_markdown(path, meta, rows, records, skipped):
              f"every method fine-tunes a copy of it for {a['finetune_steps']} steps with a fresh Adam "
              f"(lr {a['lr']}) and the same batch order.")
     if a.get("align", True):
-        sched_txt = (f"INC start_step {a['start']}, gradprune start_step {a['start'] + a['freq']}; both end_step "
-                     f"{a['end']}, frequency {a['freq']}. INC's first event (at its start_step) is k=0 of its "
-                     "formula and prunes nothing, gradprune's first event is k=1 and already prunes; starting "
-                     "gradprune one frequency later gives both the same sparsity at the same steps (measured, "
-                     "see the trajectory table below; `--same-start` gives both the same start_step instead)")
+        if a.get("mapping") == "start+freq-1":
+            sched_txt = (f"INC start_step {a['start']}, end_step {a['end']}; gradprune start_step "
+                         f"{a['start'] + a['freq'] - 1}, end_step {a['end'] - 1}, count_rounding=\"floor\"; "
+                         f"frequency {a['freq']}: the migration guide's recipe, which "
+                         "`benchmarks/equivalence.py` checks mask for mask (INC prunes at the start of its step g, "
+                         "gradprune at the end of step g − 1; INC's first event is k=0 of its formula and prunes "
+                         "nothing; `--same-start` gives both the same start_step instead)")
+        else:  # results written before the checked mapping (start + freq, same end, half-up counts)
+            sched_txt = (f"INC start_step {a['start']}, gradprune start_step {a['start'] + a['freq']}; both end_step "
+                         f"{a['end']}, frequency {a['freq']}. INC's first event (at its start_step) is k=0 of its "
+                         "formula and prunes nothing, gradprune's first event is k=1 and already prunes; starting "
+                         "gradprune one frequency later was meant to give both the same sparsity at the same steps "
+                         "(**this mapping is one step late**: these results predate the checked recipe "
+                         "start + freq − 1 / end − 1 with `count_rounding=\"floor\"`, which the script now uses)")
     else:
         sched_txt = (f"start_step {a['start']}, end_step {a['end']}, frequency {a['freq']} for both (so gradprune "
                      "is one event ahead of INC, whose first event prunes 0%)")
@@ -668,8 +682,9 @@ def main(argv=None):
     ap.add_argument("--chunk", type=int, default=10,
                     help="runs are interleaved in chunks of this many steps (timing fairness)")
     ap.add_argument("--same-start", action="store_true",
-                    help="give gradprune the same start_step as INC (by default gradprune starts one "
-                         "frequency later: INC's first event prunes 0%%, so this aligns the trajectories)")
+                    help="give gradprune the same start/end steps as INC and its default rounding (by "
+                         "default gradprune follows the migration guide's checked recipe: start + "
+                         "frequency - 1, end - 1, count_rounding='floor')")
     ap.add_argument("--no-inc-magnitude", action="store_true",
                     help="skip the extra Neural Compressor magnitude runs")
     ap.add_argument("--out", default=str(HERE / "results"),
@@ -695,7 +710,8 @@ def main(argv=None):
         start, end, freq = 100, 600, 50
     if end >= ft - 10:
         raise SystemExit("fine-tune steps must exceed end_step")
-    sched = {"start": start, "end": end, "freq": freq, "align": not args.same_start}
+    sched = {"start": start, "end": end, "freq": freq, "align": not args.same_start,
+             "mapping": "start+freq-1"}
     torch.set_num_threads(args.threads)
 
     t_all = time.perf_counter()

@@ -14,9 +14,10 @@ PIP="$VENV/bin/pip"
 
 # torch is pinned on the SAME command line as every torch-dependent package; otherwise pip
 # resolves a CUDA torch and downloads several GB. neural-compressor 3.7.1 needs setuptools<81
-# (pkg_resources) and six; it downgrades numpy to 1.26.
+# (pkg_resources) and six; it downgrades numpy to 1.26. gradprune (installed --no-deps below)
+# imports tqdm, and reads YAML with pyyaml.
 "$PIP" install --upgrade pip >/dev/null
-"$PIP" install "torch==2.13.0" "neural-compressor==3.7.1" "setuptools<81" six mnist1d scikit-learn numpy
+"$PIP" install "torch==2.13.0" "neural-compressor==3.7.1" "setuptools<81" six mnist1d scikit-learn numpy tqdm pyyaml
 
 # gradprune itself, editable, without touching the pinned deps above.
 if [ -f "$ROOT/pyproject.toml" ] || [ -f "$ROOT/setup.py" ]; then

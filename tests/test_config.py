@@ -16,7 +16,7 @@ from gradprune.config import DEFAULT_MODULE_TYPES, parse_pattern
 FIELDS = [
     "criterion", "criterion_options", "pattern", "reduce", "accumulate", "reduce_each_step",
     "target_sparsity", "topk", "threshold",
-    "initial_sparsity", "scope", "allocation", "min_sparsity", "max_sparsity", "schedule",
+    "initial_sparsity", "scope", "allocation", "min_sparsity", "max_sparsity", "count_rounding", "schedule",
     "start_step", "end_step", "frequency", "include", "exclude", "module_types",
     "include_classifier", "strict_filters", "seed",
 ]
@@ -33,7 +33,7 @@ BAD_TYPES = [
     ("criterion", 3), ("criterion", None),
     ("criterion_options", [1]), ("criterion_options", "alpha=1"), ("criterion_options", {1: 2}),
     ("pattern", 4), ("pattern", None),
-    ("reduce", 1),
+    ("reduce", 1), ("count_rounding", 1), ("count_rounding", None),
     ("target_sparsity", "0.5"), ("target_sparsity", True), ("target_sparsity", [0.5]),
     ("topk", "3"), ("topk", True), ("topk", False),
     ("threshold", "0.1"), ("threshold", True),
@@ -81,7 +81,7 @@ def test_type_error_message_format():
 BAD_VALUES = [
     ("criterion", ""),
     ("pattern", "3x"), ("pattern", "0x1"), ("pattern", "4:2"), ("pattern", "2:2"), ("pattern", "row"),
-    ("reduce", "median"),
+    ("reduce", "median"), ("count_rounding", "ceil"), ("count_rounding", "Floor"),
     ("target_sparsity", 1.0), ("target_sparsity", -0.1), ("target_sparsity", math.nan),
     ("target_sparsity", 1),
     ("topk", 0), ("topk", -3), ("topk", 0.0), ("topk", 1.5), ("topk", -0.5), ("topk", math.nan),

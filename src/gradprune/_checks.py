@@ -21,6 +21,8 @@ __all__ = [
     "check_threshold",
     "check_names",
     "round_half_up",
+    "COUNT_ROUNDINGS",
+    "count_of",
 ]
 
 
@@ -155,3 +157,22 @@ def round_half_up(x: float) -> int:
     never moves a count.
     """
     return int(math.floor(round(x, 9) + 0.5))
+
+
+COUNT_ROUNDINGS = ("half_up", "floor")
+
+
+def count_of(x: float, rounding: str = "half_up") -> int:
+    """A count from a real number of units, by one of :data:`COUNT_ROUNDINGS`: ``"half_up"``
+    (:func:`round_half_up`, gradprune's default) or ``"floor"`` (Neural Compressor's
+    ``int(units * sparsity)``). Both first round ``x`` to 9 decimals, so float noise never moves a
+    count (``0.29 * 100 = 28.999999999999996`` floors to 29).
+
+        >>> count_of(2.5), count_of(2.5, "floor"), count_of(2.999, "floor")
+        (3, 2, 2)
+    """
+    if rounding == "half_up":
+        return round_half_up(x)
+    if rounding == "floor":
+        return int(math.floor(round(x, 9)))
+    raise ValueError(f"count_rounding must be one of {', '.join(COUNT_ROUNDINGS)}; got {rounding!r}")

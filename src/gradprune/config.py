@@ -24,11 +24,11 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar
 
-from ._checks import (check_bool, check_choice, check_float, check_int, check_str_list, check_threshold,
+from ._checks import (COUNT_ROUNDINGS, check_bool, check_choice, check_float, check_int, check_str_list, check_threshold,
                       check_topk)
 from ._io import atomic_write  # re-exported: gradprune.config.atomic_write
 
-__all__ = ["Config", "PruneConfig", "SCHEDULES", "SCOPES", "ALLOCATIONS", "REDUCTIONS",
+__all__ = ["Config", "PruneConfig", "SCHEDULES", "SCOPES", "ALLOCATIONS", "REDUCTIONS", "COUNT_ROUNDINGS",
            "parse_pattern", "atomic_write", "yaml_load"]
 
 SCHEDULES = ("oneshot", "cubic", "exp", "linear", "cos", "cube")
@@ -274,6 +274,10 @@ class PruneConfig(Config):
         allocation: per-layer sparsity for local scope: ``"uniform"``, ``"er"``, ``"erk"`` or
             ``"owl"`` (outlier-weighed, from calibration inputs; :func:`gradprune.prune` only).
         min_sparsity, max_sparsity: per-layer bounds; a capped layer's share goes to the others.
+        count_rounding: how a sparsity becomes a number of units to prune (per layer, or over all
+            layers in global scope): ``"half_up"`` (default: nearest, halves up, so 0.75 of 10
+            units prunes 8) or ``"floor"`` (Neural Compressor's ``int(units * sparsity)``: 7).
+            Both ignore float noise below 1e-9. ``max_sparsity`` always rounds down.
         schedule, start_step, end_step, frequency: gradual schedule over optimizer steps.
         include, exclude, module_types, include_classifier: which parameters are prunable
             (see :func:`gradprune.targets.find_targets`): ``include``/``exclude`` patterns are
@@ -305,6 +309,7 @@ class PruneConfig(Config):
     allocation: str = "uniform"
     min_sparsity: float = 0.0
     max_sparsity: float = 0.98
+    count_rounding: str = "half_up"
     schedule: str = "cubic"
     start_step: int = 0
     end_step: int = 0
@@ -384,6 +389,10 @@ class PruneConfig(Config):
     @staticmethod
     def _validate_max_sparsity(v):
         return check_float("max_sparsity", v, low=0.0, high=1.0)
+
+    @staticmethod
+    def _validate_count_rounding(v):
+        return check_choice("count_rounding", v, COUNT_ROUNDINGS)
 
     @staticmethod
     def _validate_schedule(v):

@@ -32,7 +32,8 @@
   the dense model's inputs; ``D`` is scaled to ``[0, 2*lambda]`` and centred, and block ``l`` gets
   sparsity ``s - (D'_l - mean D')``. Per-layer counts are then rounded by largest remainder so
   the overall count is exactly ``round(s * N)``. ``M`` and ``lambda`` are ``owl_m`` / ``owl_lambda``.
-* **Exact counts.** Each layer prunes ``round_half_up(s_l * units)`` units; ``"row"`` comparison
+* **Exact counts.** Each layer prunes ``round_half_up(s_l * units)`` units (rounded down with
+  ``count_rounding="floor"``); ``"row"`` comparison
   spreads them over the rows of the unit grid (``k // R`` each, one more for the first ``k % R``
   rows), ``sparsegpt`` over its column blocks by cumulative rounding. Ties: the higher index is
   pruned first (the lowest index is kept), as everywhere else.
@@ -48,7 +49,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from ._checks import check_float, round_half_up
+from ._checks import check_float, count_of, round_half_up
 from .masks import build_masks
 from .patterns import BlockPattern, NMPattern
 from .scores import stream_gradients
@@ -311,15 +312,16 @@ def _sparsegpt_chooser(pattern, k_total, shape_oi):
     return choose
 
 
-def _layer_counts(names, params, pattern, sparsity, group_sparsity):
-    """Units to prune per layer: ``round_half_up(s_l * units)``; with per-group sparsities
-    (OWL) corrected by largest remainder so the total is ``round_half_up(s * total units)``."""
+def _layer_counts(names, params, pattern, sparsity, group_sparsity, rounding="half_up"):
+    """Units to prune per layer: ``round_half_up(s_l * units)`` (``rounding="floor"``: rounded
+    down); with per-group sparsities (OWL) corrected by largest remainder so the total is
+    ``round_half_up(s * total units)`` (or its floor)."""
     units = {n: pattern.n_units(params[n].shape) for n in names}
     if group_sparsity is None:
-        return {n: round_half_up(sparsity * units[n]) for n in names}
+        return {n: count_of(sparsity * units[n], rounding) for n in names}
     want = {n: min(max(group_sparsity[n], 0.0), 1.0) * units[n] for n in names}
     counts = {n: int(want[n]) for n in names}
-    total = round_half_up(sparsity * sum(units.values()))
+    total = count_of(sparsity * sum(units.values()), rounding)
     rest = sorted(names, key=lambda n: (-(want[n] - counts[n]), names.index(n)))
     i = 0
     while sum(counts.values()) < total:
@@ -458,7 +460,7 @@ def prune_with_inputs(model: nn.Module, cfg, params: dict, transposed: list, pat
         if owl:
             group_s, details["owl_outlier_ratios"] = _owl_sparsities(groups, helper or criterion, sparsity,
                                                                    owl_m, owl_lambda)
-        counts = _layer_counts(names, params, pattern, sparsity, group_s)
+        counts = _layer_counts(names, params, pattern, sparsity, group_s, cfg.count_rounding)
         for n in names:
             prune_layer(n, counts)
         details["calibration_seconds"] = time.perf_counter() - start
@@ -485,7 +487,7 @@ def prune_with_inputs(model: nn.Module, cfg, params: dict, transposed: list, pat
                 off.park(i)
             group_s, details["owl_outlier_ratios"] = _owl_sparsities(groups, helper, sparsity, owl_m, owl_lambda)
             del xs
-        counts = _layer_counts(names, params, pattern, sparsity, group_s)
+        counts = _layer_counts(names, params, pattern, sparsity, group_s, cfg.count_rounding)
         for i, (bname, block) in enumerate(block_list):
             off.load(i)
             bnames = [n for n in names if block_of[n] == i]

@@ -198,7 +198,8 @@ def prune(
     new = build_masks(params, scores, pattern, previous=previous, signed=criterion.signed,
                       reduce=cfg.reduce, allocation=cfg.allocation, transposed=transposed, sparsity=target,
                       topk=cfg.topk, threshold=cfg.threshold, scope=cfg.scope,
-                      min_sparsity=cfg.min_sparsity, max_sparsity=cfg.max_sparsity)
+                      min_sparsity=cfg.min_sparsity, max_sparsity=cfg.max_sparsity,
+                      count_rounding=cfg.count_rounding)
     masks = MaskSet(model, names=fit, masks=new)
     masks.apply()
     report = SparsityReport(masks, skipped, {n: targets[n].shape for n in skipped})

@@ -53,6 +53,11 @@ from .targets import find_targets
 
 __all__ = ["Pruner"]
 
+# What a saved pruner state whose config lacks these fields ran with: they were added later, and
+# before that every count was rounded half up. ``load_state_dict`` reads such a config with these
+# values, so an old checkpoint resumes into the old behaviour (never silently into a new one).
+_LEGACY_CONFIG = {"count_rounding": "half_up"}
+
 
 class Pruner:
     """Gradual pruning driven by three hooks called from your training loop.
@@ -173,7 +178,8 @@ class Pruner:
         new = build_masks(self.params, self.criterion.scores, self.pattern, previous=dict(self.masks),
                           signed=self.criterion.signed, reduce=cfg.reduce, allocation=cfg.allocation,
                           sparsity=sparsity, scope=cfg.scope, min_sparsity=cfg.min_sparsity,
-                          max_sparsity=cfg.max_sparsity, transposed=self._transposed)
+                          max_sparsity=cfg.max_sparsity, count_rounding=cfg.count_rounding,
+                          transposed=self._transposed)
         for n, m in new.items():
             self.masks[n] = m
         if self.optimizer is not None:
@@ -222,13 +228,17 @@ class Pruner:
         if not isinstance(state["config"], Mapping):
             raise TypeError(f"pruner state 'config' must be a dict, got {type(state['config']).__name__}")
         mine = self.config.to_dict()
-        absent = sorted(set(mine) - set(state["config"]))
+        legacy = {k: v for k, v in _LEGACY_CONFIG.items() if k not in state["config"]}
+        absent = sorted(set(mine) - set(state["config"]) - set(legacy))
         if absent:
             raise ValueError(f"pruner state was saved with a different config: the saved config lacks {absent}")
-        saved = PruneConfig.from_dict(dict(state["config"]))
+        saved = PruneConfig.from_dict({**state["config"], **legacy})
         if saved != self.config:
             diff = [k for k, v in saved.to_dict().items() if mine[k] != v]
-            raise ValueError(f"pruner state was saved with a different config (fields {diff})")
+            old = {k: v for k, v in legacy.items() if k in diff}
+            raise ValueError(f"pruner state was saved with a different config (fields {diff})"
+                             + (f"; it predates {sorted(old)} and ran with "
+                                + ", ".join(f"{k}={v!r}" for k, v in old.items()) if old else ""))
         step = check_int("step", state["step"], min_value=0)
         skipped = check_int("skipped_steps", state.get("skipped_steps", 0), min_value=0)
         history = state.get("history", [])

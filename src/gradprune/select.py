@@ -10,6 +10,11 @@ Rules, all exact:
   prunes ``round_half_up(s * n / w)`` units (for every pattern but N:M that is ``round(s * units)``).
   Global scope prunes ``round_half_up(s * N / w)`` units over all layers when every unit removes the
   same ``w`` entries; otherwise the number whose removed-weight total is closest to ``s * N``.
+  With ``count_rounding="floor"`` (Neural Compressor's ``int(units * s)``) every such count rounds
+  down instead: ``floor(s * n / w)`` per layer, ``floor(s * N / w)`` globally, and with mixed unit
+  weights the longest run of the selection order (lowest scores first, ties as below) whose removed
+  weight does not exceed ``s * N``. The ``min_sparsity`` floor of a layer rounds the same way;
+  ``max_sparsity`` always rounds down.
 - **Ties.** Among equal scores, the unit that comes later (higher flat index; in global scope, the
   later layer first) is pruned first, so the lowest flat index is kept.
 - **Global scope** finds one threshold by bisection over the float32 order, counting per layer, so
@@ -44,7 +49,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ._checks import check_threshold, check_topk, round_half_up
+from ._checks import COUNT_ROUNDINGS, check_choice, check_threshold, check_topk, count_of
 
 __all__ = ["Units", "select", "allocate_densities", "raw_density"]
 
@@ -222,8 +227,10 @@ def _threshold(scores, unit_weights, target, smin, smax, weight_at_most, sample:
     return _unkey(hi)
 
 
-def _global_lowest(layers: list[Units], target: float, unit_weights: list[int]) -> dict[str, torch.Tensor]:
-    """Prune the globally lowest units until the removed weight is (closest to) ``target``.
+def _global_lowest(layers: list[Units], target: float, unit_weights: list[int],
+                   rounding: str = "half_up") -> dict[str, torch.Tensor]:
+    """Prune the globally lowest units until the removed weight is (closest to) ``target``; with
+    ``rounding="floor"``, the longest run of the order whose removed weight is at most ``target``.
 
     Units an earlier mask pruned come first and count toward ``target`` (also against free units
     that score ``-inf``): the rest is selected among the free units only.
@@ -236,7 +243,7 @@ def _global_lowest(layers: list[Units], target: float, unit_weights: list[int]) 
         sub = _global_lowest([Units(u.name, u.scores[f], u.weight, u.numel, group=u.group,
                                     total=None if u.group is None else u.n - k)
                               for u, f, k in zip(layers, frees, forced)],
-                             target - done, unit_weights)
+                             target - done, unit_weights, rounding)
         out = {}
         for u, f in zip(layers, frees):
             o = ~f
@@ -285,7 +292,9 @@ def _global_lowest(layers: list[Units], target: float, unit_weights: list[int]) 
         gap = target - removed
         take = min(n_ties, int(gap // w))
         stop = False
-        if take < n_ties and gap - take * w > 0:
+        if take < n_ties and rounding == "floor":
+            stop = True            # the next unit would pass the target: the run ends here
+        elif take < n_ties and gap - take * w > 0:
             rest = gap - take * w
             if w - rest <= rest:
                 take += 1          # one more overshoots by less than stopping undershoots
@@ -302,13 +311,14 @@ def _global_lowest(layers: list[Units], target: float, unit_weights: list[int]) 
     return out
 
 
-def _global_with_bounds(layers, target_units_weight, unit_weights, lo_k, hi_k):
+def _global_with_bounds(layers, target_units_weight, unit_weights, lo_k, hi_k, rounding="half_up"):
     """Global selection where layer ``i`` must prune between ``lo_k[i]`` and ``hi_k[i]`` units."""
     fixed: dict[int, int] = {}
     while True:
         free = [i for i in range(len(layers)) if i not in fixed]
         rem = target_units_weight - sum(unit_weights[i] * k for i, k in fixed.items())
-        result = _global_lowest([layers[i] for i in free], rem, [unit_weights[i] for i in free]) if free else {}
+        result = _global_lowest([layers[i] for i in free], rem, [unit_weights[i] for i in free],
+                                rounding) if free else {}
         over, under, excess, deficit = {}, {}, 0, 0
         ks = _gcounts([layers[i] for i in free], [result[layers[i].name] for i in free])
         for i, k in zip(free, ks):
@@ -373,8 +383,17 @@ def select(
     allocation: str = "uniform",
     min_sparsity: float = 0.0,
     max_sparsity: float = 0.98,
+    count_rounding: str = "half_up",
 ) -> dict[str, torch.Tensor]:
-    """Per layer, a 1-D bool *keep* mask over its units. See the module docstring for the rules."""
+    """Per layer, a 1-D bool *keep* mask over its units. See the module docstring for the rules.
+
+    ``count_rounding`` (``"half_up"`` or ``"floor"``) turns ``sparsity`` into unit counts.
+
+        >>> import torch
+        >>> u = Units("w", torch.tensor([0.5, 0.1, 0.2, 0.9]), weight=1, numel=4)
+        >>> select([u], sparsity=0.7)["w"], select([u], sparsity=0.7, count_rounding="floor")["w"]  # 2.8 units
+        (tensor([False, False, False,  True]), tensor([ True, False, False,  True]))
+    """
     layers = list(layers)
     if not layers:
         raise ValueError("select needs at least one layer, got none")
@@ -384,11 +403,13 @@ def select(
         raise ValueError("one of sparsity, topk or threshold must be set")
     check_topk("topk", topk)                  # bool and topk=0 are rejected everywhere
     check_threshold("threshold", threshold)
+    check_choice("count_rounding", count_rounding, COUNT_ROUNDINGS)
     for u, nans in zip(layers, _gcounts(layers, [torch.isnan(u.scores) for u in layers])):
         if nans:
             raise ValueError(f"scores of {u.name!r} contain NaN")
     if sparsity is not None:
-        pruned = _select_sparsity(layers, sparsity, scope, allocation, min_sparsity, max_sparsity)
+        pruned = _select_sparsity(layers, sparsity, scope, allocation, min_sparsity, max_sparsity,
+                                  count_rounding)
     else:
         pruned = _select_topk_threshold(layers, topk, threshold, scope)
     out = {}
@@ -406,7 +427,7 @@ def _units_at_most(cap: float, u: Units) -> int:
     return min(u.n, int(math.floor(round(cap * u.scale, 9))))
 
 
-def _select_sparsity(layers, sparsity, scope, allocation, min_s, max_s):
+def _select_sparsity(layers, sparsity, scope, allocation, min_s, max_s, rounding="half_up"):
     caps = [min(max_s, u.n / u.scale) for u in layers]
     floors = [min(min_s, c) for c in caps]
     if scope == "local":
@@ -420,17 +441,17 @@ def _select_sparsity(layers, sparsity, scope, allocation, min_s, max_s):
             per_layer = [1.0 - d for d in dens]
         out = {}
         for u, s, c in zip(layers, per_layer, caps):
-            k = max(u.n_forced(), min(_units_at_most(c, u), round_half_up(s * u.scale)))
+            k = max(u.n_forced(), min(_units_at_most(c, u), count_of(s * u.scale, rounding)))
             out[u.name] = _lowest_of(u, u.scores, k, u.pruned)
         return out
     # global
     weights = [u.weight for u in layers]
     total_numel = sum(u.numel for u in layers)
     same = len(set(weights)) == 1
-    target = round_half_up(sparsity * total_numel / weights[0]) * weights[0] if same \
-        else sparsity * total_numel
+    target = count_of(sparsity * total_numel / weights[0], rounding) * weights[0] if same \
+        else (round(sparsity * total_numel, 9) if rounding == "floor" else sparsity * total_numel)
     hi_k = [max(u.n_forced(), _units_at_most(c, u)) for u, c in zip(layers, caps)]
-    lo_k = [min(h, max(u.n_forced(), round_half_up(f * u.scale))) for u, f, h in zip(layers, floors, hi_k)]
+    lo_k = [min(h, max(u.n_forced(), count_of(f * u.scale, rounding))) for u, f, h in zip(layers, floors, hi_k)]
     low = sum(w * k for w, k in zip(weights, lo_k))
     high = sum(w * k for w, k in zip(weights, hi_k))
     if target > high or target < low:
@@ -439,7 +460,7 @@ def _select_sparsity(layers, sparsity, scope, allocation, min_s, max_s):
             f"max_sparsity={max_s:g} and this pattern (reachable: {low / total_numel:g} to "
             f"{high / total_numel:g})"
         )
-    return _global_with_bounds(layers, target, weights, lo_k, hi_k)
+    return _global_with_bounds(layers, target, weights, lo_k, hi_k, rounding)
 
 
 def _select_topk_threshold(layers, topk, threshold, scope):
