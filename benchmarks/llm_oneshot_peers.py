@@ -8,6 +8,8 @@ ratios are measured side by side. Build the environment, then run it:
     python3 -m venv /work/venvs/llmc
     /work/venvs/llmc/bin/pip install torch==2.13.0 "llmcompressor==0.14.*" "torchao==0.18.*"
     OMP_NUM_THREADS=1 PYTHONPATH=src nice -n 10 /work/venvs/llmc/bin/python benchmarks/llm_oneshot_peers.py
+    OMP_NUM_THREADS=1 PYTHONPATH=src nice -n 10 /work/venvs/llmc/bin/python benchmarks/llm_oneshot_peers.py \
+        --timing-repeats 5          # paired, alternating timing of each gradprune/peer pair
 
 Per (seed, setting, method): held-out perplexity, calibration wall time (the pruning call,
 calibration forwards included; imports and
@@ -179,6 +181,8 @@ def main():
     ap.add_argument("--n-eval", type=int, default=32)
     ap.add_argument("--calib-batch", type=int, default=4)
     ap.add_argument("--out", default="llm_oneshot_peers")
+    ap.add_argument("--timing-repeats", type=int, default=0,
+                    help="instead of the grid: time each PAIRS pair this many times, alternating, seed 0")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
@@ -193,6 +197,8 @@ def main():
     warm = torch.load(OUT / "llm_oneshot_calib_seed0.pt", weights_only=True)[:4]
     for method in args.methods:
         run(method, copy.deepcopy(base), warm, "50%", args.calib_batch)
+    if args.timing_repeats:
+        return paired_timing(base, args)
     path = OUT / f"{args.out}.json"
     rows = []
     if path.exists():  # keep the cells this run does not redo
@@ -224,6 +230,42 @@ def main():
                           "threads": torch.get_num_threads(), "owl": {"m": OWL_M, "lambda": OWL_LAMBDA}}
                 path.write_text(json.dumps(result, indent=1))
                 write_markdown(result, OUT / f"{args.out}.md")
+
+
+def paired_timing(base, args):
+    """Calibration time of each (gradprune, peer) pair on seed 0, alternating which runs first, so
+    load changes on a shared machine hit both alike; min and median over ``--timing-repeats``."""
+    seqs = torch.load(OUT / f"llm_oneshot_calib_seed{args.seeds[0]}.pt", weights_only=True)
+    out = {"versions": versions(), "threads": torch.get_num_threads(), "repeats": args.timing_repeats,
+           "seed": args.seeds[0], "cells": []}
+    for setting in args.settings:
+        if SETTINGS[setting][2]:
+            continue  # OWL: llm-compressor's OWL fails (see the grid), torchao has none
+        for ours, peer in PAIRS:
+            times = {ours: [], peer: []}
+            for i in range(args.timing_repeats):
+                for method in ((ours, peer) if i % 2 == 0 else (peer, ours)):
+                    model = copy.deepcopy(base)
+                    t = time.perf_counter()
+                    run(method, model, seqs, setting, args.calib_batch)
+                    times[method].append(time.perf_counter() - t)
+            cell = {"setting": setting, "gradprune": ours, "peer": peer, "seconds": times,
+                    "min_ratio_peer_over_gradprune": min(times[peer]) / min(times[ours]),
+                    "median_ratio_peer_over_gradprune": statistics.median(times[peer]) / statistics.median(times[ours])}
+            out["cells"].append(cell)
+            log.info("%s", cell)
+            (OUT / f"{args.out}_timing.json").write_text(json.dumps(out, indent=1))
+    lines = [f"Paired calibration time, seed {out['seed']}, {out['repeats']} alternating repeats each, one process, "
+             f"{out['threads']} thread, torch {out['versions']['torch']}, llm-compressor "
+             f"{out['versions']['llmcompressor']}, torchao {out['versions']['torchao']}; shared, loaded 2-core machine.",
+             "", "| setting | gradprune | peer | gradprune s (min / median) | peer s (min / median) | "
+             "peer / gradprune (min, median) |", "|---|---|---|---|---|---|"]
+    for c in out["cells"]:
+        a, b = c["seconds"][c["gradprune"]], c["seconds"][c["peer"]]
+        lines.append(f"| {c['setting']} | {c['gradprune']} | {c['peer']} | {min(a):.2f} / {statistics.median(a):.2f} | "
+                     f"{min(b):.2f} / {statistics.median(b):.2f} | {c['min_ratio_peer_over_gradprune']:.2f}, "
+                     f"{c['median_ratio_peer_over_gradprune']:.2f} |")
+    (OUT / f"{args.out}_timing.md").write_text("\n".join(lines) + "\n")
 
 
 PAIRS = [("gradprune sparsegpt", "llmcompressor SparseGPTModifier"),

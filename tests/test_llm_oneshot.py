@@ -512,3 +512,28 @@ def test_global_scope_refusals_name_why(kwargs, match):
     with pytest.raises(ValueError, match=match):
         gp.prune(tiny_llama(), sparsity=0.5, scope="global", data=calib(), loss_fn=counting_loss, **kwargs)
     assert calls == []
+
+
+# -- sequential on the other decoder families ------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["Qwen2", "Qwen3", "Gemma", "Phi3", "Mistral"])
+def test_sequential_runs_block_by_block_on_other_decoders(family):
+    cfg = getattr(transformers, f"{family}Config")(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, head_dim=8, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{family}ForCausalLM")(cfg).eval()
+    dense = copy.deepcopy(model)
+    res = gp.prune(model, sparsity=0.5, criterion="wanda", data=calib(), loss_fn=loss_fn, sequential=True)
+    assert res.details["sequential"] and res.details["peak_device_bytes"] > 0
+    names = [n for n in weights(model) if ".layers." in n]
+    assert sorted(res.masks) == sorted(names)
+    for n, m in res.masks.items():
+        assert int((~m).sum()) == m.numel() // 2, n
+    # block 0 sees the dense model's inputs: its masks equal a non-sequential run restricted to it
+    ref = gp.prune(dense, sparsity=0.5, criterion="wanda", data=calib(), loss_fn=loss_fn,
+                   include=["*.layers.0.*"])
+    for n, m in ref.masks.items():
+        assert float((m != res.masks[n]).float().mean()) <= 0.001, n
+    assert torch.isfinite(loss_fn(model, calib()[0]))

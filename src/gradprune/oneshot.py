@@ -4,7 +4,11 @@
 ``gblm``, ``ria``), when ``sequential=True`` or when ``allocation="owl"``.
 
 * **Inputs.** Each pruned ``Linear`` (or GPT-2 ``Conv1D``) reads ``input[0]`` of its forward, every
-  calibration token (``loss_fn(model, batch)`` runs the batches; only the forward is used, except
+  calibration token; a ``Conv1d`` / ``Conv2d`` reads its input unfolded (one row per output
+  position, padding included: :func:`~gradprune.scores.llm.input_matrix`), so its weight is the
+  ``[out, in * prod(kernel)]`` matrix of the convolution-as-matmul. Grouped, 3-D and transposed
+  convolutions and weights that are not a layer's ``weight`` (e.g. ``MultiheadAttention``'s
+  ``in_proj_weight``) are refused with a ``ValueError`` naming the parameter, before any work (``loss_fn(model, batch)`` runs the batches; only the forward is used, except
   for criteria that also read gradients, e.g. ``gblm``: their gradients come from one backward per
   batch through the *dense* model first, as in the reference implementation).
 * **Sequential** (``sequential=True``): the inputs of the first block are captured (the forward is
@@ -32,6 +36,13 @@
   the dense model's inputs; ``D`` is scaled to ``[0, 2*lambda]`` and centred, and block ``l`` gets
   sparsity ``s - (D'_l - mean D')``. Per-layer counts are then rounded by largest remainder so
   the overall count is exactly ``round(s * N)``. ``M`` and ``lambda`` are ``owl_m`` / ``owl_lambda``.
+* **Scope.** ``scope="local"`` (default): every layer to its sparsity. ``scope="global"`` (``wanda``,
+  ``ria``, ``gblm``, dense inputs): one ranking of every layer's scores with one exact count over
+  all layers (``round_half_up(s * N)`` entries, bounded by ``min_sparsity`` / ``max_sparsity``),
+  as :func:`gradprune.prune` does for the gradient criteria; the paper's per-row comparison does
+  not apply then. Refused: ``sparsegpt`` (per layer by construction: the OBS update reconstructs
+  each layer from its own Hessian and picks the mask while updating), ``sequential=True`` (a block
+  is scored only after the blocks before it are pruned) and ``allocation="owl"``.
 * **Exact counts.** Each layer prunes ``round_half_up(s_l * units)`` units; ``"row"`` comparison
   spreads them over the rows of the unit grid (``k // R`` each, one more for the first ``k % R``
   rows), ``sparsegpt`` over its column blocks by cumulative rounding. Ties: the higher index is
