@@ -135,7 +135,7 @@ def main():
         redo = {(sd, st, m) for sd in args.seeds for st in args.settings for m in args.methods}
         rows = [r for r in json.loads(path.read_text())["rows"] if (r["seed"], r["setting"], r["method"]) not in redo]
     recon = reconstruction_errors(base, llm_model.sequences(ids["train"], n=args.n_calib, seed=1000 + args.seeds[0]),
-                                  args.calib_batch, [s for s in args.settings if "OWL" not in s])
+                                  args.calib_batch, ["50%", "2:4", "4:8", "70%"])
     for seed in args.seeds:
         seqs = llm_model.sequences(ids["train"], n=args.n_calib, seed=1000 + seed)
         calib = list(seqs.split(args.calib_batch))
