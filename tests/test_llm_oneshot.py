@@ -288,3 +288,252 @@ def test_bad_input_raises_before_any_work(kwargs, exc, match):
 def test_input_criteria_need_data():
     with pytest.raises(ValueError, match="data="):
         gp.prune(tiny_llama(), sparsity=0.5, criterion="ria")
+
+
+# -- convolutions: inputs unfolded -----------------------------------------------------------------
+
+class TinyConvNet(torch.nn.Module):
+    """Conv2d (zero padding), Conv2d (stride 2, reflect padding), Conv1d ('same', dilation 2), head."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(4, 8, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1, padding_mode="reflect")
+        self.c3 = torch.nn.Conv1d(8, 8, 3, padding="same", dilation=2)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.c2(torch.relu(self.c1(x))))
+        x = torch.relu(self.c3(x.flatten(2)))
+        return self.fc(x.mean(-1))
+
+
+def conv_model(seed=0):
+    torch.manual_seed(seed)
+    return TinyConvNet().eval()
+
+
+def conv_data(n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(3, 4, 8, 8, generator=g), torch.randint(0, 4, (3,), generator=g)) for _ in range(n)]
+
+
+def conv_loss(model, batch):
+    return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+CONVS = ["c1.weight", "c2.weight", "c3.weight"]
+
+
+def conv_inputs(model, data):
+    """``{name: (module, [raw inputs])}`` of each conv layer on ``data``."""
+    xs, handles = {n: [] for n in CONVS}, []
+    for n in CONVS:
+        handles.append(model.get_submodule(n[:-7]).register_forward_pre_hook(
+            lambda m, a, n=n: xs[n].append(a[0].detach())))
+    with torch.no_grad():
+        for b in data:
+            conv_loss(model, b)
+    for h in handles:
+        h.remove()
+    return xs
+
+
+def test_unfolded_conv_inputs_reproduce_the_convolution():
+    from gradprune.scores.llm import input_matrix
+
+    model = conv_model()
+    for n, xs in conv_inputs(model, conv_data(1)).items():
+        conv, x = model.get_submodule(n[:-7]), xs[0]
+        X = input_matrix(conv, x)                                   # [batch * positions, in * kernel]
+        y = X @ conv.weight.reshape(conv.out_channels, -1).t() + conv.bias
+        ref = conv(x).flatten(2).transpose(1, 2).reshape(-1, conv.out_channels)
+        torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pattern", ["1x1", "1x4", "2:4"])
+@pytest.mark.parametrize("criterion", LLM_CRITERIA)
+def test_conv_weights_exact_counts_and_structure(criterion, pattern):
+    model = conv_model()
+    res = gp.prune(model, sparsity=0.5, criterion=criterion, pattern=pattern, data=conv_data(),
+                   loss_fn=conv_loss, include=CONVS)
+    assert sorted(res.masks) == CONVS
+    for n, m in res.masks.items():
+        w = model.get_parameter(n).detach()
+        assert (w[~m] == 0).all(), n
+        if pattern == "2:4":  # 'channels' layout: 4 consecutive input channels at one kernel position
+            assert ((~m).movedim(1, -1).reshape(m.shape[0], -1, 4).sum(-1) == 2).all(), n
+        elif pattern == "1x4":
+            blocks = m.reshape(m.shape[0], -1, 4)
+            assert (blocks == blocks[..., :1]).all(), n
+            assert int((~blocks[..., 0]).sum()) == round_half_up(0.5 * blocks[..., 0].numel()), n
+        else:
+            assert int((~m).sum()) == m.numel() // 2, n
+
+
+def test_conv_wanda_equals_the_formula_on_unfolded_inputs():
+    from gradprune.scores.llm import input_matrix
+
+    model, dense = conv_model(), conv_model()
+    xs = conv_inputs(dense, conv_data())
+    res = gp.prune(model, sparsity=0.5, criterion="wanda", data=conv_data(), loss_fn=conv_loss, include=CONVS)
+    for n in CONVS:
+        conv = dense.get_submodule(n[:-7])
+        X = torch.cat([input_matrix(conv, x) for x in xs[n]])
+        w = conv.weight.detach().reshape(conv.out_channels, -1)
+        score = w.abs() * X.pow(2).sum(0).sqrt()
+        expected = torch.ones_like(w, dtype=torch.bool)
+        expected.scatter_(1, score.argsort(dim=1, stable=True)[:, : w.shape[1] // 2], False)
+        assert torch.equal(res.masks[n].reshape(w.shape), expected), n
+
+
+@pytest.mark.parametrize("pattern", ["1x1", "2:4"])
+def test_conv_sparsegpt_reconstructs_better_than_wanda_and_magnitude(pattern):
+    from gradprune.scores.llm import input_matrix, layer_inputs_error
+
+    base = conv_model()
+    xs = conv_inputs(copy.deepcopy(base), conv_data(8))
+    errs = {}
+    for crit in ("sparsegpt", "wanda", "magnitude"):
+        model = copy.deepcopy(base)
+        res = gp.prune(model, sparsity=0.5, criterion=crit, pattern=pattern, data=conv_data(8), loss_fn=conv_loss,
+                       include=CONVS, allocation="uniform")
+        assert res.details.get("weights_changed", False) is (crit == "sparsegpt")
+        errs[crit] = {}
+        for n in CONVS:
+            conv = base.get_submodule(n[:-7])
+            X = torch.cat([input_matrix(conv, x) for x in xs[n]])
+            errs[crit][n] = layer_inputs_error(base.get_parameter(n).reshape(8, -1),
+                                               model.get_parameter(n).reshape(8, -1), X)
+    for n in CONVS:
+        assert errs["sparsegpt"][n] < errs["wanda"][n], (n, errs)
+        assert errs["sparsegpt"][n] < errs["magnitude"][n], (n, errs)
+
+
+def test_conv_sequential_with_named_blocks():
+    class Blocks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(
+                [torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.ReLU()) for _ in range(3)])
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return x.mean()
+
+    torch.manual_seed(0)
+    model = Blocks()
+    data = [torch.randn(2, 4, 6, 6) for _ in range(3)]
+    res = gp.prune(model, sparsity=0.5, criterion="sparsegpt", data=data, loss_fn=lambda m, b: m(b),
+                   sequential=True)
+    assert res.details["sequential"] and res.details["peak_device_bytes"] > 0
+    for n, m in res.masks.items():
+        assert int((~m).sum()) == m.numel() // 2, n
+
+
+def test_gpt2_conv1d_wanda_equals_the_formula_transposed():
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64,
+                                                                 n_positions=32)).eval()
+    dense = copy.deepcopy(model)
+    names = list(weights(model))
+    assert any(n.endswith("c_attn.weight") for n in names)
+    xs = dense_inputs(dense, names, calib())
+    res = gp.prune(model, sparsity=0.5, criterion="wanda", data=calib(), loss_fn=loss_fn)
+    for n in names:
+        w = dense.get_parameter(n).detach().t()                # Conv1D stores [in, out]
+        score = w.abs() * xs[n].pow(2).sum(0).sqrt()
+        expected = torch.ones_like(w, dtype=torch.bool)
+        expected.scatter_(1, score.argsort(dim=1, stable=True)[:, : w.shape[1] // 2], False)
+        assert torch.equal(res.masks[n], expected.t()), n
+
+
+@pytest.mark.parametrize("layer,match", [
+    (torch.nn.Conv2d(4, 8, 3, groups=2), r"'c\.weight'.*grouped convolution \(groups=2\)"),
+    (torch.nn.Conv3d(4, 8, 3), r"'c\.weight'.*Conv3d"),
+])
+def test_unsupported_convs_are_refused_naming_the_layer(layer, match):
+    model = torch.nn.Sequential()
+    model.add_module("c", layer)
+    calls = []
+
+    def loss(m, b):
+        calls.append(1)
+        return m(b).sum()
+
+    for criterion in LLM_CRITERIA:
+        with pytest.raises(ValueError, match=match):
+            gp.prune(model, sparsity=0.5, criterion=criterion, data=[torch.randn(1, 4, 5, 5, 5)], loss_fn=loss)
+    assert calls == []
+
+
+# -- scope="global": one exact count over every layer ----------------------------------------------
+
+@pytest.mark.parametrize("pattern", ["1x1", "4x1"])
+@pytest.mark.parametrize("criterion", [c for c in LLM_CRITERIA if c != "sparsegpt"])
+def test_global_scope_exact_count_over_all_layers(criterion, pattern):
+    model = tiny_llama()
+    res = gp.prune(model, sparsity=0.6, criterion=criterion, pattern=pattern, scope="global", data=calib(),
+                   loss_fn=loss_fn, max_sparsity=1.0)
+    assert res.details["scope"] == "global"
+    total = sum(m.numel() for m in res.masks.values())
+    unit = 1 if pattern == "1x1" else 4
+    assert sum(int((~m).sum()) for m in res.masks.values()) == round_half_up(0.6 * total / unit) * unit
+    per_layer = [float((~m).float().mean()) for m in res.masks.values()]
+    assert max(per_layer) - min(per_layer) > 0.05          # layers compete: sparsities differ
+
+
+def test_global_wanda_prunes_the_globally_lowest_scores():
+    model = tiny_llama()
+    dense = copy.deepcopy(model)
+    names = list(weights(model))
+    xs = dense_inputs(dense, names, calib())
+    res = gp.prune(model, sparsity=0.5, criterion="wanda", scope="global", data=calib(), loss_fn=loss_fn,
+                   max_sparsity=1.0)
+    scores = torch.cat([(dense.get_parameter(n).detach().abs() * xs[n].norm(dim=0)).reshape(-1) for n in names])
+    k = round_half_up(0.5 * scores.numel())
+    threshold = scores.sort().values[k - 1]
+    pruned = torch.cat([(~res.masks[n]).reshape(-1) for n in names])
+    assert int(pruned.sum()) == k
+    assert bool((scores[pruned] <= threshold).all()) and bool((scores[~pruned] >= threshold).all())
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(criterion="sparsegpt"), "per layer.*own Hessian"),
+    (dict(criterion="wanda", sequential=True), "sequential=True scores each block only after"),
+])
+def test_global_scope_refusals_name_why(kwargs, match):
+    calls = []
+
+    def counting_loss(m, b):
+        calls.append(1)
+        return loss_fn(m, b)
+
+    with pytest.raises(ValueError, match=match):
+        gp.prune(tiny_llama(), sparsity=0.5, scope="global", data=calib(), loss_fn=counting_loss, **kwargs)
+    assert calls == []
+
+
+# -- sequential on the other decoder families ------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["Qwen2", "Qwen3", "Gemma", "Phi3", "Mistral"])
+def test_sequential_runs_block_by_block_on_other_decoders(family):
+    cfg = getattr(transformers, f"{family}Config")(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, head_dim=8, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{family}ForCausalLM")(cfg).eval()
+    dense = copy.deepcopy(model)
+    res = gp.prune(model, sparsity=0.5, criterion="wanda", data=calib(), loss_fn=loss_fn, sequential=True)
+    assert res.details["sequential"] and res.details["peak_device_bytes"] > 0
+    names = [n for n in weights(model) if ".layers." in n]
+    assert sorted(res.masks) == sorted(names)
+    for n, m in res.masks.items():
+        assert int((~m).sum()) == m.numel() // 2, n
+    # block 0 sees the dense model's inputs: its masks equal a non-sequential run restricted to it
+    ref = gp.prune(dense, sparsity=0.5, criterion="wanda", data=calib(), loss_fn=loss_fn,
+                   include=["*.layers.0.*"])
+    for n, m in ref.masks.items():
+        assert float((m != res.masks[n]).float().mean()) <= 0.001, n
+    assert torch.isfinite(loss_fn(model, calib()[0]))

@@ -4,7 +4,11 @@
 ``gblm``, ``ria``), when ``sequential=True`` or when ``allocation="owl"``.
 
 * **Inputs.** Each pruned ``Linear`` (or GPT-2 ``Conv1D``) reads ``input[0]`` of its forward, every
-  calibration token (``loss_fn(model, batch)`` runs the batches; only the forward is used, except
+  calibration token; a ``Conv1d`` / ``Conv2d`` reads its input unfolded (one row per output
+  position, padding included: :func:`~gradprune.scores.llm.input_matrix`), so its weight is the
+  ``[out, in * prod(kernel)]`` matrix of the convolution-as-matmul. Grouped, 3-D and transposed
+  convolutions and weights that are not a layer's ``weight`` (e.g. ``MultiheadAttention``'s
+  ``in_proj_weight``) are refused with a ``ValueError`` naming the parameter, before any work (``loss_fn(model, batch)`` runs the batches; only the forward is used, except
   for criteria that also read gradients, e.g. ``gblm``: their gradients come from one backward per
   batch through the *dense* model first, as in the reference implementation).
 * **Sequential** (``sequential=True``): the inputs of the first block are captured (the forward is
@@ -32,6 +36,13 @@
   the dense model's inputs; ``D`` is scaled to ``[0, 2*lambda]`` and centred, and block ``l`` gets
   sparsity ``s - (D'_l - mean D')``. Per-layer counts are then rounded by largest remainder so
   the overall count is exactly ``round(s * N)``. ``M`` and ``lambda`` are ``owl_m`` / ``owl_lambda``.
+* **Scope.** ``scope="local"`` (default): every layer to its sparsity. ``scope="global"`` (``wanda``,
+  ``ria``, ``gblm``, dense inputs): one ranking of every layer's scores with one exact count over
+  all layers (``round_half_up(s * N)`` entries, bounded by ``min_sparsity`` / ``max_sparsity``),
+  as :func:`gradprune.prune` does for the gradient criteria; the paper's per-row comparison does
+  not apply then. Refused: ``sparsegpt`` (per layer by construction: the OBS update reconstructs
+  each layer from its own Hessian and picks the mask while updating), ``sequential=True`` (a block
+  is scored only after the blocks before it are pruned) and ``allocation="owl"``.
 * **Exact counts.** Each layer prunes ``round_half_up(s_l * units)`` units (rounded down with
   ``count_rounding="floor"``); ``"row"`` comparison
   spreads them over the rows of the unit grid (``k // R`` each, one more for the first ``k % R``
@@ -53,7 +64,7 @@ from ._checks import check_float, count_of, round_half_up
 from .masks import build_masks
 from .patterns import BlockPattern, NMPattern
 from .scores import stream_gradients
-from .scores.llm import InputCriterion, WandaCriterion
+from .scores.llm import InputCriterion, WandaCriterion, input_layer_problem, input_matrix
 from .select import _prune_lowest
 
 __all__ = ["find_blocks", "prune_with_inputs"]
@@ -96,6 +107,10 @@ def find_blocks(model: nn.Module, names: Iterable[str] | None = None) -> list[tu
     return [(f"{prefix}{i}", m) for i, m in enumerate(best[1])]
 
 
+def _owner(model, name):
+    return model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+
+
 class _Stop(Exception):
     pass
 
@@ -131,12 +146,14 @@ def _batches(data, n_batches):
 
 @contextmanager
 def _input_hooks(model, names, sink: Callable[[str, torch.Tensor], None]):
+    """Feed ``sink(name, X)`` every input of each named weight's layer, as the ``[tokens, in]``
+    matrix its weight multiplies (conv inputs unfolded: :func:`~gradprune.scores.llm.input_matrix`)."""
     handles = []
     for n in names:
-        mod = model.get_submodule(n.rsplit(".", 1)[0]) if "." in n else model
+        mod = _owner(model, n)
 
-        def hook(_m, args, _n=n):
-            sink(_n, args[0])
+        def hook(m, args, _n=n):
+            sink(_n, input_matrix(m, args[0]))
 
         handles.append(mod.register_forward_pre_hook(hook))
     try:
@@ -385,14 +402,30 @@ def prune_with_inputs(model: nn.Module, cfg, params: dict, transposed: list, pat
     """Masks ``{name: keep}`` and ``details`` for :func:`gradprune.prune` (see the module doc)."""
     transposed = set(transposed)
     sparsity = cfg.effective_target()
-    for n, p in params.items():
-        if p.dim() != 2:
-            raise ValueError(f"criterion {cfg.criterion!r} / sequential / OWL prune 2-D Linear weights; "
-                             f"{n!r} has shape {tuple(p.shape)} (exclude it)")
+    owl = cfg.allocation == "owl"
+    if isinstance(criterion, InputCriterion) or owl:
+        for n in params:
+            why = input_layer_problem(_owner(model, n), n.rsplit(".", 1)[-1])
+            if why:
+                raise ValueError(f"criterion {cfg.criterion!r}{' with allocation=owl' if owl else ''} reads "
+                                 f"layer inputs and cannot score {n!r}: {why} (exclude it)")
+    global_scope = cfg.scope == "global"
+    if global_scope:
+        if getattr(criterion, "updates_weights", False):
+            raise ValueError(f"criterion {cfg.criterion!r} is per layer: its OBS update reconstructs each "
+                             "layer from that layer's own Hessian and picks the mask column block by block "
+                             "while updating the weights, so its saliencies are never all known at once "
+                             "and are not comparable across layers. Use scope='local'")
+        if sequential:
+            raise ValueError("scope='global' ranks every layer's scores together, but sequential=True scores "
+                             "each block only after the blocks before it are pruned; use sequential=False "
+                             "or scope='local'")
+        if owl:
+            raise ValueError("allocation='owl' sets each layer's sparsity; scope='global' ranks all layers "
+                             "together: choose one (scope='local' with OWL)")
     if isinstance(criterion, InputCriterion):
         criterion.transposed = transposed
     comparison = getattr(criterion, "comparison", "layer")
-    owl = cfg.allocation == "owl"
     block_list, block_of = None, {}
     if sequential or owl:
         try:
@@ -429,7 +462,12 @@ def prune_with_inputs(model: nn.Module, cfg, params: dict, transposed: list, pat
     def prune_layer(n, counts):
         if getattr(criterion, "updates_weights", False):
             w = _oriented(params[n], n, transposed)
-            keep[n] = criterion.prune_layer(n, _sparsegpt_chooser(pattern, counts[n], w.shape))
+            order = None
+            if params[n].dim() > 2 and isinstance(pattern, NMPattern) and pattern.layout == "channels":
+                # visit a conv's columns channels-last, so each N:M group is M consecutive columns
+                cin, k = params[n].shape[1], w.shape[1] // params[n].shape[1]
+                order = torch.arange(w.shape[1], device=w.device).reshape(cin, k).t().reshape(-1)
+            keep[n] = criterion.prune_layer(n, _sparsegpt_chooser(pattern, counts[n], w.shape), order)
         else:
             score = criterion.score(n) if isinstance(criterion, InputCriterion) else criterion.scores[n]
             keep[n] = _select_layer(n, params[n], score, counts[n], pattern, comparison, transposed)
@@ -460,9 +498,17 @@ def prune_with_inputs(model: nn.Module, cfg, params: dict, transposed: list, pat
         if owl:
             group_s, details["owl_outlier_ratios"] = _owl_sparsities(groups, helper or criterion, sparsity,
                                                                    owl_m, owl_lambda)
-        counts = _layer_counts(names, params, pattern, sparsity, group_s, cfg.count_rounding)
-        for n in names:
-            prune_layer(n, counts)
+        if global_scope:  # one exact count over every layer (build_masks' global selection)
+            scores = {n: criterion.score(n) for n in names}
+            keep.update(build_masks(params, scores, pattern, transposed=transposed, sparsity=sparsity,
+                                    scope="global", min_sparsity=cfg.min_sparsity,
+                                    max_sparsity=cfg.max_sparsity,
+                                    count_rounding=cfg.count_rounding))
+            details["scope"] = "global"
+        else:
+            counts = _layer_counts(names, params, pattern, sparsity, group_s, cfg.count_rounding)
+            for n in names:
+                prune_layer(n, counts)
         details["calibration_seconds"] = time.perf_counter() - start
         return keep, details
 

@@ -159,9 +159,9 @@ def prune(
         if data is None or loss_fn is None:
             raise ValueError(f"criterion {cfg.criterion!r} with sequential={sequential}, allocation="
                              f"{cfg.allocation!r} reads layer inputs: pass data= and loss_fn=")
-        if mask is not None or target is None or cfg.scope != "local":
+        if mask is not None or target is None:
             raise ValueError("one-shot LLM pruning (input criteria, sequential, owl) takes a sparsity "
-                             "with scope='local' and no mask=")
+                             "and no mask=")
         new, details = prune_with_inputs(
             model, cfg, params, transposed, pattern, criterion, data=data, loss_fn=loss_fn,
             n_batches=n_batches, sequential=sequential, blocks=blocks, device=device, offload=offload,

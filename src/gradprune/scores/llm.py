@@ -2,7 +2,12 @@
 
 They score a ``Linear`` (or GPT-2 ``Conv1D``) weight ``W`` (read as ``[out, in]``) from the
 inputs ``X`` (``[tokens, in]``: every calibration token that reaches the layer) that
-:func:`gradprune.prune` feeds them through forward hooks on the layer (``add_inputs``):
+:func:`gradprune.prune` feeds them through forward hooks on the layer (``add_inputs``).
+``Conv1d`` / ``Conv2d`` weights ``[out, in, *kernel]`` are read as the ``[out, in * prod(kernel)]``
+matrix of the convolution-as-matmul: ``X`` is the unfolded input (:func:`input_matrix`, one row
+per output position, padding included), so ``||X_j||`` is per input channel *and* kernel position
+and ``sparsegpt``'s Hessian is that of the unfolded inputs. Grouped, 3-D and transposed
+convolutions are refused (:func:`input_layer_problem`).
 
 ========= ============================================================ ===== ==========
 name      score                                                        grad  comparison
@@ -40,13 +45,79 @@ from __future__ import annotations
 
 import torch
 
+import torch.nn.functional as F
+from torch import nn
+
 from .._checks import check_choice, check_float, check_int
 from .criteria import Criterion, _acc_like, register_criterion
 
 __all__ = ["InputCriterion", "WandaCriterion", "RiaCriterion", "GblmCriterion", "SparseGPTCriterion",
-           "COMPARISONS"]
+           "COMPARISONS", "input_matrix", "input_layer_problem"]
 
 COMPARISONS = ("row", "layer")
+
+
+def input_layer_problem(module: nn.Module, attr: str) -> str | None:
+    """Why the criteria that read inputs cannot score ``module.<attr>``, or ``None`` when they can.
+
+    Supported: the ``weight`` of ``Linear``, GPT-2 ``Conv1D`` (stored ``[in, out]``), and
+    ``Conv1d`` / ``Conv2d`` with ``groups=1`` (inputs unfolded, :func:`input_matrix`).
+
+    Example:
+        >>> import torch.nn as nn
+        >>> input_layer_problem(nn.Conv2d(4, 8, 3), "weight") is None
+        True
+        >>> input_layer_problem(nn.Conv2d(4, 8, 3, groups=2), "weight")
+        'grouped convolution (groups=2): each output row reads other inputs; not supported'
+    """
+    kind = type(module).__name__
+    if attr != "weight":
+        return (f"{kind}.{attr} is not the weight of a Linear/Conv layer: its inputs are not the "
+                "module's first argument")
+    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        return f"transposed convolution ({kind}): its weight is not an [out, in] map of unfolded inputs"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        if module.groups != 1:
+            return (f"grouped convolution (groups={module.groups}): each output row reads other inputs; "
+                    "not supported")
+        return None
+    if isinstance(module, nn.Conv3d):
+        return "Conv3d: unfolding 3-D inputs is not supported (Conv1d/Conv2d are)"
+    if isinstance(module, nn.Linear) or kind == "Conv1D":
+        return None
+    return f"{kind} is not a Linear, Conv1D, Conv1d or Conv2d layer"
+
+
+def input_matrix(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` (the first input of ``module``) as the ``[tokens, in]`` matrix the layer's
+    ``[out, in]`` weight view multiplies: Linear / Conv1D inputs flattened over leading dims;
+    Conv1d / Conv2d inputs padded as the layer pads them and unfolded (``F.unfold``), one row
+    per output position, columns ordered like ``weight.reshape(out, -1)`` (channel, then kernel).
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> conv = nn.Conv2d(2, 3, 3, padding=1, bias=False)
+        >>> x = torch.randn(1, 2, 5, 5)
+        >>> X = input_matrix(conv, x)                      # [1 * 5 * 5, 2 * 3 * 3]
+        >>> X.shape
+        torch.Size([25, 18])
+        >>> torch.allclose(X @ conv.weight.reshape(3, -1).t(), conv(x).flatten(2).transpose(1, 2).reshape(-1, 3),
+        ...                atol=1e-5)
+        True
+    """
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return x.reshape(-1, x.shape[-1])
+    one_d = isinstance(module, nn.Conv1d)
+    if x.dim() == module.weight.dim() - 1:  # unbatched input
+        x = x.unsqueeze(0)
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    x = F.pad(x, list(module._reversed_padding_repeated_twice), mode=mode)
+    as2 = (lambda t: (1, t[0])) if one_d else tuple  # noqa: E731
+    if one_d:
+        x = x.unsqueeze(-2)
+    cols = F.unfold(x, as2(module.kernel_size), dilation=as2(module.dilation), padding=0,
+                    stride=as2(module.stride))
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
 class InputCriterion(Criterion):
@@ -231,45 +302,52 @@ class SparseGPTCriterion(InputCriterion):
         hinv, _ = self._hinv(name, w)
         return (w.pow(2) / torch.diag(hinv).pow(2)).float()
 
-    def prune_layer(self, name: str, choose) -> torch.Tensor:
+    def prune_layer(self, name: str, choose, order: torch.Tensor | None = None) -> torch.Tensor:
         """Prune and reconstruct ``name`` in place; returns its keep mask (parameter layout).
 
         ``choose(block_saliency [out, width], start) -> bool prune mask [out, width]`` picks the
         entries to prune in each column block (the caller keeps counts exact); N:M patterns choose
-        within groups as they are reached, so blocks are multiples of ``M``.
+        within groups as they are reached, so blocks are multiples of ``M``. ``order`` (a
+        permutation of the ``[out, in]`` view's columns) sets the order the columns are visited in,
+        e.g. channels-last for a conv's N:M groups; the Hessian is permuted with them.
         """
         p = self.params[name]
-        w = self.weight(name).double().clone()
-        hinv, dead = self._hinv(name, w)
+        w = self.weight(name).float().clone()
+        if order is not None and name in self.hessian:
+            w = w[:, order]
+            self.hessian[name] = self.hessian[name][order][:, order]
+        hinv, dead = self._hinv(name, w)      # float64 factorisation, float32 updates (as the paper)
+        hinv = hinv.float()
         w[:, dead] = 0.0
         cols = w.shape[1]
         bs = getattr(choose, "block_multiple", 1)
         bs = max(bs, (self.blocksize // bs) * bs)
         prune_mask = torch.zeros_like(w, dtype=torch.bool)
+        group = getattr(choose, "group", 0)
+        per_group = getattr(choose, "per_group", False)
         for i1 in range(0, cols, bs):
             i2 = min(i1 + bs, cols)
             w1, h1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
             d = torch.diag(h1)
-            err = torch.zeros_like(w1)
-            m1 = choose(w1.pow(2) / d.pow(2), i1) if not getattr(choose, "per_group", False) else None
-            group = getattr(choose, "group", 0)
+            err = torch.empty_like(w1)
+            if not per_group:
+                prune_mask[:, i1:i2] = choose(w1.pow(2) / d.pow(2), i1)
+            pm = prune_mask[:, i1:i2]
             for i in range(i2 - i1):
-                if m1 is None and i % group == 0:
-                    sal = w1[:, i:i + group].pow(2) / d[i:i + group].pow(2)
-                    g = choose(sal, i1 + i)
-                    prune_mask[:, i1 + i:i1 + i + group] = g
-                col_pruned = prune_mask[:, i1 + i] if m1 is None else m1[:, i]
-                q = w1[:, i].masked_fill(col_pruned, 0.0)
-                e = (w1[:, i] - q) / d[i]
-                w1[:, i:] -= e.unsqueeze(1) * h1[i, i:].unsqueeze(0)
-                w1[:, i] = q
+                if per_group and i % group == 0:
+                    pm[:, i:i + group] = choose(w1[:, i:i + group].pow(2) / d[i:i + group].pow(2), i1 + i)
+                # OBS step: the error of zeroing the pruned entries of column i, spread over the
+                # columns after it (the kept entries of column i are unchanged: e is 0 there)
+                e = torch.mul(w1[:, i], pm[:, i]).div_(d[i])
+                w1[:, i:].addr_(e, h1[i, i:], alpha=-1.0)
                 err[:, i] = e
-            if m1 is not None:
-                prune_mask[:, i1:i2] = m1
             w[:, i1:i2] = w1
-            w[:, i2:] -= err @ hinv[i1:i2, i2:]
+            w[:, i2:].addmm_(err, hinv[i1:i2, i2:], alpha=-1.0)
         keep = ~prune_mask
         w = w * keep
+        if order is not None:  # back to the parameter's column order
+            inverse = torch.argsort(order)
+            w, keep = w[:, inverse], keep[:, inverse]
         with torch.no_grad():
             new = (w.t() if name in self.transposed else w.reshape(p.shape)).to(p.dtype)
             p.copy_(new)
