@@ -221,13 +221,14 @@ class Analysis:
 
 
 class _Tracer(fx.Tracer):
-    def __init__(self, opaque: set):
+    def __init__(self, opaque: set, leaves: frozenset = frozenset()):
         super().__init__()
         self.opaque = opaque
+        self.leaves = leaves
         self.failed: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.opaque or super().is_leaf_module(m, qualname)
+        return qualname in self.opaque or qualname in self.leaves or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
         qual = self.path_of_module(m)
@@ -239,10 +240,10 @@ class _Tracer(fx.Tracer):
             raise
 
 
-def _trace(model: nn.Module, max_retries: int = 64):
+def _trace(model: nn.Module, max_retries: int = 64, leaves: frozenset = frozenset()):
     opaque: dict = {}
     for _ in range(max_retries):
-        tracer = _Tracer(set(opaque))
+        tracer = _Tracer(set(opaque), leaves)
         try:
             graph = tracer.trace(model)
             return fx.GraphModule(model, graph), opaque
@@ -258,8 +259,9 @@ def _trace(model: nn.Module, max_retries: int = 64):
 
 
 class _Propagator(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, opaque: dict):
+    def __init__(self, gm: fx.GraphModule, opaque: dict, functional: dict | None = None):
         super().__init__(gm)
+        self.functional = functional or {}  # module name -> FunctionalAttention (traced as leaves)
         self.modules = dict(gm.named_modules())
         self.opaque = opaque
         self.layouts: dict = {}
@@ -393,6 +395,8 @@ class _Propagator(fx.Interpreter):
         name = n.target
         if isinstance(m, (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)):
             return self._transformer(name, m, args, ins)
+        if name in self.functional and name not in self.opaque:
+            return self._functional(name, m, args, result, ins)
         x = self._in_layout(n)
         extra = [lay for lay in ins if lay is not x]
         if extra:
@@ -484,6 +488,35 @@ class _Propagator(fx.Interpreter):
         space = self.new_space(m.num_heads, name)
         self.module_space[name] = space
         self.head_handlers[space] = MHAHeads(name, m)
+
+    def _functional(self, name, m, args, result, ins):
+        """An attention module that passes its projections' weights to a function (a registered
+        :class:`~gradprune.structured.attention.FunctionalAttention`, traced as a leaf): its heads
+        are a group once its behaviour checks out; its embed dim (the residual stream) stays."""
+        from .attention import FunctionalHeads, check_functional
+        from .blocks import PRUNABLE
+        spec = self.functional[name]
+        self.block(ins, f"{name}: the embed dim of {type(m).__name__} is not pruned")
+        if name in self.module_space:
+            return None
+        reason = None
+        if len(args) != 1 or not isinstance(args[0], torch.Tensor):
+            reason = f"{type(m).__name__} ({spec.name} functional attention) called with other arguments than one tensor"
+        else:
+            reason = check_functional(m, spec, args[0], result)
+        if reason is not None:
+            self._skip_producer(name, reason)
+            return None
+        handler = FunctionalHeads(name, m, spec)
+        space = self.new_space(handler.n_heads, name)
+        self.module_space[name] = space
+        self.head_handlers[space] = handler
+        sliced = handler.sliced_modules()
+        for sub, mod in m.named_modules():
+            if sub and sub not in sliced and isinstance(mod, PRUNABLE):
+                self._skip_producer(f"{name}.{sub}", f"inside {name}, whose heads are pruned "
+                                    f"({spec.name} functional attention); its own units stay")
+        return None
 
     def _encoder_layer(self, name, m, ndim):
         self._heads(f"{name}.self_attn", m.self_attn)
@@ -747,7 +780,8 @@ class _Propagator(fx.Interpreter):
                 groups[-1].slices = handler.slices()
                 groups[-1].owners = handler.owners(self.modules)
         roles = {m: {r: slot[r] for r in ("out", "in", "through") if r in slot}
-                 for m, slot in self.roles.items() if "taint" not in slot}
+                 for m, slot in self.roles.items()
+                 if "taint" not in slot and any(r in slot for r in ("out", "in", "through"))}
         for mname in sorted(roles, key=lambda m: order.get(m, 0)):
             mod = self.modules[mname]
             for role in ("out", "through", "in"):
@@ -838,12 +872,15 @@ def find_groups(model: nn.Module, example_input, mlp_gate: str = "post_activatio
     was_training = model.training
     try:
         model.eval()  # traced and run in eval mode: stochastic depth, dropout are identities
-        gm, opaque = _trace(model)
+        from .attention import functional_attention_spec
+        functional = {name: spec for name, mod in model.named_modules()
+                      if name and (spec := functional_attention_spec(mod)) is not None}
+        gm, opaque = _trace(model, leaves=frozenset(functional))
         if gm is None:
             return Analysis(model=model, groups=[], skipped=[{"module": k, "reason": v}
                                                              for k, v in opaque.items()],
                             roles={}, mask_points={}, space_group={}, space_size=[])
-        prop = _Propagator(gm, opaque)
+        prop = _Propagator(gm, opaque, functional)
         with torch.no_grad():
             prop.run(*args)
     finally:
