@@ -149,6 +149,41 @@ class ShuffleUnit(nn.Module):
         return channel_shuffle(out, 2)
 
 
+class ShuffleDownUnit(nn.Module):
+    """ShuffleNetV2's stride-2 unit: two branches concatenated, then shuffled."""
+
+    def __init__(self, cin: int, c: int):
+        super().__init__()
+        b = c // 2
+        self.branch1 = nn.Sequential(
+            nn.Conv2d(cin, cin, 3, 2, 1, groups=cin, bias=False), nn.BatchNorm2d(cin),
+            nn.Conv2d(cin, b, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True))
+        self.branch2 = nn.Sequential(
+            nn.Conv2d(cin, b, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True),
+            nn.Conv2d(b, b, 3, 2, 1, groups=b, bias=False), nn.BatchNorm2d(b),
+            nn.Conv2d(b, b, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        return channel_shuffle(torch.cat((self.branch1(x), self.branch2(x)), dim=1), 2)
+
+
+class ShuffleNetDownLike(nn.Module):
+    """Stride-2 ShuffleNetV2 units in a row, then a chunk of the shuffled channels: the channels
+    across each shuffle are prunable (its two halves are separate layers)."""
+
+    def __init__(self, n_classes: int = 5):
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.down1, self.down2 = ShuffleDownUnit(16, 32), ShuffleDownUnit(32, 64)
+        self.conv5 = nn.Sequential(nn.Conv2d(64, 64, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        self.fc = nn.Linear(64, n_classes)
+
+    def forward(self, x):
+        x = self.down1(self.conv1(x))
+        a, b = torch.cat((self.down2.branch1(x), self.down2.branch2(x)), dim=1).chunk(2, dim=1)
+        return self.fc(self.conv5(channel_shuffle(torch.cat((b, a), dim=1), 2)).mean([2, 3]))
+
+
 class ShuffleNetLike(nn.Module):
     def __init__(self, n_classes: int = 5):
         super().__init__()
@@ -396,7 +431,7 @@ class ViTLike(nn.Module):
 
 
 REPLICAS = {"efficientnet": EfficientNetLike, "mnasnet": MnasNetLike, "shufflenet": ShuffleNetLike,
-            "swin": SwinLike, "swin_v2": SwinV2Like, "vit": ViTLike}
+            "shufflenet_down": ShuffleNetDownLike, "swin": SwinLike, "swin_v2": SwinV2Like, "vit": ViTLike}
 RULES = {t: {"channel_divisor": 1} for t in ("nn.Conv2d",)}
 RULES.update({t: {"feature_divisor": 1} for t in ("nn.Linear", "nn.BatchNorm2d", "nn.LayerNorm")})
 
@@ -532,6 +567,29 @@ def test_broadcast_products_whose_channels_do_not_line_up_still_block():
     analysis = st.find_groups(M(), torch.randn(2, 3, 2, 2))
     assert _groups_of(analysis)["b"] == _groups_of(analysis)["a"]
     assert any(s["module"] == "c" for s in analysis.skipped)
+
+
+def test_channels_across_a_channel_shuffle_of_two_layers_are_one_group():
+    analysis = st.find_groups(ShuffleNetDownLike(), torch.randn(2, 3, 16, 16))
+    cut = {g.name: [s.describe() for s in g.slices] for g in analysis.groups}
+    # unit k of the shuffle's input: channel k of both branches (the shuffle interleaves them),
+    # then 2 consecutive channels of the next unit's depthwise conv, BatchNorm and 1x1 conv
+    assert cut["down1.branch1.2"] == [
+        "down1.branch1.2.weight[dim 0]", "down1.branch1.3[channels]", "down1.branch2.5.weight[dim 0]",
+        "down1.branch2.6[channels]", "down2.branch1.0[channels]", "down2.branch1.1[channels]",
+        "down2.branch1.2.weight[dim 1] (2 per unit)", "down2.branch2.0.weight[dim 1] (2 per unit)"]
+    # chunk of two layers' channels: its pieces are cut alike, across the shuffle and the slices
+    assert "down2.branch2.5.weight[dim 0]" in cut["down2.branch1.2"]
+    assert "conv5.0.weight[dim 1] (2 per unit)" in cut["down2.branch1.2"]
+
+
+def test_a_shuffle_unit_split_through_one_layer_is_listed_with_the_reason():
+    """ShuffleNetV2's stride-1 unit splits the previous shuffle's output in two: each half holds
+    part of the same layers' channels, so they stay (the branch's inner channels are pruned)."""
+    analysis = st.find_groups(ShuffleNetLike(), torch.randn(2, 3, 16, 16))
+    reasons = {s["module"]: s["reason"] for s in analysis.skipped}
+    assert "chunk cuts through the channels of conv1.0" in reasons["conv1.0"]
+    assert {"stage.0.branch2.0", "stage.1.branch2.0"} <= {g.name for g in analysis.groups}
 
 
 @pytest.mark.parametrize("factory", [SwinLike, SwinV2Like])

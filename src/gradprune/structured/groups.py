@@ -94,7 +94,7 @@ _META_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "get_device"}
 _KNOWN_FUNCS = (_ZERO_KEEPING_FUNCS | _POOL_FUNCS | _RESHAPE_FUNCS | _MERGE_FUNCS
                 | {torch.cat, torch.concat, getattr, operator.getitem, operator.truediv, torch.div,
                    operator.itruediv, torch.transpose, torch.swapaxes, torch.permute, torch.mean,
-                   torch.sum})
+                   torch.sum, torch.chunk})
 
 
 def is_conv1d(mod: nn.Module) -> bool:
@@ -298,6 +298,9 @@ class _Propagator(fx.Interpreter):
 
     def block(self, layouts, reason: str) -> None:
         for lay in layouts:
+            if isinstance(lay, _Parts):
+                self.block(lay, reason)
+                continue
             if lay is None:
                 continue
             for space, _ in lay.segs:
@@ -354,7 +357,11 @@ class _Propagator(fx.Interpreter):
         except _Unsupported as exc:
             self.block(ins_present, str(exc))
             out = None
-        if out is not None and not (isinstance(result, torch.Tensor) and result.dim() == out.ndim):
+        if isinstance(out, _Parts):
+            if not (isinstance(result, (tuple, list)) and len(result) == len(out)):
+                self.block([out], f"{n.name}: unexpected output")
+                out = None
+        elif out is not None and not (isinstance(result, torch.Tensor) and result.dim() == out.ndim):
             self.block([out], f"{n.name}: unexpected output")
             out = None
         self.layouts[n] = out
@@ -411,7 +418,8 @@ class _Propagator(fx.Interpreter):
             return self._produce(name, m.out_features, result, result.dim() - 1)
         if isinstance(m, _CONV + _CONVT):
             transposed = isinstance(m, _CONVT)
-            if x is not None and (x.cdim != 1 or any(i != 1 for _, i in x.segs)):
+            # a unit may span several consecutive channels (inner > 1, behind a channel shuffle)
+            if x is not None and (x.cdim != 1 or (transposed and any(i != 1 for _, i in x.segs))):
                 raise _Unsupported(f"{name}: channels are not dim 1 of its input")
             if m.groups == 1:
                 self.record(name, "in", x)
@@ -430,7 +438,7 @@ class _Propagator(fx.Interpreter):
         if x is None:
             return None
         if isinstance(m, _BN + _IN + (nn.GroupNorm,)):
-            if x.cdim != 1 or any(i != 1 for _, i in x.segs):
+            if x.cdim != 1 or (isinstance(m, nn.GroupNorm) and any(i != 1 for _, i in x.segs)):
                 raise _Unsupported(f"{name}: channels are not dim 1 of its input")
             self.record(name, "through", x)
             self.add_mask_point(name, x, "groupnorm" if isinstance(m, nn.GroupNorm) else "mul")
@@ -582,6 +590,8 @@ class _Propagator(fx.Interpreter):
             return self._permute(x, args[1])
         if fn in (torch.mean, torch.sum):
             return self._reduce(n, args, kwargs, result, x)
+        if fn is torch.chunk:
+            return self._chunk(n, args, kwargs, result, x)
         raise _Unsupported(f"{n.name}: unsupported function {getattr(fn, '__name__', fn)} on channels")
 
     def _method(self, n, name, args, kwargs, result, ins):
@@ -608,6 +618,8 @@ class _Propagator(fx.Interpreter):
             return self._permute(x, dims)
         if name in ("mean", "sum"):
             return self._reduce(n, args, kwargs, result, x)
+        if name == "chunk":
+            return self._chunk(n, args, kwargs, result, x)
         raise _Unsupported(f"{n.name}: unsupported method .{name}() on channels")
 
     def _merge(self, n, opname, args, result):
@@ -656,6 +668,10 @@ class _Propagator(fx.Interpreter):
     def _getitem(self, n, args, result, x):
         if x is None:
             return None
+        if isinstance(x, _Parts):  # a piece of a chunk
+            if not isinstance(args[1], int):
+                raise _Unsupported(f"{n.name}: indexing the pieces of a chunk")
+            return x[args[1]]
         if not isinstance(result, torch.Tensor):
             raise _Unsupported(f"{n.name}: indexing a channel tensor")
         idx = args[1]
@@ -729,11 +745,61 @@ class _Propagator(fx.Interpreter):
         for space, inner in x.segs:
             span = inner * rest
             if span % rest_out:
-                raise _Unsupported(f"{n.name}: reshape splits channel units")
+                segs = None
+                break
             segs.append((space, span // rest_out))
-        if sum(self.space_size[s] * i for s, i in segs) != out_shape[j]:
-            raise _Unsupported(f"{n.name}: reshape splits the channel dim")
+        if segs is None or sum(self.space_size[s] * i for s, i in segs) != out_shape[j]:
+            c = in_shape[x.cdim]
+            if (j + 1 < len(out_shape) and 1 < out_shape[j] < c and out_shape[j] * out_shape[j + 1] == c
+                    and _prod(out_shape[j + 2:]) == rest):
+                # [N, C, ...] -> [N, g, C/g, ...], a channel shuffle's first step
+                first = self._equal_pieces(n, x.segs, out_shape[j], "a reshape into channel groups")[0]
+                return Layout(j + 1, len(out_shape), first)
+            raise _Unsupported(f"{n.name}: reshape splits " + ("channel units" if segs is None else "the channel dim"))
         return Layout(j, len(out_shape), tuple(segs))
+
+    def _equal_pieces(self, n, segs, g: int, what: str) -> list:
+        """Split ``segs`` into ``g`` pieces of equal width made of whole segments with the same
+        structure, and merge piece ``k``'s spaces with piece 0's (unit ``u`` of every piece is cut
+        together, so the pieces stay equal, as a channel shuffle or ``chunk`` of the pruned model
+        needs); ``_Unsupported`` when a piece boundary cuts through one layer's channels."""
+        total = sum(self.space_size[s] * i for s, i in segs)
+        if total % g:
+            raise _Unsupported(f"{n.name}: {what} of {total} channels into {g} unequal pieces")
+        per, pieces, cur, pos = total // g, [], [], 0
+        for space, inner in segs:
+            cur.append((space, inner))
+            pos += self.space_size[space] * inner
+            if pos == per:
+                pieces.append(tuple(cur))
+                cur, pos = [], 0
+            elif pos > per:
+                raise _Unsupported(
+                    f"{n.name}: {what} cuts through the channels of {self.space_owner[space]} (pieces of "
+                    f"{per} channels); pruning them would couple channels within that layer (e.g. a "
+                    "ShuffleNetV2 unit's split after the previous unit's shuffle), so they stay")
+        first = pieces[0]
+        for piece in pieces[1:]:
+            if len(piece) != len(first) or any(
+                    ia != ib or self.space_size[sa] != self.space_size[sb]
+                    for (sa, ia), (sb, ib) in zip(first, piece)):
+                raise _Unsupported(f"{n.name}: {what} into pieces made of different layers")
+        for piece in pieces[1:]:
+            for (sa, _), (sb, _) in zip(first, piece):
+                self.union(sa, sb)
+        return pieces
+
+    def _chunk(self, n, args, kwargs, result, x):
+        """``chunk`` along the channel dim into pieces of whole, equally built layers (merged
+        piece by piece, see :meth:`_equal_pieces`); along another dim it keeps the layout."""
+        dim = kwargs.get("dim", args[2] if len(args) > 2 else 0) % x.ndim
+        if not isinstance(result, (tuple, list)) or not all(
+                u.op == "call_function" and u.target is operator.getitem for u in n.users):
+            raise _Unsupported(f"{n.name}: chunk whose pieces are not taken one by one")
+        if dim != x.cdim:
+            return _Parts(x.moved(x.cdim, r.dim()) for r in result)
+        pieces = self._equal_pieces(n, x.segs, len(result), "chunk")
+        return _Parts(Layout(x.cdim, x.ndim, p) for p in pieces)
 
     # -- finishing --------------------------------------------------------------------------------
     def finish(self, model: nn.Module) -> Analysis:
@@ -822,6 +888,10 @@ def _param_dim(mod: nn.Module, role: str) -> int:
 
 class _Unsupported(Exception):
     pass
+
+
+class _Parts(tuple):
+    """The layouts of the pieces of a ``chunk`` (one per piece)."""
 
 
 def _as_args(example_input) -> tuple:
