@@ -427,6 +427,8 @@ class _Propagator(fx.Interpreter):
             if (not transposed and m.groups == m.in_channels == m.out_channels
                     and m.padding_mode == "zeros"):
                 if x is None:
+                    self._skip_producer(name, "depthwise conv on channels that are not pruned (the "
+                                        "model's input, or layers listed with their reason)")
                     return None
                 self.record(name, "through", x)
                 self.add_mask_point(name, x, "mul")
