@@ -27,6 +27,8 @@ Usage (in the peers' venv, see the README):
     /work/venvs/zoo/bin/python benchmarks/zoo_coverage.py                      # full matrix
     /work/venvs/zoo/bin/python benchmarks/zoo_coverage.py --models resnet18,vit_b_32
     /work/venvs/zoo/bin/python benchmarks/zoo_coverage.py --from-json benchmarks/results/zoo_coverage.json
+    # merge runs: a later file's rows replace the rows of the models it ran, new models are appended
+    python benchmarks/zoo_coverage.py --merge benchmarks/results/zoo_coverage.json,new.json --out zoo_coverage
 """
 
 from __future__ import annotations
@@ -328,12 +330,36 @@ def markdown(data: dict) -> str:
     return "\n".join(L) + "\n"
 
 
+def merge_results(runs: list) -> dict:
+    """One result from several runs (in order): a model's rows come from the last run that has
+    it; models keep their first position, new ones are appended; commands are chained with
+    ``then``, environments and notes kept once each."""
+    models, rows, commands, envs, notes = [], {}, [], [], []
+    for run in runs:
+        for key in ("command", "env", "models", "records"):
+            if key not in run:
+                raise ValueError(f"a result file to merge has no {key!r} field")
+        for m in run["models"]:
+            if m not in models:
+                models.append(m)
+            rows[m] = [r for r in run["records"] if r["model"] == m]
+        commands.append(run["command"])
+        envs += [run["env"]] if run["env"] not in envs else []
+        notes += [n for n in run.get("notes", []) if n not in notes]
+    out = {"command": "` then `".join(commands), "env": "; ".join(envs), "models": models,
+           "records": [r for m in models for r in rows[m]]}
+    if notes:
+        out["notes"] = notes
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=",".join(list(TORCHVISION) + list(HF)))
     ap.add_argument("--one", help="run one model in this process and print JSON lines")
     ap.add_argument("--lib", choices=("gradprune", "torch-pruning"), help="with --one: one library")
     ap.add_argument("--from-json")
+    ap.add_argument("--merge", help="comma-separated result JSON files to merge into --out (no model is run)")
     ap.add_argument("--out", default="zoo_coverage")
     ap.add_argument("--timeout", type=int, default=420, help="seconds per model and library")
     a = ap.parse_args()
@@ -342,7 +368,9 @@ def main():
         run_one(a.one, (a.lib,) if a.lib else ("gradprune", "torch-pruning"))
         return
     OUT.mkdir(parents=True, exist_ok=True)
-    if a.from_json:
+    if a.merge:
+        data = merge_results([json.loads(Path(f).read_text()) for f in a.merge.split(",")])
+    elif a.from_json:
         data = json.loads(Path(a.from_json).read_text())
     else:
         models = a.models.split(",")
@@ -379,7 +407,7 @@ def main():
             pass
         data = {"command": "python " + " ".join(["benchmarks/zoo_coverage.py"] + sys.argv[1:]),
                 "env": env, "models": models, "records": recs}
-    if not a.from_json:
+    if not (a.from_json or a.merge):
         (OUT / f"{a.out}.partial.jsonl").unlink(missing_ok=True)
     (OUT / f"{a.out}.json").write_text(json.dumps(data, indent=1))
     (OUT / f"{a.out}.md").write_text(markdown(data))

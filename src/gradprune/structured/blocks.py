@@ -116,6 +116,9 @@ def list_unpruned(analysis, known: dict | None = None, called: set | None = None
             reason = "not called as a module in the forward on example_input; its units stay"
         elif "out" in analysis.roles.get(name, {}):
             reason = "its output channels are in no prunable group; its units stay"
+        elif analysis.roles.get(name):  # a depthwise conv or norm on channels that stay
+            reason = ("its channels come from layers that are not pruned (listed with their "
+                      "reason); its units stay")
         elif "<hidden size>" in listed:  # a Hugging Face model: pooler, LM head, …
             reason = ("it reads the hidden size (residual stream), which is not pruned, and no "
                       "structural rule covers its outputs; its units stay")

@@ -146,9 +146,12 @@ def export_model(analysis: Analysis, keep: dict, uniform: bool = False) -> nn.Mo
 
 
 def _arch_of(mod: nn.Module) -> dict | None:
-    from .attention import PrunedMultiheadAttention
+    from .attention import PrunedMultiheadAttention, functional_attention_spec
     if isinstance(mod, PrunedMultiheadAttention):
         return {"num_heads": mod.num_heads}
+    spec = functional_attention_spec(mod)  # Swin-like attention: its head count
+    if spec is not None:
+        return {spec.heads: getattr(mod, spec.heads)}
     if isinstance(mod, nn.TransformerEncoderLayer):
         return {"activation_relu_or_gelu": mod.activation_relu_or_gelu}
     if isinstance(mod, nn.TransformerEncoder):
@@ -260,7 +263,7 @@ def load_pruned(factory, path: str | os.PathLike, map_location="cpu") -> nn.Modu
     model = factory()
     if not isinstance(model, nn.Module):
         raise TypeError(f"factory must return a torch.nn.Module, got {type(model).__name__}")
-    from .attention import PrunedMultiheadAttention, _set_child
+    from .attention import PrunedMultiheadAttention, _set_child, restore_pruned_class
     modules = dict(model.named_modules())
     for name, arch in record["modules"].items():
         mod = modules.get(name)
@@ -270,6 +273,7 @@ def load_pruned(factory, path: str | os.PathLike, map_location="cpu") -> nn.Modu
             mod = PrunedMultiheadAttention.narrowed(mod, int(arch["num_heads"]))
             _set_child(model, name, mod)
             modules = dict(model.named_modules())
+        restore_pruned_class(mod, arch.get("type"))  # a functional attention with fewer heads
         if type(mod).__name__ != arch.get("type"):
             raise ValueError(f"module {name!r} is a {type(mod).__name__} in factory() but was saved "
                              f"as {arch.get('type')}")

@@ -94,7 +94,7 @@ _META_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "get_device"}
 _KNOWN_FUNCS = (_ZERO_KEEPING_FUNCS | _POOL_FUNCS | _RESHAPE_FUNCS | _MERGE_FUNCS
                 | {torch.cat, torch.concat, getattr, operator.getitem, operator.truediv, torch.div,
                    operator.itruediv, torch.transpose, torch.swapaxes, torch.permute, torch.mean,
-                   torch.sum})
+                   torch.sum, torch.chunk})
 
 
 def is_conv1d(mod: nn.Module) -> bool:
@@ -221,13 +221,14 @@ class Analysis:
 
 
 class _Tracer(fx.Tracer):
-    def __init__(self, opaque: set):
+    def __init__(self, opaque: set, leaves: frozenset = frozenset()):
         super().__init__()
         self.opaque = opaque
+        self.leaves = leaves
         self.failed: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.opaque or super().is_leaf_module(m, qualname)
+        return qualname in self.opaque or qualname in self.leaves or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
         qual = self.path_of_module(m)
@@ -239,10 +240,10 @@ class _Tracer(fx.Tracer):
             raise
 
 
-def _trace(model: nn.Module, max_retries: int = 64):
+def _trace(model: nn.Module, max_retries: int = 64, leaves: frozenset = frozenset()):
     opaque: dict = {}
     for _ in range(max_retries):
-        tracer = _Tracer(set(opaque))
+        tracer = _Tracer(set(opaque), leaves)
         try:
             graph = tracer.trace(model)
             return fx.GraphModule(model, graph), opaque
@@ -258,8 +259,9 @@ def _trace(model: nn.Module, max_retries: int = 64):
 
 
 class _Propagator(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, opaque: dict):
+    def __init__(self, gm: fx.GraphModule, opaque: dict, functional: dict | None = None):
         super().__init__(gm)
+        self.functional = functional or {}  # module name -> FunctionalAttention (traced as leaves)
         self.modules = dict(gm.named_modules())
         self.opaque = opaque
         self.layouts: dict = {}
@@ -296,6 +298,9 @@ class _Propagator(fx.Interpreter):
 
     def block(self, layouts, reason: str) -> None:
         for lay in layouts:
+            if isinstance(lay, _Parts):
+                self.block(lay, reason)
+                continue
             if lay is None:
                 continue
             for space, _ in lay.segs:
@@ -352,7 +357,11 @@ class _Propagator(fx.Interpreter):
         except _Unsupported as exc:
             self.block(ins_present, str(exc))
             out = None
-        if out is not None and not (isinstance(result, torch.Tensor) and result.dim() == out.ndim):
+        if isinstance(out, _Parts):
+            if not (isinstance(result, (tuple, list)) and len(result) == len(out)):
+                self.block([out], f"{n.name}: unexpected output")
+                out = None
+        elif out is not None and not (isinstance(result, torch.Tensor) and result.dim() == out.ndim):
             self.block([out], f"{n.name}: unexpected output")
             out = None
         self.layouts[n] = out
@@ -393,6 +402,8 @@ class _Propagator(fx.Interpreter):
         name = n.target
         if isinstance(m, (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)):
             return self._transformer(name, m, args, ins)
+        if name in self.functional and name not in self.opaque:
+            return self._functional(name, m, args, result, ins)
         x = self._in_layout(n)
         extra = [lay for lay in ins if lay is not x]
         if extra:
@@ -407,7 +418,8 @@ class _Propagator(fx.Interpreter):
             return self._produce(name, m.out_features, result, result.dim() - 1)
         if isinstance(m, _CONV + _CONVT):
             transposed = isinstance(m, _CONVT)
-            if x is not None and (x.cdim != 1 or any(i != 1 for _, i in x.segs)):
+            # a unit may span several consecutive channels (inner > 1, behind a channel shuffle)
+            if x is not None and (x.cdim != 1 or (transposed and any(i != 1 for _, i in x.segs))):
                 raise _Unsupported(f"{name}: channels are not dim 1 of its input")
             if m.groups == 1:
                 self.record(name, "in", x)
@@ -415,6 +427,8 @@ class _Propagator(fx.Interpreter):
             if (not transposed and m.groups == m.in_channels == m.out_channels
                     and m.padding_mode == "zeros"):
                 if x is None:
+                    self._skip_producer(name, "depthwise conv on channels that are not pruned (the "
+                                        "model's input, or layers listed with their reason)")
                     return None
                 self.record(name, "through", x)
                 self.add_mask_point(name, x, "mul")
@@ -426,7 +440,7 @@ class _Propagator(fx.Interpreter):
         if x is None:
             return None
         if isinstance(m, _BN + _IN + (nn.GroupNorm,)):
-            if x.cdim != 1 or any(i != 1 for _, i in x.segs):
+            if x.cdim != 1 or (isinstance(m, nn.GroupNorm) and any(i != 1 for _, i in x.segs)):
                 raise _Unsupported(f"{name}: channels are not dim 1 of its input")
             self.record(name, "through", x)
             self.add_mask_point(name, x, "groupnorm" if isinstance(m, nn.GroupNorm) else "mul")
@@ -484,6 +498,35 @@ class _Propagator(fx.Interpreter):
         space = self.new_space(m.num_heads, name)
         self.module_space[name] = space
         self.head_handlers[space] = MHAHeads(name, m)
+
+    def _functional(self, name, m, args, result, ins):
+        """An attention module that passes its projections' weights to a function (a registered
+        :class:`~gradprune.structured.attention.FunctionalAttention`, traced as a leaf): its heads
+        are a group once its behaviour checks out; its embed dim (the residual stream) stays."""
+        from .attention import FunctionalHeads, check_functional
+        from .blocks import PRUNABLE
+        spec = self.functional[name]
+        self.block(ins, f"{name}: the embed dim of {type(m).__name__} is not pruned")
+        if name in self.module_space:
+            return None
+        reason = None
+        if len(args) != 1 or not isinstance(args[0], torch.Tensor):
+            reason = f"{type(m).__name__} ({spec.name} functional attention) called with other arguments than one tensor"
+        else:
+            reason = check_functional(m, spec, args[0], result)
+        if reason is not None:
+            self._skip_producer(name, reason)
+            return None
+        handler = FunctionalHeads(name, m, spec)
+        space = self.new_space(handler.n_heads, name)
+        self.module_space[name] = space
+        self.head_handlers[space] = handler
+        sliced = handler.sliced_modules()
+        for sub, mod in m.named_modules():
+            if sub and sub not in sliced and isinstance(mod, PRUNABLE):
+                self._skip_producer(f"{name}.{sub}", f"inside {name}, whose heads are pruned "
+                                    f"({spec.name} functional attention); its own units stay")
+        return None
 
     def _encoder_layer(self, name, m, ndim):
         self._heads(f"{name}.self_attn", m.self_attn)
@@ -549,6 +592,8 @@ class _Propagator(fx.Interpreter):
             return self._permute(x, args[1])
         if fn in (torch.mean, torch.sum):
             return self._reduce(n, args, kwargs, result, x)
+        if fn is torch.chunk:
+            return self._chunk(n, args, kwargs, result, x)
         raise _Unsupported(f"{n.name}: unsupported function {getattr(fn, '__name__', fn)} on channels")
 
     def _method(self, n, name, args, kwargs, result, ins):
@@ -575,6 +620,8 @@ class _Propagator(fx.Interpreter):
             return self._permute(x, dims)
         if name in ("mean", "sum"):
             return self._reduce(n, args, kwargs, result, x)
+        if name == "chunk":
+            return self._chunk(n, args, kwargs, result, x)
         raise _Unsupported(f"{n.name}: unsupported method .{name}() on channels")
 
     def _merge(self, n, opname, args, result):
@@ -623,6 +670,10 @@ class _Propagator(fx.Interpreter):
     def _getitem(self, n, args, result, x):
         if x is None:
             return None
+        if isinstance(x, _Parts):  # a piece of a chunk
+            if not isinstance(args[1], int):
+                raise _Unsupported(f"{n.name}: indexing the pieces of a chunk")
+            return x[args[1]]
         if not isinstance(result, torch.Tensor):
             raise _Unsupported(f"{n.name}: indexing a channel tensor")
         idx = args[1]
@@ -696,11 +747,61 @@ class _Propagator(fx.Interpreter):
         for space, inner in x.segs:
             span = inner * rest
             if span % rest_out:
-                raise _Unsupported(f"{n.name}: reshape splits channel units")
+                segs = None
+                break
             segs.append((space, span // rest_out))
-        if sum(self.space_size[s] * i for s, i in segs) != out_shape[j]:
-            raise _Unsupported(f"{n.name}: reshape splits the channel dim")
+        if segs is None or sum(self.space_size[s] * i for s, i in segs) != out_shape[j]:
+            c = in_shape[x.cdim]
+            if (j + 1 < len(out_shape) and 1 < out_shape[j] < c and out_shape[j] * out_shape[j + 1] == c
+                    and _prod(out_shape[j + 2:]) == rest):
+                # [N, C, ...] -> [N, g, C/g, ...], a channel shuffle's first step
+                first = self._equal_pieces(n, x.segs, out_shape[j], "a reshape into channel groups")[0]
+                return Layout(j + 1, len(out_shape), first)
+            raise _Unsupported(f"{n.name}: reshape splits " + ("channel units" if segs is None else "the channel dim"))
         return Layout(j, len(out_shape), tuple(segs))
+
+    def _equal_pieces(self, n, segs, g: int, what: str) -> list:
+        """Split ``segs`` into ``g`` pieces of equal width made of whole segments with the same
+        structure, and merge piece ``k``'s spaces with piece 0's (unit ``u`` of every piece is cut
+        together, so the pieces stay equal, as a channel shuffle or ``chunk`` of the pruned model
+        needs); ``_Unsupported`` when a piece boundary cuts through one layer's channels."""
+        total = sum(self.space_size[s] * i for s, i in segs)
+        if total % g:
+            raise _Unsupported(f"{n.name}: {what} of {total} channels into {g} unequal pieces")
+        per, pieces, cur, pos = total // g, [], [], 0
+        for space, inner in segs:
+            cur.append((space, inner))
+            pos += self.space_size[space] * inner
+            if pos == per:
+                pieces.append(tuple(cur))
+                cur, pos = [], 0
+            elif pos > per:
+                raise _Unsupported(
+                    f"{n.name}: {what} cuts through the channels of {self.space_owner[space]} (pieces of "
+                    f"{per} channels); pruning them would couple channels within that layer (e.g. a "
+                    "ShuffleNetV2 unit's split after the previous unit's shuffle), so they stay")
+        first = pieces[0]
+        for piece in pieces[1:]:
+            if len(piece) != len(first) or any(
+                    ia != ib or self.space_size[sa] != self.space_size[sb]
+                    for (sa, ia), (sb, ib) in zip(first, piece)):
+                raise _Unsupported(f"{n.name}: {what} into pieces made of different layers")
+        for piece in pieces[1:]:
+            for (sa, _), (sb, _) in zip(first, piece):
+                self.union(sa, sb)
+        return pieces
+
+    def _chunk(self, n, args, kwargs, result, x):
+        """``chunk`` along the channel dim into pieces of whole, equally built layers (merged
+        piece by piece, see :meth:`_equal_pieces`); along another dim it keeps the layout."""
+        dim = kwargs.get("dim", args[2] if len(args) > 2 else 0) % x.ndim
+        if not isinstance(result, (tuple, list)) or not all(
+                u.op == "call_function" and u.target is operator.getitem for u in n.users):
+            raise _Unsupported(f"{n.name}: chunk whose pieces are not taken one by one")
+        if dim != x.cdim:
+            return _Parts(x.moved(x.cdim, r.dim()) for r in result)
+        pieces = self._equal_pieces(n, x.segs, len(result), "chunk")
+        return _Parts(Layout(x.cdim, x.ndim, p) for p in pieces)
 
     # -- finishing --------------------------------------------------------------------------------
     def finish(self, model: nn.Module) -> Analysis:
@@ -747,7 +848,8 @@ class _Propagator(fx.Interpreter):
                 groups[-1].slices = handler.slices()
                 groups[-1].owners = handler.owners(self.modules)
         roles = {m: {r: slot[r] for r in ("out", "in", "through") if r in slot}
-                 for m, slot in self.roles.items() if "taint" not in slot}
+                 for m, slot in self.roles.items()
+                 if "taint" not in slot and any(r in slot for r in ("out", "in", "through"))}
         for mname in sorted(roles, key=lambda m: order.get(m, 0)):
             mod = self.modules[mname]
             for role in ("out", "through", "in"):
@@ -788,6 +890,10 @@ def _param_dim(mod: nn.Module, role: str) -> int:
 
 class _Unsupported(Exception):
     pass
+
+
+class _Parts(tuple):
+    """The layouts of the pieces of a ``chunk`` (one per piece)."""
 
 
 def _as_args(example_input) -> tuple:
@@ -838,12 +944,15 @@ def find_groups(model: nn.Module, example_input, mlp_gate: str = "post_activatio
     was_training = model.training
     try:
         model.eval()  # traced and run in eval mode: stochastic depth, dropout are identities
-        gm, opaque = _trace(model)
+        from .attention import functional_attention_spec
+        functional = {name: spec for name, mod in model.named_modules()
+                      if name and (spec := functional_attention_spec(mod)) is not None}
+        gm, opaque = _trace(model, leaves=frozenset(functional))
         if gm is None:
             return Analysis(model=model, groups=[], skipped=[{"module": k, "reason": v}
                                                              for k, v in opaque.items()],
                             roles={}, mask_points={}, space_group={}, space_size=[])
-        prop = _Propagator(gm, opaque)
+        prop = _Propagator(gm, opaque, functional)
         with torch.no_grad():
             prop.run(*args)
     finally:
