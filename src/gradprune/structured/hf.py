@@ -48,7 +48,10 @@ then kept; an encoder-decoder's widths cannot be uniform (its config holds none)
 
 from __future__ import annotations
 
+import copy
+import inspect
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -59,7 +62,7 @@ from .attention import HeadHandler
 from .groups import Analysis, Group, Layout, Slice, is_conv1d, register_analyser
 
 __all__ = ["ATTENTION_SPECS", "MLP_GATES", "MLP_SPECS", "WIDTHS_KEY", "AttentionSpec", "HFHeads",
-           "MLPSpec", "analyse_hf", "apply_uniform_config", "families", "head_attrs",
+           "HeadMember",           "MLPSpec", "analyse_hf", "apply_uniform_config", "families", "head_attrs",
            "head_rule_types", "load_pruned_pretrained", "record_widths", "register_attention",
            "register_mlp"]
 
@@ -98,7 +101,19 @@ class AttentionSpec:
     ``config_heads``: the ``model_type`` s whose config takes ``head_dim``, so it can express
     fewer heads (LLaMA-style configs; others derive the head size from the head count).
     ``classes``: known attention class names (their normalised names are rule keys
-    ``"hf.<class>"``). ``unsupported``: why the heads of this layout are never pruned."""
+    ``"hf.<class>"``). ``unsupported``: why the heads of this layout are never pruned;
+    ``unsupported_config``: ``((config field, why), ...)``: the heads are not pruned where the
+    model's config sets that field (Falcon's ``alibi``: slopes built per head for all layers).
+    ``config_attrs``: fields of the module's own ``config`` that its forward reads
+    (``{"num_attention_heads": "heads"}`` for Phi-3, which splits ``qkv_proj`` at
+    ``config.num_attention_heads * head_dim``): export gives the module a copy of the config
+    with them set, recorded as ``"config.<field>"`` in the width record.
+    ``bias_table``: a child ``Embedding`` whose columns are the heads (T5's
+    ``relative_attention_bias``, ``[buckets, heads]``), sliced with them where present.
+    ``bias_arg``: the forward argument through which a layer receives the position bias computed
+    by the first layer of its stack (T5's ``position_bias``): modules whose forward takes it and
+    whose names differ only in layer indices form one group (the same heads kept in every layer
+    of the stack); modules that compute their own bias (UMT5) stay one group per layer."""
 
     name: str
     q: str | None = None
@@ -113,6 +128,10 @@ class AttentionSpec:
     heads_divide_hidden: bool = False
     classes: tuple = ()
     unsupported: str | None = None
+    unsupported_config: tuple = ()
+    config_attrs: dict = field(default_factory=dict)
+    bias_table: str | None = None
+    bias_arg: str | None = None
 
 
 @dataclass(frozen=True)
@@ -133,7 +152,7 @@ class MLPSpec:
 
 _HEADS = {"num_heads": "heads", "num_attention_heads": "heads", "n_heads": "heads",
           "num_key_value_heads": "kv_heads", "num_kv_heads": "kv_heads",
-          "all_head_size": "width", "inner_dim": "width"}
+          "num_key_value_groups": "groups", "all_head_size": "width", "inner_dim": "width"}
 ATTENTION_SPECS: list = []
 MLP_SPECS: list = []
 
@@ -188,18 +207,21 @@ register_attention(AttentionSpec("qkv_proj", q="q_proj", k="k_proj", v="v_proj",
                                  classes=_LLAMA + ("OPTAttention", "BartAttention",
                                                    "WhisperAttention", "CLIPAttention",
                                                    "ViTAttention", "Dinov2Attention")))
-register_attention(AttentionSpec("t5", q="q", k="k", v="v", o=("o",), classes=("T5Attention",),
-                                 unsupported="T5's relative position bias holds every head and is "
-                                 "computed once for all layers, so heads are not pruned"))
+# T5, MT5 (relative bias in the first layer, passed down the stack: tied), UMT5 (a bias per layer)
+register_attention(AttentionSpec("t5", q="q", k="k", v="v", o=("o",), bias_table="relative_attention_bias",
+                                 bias_arg="position_bias", attrs={"n_heads": "heads", "inner_dim": "width"},
+                                 classes=("T5Attention", "MT5Attention", "UMT5Attention")))
 register_attention(AttentionSpec("gpt2", fused="c_attn", cross_q="q_attn", o=("c_proj",),
                                  attrs={"split_size": "width"}, classes=("GPT2Attention",)))
-register_attention(AttentionSpec("phi3", fused="qkv_proj", o=("o_proj",),
-                                 classes=("Phi3Attention",),
-                                 unsupported="the forward splits qkv_proj at "
-                                 "config.num_attention_heads * head_dim, one count shared by "
-                                 "every layer, so heads are not pruned"))
-register_attention(AttentionSpec("gpt_neox", fused="query_key_value", layout="heads", o=("dense",),
-                                 classes=("GPTNeoXAttention",)))
+register_attention(AttentionSpec("phi3", fused="qkv_proj", o=("o_proj",), config_heads=("phi3",),
+                                 config_attrs={"num_attention_heads": "heads"},
+                                 classes=("Phi3Attention",)))
+# GPT-NeoX (per head [q k v]); Falcon: per head [q k v], per KV group [its q heads, k, v]
+# (new_decoder_architecture) or [Q heads | k | v] (multi_query), told apart by the head counts
+register_attention(AttentionSpec("query_key_value", fused="query_key_value", layout="heads", o=("dense",),
+                                 unsupported_config=(("alibi", "ALiBi slopes are built per head from "
+                                                      "config.num_attention_heads for every layer"),),
+                                 classes=("GPTNeoXAttention", "FalconAttention")))
 register_attention(AttentionSpec("wqkv", fused="Wqkv", o=("Wo", "out_proj"),
                                  classes=("ModernBertAttention", "MptAttention")))
 
@@ -242,22 +264,48 @@ def head_rule_types() -> tuple:
 # the head handler
 
 
-class HFHeads(HeadHandler):
-    """Head units of a recognised Hugging Face attention module ``module``: ``n_units`` units of
-    ``q_per_unit`` query heads of ``head_dim`` each, gated by a pre-hook on the output projection
-    ``o``; export sets the module's head-count ``attrs``."""
+@dataclass(frozen=True)
+class HeadMember:
+    """One attention module of a head group (several where the layers of a stack share the
+    position bias of the first, as T5's): its ``module`` and projection names (``k``: a separate
+    key projection, ``None`` when fused), the module attributes ``attrs`` and the fields of its own
+    config ``config_attrs`` that export sets, and ``table``: an ``Embedding`` of ``table_rows``
+    rows whose columns are the query heads (T5's ``relative_attention_bias``)."""
 
-    def __init__(self, module: str, n_units: int, head_dim: int, q_per_unit: int = 1,
-                 o: str | None = None, attrs: dict | None = None, multi_query: bool = False,
-                 rule_type: str = "Attention", config_heads: bool = False,
-                 heads_divide_hidden: bool = False, q: str | None = None, k: str | None = None):
-        super().__init__(module, n_units, head_dim)
+    module: str
+    o: str
+    q: str
+    k: str | None = None
+    attrs: dict = field(default_factory=dict)
+    config_attrs: dict = field(default_factory=dict)
+    table: str | None = None
+    table_rows: int = 0
+
+
+class HFHeads(HeadHandler):
+    """Head units of one or more recognised Hugging Face attention modules (``members``, the
+    same heads kept in each): ``n_units`` units of ``q_per_unit`` query heads of ``head_dim``
+    each, gated by a pre-hook on each output projection; export sets the modules' head-count
+    ``attrs`` (and ``config_attrs`` on a copy of their config) and slices their bias tables."""
+
+    def __init__(self, members, n_units: int, head_dim: int, q_per_unit: int = 1,
+                 multi_query: bool = False, rule_type: str = "Attention", config_heads: bool = False):
+        members = tuple(members)
+        super().__init__(members[0].module, n_units, head_dim)
+        self.members = members
         self.q_per_unit, self.multi_query = q_per_unit, multi_query
-        self.o, self.q, self.k = o, q, k
-        self.attrs = dict(attrs or {})
+        first = members[0]
+        self.o, self.q, self.k, self.attrs = first.o, first.q, first.k, dict(first.attrs)
         self.rule_type = rule_type
-        # can a config with head_dim express fewer heads; must the heads divide hidden_size?
-        self.uniform_heads, self.heads_divide_hidden = config_heads, heads_divide_hidden
+        self.uniform_heads = config_heads  # can a config with head_dim express fewer heads?
+
+    @property
+    def copies(self) -> int:
+        """Attention modules that keep these heads (layers tied by a shared position bias)."""
+        return len(self.members)
+
+    def owners(self, modules: dict) -> list:
+        return [(m.module, type(modules[m.module])) for m in self.members]
 
     def hooks(self, modules, gates, gi) -> list:
         d = self.q_per_unit * self.head_dim
@@ -269,52 +317,81 @@ class HFHeads(HeadHandler):
             if g.dim() == 2:  # [batch, units * d] over [batch, ..., units * d]
                 g = g.view(g.shape[0], *([1] * (x.dim() - 2)), g.shape[1])
             return (x * g,) + tuple(args[1:])
-        return [modules[self.o].register_forward_pre_hook(hook)]
+        return [modules[m.o].register_forward_pre_hook(hook) for m in self.members]
 
     def recorder(self, modules, calls) -> list:
         # (batch, target length, source length) of every call: the query projection's input
         # gives batch and target, the key projection's the source (fused: the same)
-        queries, keys = [], []
-
         def shape(x):
             return (int(torch.tensor(x.shape[:-2]).prod()) if x.dim() > 2 else 1, x.shape[-2])
 
-        def pair():  # the projections may run in either order (ViT 4.x: key first)
-            while len(calls) < min(len(queries), len(keys)):
-                calls.append((*queries[len(calls)], keys[len(calls)]))
+        handles = []
+        for m in self.members:
+            queries, keys, done = [], [], [0]
 
-        def q_hook(module, args, output):
-            queries.append(shape(args[0]))
-            if self.k is None:
-                keys.append(queries[-1][1])
-            pair()
+            def pair(queries=queries, keys=keys, done=done):  # either order (ViT 4.x: key first)
+                while done[0] < min(len(queries), len(keys)):
+                    calls.append((*queries[done[0]], keys[done[0]]))
+                    done[0] += 1
 
-        def k_hook(module, args, output):
-            keys.append(shape(args[0])[1])
-            pair()
-        handles = [modules[self.q].register_forward_hook(q_hook)]
-        if self.k is not None:
-            handles.append(modules[self.k].register_forward_hook(k_hook))
+            def q_hook(module, args, output, queries=queries, keys=keys, pair=pair, fused=m.k is None):
+                queries.append(shape(args[0]))
+                if fused:
+                    keys.append(queries[-1][1])
+                pair()
+
+            def k_hook(module, args, output, keys=keys, pair=pair):
+                keys.append(shape(args[0])[1])
+                pair()
+            handles.append(modules[m.q].register_forward_hook(q_hook))
+            if m.k is not None:
+                handles.append(modules[m.k].register_forward_hook(k_hook))
         return handles
 
     def extra_cost(self, h, calls) -> tuple:
-        return 0, sum(2 * b * t * s * h * self.q_per_unit * self.head_dim for b, t, s in calls)
+        heads = h * self.q_per_unit
+        params = sum(m.table_rows for m in self.members) * heads  # bias tables: a column per head
+        return params, sum(2 * b * t * s * heads * self.head_dim for b, t, s in calls)
 
     def widths(self, n: int) -> dict:
         """The values of :attr:`attrs` with ``n`` units kept."""
+        return self._values(n, self.attrs)
+
+    def _values(self, n: int, kinds: dict) -> dict:
         heads, kv = n * self.q_per_unit, 1 if self.multi_query else n
         value = {"heads": heads, "kv_heads": kv, "groups": heads // kv,
                  "width": heads * self.head_dim}
-        return {a: value[kind] for a, kind in self.attrs.items()}
+        return {a: value[kind] for a, kind in kinds.items()}
 
     def export(self, root, modules, keep) -> None:
-        mod = modules[self.module]
-        for key, value in self.widths(len(keep)).items():
-            setattr(mod, key, value)
+        n = len(keep)
+        heads = (keep[:, None] * self.q_per_unit + torch.arange(self.q_per_unit)).reshape(-1)
+        for m in self.members:
+            mod = modules[m.module]
+            for key, value in self._values(n, m.attrs).items():
+                setattr(mod, key, value)
+            if m.config_attrs:  # its own copy: the other layers keep their counts
+                mod.config = copy.copy(mod.config)
+                for key, value in self._values(n, m.config_attrs).items():
+                    setattr(mod.config, key, value)
+            if m.table is not None:
+                table = modules[m.table]
+                w = table.weight.index_select(1, heads.to(table.weight.device)).detach().clone()
+                table.weight = nn.Parameter(w, requires_grad=table.weight.requires_grad)
+                table.embedding_dim = len(heads)
 
-    def record(self, mod: nn.Module) -> dict:
-        """The attributes of the exported attention module kept in ``config.gradprune_widths``."""
-        return {a: getattr(mod, a) for a in self.attrs}
+    def record(self, modules: dict) -> dict:
+        """``{module: {attribute: value}}`` of the exported attention modules kept in
+        ``config.gradprune_widths`` (``"config.<field>"``: a field of the module's own config;
+        bias tables: their ``embedding_dim``)."""
+        out = {}
+        for m in self.members:
+            mod = modules[m.module]
+            out[m.module] = {a: getattr(mod, a) for a in m.attrs}
+            out[m.module].update({f"config.{a}": getattr(mod.config, a) for a in m.config_attrs})
+            if m.table is not None:
+                out[m.table] = {"embedding_dim": modules[m.table].embedding_dim}
+        return out
 
     def config_fields(self, n: int) -> dict:
         """The config fields that make ``from_pretrained`` build ``n`` units in every layer
@@ -494,17 +571,55 @@ def _transformers_major() -> int:
     return int(version.split(".")[0]) if version.split(".")[0].isdigit() else 5
 
 
-def _attention(b: _Builder, name: str, mod: nn.Module, match) -> None:
-    """The head group of recognised attention ``name``."""
+def _config_blocks(b: _Builder, name: str, mod: nn.Module, spec: AttentionSpec) -> str | None:
+    """Why the config rules out this layout's heads (``spec.unsupported_config``), or ``None``."""
+    config = getattr(mod, "config", None)
+    if config is None:
+        parts = name.split(".")
+        for i in range(len(parts), -1, -1):
+            config = getattr(b.modules.get(".".join(parts[:i])), "config", None)
+            if config is not None:
+                break
+    for key, why in spec.unsupported_config:
+        if getattr(config, key, False):
+            return f"config.{key} is set: {why}"
+    return None
+
+
+def _tie_key(name: str, mod: nn.Module, spec: AttentionSpec) -> str:
+    """Modules with the same key form one head group: the module's own name, or, where its
+    forward takes the stack's shared position bias (``spec.bias_arg``), its name with the layer
+    indices replaced (every layer of the stack)."""
+    if spec.bias_arg is None:
+        return name
+    try:
+        takes = spec.bias_arg in inspect.signature(mod.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtin forward
+        takes = False
+    return re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", name) if takes else name
+
+
+def _heads_of(b: _Builder, name: str, mod: nn.Module, match):
+    """The head layout and slices of recognised attention ``name`` (a dict), or ``None`` when
+    its heads are not pruned (the reason is then in ``skipped``)."""
     spec, projs, o = match
     cls = type(mod).__name__
     if spec.unsupported:
         b.skip(name, f"{cls}: {spec.unsupported}")
-        return
+        return None
     read = _head_layout(b, name, mod, spec, projs)
     if isinstance(read, str):
         b.skip(name, f"{cls}: heads not pruned ({read})")
-        return
+        return None
+    blocked = _config_blocks(b, name, mod, spec)
+    if blocked:
+        b.skip(name, f"{cls}: heads not pruned ({blocked})")
+        return None
+    norm = _normal_class(mod)
+    why = _OLD_TRANSFORMERS.get(norm) if _transformers_major() < 5 else None
+    if why:
+        b.skip(name, f"{cls}: heads not pruned under transformers {_transformers_major()}.x ({why})")
+        return None
     n_q, n_kv, d = read
     mq = n_kv == 1  # multi-query: unit = one query head, the K/V head kept
     n, per = (n_q, 1) if mq else (n_kv, n_q // n_kv)
@@ -516,12 +631,12 @@ def _attention(b: _Builder, name: str, mod: nn.Module, match) -> None:
     if "fused" in projs and "q" not in projs:
         f = projs["fused"]
         producers.append(f)
-        if spec.layout == "heads":  # per unit: its query heads, K, V
-            sl(f, 0, (per + 2) * d)
-            segs = (("g", (per + 2) * d),)
-        elif mq:
+        if mq:  # [Q heads | K | V] (per-group layout with one group: the same)
             sl(f, 0, d)
             segs = (("g", d), (("free", 2 * d), 1))
+        elif spec.layout == "heads":  # per unit: its query heads, K, V
+            sl(f, 0, (per + 2) * d)
+            segs = (("g", (per + 2) * d),)
         else:
             sl(f, 0, per * d), sl(f, n_q * d, d), sl(f, (n_q + n_kv) * d, d)
             segs = (("g", per * d), ("g", d), ("g", d))
@@ -546,26 +661,48 @@ def _attention(b: _Builder, name: str, mod: nn.Module, match) -> None:
     attrs = {a: kind for a, kind in _HEADS.items()
              if isinstance(getattr(mod, a, None), int) and not isinstance(getattr(mod, a), bool)}
     attrs.update(spec.attrs)
-    norm = _normal_class(mod)
+    table, rows = _child(b, name, spec.bias_table)
+    if isinstance(rows, nn.Embedding) and rows.embedding_dim == n_q:
+        slices.append(Slice(table, "out", 1, 0, per, n))
+        rows = rows.num_embeddings
+    else:
+        table, rows = None, 0
+    member = HeadMember(name, o, projs.get("q") or projs["fused"],
+                        projs.get("k") or (projs["fused"] if "q" in projs else None), attrs,
+                        dict(spec.config_attrs), table, rows)
     cross = _is_cross(name, mod)
     if cross and norm.replace("Self", "Cross") in head_rule_types():  # 4.x: one class for both
         norm = norm.replace("Self", "Cross")
-    rule = norm if norm in head_rule_types() else "Attention"
-    why = _OLD_TRANSFORMERS.get(norm) if _transformers_major() < 5 else None
-    if why:
-        b.skip(name, f"{cls}: heads not pruned under transformers {_transformers_major()}.x ({why})")
+    return {"n": n, "per": per, "d": d, "mq": mq, "slices": slices, "roles": roles,
+            "producers": producers, "o": o, "member": member, "spec": spec, "cross": cross,
+            "rule": norm if norm in head_rule_types() else "Attention", "cls": type(mod)}
+
+
+def _head_group(b: _Builder, pieces: list) -> None:
+    """One head group over the attention modules ``pieces`` (of :func:`_heads_of`), which keep
+    the same heads (one module; or the layers of a stack sharing a position bias)."""
+    first = pieces[0]
+    name = first["member"].module
+    shape = {(p["n"], p["per"], p["d"], p["mq"]) for p in pieces}
+    if len(shape) > 1:
+        for p in pieces:
+            b.skip(p["member"].module, "heads not pruned: the layers sharing the first layer's "
+                   f"position bias have different head layouts {sorted(shape)}")
         return
+    n, per, d, mq = shape.pop()
     family = _family(b, name)
-    handler = HFHeads(name, n, d, per, o, attrs, mq, rule, family in spec.config_heads,
-                      spec.heads_divide_hidden, q=projs.get("q") or projs["fused"],
-                      k=projs.get("k") or (projs["fused"] if "q" in projs else None))
-    cross = "cross_heads" if cross else "heads"
-    space = b.group(name, n, producers, slices, [(name, type(mod))], handler, rule_type=rule,
-                    kind=f"{family}.{cross}")
-    for m, segs in roles.items():
-        b.roles[m] = {"out": Layout(2, 3, tuple(
-            (space, inner) if s == "g" else (b.space(s[1]), inner) for s, inner in segs))}
-    b.roles[o] = {"in": Layout(2, 3, ((space, per * d),))}
+    handler = HFHeads([p["member"] for p in pieces], n, d, per, mq, first["rule"],
+                      family in first["spec"].config_heads)
+    kind = "cross_heads" if first["cross"] else "heads"
+    space = b.group(name, n, [m for p in pieces for m in p["producers"]],
+                    [s for p in pieces for s in p["slices"]],
+                    [(p["member"].module, p["cls"]) for p in pieces], handler,
+                    rule_type=first["rule"], kind=f"{family}.{kind}")
+    for p in pieces:
+        for m, segs in p["roles"].items():
+            b.roles[m] = {"out": Layout(2, 3, tuple(
+                (space, inner) if s == "g" else (b.space(s[1]), inner) for s, inner in segs))}
+        b.roles[p["o"]] = {"in": Layout(2, 3, ((space, per * d),))}
 
 
 def _match_mlp(b: _Builder, name: str):
@@ -641,11 +778,21 @@ def analyse_hf(model: nn.Module, example_input=None, mlp_gate: str = "post_activ
         if match is not None:
             found.append((order[match[1]], "mlp", name, match))
             b.claimed.update(p for p in (match[1], match[2], match[4]) if p)
+    tied: dict = {}  # tie key -> head pieces of the modules that keep the same heads
     for _, kind, name, match in sorted(found, key=lambda f: f[0]):
         if kind == "attention":
-            _attention(b, name, b.modules[name], match)
-        else:
+            piece = _heads_of(b, name, b.modules[name], match)
+            if piece is not None:
+                tied.setdefault(_tie_key(name, b.modules[name], match[0]), []).append(piece)
+    placed: set = set()
+    for _, kind, name, match in sorted(found, key=lambda f: f[0]):
+        if kind == "mlp":
             _mlp(b, name, match, mlp_gate)
+            continue
+        key = _tie_key(name, b.modules[name], match[0])
+        if key in tied and key not in placed:  # the group sits at its first module
+            placed.add(key)
+            _head_group(b, tied[key])
     widths = {name for g in b.groups for name in g.modules()}
     for name, mod in b.modules.items():
         if _is_proj(mod) and name not in widths and name not in b.claimed:
@@ -772,8 +919,8 @@ def record_widths(model: nn.Module, analysis: Analysis) -> None:
         elif is_conv1d(mod):
             widths[name] = {"nx": mod.nx, "nf": mod.nf}
     for g in analysis.groups:
-        if isinstance(g.handler, HFHeads) and g.handler.attrs:
-            widths[g.handler.module] = g.handler.record(modules[g.handler.module])
+        if isinstance(g.handler, HFHeads):
+            widths.update({k: v for k, v in g.handler.record(modules).items() if v})
     setattr(config, WIDTHS_KEY, widths)
 
 
@@ -806,12 +953,19 @@ def _narrow(model: nn.Module, widths: dict, cls_name: str) -> None:
         if mod is None:
             raise ValueError(f"config.{WIDTHS_KEY} names a module {name!r} that {cls_name} "
                              "does not have")
+        if any(key.startswith("config.") for key in attrs):  # the module's own config
+            mod.config = copy.copy(mod.config)
         for key, value in attrs.items():
-            setattr(mod, key, value)
+            setattr(mod.config if key.startswith("config.") else mod, key.removeprefix("config."), value)
         if isinstance(mod, nn.Linear):
             shape = (mod.out_features, mod.in_features)
         elif is_conv1d(mod):
             shape = (mod.nx, mod.nf)
+        elif isinstance(mod, nn.Embedding):
+            w = mod.weight
+            mod.weight = nn.Parameter(torch.empty((mod.num_embeddings, mod.embedding_dim),
+                                                  dtype=w.dtype, device=w.device))
+            continue
         else:
             continue
         w = mod.weight

@@ -82,6 +82,7 @@ class KVCache:
 
     def _elements(self, widths: dict) -> int:
         return sum(2 * kv_heads(g.handler, widths.get(gi, g.size)) * g.handler.head_dim
+                   * getattr(g.handler, "copies", 1)  # layers tied into one group (T5)
                    for gi, g in self.heads.items())
 
     def of(self, widths: dict) -> int:
