@@ -26,6 +26,10 @@ DECODER = dict(vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_
                intermediate_size=24, max_position_embeddings=32, **T)
 VISION = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=24,
               image_size=8, patch_size=4, num_channels=3)
+FALCON = dict(vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, ffn_hidden_size=24,
+              hidden_dropout=0.0, attention_dropout=0.0, **T)
+T5 = dict(vocab_size=V, d_model=16, d_kv=6, d_ff=24, num_layers=2, num_heads=4, dropout_rate=0.0,
+          decoder_start_token_id=0, **T)  # d_kv independent of d_model (4 heads of 6 over 16)
 BART = dict(vocab_size=V, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
             decoder_attention_heads=4, encoder_ffn_dim=24, decoder_ffn_dim=24,
             max_position_embeddings=32, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
@@ -52,13 +56,20 @@ ZOO = {
     "gpt_neox": ("GPTNeoXModel", lambda: _cfg("GPTNeoXConfig", **DECODER, rotary_pct=0.5), "ids"),
     "phi": ("PhiModel", lambda: _cfg("PhiConfig", **DECODER), "ids"),
     "phi3": ("Phi3Model", lambda: _cfg("Phi3Config", **DECODER, num_key_value_heads=2), "ids"),
+    # Falcon's three query_key_value layouts: per KV group (new_decoder_architecture, GQA), [Q | k | v]
+    # (multi_query) and per head [q k v]; with ALiBi the heads are listed as not pruned
+    "falcon": ("FalconModel", lambda: _cfg("FalconConfig", **FALCON, new_decoder_architecture=True, num_kv_heads=2), "ids"),
+    "falcon_mq": ("FalconModel", lambda: _cfg("FalconConfig", **FALCON, multi_query=True), "ids"),
+    "falcon_mha": ("FalconModel", lambda: _cfg("FalconConfig", **FALCON, multi_query=False), "ids"),
+    "falcon_alibi": ("FalconModel", lambda: _cfg("FalconConfig", **FALCON, multi_query=False, alibi=True), "ids"),
     "gemma": ("GemmaModel", lambda: _cfg("GemmaConfig", **DECODER, num_key_value_heads=2, head_dim=4), "ids"),
     "llama": ("LlamaModel", lambda: _cfg("LlamaConfig", **DECODER, num_key_value_heads=2), "ids"),
     "gpt2": ("GPT2Model", lambda: _cfg("GPT2Config", vocab_size=V, n_embd=16, n_layer=2, n_head=4, n_inner=24,
                                        n_positions=32, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, **T), "ids"),
     "bart": ("BartModel", lambda: _cfg("BartConfig", **BART), "seq2seq"),
-    "t5": ("T5Model", lambda: _cfg("T5Config", vocab_size=V, d_model=16, d_kv=4, d_ff=24, num_layers=1,
-                                   num_heads=4, dropout_rate=0.0, decoder_start_token_id=0, **T), "seq2seq"),
+    "t5": ("T5Model", lambda: _cfg("T5Config", **T5), "seq2seq"),
+    "mt5": ("MT5Model", lambda: _cfg("MT5Config", **T5), "seq2seq"),  # gated-gelu wi_0/wi_1
+    "umt5": ("UMT5Model", lambda: _cfg("UMT5Config", **T5), "seq2seq"),  # a relative bias per layer
     "whisper": ("WhisperModel", lambda: _cfg("WhisperConfig", vocab_size=V, d_model=16, encoder_layers=1,
                                              decoder_layers=1, encoder_attention_heads=4,
                                              decoder_attention_heads=4, encoder_ffn_dim=24,
@@ -74,9 +85,14 @@ ZOO = {
     "clip_vision": ("CLIPVisionModel", lambda: _cfg("CLIPVisionConfig", **VISION), "pixels"),
 }
 # families whose heads are not pruned (the reason is in skipped)
-NO_HEADS = {"t5", "phi3"} | ({"clip_text", "clip_vision"} if int(transformers.__version__.split(".")[0]) < 5
+NO_HEADS = {"falcon_alibi"} | ({"clip_text", "clip_vision"} if int(transformers.__version__.split(".")[0]) < 5
                               else set())  # transformers 4.x CLIPAttention reshapes to the input width
-SLOW = {"whisper", "bart", "t5", "deberta_v2"}
+SLOW = {"whisper", "bart", "deberta_v2", "mt5", "falcon_mha"}
+# (head groups, FFN groups) where not one each per layer of 2: ALBERT shares one layer; the
+# encoder-decoders have 1 + 1 layers (self + cross heads in the decoder); T5's layers of a stack
+# share the first layer's position bias, so each stack's self (cross) attention is one group
+GROUPS = {"albert": (1, 1), "bart": (3, 2), "whisper": (3, 2), "t5": (3, 4), "mt5": (3, 4),
+          "umt5": (6, 4)}  # UMT5: every layer computes its own bias, so one group per layer
 
 
 def _model(family, seed=0, attn=None):
@@ -131,12 +147,12 @@ def test_blocks_are_recognised_and_every_other_projection_is_listed(family):
     analysis = st.find_groups(model, _input(family))
     heads = [g for g in analysis.groups if g.handler is not None]
     ffn = [g for g in analysis.groups if g.handler is None]
-    n_layers = 1 if family == "albert" else 2  # ALBERT: one shared layer
-    assert len(ffn) == n_layers, [g.name for g in analysis.groups]
+    n_heads, n_ffn = GROUPS.get(family, (2, 2))
+    assert len(ffn) == n_ffn, [g.name for g in analysis.groups]
     if family in NO_HEADS:
         assert heads == [] and any("heads" in s["reason"] and "not pruned" in s["reason"] for s in analysis.skipped)
     else:
-        assert len(heads) >= n_layers - (family in {"bart", "whisper"}) and all(g.size >= 2 for g in heads)
+        assert len(heads) == n_heads and all(g.size >= 2 for g in heads), [g.name for g in heads]
     in_groups = {m for g in analysis.groups for m in g.modules()}
     listed = {s["module"] for s in analysis.skipped}
     for name, mod in model.named_modules():  # every projection is pruned or listed with a reason

@@ -98,8 +98,11 @@ class AttentionSpec:
     Generic head-count attributes (``num_heads``, ``num_attention_heads``, ``n_heads``,
     ``num_key_value_heads``, ``all_head_size``…) are set where the module has them; ``attrs`` are
     always set (``"groups"``: query heads per key/value head).
-    ``config_heads``: the ``model_type`` s whose config takes ``head_dim``, so it can express
-    fewer heads (LLaMA-style configs; others derive the head size from the head count).
+    ``head_fields``: the config fields of the head count and size (``{field: kind}``, kinds as
+    ``attrs`` plus ``"head_dim"``), written for uniform widths. Whether the config class honours
+    them (LLaMA's ``head_dim`` does; BERT derives the head size from ``hidden_size /
+    num_attention_heads``) is found by building the model from the updated config on the meta
+    device and comparing its layer shapes, so one table serves every transformers version.
     ``classes``: known attention class names (their normalised names are rule keys
     ``"hf.<class>"``). ``unsupported``: why the heads of this layout are never pruned;
     ``unsupported_config``: ``((config field, why), ...)``: the heads are not pruned where the
@@ -124,8 +127,7 @@ class AttentionSpec:
     cross_q: str | None = None
     o: tuple = ("o_proj",)
     attrs: dict = field(default_factory=dict)
-    config_heads: tuple = ()
-    heads_divide_hidden: bool = False
+    head_fields: dict = field(default_factory=dict)
     classes: tuple = ()
     unsupported: str | None = None
     unsupported_config: tuple = ()
@@ -189,19 +191,25 @@ def register_mlp(spec: MLPSpec) -> MLPSpec:
 _LLAMA = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention",
           "GemmaAttention", "Gemma2Attention", "PhiAttention", "Phi3Attention")
 # BERT family (BERT, RoBERTa, ELECTRA, CamemBERT…; ALBERT keeps its output dense inside)
+_HEAD_DIM = {"num_attention_heads": "heads", "head_dim": "head_dim"}
+_GQA = {"num_attention_heads": "heads", "num_key_value_heads": "kv_heads", "head_dim": "head_dim"}
 register_attention(AttentionSpec("bert", q="query", k="key", v="value", o=("^output.dense", "dense"),
+                                 head_fields=_HEAD_DIM,
                                  classes=("BertSelfAttention", "BertCrossAttention",
                                           "RobertaSelfAttention", "ElectraSelfAttention",
                                           "AlbertAttention", "ViTSelfAttention")))
 register_attention(AttentionSpec("deberta", q="query_proj", k="key_proj", v="value_proj",
-                                 o=("^output.dense",), classes=("DisentangledSelfAttention",)))
+                                 o=("^output.dense",), classes=("DisentangledSelfAttention",),
+                                 head_fields={"num_attention_heads": "heads",
+                                              "attention_head_size": "head_dim"}))
 register_attention(AttentionSpec("distilbert", q="q_lin", k="k_lin", v="v_lin", o=("out_lin",),
                                  attrs={"dim": "width"},  # transformers 4.x: dim // n_heads
+                                 head_fields={"n_heads": "heads"},
                                  classes=("DistilBertSelfAttention", "MultiHeadSelfAttention")))
 # LLaMA, Mistral, Qwen, Gemma, Phi, OPT, BART, Whisper, CLIP, ViT, Dinov2…
 register_attention(AttentionSpec("qkv_proj", q="q_proj", k="k_proj", v="v_proj",
                                  o=("o_proj", "out_proj", "dense"),
-                                 config_heads=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"),
+                                 head_fields=_GQA,
                                  attrs={"num_heads": "heads", "num_key_value_heads": "kv_heads",
                                         "num_key_value_groups": "groups"},
                                  classes=_LLAMA + ("OPTAttention", "BartAttention",
@@ -210,15 +218,18 @@ register_attention(AttentionSpec("qkv_proj", q="q_proj", k="k_proj", v="v_proj",
 # T5, MT5 (relative bias in the first layer, passed down the stack: tied), UMT5 (a bias per layer)
 register_attention(AttentionSpec("t5", q="q", k="k", v="v", o=("o",), bias_table="relative_attention_bias",
                                  bias_arg="position_bias", attrs={"n_heads": "heads", "inner_dim": "width"},
+                                 head_fields={"num_heads": "heads"},
                                  classes=("T5Attention", "MT5Attention", "UMT5Attention")))
 register_attention(AttentionSpec("gpt2", fused="c_attn", cross_q="q_attn", o=("c_proj",),
-                                 attrs={"split_size": "width"}, classes=("GPT2Attention",)))
-register_attention(AttentionSpec("phi3", fused="qkv_proj", o=("o_proj",), config_heads=("phi3",),
+                                 attrs={"split_size": "width"}, classes=("GPT2Attention",),
+                                 head_fields={"n_head": "heads"}))
+register_attention(AttentionSpec("phi3", fused="qkv_proj", o=("o_proj",), head_fields=_GQA,
                                  config_attrs={"num_attention_heads": "heads"},
                                  classes=("Phi3Attention",)))
 # GPT-NeoX (per head [q k v]); Falcon: per head [q k v], per KV group [its q heads, k, v]
 # (new_decoder_architecture) or [Q heads | k | v] (multi_query), told apart by the head counts
 register_attention(AttentionSpec("query_key_value", fused="query_key_value", layout="heads", o=("dense",),
+                                 head_fields={**_GQA, "num_kv_heads": "kv_heads"},
                                  unsupported_config=(("alibi", "ALiBi slopes are built per head from "
                                                       "config.num_attention_heads for every layer"),),
                                  classes=("GPTNeoXAttention", "FalconAttention")))
@@ -289,7 +300,7 @@ class HFHeads(HeadHandler):
     ``attrs`` (and ``config_attrs`` on a copy of their config) and slices their bias tables."""
 
     def __init__(self, members, n_units: int, head_dim: int, q_per_unit: int = 1,
-                 multi_query: bool = False, rule_type: str = "Attention", config_heads: bool = False):
+                 multi_query: bool = False, rule_type: str = "Attention", head_fields: dict | None = None):
         members = tuple(members)
         super().__init__(members[0].module, n_units, head_dim)
         self.members = members
@@ -297,7 +308,7 @@ class HFHeads(HeadHandler):
         first = members[0]
         self.o, self.q, self.k, self.attrs = first.o, first.q, first.k, dict(first.attrs)
         self.rule_type = rule_type
-        self.uniform_heads = config_heads  # can a config with head_dim express fewer heads?
+        self.head_fields = dict(head_fields or {})  # config fields of the head count and size
 
     @property
     def copies(self) -> int:
@@ -360,7 +371,7 @@ class HFHeads(HeadHandler):
     def _values(self, n: int, kinds: dict) -> dict:
         heads, kv = n * self.q_per_unit, 1 if self.multi_query else n
         value = {"heads": heads, "kv_heads": kv, "groups": heads // kv,
-                 "width": heads * self.head_dim}
+                 "width": heads * self.head_dim, "head_dim": self.head_dim}
         return {a: value[kind] for a, kind in kinds.items()}
 
     def export(self, root, modules, keep) -> None:
@@ -394,17 +405,9 @@ class HFHeads(HeadHandler):
         return out
 
     def config_fields(self, n: int) -> dict:
-        """The config fields that make ``from_pretrained`` build ``n`` units in every layer
-        (``ValueError`` where the config derives the head size from ``hidden_size /
-        num_attention_heads`` and ``n`` is not the unpruned count)."""
-        if n == self.n_heads:
-            return {}
-        if not self.uniform_heads:
-            raise ValueError(f"{self.module}: a config derives the head size from hidden_size / "
-                             f"num_attention_heads, so it cannot express {n} of {self.n_heads} heads")
-        heads = n * self.q_per_unit
-        return {"num_attention_heads": heads,
-                "num_key_value_heads": 1 if self.multi_query else n, "head_dim": self.head_dim}
+        """The config fields (:attr:`head_fields`) for ``n`` units in every layer (whether the
+        config class honours them is checked by :func:`uniform_width_ok`)."""
+        return {} if n == self.n_heads else self._values(n, self.head_fields)
 
 
 # --------------------------------------------------------------------------------------------
@@ -692,7 +695,7 @@ def _head_group(b: _Builder, pieces: list) -> None:
     n, per, d, mq = shape.pop()
     family = _family(b, name)
     handler = HFHeads([p["member"] for p in pieces], n, d, per, mq, first["rule"],
-                      family in first["spec"].config_heads)
+                      first["spec"].head_fields)
     kind = "cross_heads" if first["cross"] else "heads"
     space = b.group(name, n, [m for p in pieces for m in p["producers"]],
                     [s for p in pieces for s in p["slices"]],
@@ -849,15 +852,43 @@ def _uniform_problem(analysis: Analysis, gi: int, w: int) -> str | None:
             return (f"{type(config).__name__} has no FFN width field for {g.kind}; save per-layer "
                     "widths and load with load_pruned_pretrained")
         return None
-    if not h.uniform_heads:
-        return (f"{str(g.kind).split('.')[0].upper()} derives the head size from hidden_size / num_attention_heads, so a "
-                f"config cannot express {w} of {g.size} heads; search with uniform=True (heads "
-                "are then kept) or save per-layer widths and load with load_pruned_pretrained")
-    hidden = getattr(config, "hidden_size", None)
-    heads = w * h.q_per_unit
-    if getattr(config, "model_type", None) == "llama" and hidden is not None and hidden % heads:
-        return (f"{heads} attention heads do not divide hidden_size {hidden}, which "
-                f"{type(config).__name__} requires")
+    cache = analysis.__dict__.setdefault("_uniform_probes", {})
+    if (g.kind, g.size, w) not in cache:
+        cache[(g.kind, g.size, w)] = _probe_heads(analysis, g, w)
+    return cache[(g.kind, g.size, w)]
+
+
+def _probe_heads(analysis: Analysis, g: Group, w: int) -> str | None:
+    """Why a config with the head fields of ``g``'s family set for ``w`` units does not build the
+    model that uniform widths export (``None``: it does). The model is built on the meta device
+    from the updated config (through ``from_dict``, which validates it as ``from_pretrained``
+    does) and every layer of the family's groups is compared with the exported shapes."""
+    from .flops import _dense_dims, _dims
+    h, model = g.handler, analysis.model
+    fields = h.config_fields(w)
+    name = type(model.config).__name__
+    keep = (f"a config cannot express {w} of {g.size} heads ({g.kind}); search with uniform=True "
+            "(they are then kept) or save per-layer widths and load with load_pruned_pretrained")
+    if not fields:
+        return f"the {g.kind} layout names no config field for its head count: {keep}"
+    try:
+        config = type(model.config).from_dict({**model.config.to_dict(), **fields})
+        with torch.device("meta"):
+            built = type(model)(config)
+    except Exception as exc:  # the config class rejects the counts (e.g. heads not dividing hidden)
+        text = str(exc).strip().splitlines()
+        return f"{name} with {fields} is rejected ({text[-1] if text else type(exc).__name__}): {keep}"
+    gis = [i for i, x in enumerate(analysis.groups) if x.kind == g.kind and x.size == g.size]
+    widths = {i: w for i in gis}
+    old, new = dict(model.named_modules()), dict(built.named_modules())
+    for i in gis:
+        for m in analysis.groups[i].modules():
+            if m not in analysis.roles or m not in new:
+                continue
+            want, got = _dims(analysis, m, old[m], widths), _dense_dims(new[m])
+            if want != got:
+                return (f"{name} with {fields} builds {m} with (out, in) {got}, not {want} (it "
+                        f"derives the head size from the hidden size): {keep}")
     return None
 
 
