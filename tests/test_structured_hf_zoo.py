@@ -242,3 +242,142 @@ def test_real_minilm_heads_are_found_under_every_attention_implementation(attn, 
     # 6 layers x 12 heads (transformers 4.x: BertSdpaSelfAttention under sdpa), ruled as BERT's
     assert [(g.size, g.rule_type) for g in heads] == [(12, "BertSelfAttention")] * 6
     assert sum(g.handler is None for g in analysis.groups) == 6
+
+
+# --------------------------------------------------------------------------------------------
+# explicit keeps: heads pruned differently per layer, whatever the scores
+
+
+def _check_export(model, analysis, keep, x, tmp_path):
+    """The export equals the gated model, its counts are the cost model's, and it reloads."""
+    with torch.no_grad(), Gates(analysis, keep):
+        gated = _out(model, x)
+    small = st.export_model(analysis, keep)
+    with torch.no_grad():
+        torch.testing.assert_close(_out(small, x), gated, rtol=1e-4, atol=1e-5)
+    widths = {gi: len(k) for gi, k in keep.items()}
+    params, flops = st.CostModel(analysis, x).costs(widths)
+    assert params == _params(small)
+    if model.config._attn_implementation == "eager":  # FlopCounterMode counts eager's matmuls
+        assert flops == _flops(small, x)
+    small.save_pretrained(tmp_path)
+    again = st.load_pruned_pretrained(type(model), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(_out(again, x), gated, rtol=1e-4, atol=1e-5)
+    return small
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("family, units, qkv_rows", [
+    ("falcon", 2, ((2 + 2) * 4, 2 * (2 + 2) * 4)),  # 1 of 2 KV groups (2 q heads, k, v), then both
+    ("falcon_mq", 4, (2 * 4 + 8, 3 * 4 + 8)),      # query heads 0, 2 (0, 1, 3) + the shared k, v
+    ("falcon_mha", 4, (2 * 3 * 4, 3 * 3 * 4)),     # per head [q k v]
+])
+def test_falcon_layouts_prune_heads_per_layer(family, units, qkv_rows, attn, tmp_path):
+    model, x = _model(family, attn=attn), _input(family)
+    analysis = st.find_groups(model, x)
+    heads = [gi for gi, g in enumerate(analysis.groups) if g.handler is not None]
+    assert [analysis.groups[gi].size for gi in heads] == [units, units]
+    keep = {heads[0]: torch.tensor([1] if units == 2 else [0, 2]),
+            heads[1]: torch.arange(units) if units == 2 else torch.tensor([0, 1, 3])}
+    small = _check_export(model, analysis, keep, x, tmp_path)
+    assert tuple(layer.self_attention.query_key_value.out_features for layer in small.h) == qkv_rows
+    attn0 = small.h[0].self_attention
+    assert attn0.num_heads == (2 if family != "falcon_mha" or units != 2 else 1)
+    assert attn0.num_heads * attn0.head_dim == attn0.dense.in_features
+
+
+def test_falcon_alibi_heads_are_listed_not_pruned():
+    analysis = st.find_groups(_model("falcon_alibi"), _input("falcon_alibi"))
+    reasons = [s["reason"] for s in analysis.skipped if s["module"].endswith("self_attention")]
+    assert len(reasons) == 2 and all("config.alibi" in r for r in reasons)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_t5_heads_are_one_group_per_stack_and_the_relative_bias_columns_follow(attn, tmp_path):
+    model, x = _model("t5", attn=attn), _input("t5")
+    analysis = st.find_groups(model, x)
+    heads = {g.name: gi for gi, g in enumerate(analysis.groups) if g.handler is not None}
+    assert list(heads) == ["encoder.block.0.layer.0.SelfAttention", "decoder.block.0.layer.0.SelfAttention",
+                           "decoder.block.0.layer.1.EncDecAttention"]
+    enc = analysis.groups[heads["encoder.block.0.layer.0.SelfAttention"]]
+    # layer 1 reuses layer 0's position bias: both layers keep the same heads, one group
+    assert [o for o, _ in enc.owners] == ["encoder.block.0.layer.0.SelfAttention",
+                                          "encoder.block.1.layer.0.SelfAttention"]
+    assert "encoder.block.0.layer.0.SelfAttention.relative_attention_bias" in enc.modules()
+    assert analysis.groups[heads["decoder.block.0.layer.1.EncDecAttention"]].kind == "t5.cross_heads"
+    keep = {heads["encoder.block.0.layer.0.SelfAttention"]: torch.tensor([1, 3]),
+            heads["decoder.block.0.layer.0.SelfAttention"]: torch.tensor([2]),
+            heads["decoder.block.0.layer.1.EncDecAttention"]: torch.tensor([0, 1, 3])}
+    small = _check_export(model, analysis, keep, x, tmp_path)
+    table = small.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
+    torch.testing.assert_close(table.weight, model.encoder.block[0].layer[0].SelfAttention
+                               .relative_attention_bias.weight[:, [1, 3]])
+    for block in small.encoder.block:
+        sa = block.layer[0].SelfAttention
+        assert (sa.n_heads, sa.inner_dim, sa.q.out_features, sa.o.in_features) == (2, 12, 12, 12)
+    assert [b.layer[1].EncDecAttention.n_heads for b in small.decoder.block] == [3, 3]
+    assert small.config.gradprune_widths["decoder.block.0.layer.0.SelfAttention.relative_attention_bias"] == \
+        {"embedding_dim": 1}
+
+
+def test_umt5_heads_are_per_layer_each_with_its_own_relative_bias(tmp_path):
+    model, x = _model("umt5", attn="eager"), _input("umt5")
+    analysis = st.find_groups(model, x)
+    heads = {g.name: gi for gi, g in enumerate(analysis.groups) if g.handler is not None}
+    keep = {heads["encoder.block.0.layer.0.SelfAttention"]: torch.tensor([0]),
+            heads["encoder.block.1.layer.0.SelfAttention"]: torch.tensor([1, 2, 3]),
+            heads["decoder.block.1.layer.1.EncDecAttention"]: torch.tensor([2])}
+    small = _check_export(model, analysis, keep, x, tmp_path)
+    assert [b.layer[0].SelfAttention.relative_attention_bias.weight.shape[1] for b in small.encoder.block] == [1, 3]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_phi3_fused_qkv_heads_per_layer_keep_their_own_config(attn, tmp_path):
+    model, x = _model("phi3", attn=attn), _input("phi3")
+    analysis = st.find_groups(model, x)
+    heads = [gi for gi, g in enumerate(analysis.groups) if g.handler is not None]
+    assert [analysis.groups[gi].size for gi in heads] == [2, 2]  # 2 KV groups of 2 query heads
+    small = _check_export(model, analysis, {heads[0]: torch.tensor([1])}, x, tmp_path)
+    sa0, sa1 = (layer.self_attn for layer in small.layers)
+    # the forward splits qkv_proj at config.num_attention_heads * head_dim: layer 0 has its own copy
+    assert (sa0.config.num_attention_heads, sa0.num_key_value_heads, sa0.qkv_proj.out_features) == (2, 1, 16)
+    assert sa1.config.num_attention_heads == small.config.num_attention_heads == 4
+    assert small.config.gradprune_widths["layers.0.self_attn"]["config.num_attention_heads"] == 2
+
+
+# families whose config (under transformers 5) takes the head size, so uniform widths may drop heads
+EXPRESSES_HEADS = {"llama", "gemma", "phi", "phi3", "vit", "dinov2"}  # (DeBERTa-v2 takes
+# attention_head_size, but its output dense reads hidden_size: the probe finds it)
+UNIFORM_HEADS = ["bert", "gpt2", "opt", "falcon", "gpt_neox", "clip_text", "llama", "gemma", "phi",
+                 "phi3", "vit", "dinov2", "deberta_v2"]
+
+
+@pytest.mark.parametrize("family", UNIFORM_HEADS)
+def test_uniform_heads_go_to_the_config_where_it_can_express_them(family, tmp_path):
+    from gradprune.structured.hf import uniform_width_ok
+    model, x = _model(family), _input(family)
+    analysis = st.find_groups(model, x)
+    heads = [gi for gi, g in enumerate(analysis.groups) if g.handler is not None]
+    ffn = [gi for gi, g in enumerate(analysis.groups) if g.handler is None]
+    n = analysis.groups[heads[0]].size
+    ffn_ok = uniform_width_ok(analysis, ffn[0], 20)  # Dinov2: mlp_ratio, no FFN width field
+    assert ffn_ok == (family != "dinov2")
+    keep = {**{gi: torch.arange(n // 2, n) for gi in heads},
+            **{gi: torch.arange(20) for gi in ffn if ffn_ok}}
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        assert uniform_width_ok(analysis, heads[0], n - n // 2) == (family in EXPRESSES_HEADS)
+    if not uniform_width_ok(analysis, heads[0], n - n // 2):
+        with pytest.raises(ValueError, match="cannot express"):
+            st.export_model(analysis, keep, uniform=True)
+        keep = {gi: k for gi, k in keep.items() if gi in ffn}  # heads kept: the FFN width alone
+    small = st.export_model(analysis, keep, uniform=True)
+    small.save_pretrained(tmp_path)
+    again = type(model).from_pretrained(tmp_path).eval()  # plain transformers loading
+    with torch.no_grad(), Gates(analysis, keep):
+        gated = _out(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(_out(again, x), gated, rtol=1e-4, atol=1e-5)
+    assert _params(again) == _params(small) < _params(model)
+    if family in EXPRESSES_HEADS and int(transformers.__version__.split(".")[0]) >= 5:
+        assert again.config.num_attention_heads == analysis.groups[heads[0]].handler.q_per_unit * (n - n // 2)
