@@ -101,7 +101,12 @@ def _model(family, seed=0, attn=None):
     config = cfg()
     if attn is not None:
         config._attn_implementation = attn
-    return getattr(transformers, cls_name)(config).eval()
+    try:
+        return getattr(transformers, cls_name)(config).eval()
+    except ValueError as exc:  # transformers 4.x: T5 has no sdpa
+        if attn is not None and "does not support an attention implementation" in str(exc):
+            pytest.skip(f"{cls_name} under transformers {transformers.__version__} has no {attn}")
+        raise
 
 
 def _input(family, seed=1):
@@ -179,7 +184,8 @@ def test_search_export_and_reload_meet_the_budget(family, budget, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(_out(small, x), gated, rtol=1e-4, atol=1e-5)
     small.save_pretrained(tmp_path)
-    again = st.load_pruned_pretrained(type(model), tmp_path)
+    # the same attention implementation (transformers 4.57's Falcon ALiBi differs under sdpa)
+    again = st.load_pruned_pretrained(type(model), tmp_path, attn_implementation="eager")
     with torch.no_grad():
         torch.testing.assert_close(_out(again, x), gated, rtol=1e-4, atol=1e-5)
 
@@ -261,7 +267,9 @@ def _check_export(model, analysis, keep, x, tmp_path):
     if model.config._attn_implementation == "eager":  # FlopCounterMode counts eager's matmuls
         assert flops == _flops(small, x)
     small.save_pretrained(tmp_path)
-    again = st.load_pruned_pretrained(type(model), tmp_path)
+    again = st.load_pruned_pretrained(type(model), tmp_path,
+                                      attn_implementation=model.config._attn_implementation)
+    assert again.config._attn_implementation == model.config._attn_implementation
     with torch.no_grad():
         torch.testing.assert_close(_out(again, x), gated, rtol=1e-4, atol=1e-5)
     return small
@@ -356,6 +364,8 @@ UNIFORM_HEADS = ["bert", "gpt2", "opt", "falcon", "gpt_neox", "clip_text", "llam
 @pytest.mark.parametrize("family", UNIFORM_HEADS)
 def test_uniform_heads_go_to_the_config_where_it_can_express_them(family, tmp_path):
     from gradprune.structured.hf import uniform_width_ok
+    if family in NO_HEADS:
+        pytest.skip(f"{family}: heads not pruned under transformers {transformers.__version__}")
     model, x = _model(family), _input(family)
     analysis = st.find_groups(model, x)
     heads = [gi for gi, g in enumerate(analysis.groups) if g.handler is not None]
@@ -378,6 +388,7 @@ def test_uniform_heads_go_to_the_config_where_it_can_express_them(family, tmp_pa
         gated = _out(model, x)
     with torch.no_grad():
         torch.testing.assert_close(_out(again, x), gated, rtol=1e-4, atol=1e-5)
-    assert _params(again) == _params(small) < _params(model)
+    assert _params(again) == _params(small) <= _params(model)
+    assert (_params(small) < _params(model)) == bool(keep)  # transformers 4.x Dinov2: nothing expressible
     if family in EXPRESSES_HEADS and int(transformers.__version__.split(".")[0]) >= 5:
         assert again.config.num_attention_heads == analysis.groups[heads[0]].handler.q_per_unit * (n - n // 2)

@@ -1006,13 +1006,18 @@ def _narrow(model: nn.Module, widths: dict, cls_name: str) -> None:
                                                 dtype=w.dtype, device=w.device))
 
 
-def load_pruned_pretrained(cls, path: str | os.PathLike, config=None):
+def load_pruned_pretrained(cls, path: str | os.PathLike, config=None, **kwargs):
     """Load a pruned Hugging Face model saved with ``save_pretrained``: build ``cls(config)``
     (``config`` read from ``path`` by default), narrow the layers recorded in
     ``config.gradprune_widths`` and load the saved weights (strictly, up to tied weights).
+    Other keyword arguments go to ``from_pretrained`` (``attn_implementation="eager"``,
+    ``dtype``…).
 
     Example: ``small = gp.structured.load_pruned_pretrained(BertModel, "pruned-bert")``.
     """
+    for key in ("output_loading_info", "pretrained_model_name_or_path"):
+        if key in kwargs:
+            raise TypeError(f"load_pruned_pretrained() sets {key} itself; do not pass it")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)
@@ -1037,7 +1042,7 @@ def load_pruned_pretrained(cls, path: str | os.PathLike, config=None):
     # builds the narrowed model through this subclass; the result is a plain ``cls`` again
     narrowed = type(cls.__name__, (cls,), {"__init__": narrowed_init, "__module__": cls.__module__})
     try:
-        model, info = narrowed.from_pretrained(path, config=config, output_loading_info=True)
+        model, info = narrowed.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
     except Exception as exc:  # a damaged or foreign file: name the weight files
         files = [os.path.join(path, f) for f in sorted(os.listdir(path))
                  if f.endswith((".safetensors", ".bin", ".json")) and f != "config.json"]
