@@ -179,6 +179,7 @@ def test_search_export_and_reload_meet_the_budget(family, budget, tmp_path):
     assert measured < dense[budget]
     assert found.keep, "something was pruned"
     assert (found.flops, found.params) == (_flops(small, x), _params(small))  # the cost model is exact
+    assert f"load_pruned_pretrained({type(model).__name__}, path)" in str(found.report)
     with torch.no_grad(), Gates(found.analysis, found.keep):
         gated = _out(model, x)
     with torch.no_grad():
@@ -221,6 +222,7 @@ def test_uniform_widths_write_the_family_config_for_plain_from_pretrained(family
                       rules={"nn.Linear": {"feature_divisor": 1}})
     small = found.export()
     assert found.keep and _params(small) <= 0.85 * _params(model)
+    assert f"plain {type(model).__name__}.from_pretrained(path)" in str(found.report)
     small.save_pretrained(tmp_path)
     again = type(model).from_pretrained(tmp_path).eval()
     with torch.no_grad():

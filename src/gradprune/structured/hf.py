@@ -62,9 +62,9 @@ from .attention import HeadHandler
 from .groups import Analysis, Group, Layout, Slice, is_conv1d, register_analyser
 
 __all__ = ["ATTENTION_SPECS", "MLP_GATES", "MLP_SPECS", "WIDTHS_KEY", "AttentionSpec", "HFHeads",
-           "HeadMember",           "MLPSpec", "analyse_hf", "apply_uniform_config", "families", "head_attrs",
-           "head_rule_types", "load_pruned_pretrained", "record_widths", "register_attention",
-           "register_mlp"]
+           "HeadMember", "MLPSpec", "analyse_hf", "apply_uniform_config", "families",
+           "head_attrs", "head_rule_types", "load_pruned_pretrained", "record_widths",
+           "register_attention", "register_mlp", "reload_hint"]
 
 WIDTHS_KEY = "gradprune_widths"
 MLP_GATES = ("post_activation", "pre_activation")
@@ -933,6 +933,21 @@ def apply_uniform_config(model: nn.Module, analysis: Analysis, keep: dict) -> No
             updates.update(handler.config_fields(w))
     for key, value in updates.items():
         setattr(model.config, key, value)
+
+
+def reload_hint(analysis: Analysis, uniform: bool) -> str | None:
+    """How the export of a search on a Hugging Face model reloads after ``save_pretrained`` (one
+    report line; ``None`` for other models)."""
+    if not _is_hf(analysis.model):
+        return None
+    cls = type(analysis.model).__name__
+    if uniform:
+        return (f"reload: uniform widths, written to the config: plain {cls}.from_pretrained(path) "
+                "loads the export")
+    return (f"reload: per-layer widths, recorded in config.{WIDTHS_KEY}: "
+            f"gradprune.structured.load_pruned_pretrained({cls}, path) loads the export (plain "
+            "from_pretrained builds the dense widths; export(uniform=True) writes one width per "
+            "family to the config)")
 
 
 def record_widths(model: nn.Module, analysis: Analysis) -> None:
