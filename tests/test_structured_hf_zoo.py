@@ -212,7 +212,11 @@ def test_recognition_does_not_depend_on_the_attention_implementation(family, att
     assert sum(g.handler is not None for g in analysis.groups) == (0 if family in NO_HEADS else 2)
 
 
-UNIFORM = ["opt", "bert", "distilbert", "gpt_neox", "phi", "gemma", "gpt2", "vit", "clip_text", "phi3"]
+# T5, BART and Whisper have one config for encoder and decoder: their FFN width fields (d_ff;
+# encoder_ffn_dim and decoder_ffn_dim) take the uniform width; T5's num_heads is shared by the self-
+# and cross-attention families, which the probe sees, so their heads are kept
+UNIFORM = ["opt", "bert", "distilbert", "gpt_neox", "phi", "gemma", "gpt2", "vit", "clip_text", "phi3",
+           "falcon", "t5", "bart", "whisper"]
 
 
 @pytest.mark.parametrize("family", UNIFORM)
@@ -394,3 +398,27 @@ def test_uniform_heads_go_to_the_config_where_it_can_express_them(family, tmp_pa
     assert (_params(small) < _params(model)) == bool(keep)  # transformers 4.x Dinov2: nothing expressible
     if family in EXPRESSES_HEADS and int(transformers.__version__.split(".")[0]) >= 5:
         assert again.config.num_attention_heads == analysis.groups[heads[0]].handler.q_per_unit * (n - n // 2)
+
+
+@pytest.mark.parametrize("family, field", [("t5", "d_ff"), ("bart", "encoder_ffn_dim")])
+def test_uniform_encoder_decoder_writes_the_shared_fields_and_keeps_shared_head_counts(family, field, tmp_path):
+    from gradprune.structured.hf import uniform_width_ok
+    model, x = _model(family), _input(family)
+    analysis = st.find_groups(model, x)
+    heads = [gi for gi, g in enumerate(analysis.groups) if g.handler is not None]
+    ffn = [gi for gi, g in enumerate(analysis.groups) if g.handler is None]
+    # T5's num_heads also sizes the cross-attention, BART's heads derive their size: kept
+    assert not any(uniform_width_ok(analysis, gi, 2) for gi in heads)
+    with pytest.raises(ValueError, match="cannot express 2 of 4 heads"):
+        st.export_model(analysis, {gi: torch.arange(2) for gi in heads}, uniform=True)
+    keep = {gi: torch.arange(3, 19) for gi in ffn}
+    small = st.export_model(analysis, keep, uniform=True)
+    assert getattr(small.config, field) == 16 and "gradprune_widths" in small.config.to_dict()
+    if family == "bart":
+        assert small.config.decoder_ffn_dim == 16
+    small.save_pretrained(tmp_path)
+    again = type(model).from_pretrained(tmp_path).eval()
+    with torch.no_grad(), Gates(analysis, keep):
+        gated = _out(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(_out(again, x), gated, rtol=1e-4, atol=1e-5)

@@ -240,7 +240,7 @@ register_mlp(MLPSpec("bert", up="intermediate.dense", act=("intermediate",), dow
 register_mlp(MLPSpec("albert", up="ffn", act=("activation",), down="ffn_output"))
 register_mlp(MLPSpec("distilbert", up="lin1", act=("activation",), down="lin2", config=("hidden_dim",)))
 register_mlp(MLPSpec("fc", up="fc1", act=("activation_fn", "activation"), down="fc2",
-                     config=("intermediate_size", "ffn_dim")))
+                     config=("intermediate_size", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim")))
 register_mlp(MLPSpec("gpt2", up="c_fc", act=("act",), down="c_proj", config=("n_inner",)))
 register_mlp(MLPSpec("h_to_4h", up="dense_h_to_4h", act=("act",), down="dense_4h_to_h",
                      config=("intermediate_size", "ffn_hidden_size")))
@@ -826,8 +826,11 @@ def head_attrs(mod: nn.Module) -> tuple | None:
 def families(analysis: Analysis) -> dict:
     """``{(kind, size): [group indices]}``: the groups that play the same role in every layer
     (heads, FFN neurons) of a Hugging Face model, for uniform widths (``ValueError`` for an
-    encoder-decoder, whose config holds no widths of its own)."""
-    if getattr(getattr(analysis.model, "config", None), "is_encoder_decoder", False):
+    ``EncoderDecoderModel``, whose config holds no widths of its own; T5, BART and Whisper have
+    one config, whose fields are probed like any other)."""
+    config = getattr(analysis.model, "config", None)
+    if getattr(config, "is_encoder_decoder", False) and hasattr(config, "encoder") \
+            and hasattr(config, "decoder"):
         raise ValueError(f"uniform widths need one config for every layer; {type(analysis.model).__name__} "
                          "is an encoder-decoder (its layers are configured by config.encoder and "
                          "config.decoder): export per-layer widths and load them with "
@@ -839,66 +842,67 @@ def families(analysis: Analysis) -> dict:
     return out
 
 
+def _uniform_fields(analysis: Analysis, g: Group, w: int) -> dict:
+    """The config fields that give ``g``'s family ``w`` units in every layer: the heads' fields
+    (:attr:`HFHeads.head_fields`), or every FFN width field of the registered MLP layouts that
+    holds the family's width (BART: ``encoder_ffn_dim`` and ``decoder_ffn_dim``)."""
+    if g.handler is not None:
+        return g.handler.config_fields(w)
+    config = analysis.model.config
+    fields = [f for spec in MLP_SPECS for f in spec.config if getattr(config, f, None) == g.size]
+    return {f: w for f in dict.fromkeys(fields)}
+
+
 def _uniform_problem(analysis: Analysis, gi: int, w: int) -> str | None:
     """Why a plain config cannot express group ``gi`` (and its family) at width ``w`` (``None``:
     it can)."""
     g = analysis.groups[gi]
-    h = g.handler
-    config = getattr(analysis.model, "config", None)
     if w == g.size:
-        return None
-    if h is None:
-        if _ffn_field(config, g) is None:
-            return (f"{type(config).__name__} has no FFN width field for {g.kind}; save per-layer "
-                    "widths and load with load_pruned_pretrained")
         return None
     cache = analysis.__dict__.setdefault("_uniform_probes", {})
     if (g.kind, g.size, w) not in cache:
-        cache[(g.kind, g.size, w)] = _probe_heads(analysis, g, w)
+        cache[(g.kind, g.size, w)] = _probe(analysis, g, w)
     return cache[(g.kind, g.size, w)]
 
 
-def _probe_heads(analysis: Analysis, g: Group, w: int) -> str | None:
-    """Why a config with the head fields of ``g``'s family set for ``w`` units does not build the
-    model that uniform widths export (``None``: it does). The model is built on the meta device
-    from the updated config (through ``from_dict``, which validates it as ``from_pretrained``
-    does) and every layer of the family's groups is compared with the exported shapes."""
-    from .flops import _dense_dims, _dims
-    h, model = g.handler, analysis.model
-    fields = h.config_fields(w)
-    name = type(model.config).__name__
-    keep = (f"a config cannot express {w} of {g.size} heads ({g.kind}); search with uniform=True "
-            "(they are then kept) or save per-layer widths and load with load_pruned_pretrained")
-    if not fields:
-        return f"the {g.kind} layout names no config field for its head count: {keep}"
+def _build(model: nn.Module, fields: dict):
+    """``model``'s class built on the meta device from its config with ``fields`` set (through
+    ``from_dict``, which validates the config as ``from_pretrained`` does), or the reason why
+    the config class rejects them (a str)."""
     try:
         config = type(model.config).from_dict({**model.config.to_dict(), **fields})
         with torch.device("meta"):
-            built = type(model)(config)
-    except Exception as exc:  # the config class rejects the counts (e.g. heads not dividing hidden)
+            return type(model)(config)
+    except Exception as exc:  # the config class rejects the widths (e.g. heads not dividing hidden)
         text = str(exc).strip().splitlines()
-        return f"{name} with {fields} is rejected ({text[-1] if text else type(exc).__name__}): {keep}"
-    gis = [i for i, x in enumerate(analysis.groups) if x.kind == g.kind and x.size == g.size]
-    widths = {i: w for i in gis}
-    old, new = dict(model.named_modules()), dict(built.named_modules())
-    for i in gis:
-        for m in analysis.groups[i].modules():
-            if m not in analysis.roles or m not in new:
-                continue
-            want, got = _dims(analysis, m, old[m], widths), _dense_dims(new[m])
-            if want != got:
-                return (f"{name} with {fields} builds {m} with (out, in) {got}, not {want} (it "
-                        f"derives the head size from the hidden size): {keep}")
-    return None
+        return f"{type(model.config).__name__} with {fields} is rejected ({text[-1] if text else type(exc).__name__})"
 
 
-def _ffn_field(config, g: Group) -> str | None:
-    """The config field holding the width of FFN group ``g``'s family."""
-    n = g.size
-    for spec in MLP_SPECS:
-        for f in spec.config:
-            if getattr(config, f, None) == n:
-                return f
+def _probe(analysis: Analysis, g: Group, w: int) -> str | None:
+    """Why a config with the width fields of ``g``'s family set for ``w`` units does not build
+    the model that uniform widths export (``None``: it does). The model is built on the meta
+    device from the updated config and every pruned layer is compared with the export's shapes
+    (the family at ``w``, the other groups dense)."""
+    from .flops import _dense_dims, _dims
+    unit = "heads" if g.handler is not None else "neurons"
+    keep = (f"a config cannot express {w} of {g.size} {unit} ({g.kind}); search with uniform=True "
+            "(they are then kept) or save per-layer widths and load with load_pruned_pretrained")
+    fields = _uniform_fields(analysis, g, w)
+    if not fields:
+        return f"{type(analysis.model.config).__name__} has no width field for {g.kind}: {keep}"
+    built = _build(analysis.model, fields)
+    if isinstance(built, str):
+        return f"{built}: {keep}"
+    widths = {i: w for i, x in enumerate(analysis.groups) if x.kind == g.kind and x.size == g.size}
+    old, new = dict(analysis.model.named_modules()), dict(built.named_modules())
+    for m in analysis.roles:
+        if m not in new:
+            continue
+        want, got = _dims(analysis, m, old[m], widths), _dense_dims(new[m])
+        if want != got:
+            why = " (it derives the head size from the hidden size)" if g.handler is not None else ""
+            return (f"{type(analysis.model.config).__name__} with {fields} builds {m} with (out, in) "
+                    f"{got}, not {want}{why}: {keep}")
     return None
 
 
@@ -909,8 +913,9 @@ def uniform_width_ok(analysis: Analysis, gi: int, w: int) -> bool:
 
 def apply_uniform_config(model: nn.Module, analysis: Analysis, keep: dict) -> None:
     """Check that every layer of exported ``model`` kept the same widths and write them to its
-    config (the family's FFN width field; heads where the config takes ``head_dim``) so plain
-    ``from_pretrained`` rebuilds it."""
+    config (the family's width fields, see :func:`uniform_width_ok`) so plain
+    ``from_pretrained`` rebuilds it: the class built on the meta device from the new config must
+    have every parameter shape of ``model`` (``ValueError`` otherwise)."""
     fams = families(analysis)
     if not fams:
         raise ValueError("uniform=True needs a Hugging Face model with recognised attention or MLP "
@@ -924,13 +929,20 @@ def apply_uniform_config(model: nn.Module, analysis: Analysis, keep: dict) -> No
         problem = _uniform_problem(analysis, gis[0], w)
         if problem is not None:
             raise ValueError(f"uniform=True: {problem}")
-        if w == size:
-            continue
-        handler = analysis.groups[gis[0]].handler
-        if handler is None:
-            updates[_ffn_field(model.config, analysis.groups[gis[0]])] = w
-        else:
-            updates.update(handler.config_fields(w))
+        if w != size:
+            updates.update(_uniform_fields(analysis, analysis.groups[gis[0]], w))
+    if not updates:
+        return
+    built = _build(model, updates)
+    if isinstance(built, str):
+        raise ValueError(f"uniform=True: {built}")
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    wrong = [k for k, v in built.state_dict().items() if k in have and tuple(v.shape) != have[k]]
+    if wrong:  # two families write one field (T5's num_heads: self- and cross-attention)
+        raise ValueError(f"uniform=True: a {type(model.config).__name__} with {updates} builds "
+                         f"{wrong[0]} with shape {tuple(built.state_dict()[wrong[0]].shape)}, the "
+                         f"export has {have[wrong[0]]}; save per-layer widths and load with "
+                         "load_pruned_pretrained")
     for key, value in updates.items():
         setattr(model.config, key, value)
 
