@@ -6,6 +6,8 @@ recognition under every attention implementation the installed transformers offe
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -82,6 +84,11 @@ ZOO = {
                                                               if k != "intermediate_size"},
                                            mlp_ratio=2), "pixels"),
     "clip_text": ("CLIPTextModel", lambda: _cfg("CLIPTextConfig", **{**DECODER, "max_position_embeddings": 16}), "ids"),
+    # Swin: a relative position bias table with one column per head in every window attention
+    "swin": ("SwinModel", lambda: _cfg("SwinConfig", image_size=8, patch_size=1, num_channels=3, embed_dim=16,
+                                       depths=[2], num_heads=[4], window_size=4, mlp_ratio=1.5,
+                                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                       drop_path_rate=0.0), "pixels"),
     "clip_vision": ("CLIPVisionModel", lambda: _cfg("CLIPVisionConfig", **VISION), "pixels"),
 }
 # families whose heads are not pruned (the reason is in skipped)
@@ -332,7 +339,7 @@ def test_t5_heads_are_one_group_per_stack_and_the_relative_bias_columns_follow(a
         assert (sa.n_heads, sa.inner_dim, sa.q.out_features, sa.o.in_features) == (2, 12, 12, 12)
     assert [b.layer[1].EncDecAttention.n_heads for b in small.decoder.block] == [3, 3]
     assert small.config.gradprune_widths["decoder.block.0.layer.0.SelfAttention.relative_attention_bias"] == \
-        {"embedding_dim": 1}
+        {"shape:weight": [32, 1], "embedding_dim": 1}
 
 
 def test_umt5_heads_are_per_layer_each_with_its_own_relative_bias(tmp_path):
@@ -422,3 +429,27 @@ def test_uniform_encoder_decoder_writes_the_shared_fields_and_keeps_shared_head_
         gated = _out(model, x)
     with torch.no_grad():
         torch.testing.assert_close(_out(again, x), gated, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_swin_window_attention_heads_slice_the_relative_position_bias_table(attn, tmp_path):
+    model, x = _model("swin", attn=attn), _input("swin")
+    analysis = st.find_groups(model, x)
+    heads = [gi for gi, g in enumerate(analysis.groups) if g.handler is not None]
+    assert [analysis.groups[gi].size for gi in heads] == [4, 4]
+    table = [s for s in analysis.groups[heads[0]].slices if s.role == "table"]
+    assert [s.param for s in table] == ["relative_position_bias_table"]
+    small = _check_export(model, analysis, {heads[0]: torch.tensor([0, 2]), heads[1]: torch.tensor([3])}, x,
+                          tmp_path)
+    kept = [p.shape for n, p in small.named_parameters() if n.endswith("relative_position_bias_table")]
+    assert [s[-1] for s in kept] == [2, 1]
+
+
+def test_an_unregistered_per_head_parameter_stops_the_heads(monkeypatch):
+    # a Swin table that no spec names: the heads are listed, not broken
+    import gradprune.structured.hf as hf
+    specs = [dataclasses.replace(s, bias_tables=()) for s in hf.ATTENTION_SPECS]
+    monkeypatch.setattr(hf, "ATTENTION_SPECS", specs)
+    analysis = st.find_groups(_model("swin"), _input("swin"))
+    assert not [g for g in analysis.groups if g.handler is not None]
+    assert any("relative_position_bias_table has one column per head" in s["reason"] for s in analysis.skipped)

@@ -111,8 +111,11 @@ class AttentionSpec:
     (``{"num_attention_heads": "heads"}`` for Phi-3, which splits ``qkv_proj`` at
     ``config.num_attention_heads * head_dim``): export gives the module a copy of the config
     with them set, recorded as ``"config.<field>"`` in the width record.
-    ``bias_table``: a child ``Embedding`` whose columns are the heads (T5's
-    ``relative_attention_bias``, ``[buckets, heads]``), sliced with them where present.
+    ``bias_tables``: candidate paths of a tensor whose last dim holds one column per query head,
+    sliced with the heads where present: a child ``Embedding`` (T5's ``relative_attention_bias``,
+    ``[buckets, heads]``) or a parameter (Swin's
+    ``relative_position_bias.relative_position_bias_table``). Any other parameter of the module
+    with one column per head stops its heads from being pruned (listed in ``skipped``).
     ``bias_arg``: the forward argument through which a layer receives the position bias computed
     by the first layer of its stack (T5's ``position_bias``): modules whose forward takes it and
     whose names differ only in layer indices form one group (the same heads kept in every layer
@@ -132,7 +135,7 @@ class AttentionSpec:
     unsupported: str | None = None
     unsupported_config: tuple = ()
     config_attrs: dict = field(default_factory=dict)
-    bias_table: str | None = None
+    bias_tables: tuple = ()
     bias_arg: str | None = None
 
 
@@ -195,6 +198,7 @@ _HEAD_DIM = {"num_attention_heads": "heads", "head_dim": "head_dim"}
 _GQA = {"num_attention_heads": "heads", "num_key_value_heads": "kv_heads", "head_dim": "head_dim"}
 register_attention(AttentionSpec("bert", q="query", k="key", v="value", o=("^output.dense", "dense"),
                                  head_fields=_HEAD_DIM,
+                                 bias_tables=("relative_position_bias_table",),  # Swin (4.x)
                                  classes=("BertSelfAttention", "BertCrossAttention",
                                           "RobertaSelfAttention", "ElectraSelfAttention",
                                           "AlbertAttention", "ViTSelfAttention")))
@@ -210,13 +214,14 @@ register_attention(AttentionSpec("distilbert", q="q_lin", k="k_lin", v="v_lin", 
 register_attention(AttentionSpec("qkv_proj", q="q_proj", k="k_proj", v="v_proj",
                                  o=("o_proj", "out_proj", "dense"),
                                  head_fields=_GQA,
+                                 bias_tables=("relative_position_bias.relative_position_bias_table",),  # Swin
                                  attrs={"num_heads": "heads", "num_key_value_heads": "kv_heads",
                                         "num_key_value_groups": "groups"},
                                  classes=_LLAMA + ("OPTAttention", "BartAttention",
                                                    "WhisperAttention", "CLIPAttention",
                                                    "ViTAttention", "Dinov2Attention")))
 # T5, MT5 (relative bias in the first layer, passed down the stack: tied), UMT5 (a bias per layer)
-register_attention(AttentionSpec("t5", q="q", k="k", v="v", o=("o",), bias_table="relative_attention_bias",
+register_attention(AttentionSpec("t5", q="q", k="k", v="v", o=("o",), bias_tables=("relative_attention_bias",),
                                  bias_arg="position_bias", attrs={"n_heads": "heads", "inner_dim": "width"},
                                  head_fields={"num_heads": "heads"},
                                  classes=("T5Attention", "MT5Attention", "UMT5Attention")))
@@ -280,8 +285,9 @@ class HeadMember:
     """One attention module of a head group (several where the layers of a stack share the
     position bias of the first, as T5's): its ``module`` and projection names (``k``: a separate
     key projection, ``None`` when fused), the module attributes ``attrs`` and the fields of its own
-    config ``config_attrs`` that export sets, and ``table``: an ``Embedding`` of ``table_rows``
-    rows whose columns are the query heads (T5's ``relative_attention_bias``)."""
+    config ``config_attrs`` that export sets, and ``table``: ``(module, parameter)`` of a tensor
+    of ``table_rows`` rows whose columns are the query heads (T5's ``relative_attention_bias``
+    weight, Swin's ``relative_position_bias_table``)."""
 
     module: str
     o: str
@@ -289,7 +295,7 @@ class HeadMember:
     k: str | None = None
     attrs: dict = field(default_factory=dict)
     config_attrs: dict = field(default_factory=dict)
-    table: str | None = None
+    table: tuple | None = None
     table_rows: int = 0
 
 
@@ -386,22 +392,28 @@ class HFHeads(HeadHandler):
                 for key, value in self._values(n, m.config_attrs).items():
                     setattr(mod.config, key, value)
             if m.table is not None:
-                table = modules[m.table]
-                w = table.weight.index_select(1, heads.to(table.weight.device)).detach().clone()
-                table.weight = nn.Parameter(w, requires_grad=table.weight.requires_grad)
-                table.embedding_dim = len(heads)
+                owner, pname = modules[m.table[0]], m.table[1]
+                old = getattr(owner, pname)
+                w = old.index_select(-1, heads.to(old.device)).detach().clone()
+                setattr(owner, pname, nn.Parameter(w, requires_grad=old.requires_grad))
+                if isinstance(owner, nn.Embedding):
+                    owner.embedding_dim = len(heads)
 
     def record(self, modules: dict) -> dict:
         """``{module: {attribute: value}}`` of the exported attention modules kept in
         ``config.gradprune_widths`` (``"config.<field>"``: a field of the module's own config;
-        bias tables: their ``embedding_dim``)."""
+        bias tables: ``"shape:<parameter>"``, and an ``Embedding``'s ``embedding_dim``)."""
         out = {}
         for m in self.members:
             mod = modules[m.module]
             out[m.module] = {a: getattr(mod, a) for a in m.attrs}
             out[m.module].update({f"config.{a}": getattr(mod.config, a) for a in m.config_attrs})
             if m.table is not None:
-                out[m.table] = {"embedding_dim": modules[m.table].embedding_dim}
+                owner, pname = modules[m.table[0]], m.table[1]
+                rec = out.setdefault(m.table[0], {})  # (Swin 4.x: the attention module itself)
+                rec[f"shape:{pname}"] = list(getattr(owner, pname).shape)
+                if isinstance(owner, nn.Embedding):
+                    rec["embedding_dim"] = owner.embedding_dim
         return out
 
     def config_fields(self, n: int) -> dict:
@@ -602,6 +614,32 @@ def _tie_key(name: str, mod: nn.Module, spec: AttentionSpec) -> str:
     return re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", name) if takes else name
 
 
+def _bias_table(b: _Builder, name: str, spec: AttentionSpec, n_q: int):
+    """``((module, parameter), rows)`` of the first of ``spec.bias_tables`` present under
+    attention ``name`` with one column per query head, or ``(None, 0)``."""
+    for path in spec.bias_tables:
+        full, child = _child(b, name, path)
+        owner, pname = (full, "weight") if isinstance(child, nn.Embedding) else full.rpartition(".")[::2]
+        p = getattr(b.modules.get(owner), pname, None)
+        if isinstance(p, nn.Parameter) and p.dim() >= 2 and p.shape[-1] == n_q:
+            return (owner, pname), p.numel() // n_q
+    return None, 0
+
+
+def _per_head_params(b: _Builder, name: str, mod: nn.Module, projs: dict, o: str, table, n_q: int):
+    """The first parameter of attention ``name`` outside its projections and bias table whose
+    last dim has one entry per query head (a tensor export would not slice), or ``None``."""
+    known = set(projs.values()) | {o}
+    for pname, p in mod.named_parameters():
+        full = _join(name, pname)
+        owner = full.rpartition(".")[0]
+        if owner in known or (table is not None and (owner, full.rpartition(".")[2]) == table):
+            continue
+        if p.dim() >= 2 and p.shape[-1] == n_q:
+            return full
+    return None
+
+
 def _heads_of(b: _Builder, name: str, mod: nn.Module, match):
     """The head layout and slices of recognised attention ``name`` (a dict), or ``None`` when
     its heads are not pruned (the reason is then in ``skipped``)."""
@@ -664,12 +702,15 @@ def _heads_of(b: _Builder, name: str, mod: nn.Module, match):
     attrs = {a: kind for a, kind in _HEADS.items()
              if isinstance(getattr(mod, a, None), int) and not isinstance(getattr(mod, a), bool)}
     attrs.update(spec.attrs)
-    table, rows = _child(b, name, spec.bias_table)
-    if isinstance(rows, nn.Embedding) and rows.embedding_dim == n_q:
-        slices.append(Slice(table, "out", 1, 0, per, n))
-        rows = rows.num_embeddings
-    else:
-        table, rows = None, 0
+    table, rows = _bias_table(b, name, spec, n_q)
+    if table is not None:
+        slices.append(Slice(table[0], "table", b.modules[table[0]].get_parameter(table[1]).dim() - 1,
+                            0, per, n, param=table[1]))
+    stray = _per_head_params(b, name, mod, projs, o, table, n_q)
+    if stray:
+        b.skip(name, f"{cls}: heads not pruned (parameter {stray} has one column per head and is "
+               "not a registered bias table)")
+        return None
     member = HeadMember(name, o, projs.get("q") or projs["fused"],
                         projs.get("k") or (projs["fused"] if "q" in projs else None), attrs,
                         dict(spec.config_attrs), table, rows)
@@ -1014,16 +1055,16 @@ def _narrow(model: nn.Module, widths: dict, cls_name: str) -> None:
         if any(key.startswith("config.") for key in attrs):  # the module's own config
             mod.config = copy.copy(mod.config)
         for key, value in attrs.items():
+            if key.startswith("shape:"):  # a parameter of the recorded shape (a bias table)
+                old = getattr(mod, key[6:])
+                setattr(mod, key[6:], nn.Parameter(torch.empty(value, dtype=old.dtype, device=old.device),
+                                                   requires_grad=old.requires_grad))
+                continue
             setattr(mod.config if key.startswith("config.") else mod, key.removeprefix("config."), value)
         if isinstance(mod, nn.Linear):
             shape = (mod.out_features, mod.in_features)
         elif is_conv1d(mod):
             shape = (mod.nx, mod.nf)
-        elif isinstance(mod, nn.Embedding):
-            w = mod.weight
-            mod.weight = nn.Parameter(torch.empty((mod.num_embeddings, mod.embedding_dim),
-                                                  dtype=w.dtype, device=w.device))
-            continue
         else:
             continue
         w = mod.weight
