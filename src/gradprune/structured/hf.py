@@ -8,8 +8,9 @@ found alike). Every module of the model is matched against one registry of build
 registered in one place (:func:`register_attention`, :func:`register_mlp`).
 
 - **Attention**: a module with query/key/value projections, separate (``query``/``key``/``value``,
-  ``q_proj``/``k_proj``/``v_proj``, ``q_lin``…, ``query_proj``…) or fused (``c_attn``,
-  ``qkv_proj``, ``query_key_value``, ``Wqkv``; laid out as ``[Q | K | V]`` blocks or per head),
+  ``q_proj``/``k_proj``/``v_proj``, ``q_lin``…, ``query_proj``…, T5's ``q``/``k``/``v``) or fused
+  (``c_attn``, ``qkv_proj``, ``query_key_value``, ``Wqkv``; laid out as ``[Q | K | V]`` blocks, per
+  head or per key/value group, as Falcon's layouts),
   and an output projection (its own ``o_proj``/``out_proj``/``dense``/``c_proj``…, or BERT's
   sibling ``output.dense``). The head size is read from the module (``head_dim``,
   ``attention_head_size``, ``head_size``…); the query and key/value head counts follow from the
@@ -29,21 +30,25 @@ registered in one place (:func:`register_attention`, :func:`register_mlp`).
   module's output) or before it (``"pre_activation"``, on the up projection's output, where
   ModelOpt's gradnas gates BERT); with a gate projection both are the up projection's output.
 
-Units of a block that cannot be pruned (a single head; T5's relative position bias, which holds
-every head and is shared by all layers) and every other ``Linear``/``Conv1D`` (poolers,
-classifiers, embeddings projections) are listed in ``analysis.skipped`` with the reason. The
-hidden size (the residual stream, embeddings, norms) is never pruned.
+Tensors with one column per head (T5's ``relative_attention_bias``, Swin's
+``relative_position_bias_table``) are sliced with the heads; T5 layers that reuse the position
+bias of their stack's first layer keep the same heads (one group per stack). Units of a block
+that cannot be pruned (a single head; Falcon with ALiBi; an unregistered per-head parameter) and
+every other ``Linear``/``Conv1D`` (poolers, classifiers, embeddings projections) are listed in
+``analysis.skipped`` with the reason. The hidden size (the residual stream, embeddings, norms) is
+never pruned.
 
 Export (:func:`~gradprune.structured.export_model`) records every pruned layer's widths in
 ``model.config.gradprune_widths``, so ``model.save_pretrained(path)`` keeps them and
 :func:`load_pruned_pretrained` ``(cls, path)`` rebuilds the narrower model and loads its weights
 (plain ``from_pretrained`` builds the dense widths of the config and cannot load them). With
 uniform widths (``search(..., uniform=True)`` or ``export(uniform=True)``),
-:func:`apply_uniform_config` also writes them to the config (the FFN width field of the family,
-e.g. ``intermediate_size``, ``n_inner``, ``ffn_dim``; heads where the config takes a
-``head_dim``) so plain ``from_pretrained`` loads the model; configs that derive the head size from
-``hidden_size / num_attention_heads`` (BERT, GPT-2, OPT…) cannot express fewer heads, which are
-then kept; an encoder-decoder's widths cannot be uniform (its config holds none).
+:func:`apply_uniform_config` also writes them to the config (the FFN width fields of the family,
+e.g. ``intermediate_size``, ``n_inner``, ``ffn_dim``, ``d_ff``; the head fields of the layout) so
+plain ``from_pretrained`` loads the model. Whether the config class honours a width is probed by
+building the model on the meta device from the updated config: configs that derive the head size
+from ``hidden_size / num_attention_heads`` (BERT, GPT-2, OPT…) cannot express fewer heads, which
+are then kept; an ``EncoderDecoderModel``'s widths cannot be uniform (its config holds none).
 """
 
 from __future__ import annotations
