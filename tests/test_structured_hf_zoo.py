@@ -267,8 +267,9 @@ def test_real_minilm_heads_are_found_under_every_attention_implementation(attn, 
 # explicit keeps: heads pruned differently per layer, whatever the scores
 
 
-def _check_export(model, analysis, keep, x, tmp_path):
-    """The export equals the gated model, its counts are the cost model's, and it reloads."""
+def _check_export(model, analysis, keep, x, tmp_path, family=None):
+    """The export equals the gated model, its counts are the cost model's, and it reloads
+    (save_pretrained -> load_pruned_pretrained; with ``family``, also save_pruned -> load_pruned)."""
     with torch.no_grad(), Gates(analysis, keep):
         gated = _out(model, x)
     small = st.export_model(analysis, keep)
@@ -285,6 +286,11 @@ def _check_export(model, analysis, keep, x, tmp_path):
     assert again.config._attn_implementation == model.config._attn_implementation
     with torch.no_grad():
         torch.testing.assert_close(_out(again, x), gated, rtol=1e-4, atol=1e-5)
+    if family is not None:  # the torch-style pair: plain state dict + architecture.json
+        st.save_pruned(small, tmp_path / "plain")
+        again = st.load_pruned(lambda: _model(family, attn=model.config._attn_implementation), tmp_path / "plain")
+        with torch.no_grad():
+            torch.testing.assert_close(_out(again.eval(), x), gated, rtol=1e-4, atol=1e-5)
     return small
 
 
@@ -301,7 +307,7 @@ def test_falcon_layouts_prune_heads_per_layer(family, units, qkv_rows, attn, tmp
     assert [analysis.groups[gi].size for gi in heads] == [units, units]
     keep = {heads[0]: torch.tensor([1] if units == 2 else [0, 2]),
             heads[1]: torch.arange(units) if units == 2 else torch.tensor([0, 1, 3])}
-    small = _check_export(model, analysis, keep, x, tmp_path)
+    small = _check_export(model, analysis, keep, x, tmp_path, family)
     assert tuple(layer.self_attention.query_key_value.out_features for layer in small.h) == qkv_rows
     attn0 = small.h[0].self_attention
     assert attn0.num_heads == (2 if family != "falcon_mha" or units != 2 else 1)
@@ -330,7 +336,7 @@ def test_t5_heads_are_one_group_per_stack_and_the_relative_bias_columns_follow(a
     keep = {heads["encoder.block.0.layer.0.SelfAttention"]: torch.tensor([1, 3]),
             heads["decoder.block.0.layer.0.SelfAttention"]: torch.tensor([2]),
             heads["decoder.block.0.layer.1.EncDecAttention"]: torch.tensor([0, 1, 3])}
-    small = _check_export(model, analysis, keep, x, tmp_path)
+    small = _check_export(model, analysis, keep, x, tmp_path, "t5")
     table = small.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
     torch.testing.assert_close(table.weight, model.encoder.block[0].layer[0].SelfAttention
                                .relative_attention_bias.weight[:, [1, 3]])
@@ -349,7 +355,7 @@ def test_umt5_heads_are_per_layer_each_with_its_own_relative_bias(tmp_path):
     keep = {heads["encoder.block.0.layer.0.SelfAttention"]: torch.tensor([0]),
             heads["encoder.block.1.layer.0.SelfAttention"]: torch.tensor([1, 2, 3]),
             heads["decoder.block.1.layer.1.EncDecAttention"]: torch.tensor([2])}
-    small = _check_export(model, analysis, keep, x, tmp_path)
+    small = _check_export(model, analysis, keep, x, tmp_path, "umt5")
     assert [b.layer[0].SelfAttention.relative_attention_bias.weight.shape[1] for b in small.encoder.block] == [1, 3]
 
 
@@ -359,7 +365,7 @@ def test_phi3_fused_qkv_heads_per_layer_keep_their_own_config(attn, tmp_path):
     analysis = st.find_groups(model, x)
     heads = [gi for gi, g in enumerate(analysis.groups) if g.handler is not None]
     assert [analysis.groups[gi].size for gi in heads] == [2, 2]  # 2 KV groups of 2 query heads
-    small = _check_export(model, analysis, {heads[0]: torch.tensor([1])}, x, tmp_path)
+    small = _check_export(model, analysis, {heads[0]: torch.tensor([1])}, x, tmp_path, "phi3")
     sa0, sa1 = (layer.self_attn for layer in small.layers)
     # the forward splits qkv_proj at config.num_attention_heads * head_dim: layer 0 has its own copy
     assert (sa0.config.num_attention_heads, sa0.num_key_value_heads, sa0.qkv_proj.out_features) == (2, 1, 16)
@@ -440,7 +446,7 @@ def test_swin_window_attention_heads_slice_the_relative_position_bias_table(attn
     table = [s for s in analysis.groups[heads[0]].slices if s.role == "table"]
     assert [s.param for s in table] == ["relative_position_bias_table"]
     small = _check_export(model, analysis, {heads[0]: torch.tensor([0, 2]), heads[1]: torch.tensor([3])}, x,
-                          tmp_path)
+                          tmp_path, "swin")
     kept = [p.shape for n, p in small.named_parameters() if n.endswith("relative_position_bias_table")]
     assert [s[-1] for s in kept] == [2, 1]
 

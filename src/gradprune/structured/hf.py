@@ -69,7 +69,7 @@ from .groups import Analysis, Group, Layout, Slice, is_conv1d, register_analyser
 __all__ = ["ATTENTION_SPECS", "MLP_GATES", "MLP_SPECS", "WIDTHS_KEY", "AttentionSpec", "HFHeads",
            "HeadMember", "MLPSpec", "analyse_hf", "apply_uniform_config", "families",
            "head_attrs", "head_rule_types", "load_pruned_pretrained", "record_widths",
-           "register_attention", "register_mlp", "reload_hint"]
+           "register_attention", "register_mlp", "reload_hint", "set_recorded"]
 
 WIDTHS_KEY = "gradprune_widths"
 MLP_GATES = ("post_activation", "pre_activation")
@@ -1049,6 +1049,22 @@ def _read_state(path: str) -> dict:
     raise FileNotFoundError(f"path must be a directory written by save_pretrained; no weights in {path}")
 
 
+def set_recorded(mod: nn.Module, key: str, value) -> bool:
+    """Apply one entry of a width record that is not a plain module attribute: ``"config.<field>"``
+    (a field of the module's own config, which gets its own copy) or ``"shape:<parameter>"`` (an
+    empty parameter of that shape, e.g. a sliced bias table). ``False`` for any other key."""
+    if key.startswith("config."):  # a copy: the other layers share the model's config
+        mod.config = copy.copy(mod.config)
+        setattr(mod.config, key[7:], value)
+        return True
+    if key.startswith("shape:"):
+        old = getattr(mod, key[6:])
+        setattr(mod, key[6:], nn.Parameter(torch.empty(tuple(value), dtype=old.dtype, device=old.device),
+                                           requires_grad=old.requires_grad))
+        return True
+    return False
+
+
 def _narrow(model: nn.Module, widths: dict, cls_name: str) -> None:
     """Set the recorded widths on ``model``'s modules (new, empty parameters of those widths)."""
     modules = dict(model.named_modules())
@@ -1057,15 +1073,9 @@ def _narrow(model: nn.Module, widths: dict, cls_name: str) -> None:
         if mod is None:
             raise ValueError(f"config.{WIDTHS_KEY} names a module {name!r} that {cls_name} "
                              "does not have")
-        if any(key.startswith("config.") for key in attrs):  # the module's own config
-            mod.config = copy.copy(mod.config)
         for key, value in attrs.items():
-            if key.startswith("shape:"):  # a parameter of the recorded shape (a bias table)
-                old = getattr(mod, key[6:])
-                setattr(mod, key[6:], nn.Parameter(torch.empty(value, dtype=old.dtype, device=old.device),
-                                                   requires_grad=old.requires_grad))
-                continue
-            setattr(mod.config if key.startswith("config.") else mod, key.removeprefix("config."), value)
+            if not set_recorded(mod, key, value):
+                setattr(mod, key, value)
         if isinstance(mod, nn.Linear):
             shape = (mod.out_features, mod.in_features)
         elif is_conv1d(mod):
