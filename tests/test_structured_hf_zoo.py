@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import gradprune.structured as st
 from gradprune.structured.gates import Gates
+from gradprune.structured.kvcache import KVCache
 
 transformers = pytest.importorskip("transformers")
 
@@ -210,13 +211,15 @@ def _implementations():
 
 
 @pytest.mark.parametrize("attn", _implementations())
-@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "opt", "gpt2", "llama", "vit", "clip_text"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "opt", "gpt2", "llama", "vit", "clip_text",
+                                    "falcon", "phi3", "t5", "swin"])
 def test_recognition_does_not_depend_on_the_attention_implementation(family, attn):
     model = _model(family, attn=attn)
     analysis = st.find_groups(model, _input(family))
     assert [(g.name, g.size, g.unit) for g in analysis.groups] == [
         (g.name, g.size, g.unit) for g in st.find_groups(_model(family), _input(family)).groups]
-    assert sum(g.handler is not None for g in analysis.groups) == (0 if family in NO_HEADS else 2)
+    heads = 0 if family in NO_HEADS else GROUPS.get(family, (2, 2))[0]
+    assert sum(g.handler is not None for g in analysis.groups) == heads
 
 
 # T5, BART and Whisper have one config for encoder and decoder: their FFN width fields (d_ff;
@@ -459,3 +462,14 @@ def test_an_unregistered_per_head_parameter_stops_the_heads(monkeypatch):
     analysis = st.find_groups(_model("swin"), _input("swin"))
     assert not [g for g in analysis.groups if g.handler is not None]
     assert any("relative_position_bias_table has one column per head" in s["reason"] for s in analysis.skipped)
+
+
+@pytest.mark.parametrize("family, per_unit", [("falcon", 1), ("falcon_mq", 0), ("falcon_mha", 1), ("t5", 1)])
+def test_kv_cache_counts_the_kv_heads_each_layout_keeps(family, per_unit):
+    # a Falcon KV group or head caches its own K/V; multi-query keeps the one shared K/V head;
+    # T5's tied group caches in each of the stack's layers
+    analysis = st.find_groups(_model(family), _input(family))
+    kv = KVCache(analysis)
+    gi, g = next((i, g) for i, g in enumerate(analysis.groups) if g.handler is not None)
+    per_token = 2 * g.handler.head_dim * 4 * g.handler.copies  # K and V, fp32, every tied layer
+    assert kv.dense - kv.of({gi: 1}) == per_unit * (g.size - 1) * per_token

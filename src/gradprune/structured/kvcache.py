@@ -43,8 +43,9 @@ def kv_heads(handler, n: int) -> int:
     widths = getattr(handler, "widths", None)
     if callable(widths):
         w = widths(n)
-        if "num_key_value_heads" in w:
-            return int(w["num_key_value_heads"])
+        for key in ("num_key_value_heads", "num_kv_heads"):  # (Falcon: num_kv_heads)
+            if key in w:
+                return int(w[key])
     return n
 
 
