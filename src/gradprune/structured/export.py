@@ -36,7 +36,7 @@ from torch import nn
 from .._checks import check_bool
 from .._io import load_json, load_torch, write_file_set
 from .groups import _BN, _CONV, _CONVT, _IN, Analysis, is_conv1d
-from .hf import apply_uniform_config, head_attrs, record_widths
+from .hf import WIDTHS_KEY, apply_uniform_config, head_attrs, record_widths, set_recorded
 
 __all__ = ["export_model", "save_pruned", "load_pruned", "ARCH_FILE", "WEIGHTS_FILE"]
 
@@ -181,6 +181,12 @@ def architecture(model: nn.Module) -> dict:
         arch = _arch_of(mod)
         if arch is not None:
             out[name] = {"type": type(mod).__name__, **arch}
+    # Hugging Face exports: bias tables and per-module config fields (config.gradprune_widths)
+    hf_widths = getattr(getattr(model, "config", None), WIDTHS_KEY, None) or {}
+    modules = dict(model.named_modules())
+    for name, attrs in hf_widths.items():
+        if name in modules and isinstance(attrs, dict):
+            out[name] = {**out.get(name, {"type": type(modules[name]).__name__}), **attrs}
     return out
 
 
@@ -278,7 +284,7 @@ def load_pruned(factory, path: str | os.PathLike, map_location="cpu") -> nn.Modu
             raise ValueError(f"module {name!r} is a {type(mod).__name__} in factory() but was saved "
                              f"as {arch.get('type')}")
         for key, value in arch.items():
-            if key == "type":
+            if key == "type" or set_recorded(mod, key, value):
                 continue
             setattr(mod, key, tuple(value) if key == "normalized_shape" else value)
         prefix = f"{name}." if name else ""

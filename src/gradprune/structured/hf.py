@@ -8,8 +8,9 @@ found alike). Every module of the model is matched against one registry of build
 registered in one place (:func:`register_attention`, :func:`register_mlp`).
 
 - **Attention**: a module with query/key/value projections, separate (``query``/``key``/``value``,
-  ``q_proj``/``k_proj``/``v_proj``, ``q_lin``…, ``query_proj``…) or fused (``c_attn``,
-  ``qkv_proj``, ``query_key_value``, ``Wqkv``; laid out as ``[Q | K | V]`` blocks or per head),
+  ``q_proj``/``k_proj``/``v_proj``, ``q_lin``…, ``query_proj``…, T5's ``q``/``k``/``v``) or fused
+  (``c_attn``, ``qkv_proj``, ``query_key_value``, ``Wqkv``; laid out as ``[Q | K | V]`` blocks, per
+  head or per key/value group, as Falcon's layouts),
   and an output projection (its own ``o_proj``/``out_proj``/``dense``/``c_proj``…, or BERT's
   sibling ``output.dense``). The head size is read from the module (``head_dim``,
   ``attention_head_size``, ``head_size``…); the query and key/value head counts follow from the
@@ -29,26 +30,33 @@ registered in one place (:func:`register_attention`, :func:`register_mlp`).
   module's output) or before it (``"pre_activation"``, on the up projection's output, where
   ModelOpt's gradnas gates BERT); with a gate projection both are the up projection's output.
 
-Units of a block that cannot be pruned (a single head; T5's relative position bias, which holds
-every head and is shared by all layers) and every other ``Linear``/``Conv1D`` (poolers,
-classifiers, embeddings projections) are listed in ``analysis.skipped`` with the reason. The
-hidden size (the residual stream, embeddings, norms) is never pruned.
+Tensors with one column per head (T5's ``relative_attention_bias``, Swin's
+``relative_position_bias_table``) are sliced with the heads; T5 layers that reuse the position
+bias of their stack's first layer keep the same heads (one group per stack). Units of a block
+that cannot be pruned (a single head; Falcon with ALiBi; an unregistered per-head parameter) and
+every other ``Linear``/``Conv1D`` (poolers, classifiers, embeddings projections) are listed in
+``analysis.skipped`` with the reason. The hidden size (the residual stream, embeddings, norms) is
+never pruned.
 
 Export (:func:`~gradprune.structured.export_model`) records every pruned layer's widths in
 ``model.config.gradprune_widths``, so ``model.save_pretrained(path)`` keeps them and
 :func:`load_pruned_pretrained` ``(cls, path)`` rebuilds the narrower model and loads its weights
 (plain ``from_pretrained`` builds the dense widths of the config and cannot load them). With
 uniform widths (``search(..., uniform=True)`` or ``export(uniform=True)``),
-:func:`apply_uniform_config` also writes them to the config (the FFN width field of the family,
-e.g. ``intermediate_size``, ``n_inner``, ``ffn_dim``; heads where the config takes a
-``head_dim``) so plain ``from_pretrained`` loads the model; configs that derive the head size from
-``hidden_size / num_attention_heads`` (BERT, GPT-2, OPT…) cannot express fewer heads, which are
-then kept; an encoder-decoder's widths cannot be uniform (its config holds none).
+:func:`apply_uniform_config` also writes them to the config (the FFN width fields of the family,
+e.g. ``intermediate_size``, ``n_inner``, ``ffn_dim``, ``d_ff``; the head fields of the layout) so
+plain ``from_pretrained`` loads the model. Whether the config class honours a width is probed by
+building the model on the meta device from the updated config: configs that derive the head size
+from ``hidden_size / num_attention_heads`` (BERT, GPT-2, OPT…) cannot express fewer heads, which
+are then kept; an ``EncoderDecoderModel``'s widths cannot be uniform (its config holds none).
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -59,9 +67,9 @@ from .attention import HeadHandler
 from .groups import Analysis, Group, Layout, Slice, is_conv1d, register_analyser
 
 __all__ = ["ATTENTION_SPECS", "MLP_GATES", "MLP_SPECS", "WIDTHS_KEY", "AttentionSpec", "HFHeads",
-           "MLPSpec", "analyse_hf", "apply_uniform_config", "families", "head_attrs",
-           "head_rule_types", "load_pruned_pretrained", "record_widths", "register_attention",
-           "register_mlp"]
+           "HeadMember", "MLPSpec", "analyse_hf", "apply_uniform_config", "families",
+           "head_attrs", "head_rule_types", "load_pruned_pretrained", "record_widths",
+           "register_attention", "register_mlp", "reload_hint", "set_recorded"]
 
 WIDTHS_KEY = "gradprune_widths"
 MLP_GATES = ("post_activation", "pre_activation")
@@ -95,10 +103,28 @@ class AttentionSpec:
     Generic head-count attributes (``num_heads``, ``num_attention_heads``, ``n_heads``,
     ``num_key_value_heads``, ``all_head_size``…) are set where the module has them; ``attrs`` are
     always set (``"groups"``: query heads per key/value head).
-    ``config_heads``: the ``model_type`` s whose config takes ``head_dim``, so it can express
-    fewer heads (LLaMA-style configs; others derive the head size from the head count).
+    ``head_fields``: the config fields of the head count and size (``{field: kind}``, kinds as
+    ``attrs`` plus ``"head_dim"``), written for uniform widths. Whether the config class honours
+    them (LLaMA's ``head_dim`` does; BERT derives the head size from ``hidden_size /
+    num_attention_heads``) is found by building the model from the updated config on the meta
+    device and comparing its layer shapes, so one table serves every transformers version.
     ``classes``: known attention class names (their normalised names are rule keys
-    ``"hf.<class>"``). ``unsupported``: why the heads of this layout are never pruned."""
+    ``"hf.<class>"``). ``unsupported``: why the heads of this layout are never pruned;
+    ``unsupported_config``: ``((config field, why), ...)``: the heads are not pruned where the
+    model's config sets that field (Falcon's ``alibi``: slopes built per head for all layers).
+    ``config_attrs``: fields of the module's own ``config`` that its forward reads
+    (``{"num_attention_heads": "heads"}`` for Phi-3, which splits ``qkv_proj`` at
+    ``config.num_attention_heads * head_dim``): export gives the module a copy of the config
+    with them set, recorded as ``"config.<field>"`` in the width record.
+    ``bias_tables``: candidate paths of a tensor whose last dim holds one column per query head,
+    sliced with the heads where present: a child ``Embedding`` (T5's ``relative_attention_bias``,
+    ``[buckets, heads]``) or a parameter (Swin's
+    ``relative_position_bias.relative_position_bias_table``). Any other parameter of the module
+    with one column per head stops its heads from being pruned (listed in ``skipped``).
+    ``bias_arg``: the forward argument through which a layer receives the position bias computed
+    by the first layer of its stack (T5's ``position_bias``): modules whose forward takes it and
+    whose names differ only in layer indices form one group (the same heads kept in every layer
+    of the stack); modules that compute their own bias (UMT5) stay one group per layer."""
 
     name: str
     q: str | None = None
@@ -109,10 +135,13 @@ class AttentionSpec:
     cross_q: str | None = None
     o: tuple = ("o_proj",)
     attrs: dict = field(default_factory=dict)
-    config_heads: tuple = ()
-    heads_divide_hidden: bool = False
+    head_fields: dict = field(default_factory=dict)
     classes: tuple = ()
     unsupported: str | None = None
+    unsupported_config: tuple = ()
+    config_attrs: dict = field(default_factory=dict)
+    bias_tables: tuple = ()
+    bias_arg: str | None = None
 
 
 @dataclass(frozen=True)
@@ -133,7 +162,7 @@ class MLPSpec:
 
 _HEADS = {"num_heads": "heads", "num_attention_heads": "heads", "n_heads": "heads",
           "num_key_value_heads": "kv_heads", "num_kv_heads": "kv_heads",
-          "all_head_size": "width", "inner_dim": "width"}
+          "num_key_value_groups": "groups", "all_head_size": "width", "inner_dim": "width"}
 ATTENTION_SPECS: list = []
 MLP_SPECS: list = []
 
@@ -170,36 +199,50 @@ def register_mlp(spec: MLPSpec) -> MLPSpec:
 _LLAMA = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention",
           "GemmaAttention", "Gemma2Attention", "PhiAttention", "Phi3Attention")
 # BERT family (BERT, RoBERTa, ELECTRA, CamemBERT…; ALBERT keeps its output dense inside)
+_HEAD_DIM = {"num_attention_heads": "heads", "head_dim": "head_dim"}
+_GQA = {"num_attention_heads": "heads", "num_key_value_heads": "kv_heads", "head_dim": "head_dim"}
 register_attention(AttentionSpec("bert", q="query", k="key", v="value", o=("^output.dense", "dense"),
+                                 head_fields=_HEAD_DIM,
+                                 bias_tables=("relative_position_bias_table",),  # Swin (4.x)
                                  classes=("BertSelfAttention", "BertCrossAttention",
                                           "RobertaSelfAttention", "ElectraSelfAttention",
                                           "AlbertAttention", "ViTSelfAttention")))
 register_attention(AttentionSpec("deberta", q="query_proj", k="key_proj", v="value_proj",
-                                 o=("^output.dense",), classes=("DisentangledSelfAttention",)))
+                                 o=("^output.dense",), classes=("DisentangledSelfAttention",),
+                                 head_fields={"num_attention_heads": "heads",
+                                              "attention_head_size": "head_dim"}))
 register_attention(AttentionSpec("distilbert", q="q_lin", k="k_lin", v="v_lin", o=("out_lin",),
                                  attrs={"dim": "width"},  # transformers 4.x: dim // n_heads
+                                 head_fields={"n_heads": "heads"},
                                  classes=("DistilBertSelfAttention", "MultiHeadSelfAttention")))
 # LLaMA, Mistral, Qwen, Gemma, Phi, OPT, BART, Whisper, CLIP, ViT, Dinov2…
 register_attention(AttentionSpec("qkv_proj", q="q_proj", k="k_proj", v="v_proj",
                                  o=("o_proj", "out_proj", "dense"),
-                                 config_heads=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"),
+                                 head_fields=_GQA,
+                                 bias_tables=("relative_position_bias.relative_position_bias_table",),  # Swin
                                  attrs={"num_heads": "heads", "num_key_value_heads": "kv_heads",
                                         "num_key_value_groups": "groups"},
                                  classes=_LLAMA + ("OPTAttention", "BartAttention",
                                                    "WhisperAttention", "CLIPAttention",
                                                    "ViTAttention", "Dinov2Attention")))
-register_attention(AttentionSpec("t5", q="q", k="k", v="v", o=("o",), classes=("T5Attention",),
-                                 unsupported="T5's relative position bias holds every head and is "
-                                 "computed once for all layers, so heads are not pruned"))
+# T5, MT5 (relative bias in the first layer, passed down the stack: tied), UMT5 (a bias per layer)
+register_attention(AttentionSpec("t5", q="q", k="k", v="v", o=("o",), bias_tables=("relative_attention_bias",),
+                                 bias_arg="position_bias", attrs={"n_heads": "heads", "inner_dim": "width"},
+                                 head_fields={"num_heads": "heads"},
+                                 classes=("T5Attention", "MT5Attention", "UMT5Attention")))
 register_attention(AttentionSpec("gpt2", fused="c_attn", cross_q="q_attn", o=("c_proj",),
-                                 attrs={"split_size": "width"}, classes=("GPT2Attention",)))
-register_attention(AttentionSpec("phi3", fused="qkv_proj", o=("o_proj",),
-                                 classes=("Phi3Attention",),
-                                 unsupported="the forward splits qkv_proj at "
-                                 "config.num_attention_heads * head_dim, one count shared by "
-                                 "every layer, so heads are not pruned"))
-register_attention(AttentionSpec("gpt_neox", fused="query_key_value", layout="heads", o=("dense",),
-                                 classes=("GPTNeoXAttention",)))
+                                 attrs={"split_size": "width"}, classes=("GPT2Attention",),
+                                 head_fields={"n_head": "heads"}))
+register_attention(AttentionSpec("phi3", fused="qkv_proj", o=("o_proj",), head_fields=_GQA,
+                                 config_attrs={"num_attention_heads": "heads"},
+                                 classes=("Phi3Attention",)))
+# GPT-NeoX (per head [q k v]); Falcon: per head [q k v], per KV group [its q heads, k, v]
+# (new_decoder_architecture) or [Q heads | k | v] (multi_query), told apart by the head counts
+register_attention(AttentionSpec("query_key_value", fused="query_key_value", layout="heads", o=("dense",),
+                                 head_fields={**_GQA, "num_kv_heads": "kv_heads"},
+                                 unsupported_config=(("alibi", "ALiBi slopes are built per head from "
+                                                      "config.num_attention_heads for every layer"),),
+                                 classes=("GPTNeoXAttention", "FalconAttention")))
 register_attention(AttentionSpec("wqkv", fused="Wqkv", o=("Wo", "out_proj"),
                                  classes=("ModernBertAttention", "MptAttention")))
 
@@ -207,7 +250,7 @@ register_mlp(MLPSpec("bert", up="intermediate.dense", act=("intermediate",), dow
 register_mlp(MLPSpec("albert", up="ffn", act=("activation",), down="ffn_output"))
 register_mlp(MLPSpec("distilbert", up="lin1", act=("activation",), down="lin2", config=("hidden_dim",)))
 register_mlp(MLPSpec("fc", up="fc1", act=("activation_fn", "activation"), down="fc2",
-                     config=("intermediate_size", "ffn_dim")))
+                     config=("intermediate_size", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim")))
 register_mlp(MLPSpec("gpt2", up="c_fc", act=("act",), down="c_proj", config=("n_inner",)))
 register_mlp(MLPSpec("h_to_4h", up="dense_h_to_4h", act=("act",), down="dense_4h_to_h",
                      config=("intermediate_size", "ffn_hidden_size")))
@@ -242,22 +285,49 @@ def head_rule_types() -> tuple:
 # the head handler
 
 
-class HFHeads(HeadHandler):
-    """Head units of a recognised Hugging Face attention module ``module``: ``n_units`` units of
-    ``q_per_unit`` query heads of ``head_dim`` each, gated by a pre-hook on the output projection
-    ``o``; export sets the module's head-count ``attrs``."""
+@dataclass(frozen=True)
+class HeadMember:
+    """One attention module of a head group (several where the layers of a stack share the
+    position bias of the first, as T5's): its ``module`` and projection names (``k``: a separate
+    key projection, ``None`` when fused), the module attributes ``attrs`` and the fields of its own
+    config ``config_attrs`` that export sets, and ``table``: ``(module, parameter)`` of a tensor
+    of ``table_rows`` rows whose columns are the query heads (T5's ``relative_attention_bias``
+    weight, Swin's ``relative_position_bias_table``)."""
 
-    def __init__(self, module: str, n_units: int, head_dim: int, q_per_unit: int = 1,
-                 o: str | None = None, attrs: dict | None = None, multi_query: bool = False,
-                 rule_type: str = "Attention", config_heads: bool = False,
-                 heads_divide_hidden: bool = False, q: str | None = None, k: str | None = None):
-        super().__init__(module, n_units, head_dim)
+    module: str
+    o: str
+    q: str
+    k: str | None = None
+    attrs: dict = field(default_factory=dict)
+    config_attrs: dict = field(default_factory=dict)
+    table: tuple | None = None
+    table_rows: int = 0
+
+
+class HFHeads(HeadHandler):
+    """Head units of one or more recognised Hugging Face attention modules (``members``, the
+    same heads kept in each): ``n_units`` units of ``q_per_unit`` query heads of ``head_dim``
+    each, gated by a pre-hook on each output projection; export sets the modules' head-count
+    ``attrs`` (and ``config_attrs`` on a copy of their config) and slices their bias tables."""
+
+    def __init__(self, members, n_units: int, head_dim: int, q_per_unit: int = 1,
+                 multi_query: bool = False, rule_type: str = "Attention", head_fields: dict | None = None):
+        members = tuple(members)
+        super().__init__(members[0].module, n_units, head_dim)
+        self.members = members
         self.q_per_unit, self.multi_query = q_per_unit, multi_query
-        self.o, self.q, self.k = o, q, k
-        self.attrs = dict(attrs or {})
+        first = members[0]
+        self.o, self.q, self.k, self.attrs = first.o, first.q, first.k, dict(first.attrs)
         self.rule_type = rule_type
-        # can a config with head_dim express fewer heads; must the heads divide hidden_size?
-        self.uniform_heads, self.heads_divide_hidden = config_heads, heads_divide_hidden
+        self.head_fields = dict(head_fields or {})  # config fields of the head count and size
+
+    @property
+    def copies(self) -> int:
+        """Attention modules that keep these heads (layers tied by a shared position bias)."""
+        return len(self.members)
+
+    def owners(self, modules: dict) -> list:
+        return [(m.module, type(modules[m.module])) for m in self.members]
 
     def hooks(self, modules, gates, gi) -> list:
         d = self.q_per_unit * self.head_dim
@@ -269,65 +339,92 @@ class HFHeads(HeadHandler):
             if g.dim() == 2:  # [batch, units * d] over [batch, ..., units * d]
                 g = g.view(g.shape[0], *([1] * (x.dim() - 2)), g.shape[1])
             return (x * g,) + tuple(args[1:])
-        return [modules[self.o].register_forward_pre_hook(hook)]
+        return [modules[m.o].register_forward_pre_hook(hook) for m in self.members]
 
     def recorder(self, modules, calls) -> list:
         # (batch, target length, source length) of every call: the query projection's input
         # gives batch and target, the key projection's the source (fused: the same)
-        queries, keys = [], []
-
         def shape(x):
             return (int(torch.tensor(x.shape[:-2]).prod()) if x.dim() > 2 else 1, x.shape[-2])
 
-        def pair():  # the projections may run in either order (ViT 4.x: key first)
-            while len(calls) < min(len(queries), len(keys)):
-                calls.append((*queries[len(calls)], keys[len(calls)]))
+        handles = []
+        for m in self.members:
+            queries, keys, done = [], [], [0]
 
-        def q_hook(module, args, output):
-            queries.append(shape(args[0]))
-            if self.k is None:
-                keys.append(queries[-1][1])
-            pair()
+            def pair(queries=queries, keys=keys, done=done):  # either order (ViT 4.x: key first)
+                while done[0] < min(len(queries), len(keys)):
+                    calls.append((*queries[done[0]], keys[done[0]]))
+                    done[0] += 1
 
-        def k_hook(module, args, output):
-            keys.append(shape(args[0])[1])
-            pair()
-        handles = [modules[self.q].register_forward_hook(q_hook)]
-        if self.k is not None:
-            handles.append(modules[self.k].register_forward_hook(k_hook))
+            def q_hook(module, args, output, queries=queries, keys=keys, pair=pair, fused=m.k is None):
+                queries.append(shape(args[0]))
+                if fused:
+                    keys.append(queries[-1][1])
+                pair()
+
+            def k_hook(module, args, output, keys=keys, pair=pair):
+                keys.append(shape(args[0])[1])
+                pair()
+            handles.append(modules[m.q].register_forward_hook(q_hook))
+            if m.k is not None:
+                handles.append(modules[m.k].register_forward_hook(k_hook))
         return handles
 
     def extra_cost(self, h, calls) -> tuple:
-        return 0, sum(2 * b * t * s * h * self.q_per_unit * self.head_dim for b, t, s in calls)
+        heads = h * self.q_per_unit
+        params = sum(m.table_rows for m in self.members) * heads  # bias tables: a column per head
+        return params, sum(2 * b * t * s * heads * self.head_dim for b, t, s in calls)
 
     def widths(self, n: int) -> dict:
         """The values of :attr:`attrs` with ``n`` units kept."""
+        return self._values(n, self.attrs)
+
+    def _values(self, n: int, kinds: dict) -> dict:
         heads, kv = n * self.q_per_unit, 1 if self.multi_query else n
         value = {"heads": heads, "kv_heads": kv, "groups": heads // kv,
-                 "width": heads * self.head_dim}
-        return {a: value[kind] for a, kind in self.attrs.items()}
+                 "width": heads * self.head_dim, "head_dim": self.head_dim}
+        return {a: value[kind] for a, kind in kinds.items()}
 
     def export(self, root, modules, keep) -> None:
-        mod = modules[self.module]
-        for key, value in self.widths(len(keep)).items():
-            setattr(mod, key, value)
+        n = len(keep)
+        heads = (keep[:, None] * self.q_per_unit + torch.arange(self.q_per_unit)).reshape(-1)
+        for m in self.members:
+            mod = modules[m.module]
+            for key, value in self._values(n, m.attrs).items():
+                setattr(mod, key, value)
+            if m.config_attrs:  # its own copy: the other layers keep their counts
+                mod.config = copy.copy(mod.config)
+                for key, value in self._values(n, m.config_attrs).items():
+                    setattr(mod.config, key, value)
+            if m.table is not None:
+                owner, pname = modules[m.table[0]], m.table[1]
+                old = getattr(owner, pname)
+                w = old.index_select(-1, heads.to(old.device)).detach().clone()
+                setattr(owner, pname, nn.Parameter(w, requires_grad=old.requires_grad))
+                if isinstance(owner, nn.Embedding):
+                    owner.embedding_dim = len(heads)
 
-    def record(self, mod: nn.Module) -> dict:
-        """The attributes of the exported attention module kept in ``config.gradprune_widths``."""
-        return {a: getattr(mod, a) for a in self.attrs}
+    def record(self, modules: dict) -> dict:
+        """``{module: {attribute: value}}`` of the exported attention modules kept in
+        ``config.gradprune_widths`` (``"config.<field>"``: a field of the module's own config;
+        bias tables: ``"shape:<parameter>"``, and an ``Embedding``'s ``embedding_dim``)."""
+        out = {}
+        for m in self.members:
+            mod = modules[m.module]
+            out[m.module] = {a: getattr(mod, a) for a in m.attrs}
+            out[m.module].update({f"config.{a}": getattr(mod.config, a) for a in m.config_attrs})
+            if m.table is not None:
+                owner, pname = modules[m.table[0]], m.table[1]
+                rec = out.setdefault(m.table[0], {})  # (Swin 4.x: the attention module itself)
+                rec[f"shape:{pname}"] = list(getattr(owner, pname).shape)
+                if isinstance(owner, nn.Embedding):
+                    rec["embedding_dim"] = owner.embedding_dim
+        return out
 
     def config_fields(self, n: int) -> dict:
-        """The config fields that make ``from_pretrained`` build ``n`` units in every layer
-        (``ValueError`` where the config derives the head size from ``hidden_size /
-        num_attention_heads`` and ``n`` is not the unpruned count)."""
-        if n == self.n_heads:
-            return {}
-        if not self.uniform_heads:
-            raise ValueError(f"{self.module}: a config derives the head size from hidden_size / "
-                             f"num_attention_heads, so it cannot express {n} of {self.n_heads} heads")
-        heads = n * self.q_per_unit
-        return {"num_attention_heads": heads,
-                "num_key_value_heads": 1 if self.multi_query else n, "head_dim": self.head_dim}
+        """The config fields (:attr:`head_fields`) for ``n`` units in every layer (whether the
+        config class honours them is checked by :func:`uniform_width_ok`)."""
+        return {} if n == self.n_heads else self._values(n, self.head_fields)
 
 
 # --------------------------------------------------------------------------------------------
@@ -494,17 +591,81 @@ def _transformers_major() -> int:
     return int(version.split(".")[0]) if version.split(".")[0].isdigit() else 5
 
 
-def _attention(b: _Builder, name: str, mod: nn.Module, match) -> None:
-    """The head group of recognised attention ``name``."""
+def _config_blocks(b: _Builder, name: str, mod: nn.Module, spec: AttentionSpec) -> str | None:
+    """Why the config rules out this layout's heads (``spec.unsupported_config``), or ``None``."""
+    config = getattr(mod, "config", None)
+    if config is None:
+        parts = name.split(".")
+        for i in range(len(parts), -1, -1):
+            config = getattr(b.modules.get(".".join(parts[:i])), "config", None)
+            if config is not None:
+                break
+    for key, why in spec.unsupported_config:
+        if getattr(config, key, False):
+            return f"config.{key} is set: {why}"
+    return None
+
+
+def _tie_key(name: str, mod: nn.Module, spec: AttentionSpec) -> str:
+    """Modules with the same key form one head group: the module's own name, or, where its
+    forward takes the stack's shared position bias (``spec.bias_arg``), its name with the layer
+    indices replaced (every layer of the stack)."""
+    if spec.bias_arg is None:
+        return name
+    try:
+        takes = spec.bias_arg in inspect.signature(mod.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtin forward
+        takes = False
+    return re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", name) if takes else name
+
+
+def _bias_table(b: _Builder, name: str, spec: AttentionSpec, n_q: int):
+    """``((module, parameter), rows)`` of the first of ``spec.bias_tables`` present under
+    attention ``name`` with one column per query head, or ``(None, 0)``."""
+    for path in spec.bias_tables:
+        full, child = _child(b, name, path)
+        owner, pname = (full, "weight") if isinstance(child, nn.Embedding) else full.rpartition(".")[::2]
+        p = getattr(b.modules.get(owner), pname, None)
+        if isinstance(p, nn.Parameter) and p.dim() >= 2 and p.shape[-1] == n_q:
+            return (owner, pname), p.numel() // n_q
+    return None, 0
+
+
+def _per_head_params(b: _Builder, name: str, mod: nn.Module, projs: dict, o: str, table, n_q: int):
+    """The first parameter of attention ``name`` outside its projections and bias table whose
+    last dim has one entry per query head (a tensor export would not slice), or ``None``."""
+    known = set(projs.values()) | {o}
+    for pname, p in mod.named_parameters():
+        full = _join(name, pname)
+        owner = full.rpartition(".")[0]
+        if owner in known or (table is not None and (owner, full.rpartition(".")[2]) == table):
+            continue
+        if p.dim() >= 2 and p.shape[-1] == n_q:
+            return full
+    return None
+
+
+def _heads_of(b: _Builder, name: str, mod: nn.Module, match):
+    """The head layout and slices of recognised attention ``name`` (a dict), or ``None`` when
+    its heads are not pruned (the reason is then in ``skipped``)."""
     spec, projs, o = match
     cls = type(mod).__name__
     if spec.unsupported:
         b.skip(name, f"{cls}: {spec.unsupported}")
-        return
+        return None
     read = _head_layout(b, name, mod, spec, projs)
     if isinstance(read, str):
         b.skip(name, f"{cls}: heads not pruned ({read})")
-        return
+        return None
+    blocked = _config_blocks(b, name, mod, spec)
+    if blocked:
+        b.skip(name, f"{cls}: heads not pruned ({blocked})")
+        return None
+    norm = _normal_class(mod)
+    why = _OLD_TRANSFORMERS.get(norm) if _transformers_major() < 5 else None
+    if why:
+        b.skip(name, f"{cls}: heads not pruned under transformers {_transformers_major()}.x ({why})")
+        return None
     n_q, n_kv, d = read
     mq = n_kv == 1  # multi-query: unit = one query head, the K/V head kept
     n, per = (n_q, 1) if mq else (n_kv, n_q // n_kv)
@@ -516,12 +677,12 @@ def _attention(b: _Builder, name: str, mod: nn.Module, match) -> None:
     if "fused" in projs and "q" not in projs:
         f = projs["fused"]
         producers.append(f)
-        if spec.layout == "heads":  # per unit: its query heads, K, V
-            sl(f, 0, (per + 2) * d)
-            segs = (("g", (per + 2) * d),)
-        elif mq:
+        if mq:  # [Q heads | K | V] (per-group layout with one group: the same)
             sl(f, 0, d)
             segs = (("g", d), (("free", 2 * d), 1))
+        elif spec.layout == "heads":  # per unit: its query heads, K, V
+            sl(f, 0, (per + 2) * d)
+            segs = (("g", (per + 2) * d),)
         else:
             sl(f, 0, per * d), sl(f, n_q * d, d), sl(f, (n_q + n_kv) * d, d)
             segs = (("g", per * d), ("g", d), ("g", d))
@@ -546,26 +707,51 @@ def _attention(b: _Builder, name: str, mod: nn.Module, match) -> None:
     attrs = {a: kind for a, kind in _HEADS.items()
              if isinstance(getattr(mod, a, None), int) and not isinstance(getattr(mod, a), bool)}
     attrs.update(spec.attrs)
-    norm = _normal_class(mod)
+    table, rows = _bias_table(b, name, spec, n_q)
+    if table is not None:
+        slices.append(Slice(table[0], "table", b.modules[table[0]].get_parameter(table[1]).dim() - 1,
+                            0, per, n, param=table[1]))
+    stray = _per_head_params(b, name, mod, projs, o, table, n_q)
+    if stray:
+        b.skip(name, f"{cls}: heads not pruned (parameter {stray} has one column per head and is "
+               "not a registered bias table)")
+        return None
+    member = HeadMember(name, o, projs.get("q") or projs["fused"],
+                        projs.get("k") or (projs["fused"] if "q" in projs else None), attrs,
+                        dict(spec.config_attrs), table, rows)
     cross = _is_cross(name, mod)
     if cross and norm.replace("Self", "Cross") in head_rule_types():  # 4.x: one class for both
         norm = norm.replace("Self", "Cross")
-    rule = norm if norm in head_rule_types() else "Attention"
-    why = _OLD_TRANSFORMERS.get(norm) if _transformers_major() < 5 else None
-    if why:
-        b.skip(name, f"{cls}: heads not pruned under transformers {_transformers_major()}.x ({why})")
+    return {"n": n, "per": per, "d": d, "mq": mq, "slices": slices, "roles": roles,
+            "producers": producers, "o": o, "member": member, "spec": spec, "cross": cross,
+            "rule": norm if norm in head_rule_types() else "Attention", "cls": type(mod)}
+
+
+def _head_group(b: _Builder, pieces: list) -> None:
+    """One head group over the attention modules ``pieces`` (of :func:`_heads_of`), which keep
+    the same heads (one module; or the layers of a stack sharing a position bias)."""
+    first = pieces[0]
+    name = first["member"].module
+    shape = {(p["n"], p["per"], p["d"], p["mq"]) for p in pieces}
+    if len(shape) > 1:
+        for p in pieces:
+            b.skip(p["member"].module, "heads not pruned: the layers sharing the first layer's "
+                   f"position bias have different head layouts {sorted(shape)}")
         return
+    n, per, d, mq = shape.pop()
     family = _family(b, name)
-    handler = HFHeads(name, n, d, per, o, attrs, mq, rule, family in spec.config_heads,
-                      spec.heads_divide_hidden, q=projs.get("q") or projs["fused"],
-                      k=projs.get("k") or (projs["fused"] if "q" in projs else None))
-    cross = "cross_heads" if cross else "heads"
-    space = b.group(name, n, producers, slices, [(name, type(mod))], handler, rule_type=rule,
-                    kind=f"{family}.{cross}")
-    for m, segs in roles.items():
-        b.roles[m] = {"out": Layout(2, 3, tuple(
-            (space, inner) if s == "g" else (b.space(s[1]), inner) for s, inner in segs))}
-    b.roles[o] = {"in": Layout(2, 3, ((space, per * d),))}
+    handler = HFHeads([p["member"] for p in pieces], n, d, per, mq, first["rule"],
+                      first["spec"].head_fields)
+    kind = "cross_heads" if first["cross"] else "heads"
+    space = b.group(name, n, [m for p in pieces for m in p["producers"]],
+                    [s for p in pieces for s in p["slices"]],
+                    [(p["member"].module, p["cls"]) for p in pieces], handler,
+                    rule_type=first["rule"], kind=f"{family}.{kind}")
+    for p in pieces:
+        for m, segs in p["roles"].items():
+            b.roles[m] = {"out": Layout(2, 3, tuple(
+                (space, inner) if s == "g" else (b.space(s[1]), inner) for s, inner in segs))}
+        b.roles[p["o"]] = {"in": Layout(2, 3, ((space, per * d),))}
 
 
 def _match_mlp(b: _Builder, name: str):
@@ -641,11 +827,21 @@ def analyse_hf(model: nn.Module, example_input=None, mlp_gate: str = "post_activ
         if match is not None:
             found.append((order[match[1]], "mlp", name, match))
             b.claimed.update(p for p in (match[1], match[2], match[4]) if p)
+    tied: dict = {}  # tie key -> head pieces of the modules that keep the same heads
     for _, kind, name, match in sorted(found, key=lambda f: f[0]):
         if kind == "attention":
-            _attention(b, name, b.modules[name], match)
-        else:
+            piece = _heads_of(b, name, b.modules[name], match)
+            if piece is not None:
+                tied.setdefault(_tie_key(name, b.modules[name], match[0]), []).append(piece)
+    placed: set = set()
+    for _, kind, name, match in sorted(found, key=lambda f: f[0]):
+        if kind == "mlp":
             _mlp(b, name, match, mlp_gate)
+            continue
+        key = _tie_key(name, b.modules[name], match[0])
+        if key in tied and key not in placed:  # the group sits at its first module
+            placed.add(key)
+            _head_group(b, tied[key])
     widths = {name for g in b.groups for name in g.modules()}
     for name, mod in b.modules.items():
         if _is_proj(mod) and name not in widths and name not in b.claimed:
@@ -676,8 +872,11 @@ def head_attrs(mod: nn.Module) -> tuple | None:
 def families(analysis: Analysis) -> dict:
     """``{(kind, size): [group indices]}``: the groups that play the same role in every layer
     (heads, FFN neurons) of a Hugging Face model, for uniform widths (``ValueError`` for an
-    encoder-decoder, whose config holds no widths of its own)."""
-    if getattr(getattr(analysis.model, "config", None), "is_encoder_decoder", False):
+    ``EncoderDecoderModel``, whose config holds no widths of its own; T5, BART and Whisper have
+    one config, whose fields are probed like any other)."""
+    config = getattr(analysis.model, "config", None)
+    if getattr(config, "is_encoder_decoder", False) and hasattr(config, "encoder") \
+            and hasattr(config, "decoder"):
         raise ValueError(f"uniform widths need one config for every layer; {type(analysis.model).__name__} "
                          "is an encoder-decoder (its layers are configured by config.encoder and "
                          "config.decoder): export per-layer widths and load them with "
@@ -689,38 +888,67 @@ def families(analysis: Analysis) -> dict:
     return out
 
 
+def _uniform_fields(analysis: Analysis, g: Group, w: int) -> dict:
+    """The config fields that give ``g``'s family ``w`` units in every layer: the heads' fields
+    (:attr:`HFHeads.head_fields`), or every FFN width field of the registered MLP layouts that
+    holds the family's width (BART: ``encoder_ffn_dim`` and ``decoder_ffn_dim``)."""
+    if g.handler is not None:
+        return g.handler.config_fields(w)
+    config = analysis.model.config
+    fields = [f for spec in MLP_SPECS for f in spec.config if getattr(config, f, None) == g.size]
+    return {f: w for f in dict.fromkeys(fields)}
+
+
 def _uniform_problem(analysis: Analysis, gi: int, w: int) -> str | None:
     """Why a plain config cannot express group ``gi`` (and its family) at width ``w`` (``None``:
     it can)."""
     g = analysis.groups[gi]
-    h = g.handler
-    config = getattr(analysis.model, "config", None)
     if w == g.size:
         return None
-    if h is None:
-        if _ffn_field(config, g) is None:
-            return (f"{type(config).__name__} has no FFN width field for {g.kind}; save per-layer "
-                    "widths and load with load_pruned_pretrained")
-        return None
-    if not h.uniform_heads:
-        return (f"{str(g.kind).split('.')[0].upper()} derives the head size from hidden_size / num_attention_heads, so a "
-                f"config cannot express {w} of {g.size} heads; search with uniform=True (heads "
-                "are then kept) or save per-layer widths and load with load_pruned_pretrained")
-    hidden = getattr(config, "hidden_size", None)
-    heads = w * h.q_per_unit
-    if getattr(config, "model_type", None) == "llama" and hidden is not None and hidden % heads:
-        return (f"{heads} attention heads do not divide hidden_size {hidden}, which "
-                f"{type(config).__name__} requires")
-    return None
+    cache = analysis.__dict__.setdefault("_uniform_probes", {})
+    if (g.kind, g.size, w) not in cache:
+        cache[(g.kind, g.size, w)] = _probe(analysis, g, w)
+    return cache[(g.kind, g.size, w)]
 
 
-def _ffn_field(config, g: Group) -> str | None:
-    """The config field holding the width of FFN group ``g``'s family."""
-    n = g.size
-    for spec in MLP_SPECS:
-        for f in spec.config:
-            if getattr(config, f, None) == n:
-                return f
+def _build(model: nn.Module, fields: dict):
+    """``model``'s class built on the meta device from its config with ``fields`` set (through
+    ``from_dict``, which validates the config as ``from_pretrained`` does), or the reason why
+    the config class rejects them (a str)."""
+    try:
+        config = type(model.config).from_dict({**model.config.to_dict(), **fields})
+        with torch.device("meta"):
+            return type(model)(config)
+    except Exception as exc:  # the config class rejects the widths (e.g. heads not dividing hidden)
+        text = str(exc).strip().splitlines()
+        return f"{type(model.config).__name__} with {fields} is rejected ({text[-1] if text else type(exc).__name__})"
+
+
+def _probe(analysis: Analysis, g: Group, w: int) -> str | None:
+    """Why a config with the width fields of ``g``'s family set for ``w`` units does not build
+    the model that uniform widths export (``None``: it does). The model is built on the meta
+    device from the updated config and every pruned layer is compared with the export's shapes
+    (the family at ``w``, the other groups dense)."""
+    from .flops import _dense_dims, _dims
+    unit = "heads" if g.handler is not None else "neurons"
+    keep = (f"a config cannot express {w} of {g.size} {unit} ({g.kind}); search with uniform=True "
+            "(they are then kept) or save per-layer widths and load with load_pruned_pretrained")
+    fields = _uniform_fields(analysis, g, w)
+    if not fields:
+        return f"{type(analysis.model.config).__name__} has no width field for {g.kind}: {keep}"
+    built = _build(analysis.model, fields)
+    if isinstance(built, str):
+        return f"{built}: {keep}"
+    widths = {i: w for i, x in enumerate(analysis.groups) if x.kind == g.kind and x.size == g.size}
+    old, new = dict(analysis.model.named_modules()), dict(built.named_modules())
+    for m in analysis.roles:
+        if m not in new:
+            continue
+        want, got = _dims(analysis, m, old[m], widths), _dense_dims(new[m])
+        if want != got:
+            why = " (it derives the head size from the hidden size)" if g.handler is not None else ""
+            return (f"{type(analysis.model.config).__name__} with {fields} builds {m} with (out, in) "
+                    f"{got}, not {want}{why}: {keep}")
     return None
 
 
@@ -731,8 +959,9 @@ def uniform_width_ok(analysis: Analysis, gi: int, w: int) -> bool:
 
 def apply_uniform_config(model: nn.Module, analysis: Analysis, keep: dict) -> None:
     """Check that every layer of exported ``model`` kept the same widths and write them to its
-    config (the family's FFN width field; heads where the config takes ``head_dim``) so plain
-    ``from_pretrained`` rebuilds it."""
+    config (the family's width fields, see :func:`uniform_width_ok`) so plain
+    ``from_pretrained`` rebuilds it: the class built on the meta device from the new config must
+    have every parameter shape of ``model`` (``ValueError`` otherwise)."""
     fams = families(analysis)
     if not fams:
         raise ValueError("uniform=True needs a Hugging Face model with recognised attention or MLP "
@@ -746,15 +975,37 @@ def apply_uniform_config(model: nn.Module, analysis: Analysis, keep: dict) -> No
         problem = _uniform_problem(analysis, gis[0], w)
         if problem is not None:
             raise ValueError(f"uniform=True: {problem}")
-        if w == size:
-            continue
-        handler = analysis.groups[gis[0]].handler
-        if handler is None:
-            updates[_ffn_field(model.config, analysis.groups[gis[0]])] = w
-        else:
-            updates.update(handler.config_fields(w))
+        if w != size:
+            updates.update(_uniform_fields(analysis, analysis.groups[gis[0]], w))
+    if not updates:
+        return
+    built = _build(model, updates)
+    if isinstance(built, str):
+        raise ValueError(f"uniform=True: {built}")
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    wrong = [k for k, v in built.state_dict().items() if k in have and tuple(v.shape) != have[k]]
+    if wrong:  # two families write one field (T5's num_heads: self- and cross-attention)
+        raise ValueError(f"uniform=True: a {type(model.config).__name__} with {updates} builds "
+                         f"{wrong[0]} with shape {tuple(built.state_dict()[wrong[0]].shape)}, the "
+                         f"export has {have[wrong[0]]}; save per-layer widths and load with "
+                         "load_pruned_pretrained")
     for key, value in updates.items():
         setattr(model.config, key, value)
+
+
+def reload_hint(analysis: Analysis, uniform: bool) -> str | None:
+    """How the export of a search on a Hugging Face model reloads after ``save_pretrained`` (one
+    report line; ``None`` for other models)."""
+    if not _is_hf(analysis.model):
+        return None
+    cls = type(analysis.model).__name__
+    if uniform:
+        return (f"reload: uniform widths, written to the config: plain {cls}.from_pretrained(path) "
+                "loads the export")
+    return (f"reload: per-layer widths, recorded in config.{WIDTHS_KEY}: "
+            f"gradprune.structured.load_pruned_pretrained({cls}, path) loads the export (plain "
+            "from_pretrained builds the dense widths; export(uniform=True) writes one width per "
+            "family to the config)")
 
 
 def record_widths(model: nn.Module, analysis: Analysis) -> None:
@@ -772,8 +1023,8 @@ def record_widths(model: nn.Module, analysis: Analysis) -> None:
         elif is_conv1d(mod):
             widths[name] = {"nx": mod.nx, "nf": mod.nf}
     for g in analysis.groups:
-        if isinstance(g.handler, HFHeads) and g.handler.attrs:
-            widths[g.handler.module] = g.handler.record(modules[g.handler.module])
+        if isinstance(g.handler, HFHeads):
+            widths.update({k: v for k, v in g.handler.record(modules).items() if v})
     setattr(config, WIDTHS_KEY, widths)
 
 
@@ -798,6 +1049,22 @@ def _read_state(path: str) -> dict:
     raise FileNotFoundError(f"path must be a directory written by save_pretrained; no weights in {path}")
 
 
+def set_recorded(mod: nn.Module, key: str, value) -> bool:
+    """Apply one entry of a width record that is not a plain module attribute: ``"config.<field>"``
+    (a field of the module's own config, which gets its own copy) or ``"shape:<parameter>"`` (an
+    empty parameter of that shape, e.g. a sliced bias table). ``False`` for any other key."""
+    if key.startswith("config."):  # a copy: the other layers share the model's config
+        mod.config = copy.copy(mod.config)
+        setattr(mod.config, key[7:], value)
+        return True
+    if key.startswith("shape:"):
+        old = getattr(mod, key[6:])
+        setattr(mod, key[6:], nn.Parameter(torch.empty(tuple(value), dtype=old.dtype, device=old.device),
+                                           requires_grad=old.requires_grad))
+        return True
+    return False
+
+
 def _narrow(model: nn.Module, widths: dict, cls_name: str) -> None:
     """Set the recorded widths on ``model``'s modules (new, empty parameters of those widths)."""
     modules = dict(model.named_modules())
@@ -807,7 +1074,8 @@ def _narrow(model: nn.Module, widths: dict, cls_name: str) -> None:
             raise ValueError(f"config.{WIDTHS_KEY} names a module {name!r} that {cls_name} "
                              "does not have")
         for key, value in attrs.items():
-            setattr(mod, key, value)
+            if not set_recorded(mod, key, value):
+                setattr(mod, key, value)
         if isinstance(mod, nn.Linear):
             shape = (mod.out_features, mod.in_features)
         elif is_conv1d(mod):
@@ -821,13 +1089,18 @@ def _narrow(model: nn.Module, widths: dict, cls_name: str) -> None:
                                                 dtype=w.dtype, device=w.device))
 
 
-def load_pruned_pretrained(cls, path: str | os.PathLike, config=None):
+def load_pruned_pretrained(cls, path: str | os.PathLike, config=None, **kwargs):
     """Load a pruned Hugging Face model saved with ``save_pretrained``: build ``cls(config)``
     (``config`` read from ``path`` by default), narrow the layers recorded in
     ``config.gradprune_widths`` and load the saved weights (strictly, up to tied weights).
+    Other keyword arguments go to ``from_pretrained`` (``attn_implementation="eager"``,
+    ``dtype``…).
 
     Example: ``small = gp.structured.load_pruned_pretrained(BertModel, "pruned-bert")``.
     """
+    for key in ("output_loading_info", "pretrained_model_name_or_path"):
+        if key in kwargs:
+            raise TypeError(f"load_pruned_pretrained() sets {key} itself; do not pass it")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)
@@ -852,7 +1125,7 @@ def load_pruned_pretrained(cls, path: str | os.PathLike, config=None):
     # builds the narrowed model through this subclass; the result is a plain ``cls`` again
     narrowed = type(cls.__name__, (cls,), {"__init__": narrowed_init, "__module__": cls.__module__})
     try:
-        model, info = narrowed.from_pretrained(path, config=config, output_loading_info=True)
+        model, info = narrowed.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
     except Exception as exc:  # a damaged or foreign file: name the weight files
         files = [os.path.join(path, f) for f in sorted(os.listdir(path))
                  if f.endswith((".safetensors", ".bin", ".json")) and f != "config.json"]

@@ -43,8 +43,9 @@ def kv_heads(handler, n: int) -> int:
     widths = getattr(handler, "widths", None)
     if callable(widths):
         w = widths(n)
-        if "num_key_value_heads" in w:
-            return int(w["num_key_value_heads"])
+        for key in ("num_key_value_heads", "num_kv_heads"):  # (Falcon: num_kv_heads)
+            if key in w:
+                return int(w[key])
     return n
 
 
@@ -82,6 +83,7 @@ class KVCache:
 
     def _elements(self, widths: dict) -> int:
         return sum(2 * kv_heads(g.handler, widths.get(gi, g.size)) * g.handler.head_dim
+                   * getattr(g.handler, "copies", 1)  # layers tied into one group (T5)
                    for gi, g in self.heads.items())
 
     def of(self, widths: dict) -> int:

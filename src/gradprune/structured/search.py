@@ -184,6 +184,10 @@ class SearchResult:
                          f"{ls['pruned_ms']:.3f} ms ({ls['pruned_ms'] / max(ls['dense_ms'], 1e-12):.1%}; "
                          f"bound {bound}; {ls['candidates_timed']} candidates timed, "
                          f"median of {ls['repeats']} interleaved runs)")
+        from .hf import reload_hint
+        hint = reload_hint(self.analysis, self.uniform)
+        if hint:
+            lines.append(hint)
         if self.analysis.skipped:
             lines.append("not pruned:")
             lines += [f"  {s['module'] or '<model>'}: {s['reason']}" for s in self.analysis.skipped]
