@@ -88,8 +88,8 @@ def test_width_axes_select_what_is_pruned(axis):
 @pytest.mark.parametrize("axes, exc, words", [
     (("layers", "depth"), ValueError, ["'depth'", "heads", "mlp", "hidden", "layers", "experts"]),
     (("hidden",), NotImplementedError, ["'hidden'"]),
-    (("heads", "experts"), NotImplementedError, ["'experts'"]),
-    (("layers", "experts"), NotImplementedError, ["'experts'"]),
+    (("heads", "experts"), ValueError, ["'experts'", "combined"]),
+    (("layers", "experts"), ValueError, ["'experts'", "combined"]),
     ((), ValueError, ["axes"]),
     ("layers", TypeError, ["axes", "tuple"]),
 ])

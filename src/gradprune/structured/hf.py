@@ -64,6 +64,7 @@ __all__ = ["ATTENTION_SPECS", "MLP_GATES", "MLP_SPECS", "WIDTHS_KEY", "Attention
            "register_mlp"]
 
 WIDTHS_KEY = "gradprune_widths"
+SHAPES_KEY = "parameter_shapes"  # in a width record: {parameter name: shape} to rebuild
 MLP_GATES = ("post_activation", "pre_activation")
 
 
@@ -182,7 +183,8 @@ register_attention(AttentionSpec("distilbert", q="q_lin", k="k_lin", v="v_lin", 
 # LLaMA, Mistral, Qwen, Gemma, Phi, OPT, BART, Whisper, CLIP, ViT, Dinov2…
 register_attention(AttentionSpec("qkv_proj", q="q_proj", k="k_proj", v="v_proj",
                                  o=("o_proj", "out_proj", "dense"),
-                                 config_heads=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"),
+                                 config_heads=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
+                                               "mixtral", "qwen2_moe", "qwen3_moe"),
                                  attrs={"num_heads": "heads", "num_key_value_heads": "kv_heads",
                                         "num_key_value_groups": "groups"},
                                  classes=_LLAMA + ("OPTAttention", "BartAttention",
@@ -213,6 +215,10 @@ register_mlp(MLPSpec("h_to_4h", up="dense_h_to_4h", act=("act",), down="dense_4h
                      config=("intermediate_size", "ffn_hidden_size")))
 register_mlp(MLPSpec("t5", up="wi", act=("act",), down="wo", config=("d_ff",)))
 register_mlp(MLPSpec("t5_gated", gate="wi_0", up="wi_1", act=("act",), down="wo", config=("d_ff",)))
+# an MoE block's shared expert (Qwen2-MoE): matched at the block, so its own width field is used
+register_mlp(MLPSpec("shared_expert", gate="shared_expert.gate_proj", up="shared_expert.up_proj",
+                     act=("shared_expert.act_fn",), down="shared_expert.down_proj",
+                     config=("shared_expert_intermediate_size",)))
 register_mlp(MLPSpec("gated", gate="gate_proj", up="up_proj", act=("act_fn",), down="down_proj"))
 register_mlp(MLPSpec("gate_up", up="gate_up_proj", fused_gate=True, act=("activation_fn",),
                      down="down_proj"))
@@ -494,6 +500,17 @@ def _transformers_major() -> int:
     return int(version.split(".")[0]) if version.split(".")[0].isdigit() else 5
 
 
+def _cross_head_norm(mod: nn.Module, n_q: int, n_kv: int, d: int) -> str | None:
+    """The child of attention ``mod`` that normalises several heads together (OLMoE's
+    ``q_norm`` over every query head: a 1-D weight of ``heads * head_dim``), if any."""
+    for child_name, child in mod.named_children():
+        w = getattr(child, "weight", None)
+        if (not isinstance(child, nn.Linear) and isinstance(w, torch.Tensor) and w.dim() == 1
+                and w.numel() > d and w.numel() in (n_q * d, n_kv * d)):
+            return child_name
+    return None
+
+
 def _attention(b: _Builder, name: str, mod: nn.Module, match) -> None:
     """The head group of recognised attention ``name``."""
     spec, projs, o = match
@@ -506,6 +523,11 @@ def _attention(b: _Builder, name: str, mod: nn.Module, match) -> None:
         b.skip(name, f"{cls}: heads not pruned ({read})")
         return
     n_q, n_kv, d = read
+    across = _cross_head_norm(mod, n_q, n_kv, d)
+    if across:
+        b.skip(name, f"{cls}: heads not pruned ({across} normalises across all heads at once, "
+               "so removing a head would change the others)")
+        return
     mq = n_kv == 1  # multi-query: unit = one query head, the K/V head kept
     n, per = (n_q, 1) if mq else (n_kv, n_q // n_kv)
     slices, roles, producers = [], {}, []
@@ -717,7 +739,8 @@ def _uniform_problem(analysis: Analysis, gi: int, w: int) -> str | None:
 def _ffn_field(config, g: Group) -> str | None:
     """The config field holding the width of FFN group ``g``'s family."""
     n = g.size
-    for spec in MLP_SPECS:
+    own = [spec for spec in MLP_SPECS if g.name.endswith("." + spec.up)]  # the group's layout first
+    for spec in own + MLP_SPECS:
         for f in spec.config:
             if getattr(config, f, None) == n:
                 return f
@@ -807,7 +830,11 @@ def _narrow(model: nn.Module, widths: dict, cls_name: str) -> None:
             raise ValueError(f"config.{WIDTHS_KEY} names a module {name!r} that {cls_name} "
                              "does not have")
         for key, value in attrs.items():
-            setattr(mod, key, value)
+            if key != SHAPES_KEY:
+                setattr(mod, key, value)
+        for key, shape in attrs.get(SHAPES_KEY, {}).items():  # e.g. stacked MoE expert weights
+            old = getattr(mod, key)
+            setattr(mod, key, nn.Parameter(torch.empty(tuple(shape), dtype=old.dtype, device=old.device)))
         if isinstance(mod, nn.Linear):
             shape = (mod.out_features, mod.in_features)
         elif is_conv1d(mod):

@@ -538,8 +538,12 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
             ``block_influence`` or ``loss_drop``; a :class:`~gradprune.structured.depth.LayerSearchResult`
             is returned; see :mod:`gradprune.structured.depth`). ``"layers"`` with width axes
             (``gradnas`` only) returns the width result on the depth-pruned copy
-            (:func:`~gradprune.structured.depth.search_layers_and_widths`). ``"hidden"`` and
-            ``"experts"`` are not available yet (``NotImplementedError``).
+            (:func:`~gradprune.structured.depth.search_layers_and_widths`). ``("experts",)``
+            removes whole MoE experts per layer (``method``: ``gradnas``, ``reap`` or
+            ``frequency``; ``params`` budget; an
+            :class:`~gradprune.structured.experts.ExpertSearchResult` is returned; see
+            :mod:`gradprune.structured.experts`). ``"hidden"`` is not available yet
+            (``NotImplementedError``).
 
     Raises ``ValueError`` naming the smallest reachable params and FLOPs (and latency) when no
     subnet meets the constraints.
@@ -550,6 +554,15 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
     check_choice("mlp_gate", mlp_gate, ("post_activation", "pre_activation"))
     if "layers" in axes and (process_group is not None or measure_latency):
         raise ValueError("the 'layers' axis does not take process_group or measure_latency yet")
+    if "experts" in axes:
+        if len(axes) > 1:
+            raise ValueError(f"axes={axes!r}: 'experts' cannot be combined with other axes yet; "
+                             "search axes=('experts',) and then the other axes on its export")
+        if rules is not None or process_group is not None or measure_latency:
+            raise ValueError("axes=('experts',) does not take rules, process_group or measure_latency")
+        from .experts import search_experts
+        return search_experts(model, constraints, data, loss_fn, method, example_input, uniform=uniform,
+                              max_iter_data_loader=max_iter_data_loader, show_progress=show_progress)
     if "layers" in axes and len(axes) > 1:
         return search_layers_and_widths(
             model, constraints, data, loss_fn, method, example_input, axes, search,
