@@ -62,7 +62,7 @@ Example:
     ...                   example_input=ids, axes=("experts",), uniform=True)
     >>> small = found.export()
     >>> small.config.num_local_experts, small.config.num_experts_per_tok
-    (2, 2)
+    (3, 2)
     >>> sum(p.numel() for p in small.parameters()) == found.params <= 0.8 * found.dense_params
     True
 """

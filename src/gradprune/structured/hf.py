@@ -500,13 +500,17 @@ def _transformers_major() -> int:
     return int(version.split(".")[0]) if version.split(".")[0].isdigit() else 5
 
 
+# query/key norms of attention modules: per head (weight of head_dim: Qwen3, Gemma3) or over
+# every head at once (OLMoE: weight of heads * head_dim), which makes heads unprunable
+_QK_NORMS = ("q_norm", "k_norm", "q_layernorm", "k_layernorm")
+
+
 def _cross_head_norm(mod: nn.Module, n_q: int, n_kv: int, d: int) -> str | None:
-    """The child of attention ``mod`` that normalises several heads together (OLMoE's
+    """The query/key norm of attention ``mod`` that normalises several heads together (OLMoE's
     ``q_norm`` over every query head: a 1-D weight of ``heads * head_dim``), if any."""
-    for child_name, child in mod.named_children():
-        w = getattr(child, "weight", None)
-        if (not isinstance(child, nn.Linear) and isinstance(w, torch.Tensor) and w.dim() == 1
-                and w.numel() > d and w.numel() in (n_q * d, n_kv * d)):
+    for child_name in _QK_NORMS:
+        w = getattr(getattr(mod, child_name, None), "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() == 1 and w.numel() > d:
             return child_name
     return None
 

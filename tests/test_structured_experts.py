@@ -1,0 +1,291 @@
+"""search(..., axes=("experts",)): whole MoE experts removed per layer (Mixtral, Qwen2-MoE,
+Qwen3-MoE, OLMoE built tiny in code), and heads/MLP widths on the same families."""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import gradprune as gp  # noqa: E402
+from gradprune.structured import find_groups, load_pruned_pretrained  # noqa: E402
+from gradprune.structured.experts import ExpertGates, expert_scores, find_moe_blocks  # noqa: E402
+
+V = 64
+COMMON = dict(vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, num_experts_per_tok=2)
+
+
+def _config(family: str):
+    if family == "mixtral":
+        return transformers.MixtralConfig(intermediate_size=24, num_local_experts=4, **COMMON)
+    if family == "qwen2_moe":
+        return transformers.Qwen2MoeConfig(intermediate_size=24, moe_intermediate_size=12,
+                                           shared_expert_intermediate_size=20, num_experts=4, **COMMON)
+    if family == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(intermediate_size=24, moe_intermediate_size=12, num_experts=4,
+                                           head_dim=4, **COMMON)
+    return transformers.OlmoeConfig(intermediate_size=12, num_experts=4, pad_token_id=0, eos_token_id=1,
+                                    bos_token_id=None, **COMMON)
+
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+
+def _model(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(_config(family)).eval()
+
+
+def _ids(seed: int = 1, shape=(2, 6)):
+    return torch.randint(0, V, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def loss_fn(m, b):
+    return m(b, labels=b).loss
+
+
+def _numel(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_blocks_recognised_by_structure(family):
+    blocks, skipped = find_moe_blocks(_model(family))
+    assert [(b.name, b.n_experts, b.top_k) for b in blocks] == [
+        ("model.layers.0.mlp", 4, 2), ("model.layers.1.mlp", 4, 2)]
+    assert skipped == []
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_uniform_export_budget_gated_round_trip_generate(family, tmp_path):
+    model, ids = _model(family), _ids()
+    found = gp.search(model, {"params": "80%"}, [ids, _ids(2)], loss_fn, method="gradnas",
+                      example_input=ids, axes=("experts",), uniform=True)
+    small = found.export()
+    assert _numel(small) == found.params <= 0.8 * found.dense_params
+    kept = {len(k) for k in found.keep.values()}
+    assert len(kept) == 1 and kept.pop() < 4
+    k = len(found.keep["model.layers.0.mlp"])
+    count_field = "num_local_experts" if family == "mixtral" else "num_experts"
+    assert getattr(small.config, count_field) == k
+    assert small.config.num_experts_per_tok == min(2, k)
+    assert getattr(model.config, count_field) == 4  # the searched model is untouched
+    with torch.no_grad():
+        with found.gates():
+            gated = model(ids).logits
+        dense = model(ids).logits
+        out = small(ids).logits
+    torch.testing.assert_close(out, gated, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out, dense)  # the experts really went
+    assert found.report.to_dict()["loader"] == "from_pretrained"
+    small.save_pretrained(tmp_path)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, out)
+    gen = again.generate(ids, max_new_tokens=3, do_sample=False)
+    assert gen.shape == (2, ids.shape[1] + 3)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_per_layer_counts_load_pruned_pretrained(family, tmp_path):
+    model, ids = _model(family), _ids()
+    # layer 0's experts matter little: drive the per-layer search with fixed scores
+    found = gp.search(model, {"params": "75%"}, [ids], loss_fn, method="frequency",
+                      example_input=ids, axes=("experts",))
+    found.scores = {"model.layers.0.mlp": torch.tensor([0.0, 0.1, 0.2, 9.0], dtype=torch.float64),
+                    "model.layers.1.mlp": torch.tensor([5.0, 6.0, 7.0, 8.0], dtype=torch.float64)}
+    found.keep = {"model.layers.0.mlp": torch.tensor([3]), "model.layers.1.mlp": torch.tensor([0, 1, 2, 3])}
+    small = found.export()
+    assert [len(small.model.layers[i].mlp.experts.down_proj) for i in (0, 1)] == [1, 4]
+    assert small.model.layers[0].mlp.gate.top_k == 1 and small.model.layers[1].mlp.gate.top_k == 2
+    rep = found.report
+    assert rep.to_dict()["loader"] == "load_pruned_pretrained" and "load_pruned_pretrained" in str(rep)
+    with torch.no_grad():
+        with found.gates():
+            gated = model(ids).logits
+        out = small(ids).logits
+    torch.testing.assert_close(out, gated, rtol=1e-5, atol=1e-5)
+    small.save_pretrained(tmp_path)
+    again = load_pruned_pretrained(type(model), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, out)
+    assert again.generate(ids, max_new_tokens=2, do_sample=False).shape == (2, ids.shape[1] + 2)
+    # uniform=True on a per-layer result: every layer keeps the smallest count, its best experts
+    uni = found.export(uniform=True)
+    assert [len(uni.model.layers[i].mlp.experts.down_proj) for i in (0, 1)] == [1, 1]
+    assert uni.config.num_experts_per_tok == 1
+
+
+def test_per_layer_search_meets_budget_and_keeps_one_per_layer():
+    model, ids = _model("qwen3_moe"), _ids()
+    found = gp.search(model, {"params": "70%"}, [ids], loss_fn, method="reap", example_input=ids,
+                      axes=("experts",))
+    assert all(len(k) >= 1 for k in found.keep.values())
+    small = found.export(uniform=False)
+    assert _numel(small) == found.params <= 0.7 * found.dense_params
+    # a lower-scored expert never stays while a higher-scored one of the same block goes
+    for name, keep in found.keep.items():
+        s = found.scores[name]
+        gone = [e for e in range(4) if e not in keep.tolist()]
+        if gone:
+            assert float(s[gone].max()) <= float(s[keep].min())
+
+
+def _capture(model, block):
+    """The experts' input, routing indices and weights of ``block`` on one forward."""
+    mods = dict(model.named_modules())
+    seen = {}
+
+    def hook(mod, args, out):
+        seen["x"], seen["idx"], seen["w"] = args[0].detach(), args[1], args[2].detach()
+    h = mods[block + ".experts"].register_forward_hook(hook)
+    return seen, h
+
+
+def _expert(experts, e, x):
+    """Expert ``e`` on ``x``, computed here from its stacked weights (not by gradprune)."""
+    gate, up = torch.nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
+    return torch.nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[e])
+
+
+def test_scores_match_direct_computation():
+    model, ids = _model("mixtral"), _ids(shape=(3, 7))
+    block = "model.layers.1.mlp"
+    experts = model.model.layers[1].mlp.experts
+    blocks = find_moe_blocks(model)[0]
+    seen, h = _capture(model, block)
+    with torch.no_grad():
+        model(ids)
+    h.remove()
+    x, idx, w = seen["x"], seen["idx"], seen["w"]
+    tokens = x.shape[0]
+    # frequency: fraction of tokens whose top-k holds the expert
+    freq, n = expert_scores(model, blocks, [ids], loss_fn, "frequency")
+    want = torch.tensor([float((idx == e).any(-1).sum()) / tokens for e in range(4)], dtype=torch.float64)
+    torch.testing.assert_close(freq[block], want)
+    # reap: mean over routed tokens of router weight x ||expert output||
+    reap, _ = expert_scores(model, blocks, [ids], loss_fn, "reap")
+    with torch.no_grad():
+        want = []
+        for e in range(4):
+            t, j = torch.where(idx == e)
+            v = w[t, j].double() * _expert(experts, e, x[t]).double().norm(dim=-1)
+            want.append(float(v.mean()) if len(t) else 0.0)
+    torch.testing.assert_close(reap[block], torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-7)
+    # gradnas: (dL/dg_e)^2 with dL/dg_e = sum over routed tokens of w <dL/dy, E_e(x)>
+    grads, _ = expert_scores(model, blocks, [ids], loss_fn, "gradnas")
+    ref = copy.deepcopy(model)
+    out = {}
+    ref_experts = ref.model.layers[1].mlp.experts
+
+    def keep_grad(mod, args, y):
+        y.retain_grad()
+        out["y"] = y
+    h = ref_experts.register_forward_hook(keep_grad)
+    for p in ref.parameters():  # the reference needs a graph; gradprune's scoring does not
+        p.requires_grad_(True)
+    loss_fn(ref, ids).backward()
+    h.remove()
+    dy = out["y"].grad
+    with torch.no_grad():
+        want = []
+        for e in range(4):
+            t, j = torch.where(idx == e)
+            g = (w[t, j, None] * _expert(ref_experts, e, x[t]) * dy[t]).sum()
+            want.append(float(g) ** 2)
+    torch.testing.assert_close(grads[block], torch.tensor(want, dtype=torch.float64), rtol=1e-4, atol=1e-12)
+
+
+def test_scoring_gives_weights_no_gradients():
+    model, ids = _model("olmoe"), _ids()
+    model.train()
+    flags = [p.requires_grad for p in model.parameters()]
+    for method in ("gradnas", "reap", "frequency"):
+        expert_scores(model, find_moe_blocks(model)[0], [ids], loss_fn, method)
+    assert all(p.grad is None for p in model.parameters())
+    assert [p.requires_grad for p in model.parameters()] == flags and model.training
+
+
+def test_gated_model_is_softmax_over_remaining_experts():
+    """The removed experts' logits are -inf: the kept experts' routing weights are a softmax over
+    the kept experts alone (not the dense softmax with some outputs zeroed)."""
+    model, ids = _model("qwen3_moe"), _ids()  # norm_topk_prob=False: raw softmax weights
+    assert model.config.norm_topk_prob is False
+    blocks = find_moe_blocks(model)[0]
+    block = blocks[0].name
+    keep = torch.tensor([0, 2, 3])
+    logits = {}
+    def grab(mod, args, out):
+        logits["l"] = out[0]
+    h = model.model.layers[0].mlp.gate.register_forward_hook(grab)
+    got = {}
+    with torch.no_grad(), ExpertGates(model, blocks, keep={block: keep},
+                                      record=lambda b, i, w: got.setdefault(b, (i, w))):
+        model(ids)
+    h.remove()
+    idx, w = got[block]
+    probs = torch.softmax(logits["l"][:, keep].float(), dim=-1)
+    want_w, want_i = torch.topk(probs, 2, dim=-1)
+    assert torch.equal(idx, keep[want_i])
+    torch.testing.assert_close(w, want_w.to(w.dtype))
+
+
+def test_unreachable_budget_and_bad_input_fail_before_scoring():
+    model, ids = _model("mixtral"), _ids()
+
+    def never(*a):
+        raise AssertionError("scored before validating")
+    with pytest.raises(ValueError, match=r"smallest reachable .*one expert kept.*params="):
+        gp.search(model, {"params": "10%"}, [ids], never, example_input=ids, axes=("experts",))
+    with pytest.raises(ValueError, match=r"constraints\['flops'\].*params"):
+        gp.search(model, {"flops": "50%"}, [ids], never, example_input=ids, axes=("experts",))
+    with pytest.raises(ValueError, match="method"):
+        gp.search(model, {"params": "90%"}, [ids], never, method="taylor", example_input=ids,
+                  axes=("experts",))
+    with pytest.raises(ValueError, match="'experts' cannot be combined"):
+        gp.search(model, {"params": "90%"}, [ids], never, example_input=ids, axes=("heads", "experts"))
+    dense = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=V, hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(ValueError, match="no MoE block"):
+        gp.search(dense, {"params": "90%"}, [ids], never, example_input=ids, axes=("experts",))
+
+
+def test_heads_on_moe_families_uniform_round_trip(tmp_path):
+    model, ids = _model("mixtral"), _ids()
+    found = gp.search(model, {"params": "97%"}, [ids], loss_fn, example_input=ids, axes=("heads",),
+                      uniform=True)
+    small = found.export()
+    assert small.config.num_attention_heads < 4 and _numel(small) == found.params
+    with torch.no_grad():
+        with found.gates():
+            gated = model(ids).logits
+        torch.testing.assert_close(small(ids).logits, gated, rtol=1e-5, atol=1e-5)
+    small.save_pretrained(tmp_path)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, small(ids).logits)
+
+
+def test_olmoe_heads_normalised_together_are_skipped_not_broken():
+    model, ids = _model("olmoe"), _ids()
+    analysis = find_groups(model, ids)
+    assert not any(g.unit == "heads" for g in analysis.groups)
+    reasons = [s["reason"] for s in analysis.skipped if s["module"].endswith("self_attn")]
+    assert len(reasons) == 2 and all("q_norm" in r and "across all heads" in r for r in reasons)
+
+
+def test_qwen2_moe_shared_expert_width_uses_its_own_config_field(tmp_path):
+    model, ids = _model("qwen2_moe"), _ids()
+    rules = {"nn.Linear": {"feature_divisor": 4}}
+    found = gp.search(model, {"params": "95%"}, [ids], loss_fn, example_input=ids, axes=("mlp",),
+                      uniform=True, rules=rules)
+    small = found.export()
+    shared = small.model.layers[0].mlp.shared_expert.up_proj.out_features
+    assert shared < 20 and small.config.shared_expert_intermediate_size == shared
+    assert small.config.intermediate_size == 24
+    small.save_pretrained(tmp_path)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, small(ids).logits)
