@@ -244,8 +244,10 @@ def test_unreachable_budget_and_bad_input_fail_before_scoring():
     with pytest.raises(ValueError, match="method"):
         gp.search(model, {"params": "90%"}, [ids], never, method="taylor", example_input=ids,
                   axes=("experts",))
-    with pytest.raises(ValueError, match="'experts' cannot be combined"):
-        gp.search(model, {"params": "90%"}, [ids], never, example_input=ids, axes=("heads", "experts"))
+    with pytest.raises(ValueError, match="'experts' cannot be combined with 'layers'"):
+        gp.search(model, {"params": "90%"}, [ids], never, example_input=ids, axes=("layers", "experts"))
+    with pytest.raises(ValueError, match=r"smallest reachable.*one expert kept"):
+        gp.search(model, {"params": "10%"}, [ids], never, example_input=ids, axes=("heads", "experts"))
     dense = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=V, hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2))
     with pytest.raises(ValueError, match="no MoE block"):
@@ -289,3 +291,31 @@ def test_qwen2_moe_shared_expert_width_uses_its_own_config_field(tmp_path):
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, small(ids).logits)
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_experts_with_width_axes(uniform, tmp_path):
+    model, ids = _model("qwen2_moe"), _ids()
+    rules = {"nn.Linear": {"feature_divisor": 4}}
+    found = gp.search(model, {"params": "70%"}, [ids], loss_fn, example_input=ids,
+                      axes=("heads", "mlp", "experts"), uniform=uniform, rules=rules)
+    assert set(found.dropped_experts) == {"model.layers.0.mlp", "model.layers.1.mlp"}
+    assert "MoE experts dropped" in str(found.report)
+    small = found.export()
+    assert _numel(small) == found.params <= 0.7 * found.dense_params
+    assert found.dense_params == _numel(model)
+    small.save_pretrained(tmp_path)
+    again = (transformers.AutoModelForCausalLM.from_pretrained(tmp_path) if uniform
+             else load_pruned_pretrained(type(model), tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, small(ids).logits)
+    with pytest.raises(ValueError, match="gradnas"):
+        gp.search(model, {"params": "70%"}, [ids], loss_fn, method="reap", example_input=ids,
+                  axes=("mlp", "experts"))
+
+
+def test_width_axes_list_moe_experts_as_skipped():
+    model, ids = _model("mixtral"), _ids()
+    skipped = {s["module"]: s["reason"] for s in find_groups(model, ids).skipped}
+    for i in (0, 1):
+        assert "axes=('experts',)" in skipped[f"model.layers.{i}.mlp.experts"]

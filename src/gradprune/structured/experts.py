@@ -84,6 +84,7 @@ from .._progress import progress
 from .._report import Report
 from .depth import _frozen, _loss
 from .groups import _as_args
+from .hf import register_unpruned
 
 __all__ = ["EXPERT_METHODS", "MOE_SPECS", "MoESpec", "MoEBlock", "register_moe", "find_moe_blocks",
            "ExpertGates", "expert_scores", "ExpertReport", "ExpertSearchResult", "search_experts",
@@ -202,6 +203,17 @@ def find_moe_blocks(model: nn.Module) -> tuple:
                                    n, k, bool(norm)))
             break
     return blocks, skipped
+
+
+def _unpruned(model: nn.Module) -> list:
+    """What the width axes leave whole in ``model``'s MoE blocks (for ``analysis.skipped``)."""
+    blocks, skipped = find_moe_blocks(model)
+    out = [(b.experts, f"MoE experts ({b.n_experts} stacked on dim 0): the width axes do not prune "
+            "their intermediate neurons; axes=('experts',) removes whole experts") for b in blocks]
+    return out + [(s["module"], s["reason"]) for s in skipped]
+
+
+register_unpruned(_unpruned)
 
 
 def _route(logits: torch.Tensor, mask: torch.Tensor | None, top_k: int, normalise: bool,
@@ -714,3 +726,117 @@ def search_experts(model: nn.Module, constraints: dict, data: Iterable | None, l
                               params=params, dense_params=costs.dense_params, constraints=bounds,
                               batches=batches, uniform=uniform, skipped=skipped,
                               example_input=example_input)
+
+
+def _expert_candidates(blocks: list, scores: dict, uniform: bool) -> list:
+    """The expert sets tried with width axes: ``keep`` dicts from no expert removed up to one
+    expert kept per block. ``uniform``: ``r`` lowest-scored experts of every block, ``r = 0 ..
+    E - 1``; otherwise prefixes of the lowest-scored experts over all blocks, ``len(blocks)`` at
+    a time."""
+    if uniform:
+        n = blocks[0].n_experts
+        return [{b.name: _top(scores[b.name], n - r) for b in blocks} for r in range(n)]
+    ranked = {b.name: torch.sort(-scores[b.name].double(), stable=True).indices.tolist() for b in blocks}
+    order = sorted((float(scores[b.name][e]), i, e) for i, b in enumerate(blocks) for e in range(b.n_experts))
+    removed = {b.name: 0 for b in blocks}
+    out, step = [], 0
+    for _, i, _ in [(None, None, None)] + order:
+        if i is not None:
+            b = blocks[i]
+            if removed[b.name] >= b.n_experts - 1:
+                continue
+            removed[b.name] += 1
+            step += 1
+            if step % len(blocks):
+                continue
+        out.append({b.name: torch.sort(torch.tensor(ranked[b.name][:b.n_experts - removed[b.name]])).values
+                    for b in blocks})
+    return out
+
+
+def search_experts_and_widths(model: nn.Module, constraints: dict, data: Iterable | None,
+                              loss_fn: Callable | None, method: str, example_input, axes: tuple,
+                              width_search: Callable, *, uniform: bool = False,
+                              max_iter_data_loader: int = 128, show_progress: bool | None = None,
+                              **width_kw):
+    """``search(..., axes=("experts", "heads", "mlp"))``: experts and widths together,
+    ``gradnas`` only (expert and unit scores are then both mean squared gate gradients).
+
+    The experts are scored once; for each candidate set of experts (:func:`_expert_candidates`)
+    the width search runs on the model without the others, to the same absolute bounds
+    (``params``, ``flops``: percentages of the original model); the candidate whose removed
+    expert scores plus removed unit scores are smallest wins. Returns the width search's
+    ``SearchResult`` on that expert-pruned copy (``export()`` gives the model without both), with
+    ``dropped_experts`` (``{block: indices}``) and ``expert_scores`` added and the ``dense_*``
+    counts of ``model``. Up to ``num_experts`` width searches run, each scoring ``data`` again."""
+    from .depth import _Reachable
+    from .flops import flop_counter
+    from .search import CONSTRAINT_KEYS, parse_constraints
+
+    if method != "gradnas":
+        raise ValueError(f"method={method!r}: combining 'experts' with width axes needs method='gradnas' "
+                         "(expert and unit scores are then both squared gate gradients)")
+    if example_input is None:
+        raise ValueError("example_input must be given (a tensor or a tuple of tensors), got None")
+    if data is None or not callable(loss_fn):
+        raise ValueError("data and loss_fn(model, batch) must be given to score the experts")
+    parse_constraints(constraints, {k: 1.0 for k in CONSTRAINT_KEYS})
+    for key in constraints:
+        if key not in ("params", "flops"):
+            raise ValueError(f"constraints[{key!r}] is not supported with 'experts' and width axes yet; "
+                             "use params, flops")
+    blocks, skipped = find_moe_blocks(model)
+    if blocks:
+        blocks, bad = _check_routing(model, blocks, example_input)
+    if not blocks:
+        raise ValueError(f"axes={axes!r}: found no MoE block it can prune in {type(model).__name__}")
+    if uniform and len({b.n_experts for b in blocks}) != 1:
+        raise ValueError(f"uniform=True needs the same expert count in every MoE block, got "
+                         f"{sorted({b.n_experts for b in blocks})}")
+    costs = _ExpertCosts(model, blocks)
+    dense_flops = int(flop_counter(model, example_input).get_total_flops())
+    bounds = parse_constraints(constraints, {"params": costs.dense_params, "flops": dense_flops})
+    widths_axes = tuple(a for a in axes if a != "experts")
+
+    def probe(m, batch):  # reached only when the budget is reachable (checked before scoring)
+        raise _Reachable
+
+    one = {b.name: torch.tensor([0]) for b in blocks}
+    try:  # the smallest subnet: one expert per block, the smallest widths
+        width_search(drop_experts(copy.deepcopy(model), one), dict(bounds), data, probe, "gradnas",
+                     example_input, axes=widths_axes, uniform=uniform, **width_kw)
+    except _Reachable:
+        pass
+    except ValueError as exc:
+        if "no subnet meets" in str(exc):
+            raise ValueError(f"{exc} (with one expert kept in each of {len(blocks)} MoE blocks)") from None
+        raise
+    scores, _ = expert_scores(model, blocks, data, loss_fn, "gradnas", max_iter_data_loader, show_progress)
+    best, last_error = None, None
+    for keep in _expert_candidates(blocks, scores, uniform):
+        small = drop_experts(copy.deepcopy(model), keep)
+        try:
+            found = width_search(small, dict(bounds), data, loss_fn, "gradnas", example_input,
+                                 axes=widths_axes, uniform=uniform,
+                                 max_iter_data_loader=max_iter_data_loader,
+                                 show_progress=show_progress, **width_kw)
+        except ValueError as exc:
+            if "no subnet meets" not in str(exc):
+                raise
+            last_error = exc
+            continue
+        removed = sum(float(found.scores[gi].double().sum() - found.scores[gi][k].double().sum())
+                      for gi, k in found.keep.items())
+        gone = sum(float(scores[b.name].sum() - scores[b.name][keep[b.name]].sum()) for b in blocks)
+        if best is None or gone + removed < best[0]:
+            best = (gone + removed, keep, found)
+    if best is None:
+        raise ValueError(f"no subnet meets constraints by removing experts and pruning "
+                         f"{', '.join(widths_axes)}: {last_error}")
+    _, keep, found = best
+    found.dropped_experts = {b.name: [e for e in range(b.n_experts) if e not in keep[b.name].tolist()]
+                             for b in blocks}
+    found.expert_scores = scores
+    found.dense_params, found.dense_flops = costs.dense_params, dense_flops
+    found.constraints = bounds
+    return found

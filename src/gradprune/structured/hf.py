@@ -61,7 +61,7 @@ from .groups import Analysis, Group, Layout, Slice, is_conv1d, register_analyser
 __all__ = ["ATTENTION_SPECS", "MLP_GATES", "MLP_SPECS", "WIDTHS_KEY", "AttentionSpec", "HFHeads",
            "MLPSpec", "analyse_hf", "apply_uniform_config", "families", "head_attrs",
            "head_rule_types", "load_pruned_pretrained", "record_widths", "register_attention",
-           "register_mlp"]
+           "register_mlp", "register_unpruned"]
 
 WIDTHS_KEY = "gradprune_widths"
 SHAPES_KEY = "parameter_shapes"  # in a width record: {parameter name: shape} to rebuild
@@ -643,6 +643,20 @@ def _mlp(b: _Builder, name: str, match, mlp_gate: str) -> None:
                             else lay, "mul")
 
 
+_UNPRUNED_NOTES: list = []
+
+
+def register_unpruned(note) -> None:
+    """Register ``note(model) -> [(module name, reason)]``: blocks the width axes leave whole
+    (e.g. MoE experts, see :mod:`~gradprune.structured.experts`), listed in ``analysis.skipped``.
+
+    Example: ``register_unpruned(lambda model: [])``."""
+    if not callable(note):
+        raise TypeError(f"note must be callable as note(model), got {type(note).__name__}")
+    if note not in _UNPRUNED_NOTES:
+        _UNPRUNED_NOTES.append(note)
+
+
 def analyse_hf(model: nn.Module, example_input=None, mlp_gate: str = "post_activation") -> Analysis | None:
     """The analysis of a Hugging Face model by the structure of its blocks, or ``None`` when
     ``model`` is not a Hugging Face ``PreTrainedModel`` (then torch.fx is used).
@@ -672,6 +686,9 @@ def analyse_hf(model: nn.Module, example_input=None, mlp_gate: str = "post_activ
             _attention(b, name, b.modules[name], match)
         else:
             _mlp(b, name, match, mlp_gate)
+    for note in _UNPRUNED_NOTES:
+        for module, reason in note(model):
+            b.skip(module, reason)
     widths = {name for g in b.groups for name in g.modules()}
     for name, mod in b.modules.items():
         if _is_proj(mod) and name not in widths and name not in b.claimed:
@@ -786,12 +803,13 @@ def apply_uniform_config(model: nn.Module, analysis: Analysis, keep: dict) -> No
 
 def record_widths(model: nn.Module, analysis: Analysis) -> None:
     """Record the widths of every pruned layer of an exported Hugging Face ``model`` in
-    ``model.config.gradprune_widths`` (``{module name: {attribute: value}}``)."""
+    ``model.config.gradprune_widths`` (``{module name: {attribute: value}}``), next to the
+    entries already there (e.g. the expert counts of an expert-pruned model)."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return
     modules = dict(model.named_modules())
-    widths = {}
+    widths = dict(getattr(config, WIDTHS_KEY, None) or {})
     for name in analysis.roles:
         mod = modules[name]
         if isinstance(mod, nn.Linear):

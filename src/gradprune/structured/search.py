@@ -164,6 +164,9 @@ class SearchResult:
         dropped = getattr(self, "dropped_layers", None)
         if dropped is not None:  # search(..., axes=("layers", ...)): the widths are of the shallower copy
             lines.insert(0, f"decoder layers dropped: {list(dropped)}")
+        experts = getattr(self, "dropped_experts", None)
+        if experts is not None:  # search(..., axes=("experts", ...)): the widths are of the expert-pruned copy
+            lines.insert(0, f"MoE experts dropped: {experts}")
         if "kv_cache" in self.constraints:
             lines.append(f"kv_cache: {self.dense_kv_cache} -> {self.kv_cache} bytes/token "
                          f"({self.kv_cache / max(self.dense_kv_cache, 1):.1%})")
@@ -542,7 +545,10 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
             removes whole MoE experts per layer (``method``: ``gradnas``, ``reap`` or
             ``frequency``; ``params`` budget; an
             :class:`~gradprune.structured.experts.ExpertSearchResult` is returned; see
-            :mod:`gradprune.structured.experts`). ``"hidden"`` is not available yet
+            :mod:`gradprune.structured.experts`); with width axes (``gradnas`` only) the width
+            result on the expert-pruned copy is returned
+            (:func:`~gradprune.structured.experts.search_experts_and_widths`). ``"hidden"`` is not
+            available yet
             (``NotImplementedError``).
 
     Raises ``ValueError`` naming the smallest reachable params and FLOPs (and latency) when no
@@ -555,12 +561,19 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
     if "layers" in axes and (process_group is not None or measure_latency):
         raise ValueError("the 'layers' axis does not take process_group or measure_latency yet")
     if "experts" in axes:
+        if "layers" in axes or "hidden" in axes:
+            raise ValueError(f"axes={axes!r}: 'experts' cannot be combined with 'layers' or 'hidden' "
+                             "yet; search axes=('experts',) and then the other axes on its export")
+        if process_group is not None or measure_latency:
+            raise ValueError("the 'experts' axis does not take process_group or measure_latency yet")
+        from .experts import search_experts, search_experts_and_widths
         if len(axes) > 1:
-            raise ValueError(f"axes={axes!r}: 'experts' cannot be combined with other axes yet; "
-                             "search axes=('experts',) and then the other axes on its export")
-        if rules is not None or process_group is not None or measure_latency:
-            raise ValueError("axes=('experts',) does not take rules, process_group or measure_latency")
-        from .experts import search_experts
+            return search_experts_and_widths(
+                model, constraints, data, loss_fn, method, example_input, axes, search,
+                uniform=uniform, max_iter_data_loader=max_iter_data_loader,
+                show_progress=show_progress, rules=rules, per_sample=per_sample, mlp_gate=mlp_gate)
+        if rules is not None:
+            raise ValueError("axes=('experts',) does not take rules (they restrict widths)")
         return search_experts(model, constraints, data, loss_fn, method, example_input, uniform=uniform,
                               max_iter_data_loader=max_iter_data_loader, show_progress=show_progress)
     if "layers" in axes and len(axes) > 1:
