@@ -319,3 +319,37 @@ def test_width_axes_list_moe_experts_as_skipped():
     skipped = {s["module"]: s["reason"] for s in find_groups(model, ids).skipped}
     for i in (0, 1):
         assert "axes=('experts',)" in skipped[f"model.layers.{i}.mlp.experts"]
+
+
+def test_bf16_scores_and_export():
+    config = _config("mixtral")
+    config.intermediate_size = 16  # bf16 grouped_mm on CPU needs 16-byte strides
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
+    ids = _ids()
+    for method in ("gradnas", "reap", "frequency"):
+        found = gp.search(model, {"params": "80%"}, [ids], loss_fn, method=method, example_input=ids,
+                          axes=("experts",), uniform=True)
+        assert all(torch.isfinite(s).all() for s in found.scores.values())
+        small = found.export()
+        assert small.dtype == torch.bfloat16 and _numel(small) == found.params
+        with torch.no_grad():
+            with found.gates():
+                gated = model(ids).logits
+            torch.testing.assert_close(small(ids).logits, gated)
+
+
+def test_qwen2_moe_with_dense_layers_round_trip(tmp_path):
+    config = transformers.Qwen2MoeConfig(intermediate_size=24, moe_intermediate_size=12,
+                                         shared_expert_intermediate_size=20, num_experts=4,
+                                         mlp_only_layers=[0], **{**COMMON, "num_hidden_layers": 3})
+    torch.manual_seed(0)
+    model, ids = transformers.AutoModelForCausalLM.from_config(config).eval(), _ids()
+    found = gp.search(model, {"params": "85%"}, [ids], loss_fn, example_input=ids, axes=("experts",),
+                      uniform=True)
+    assert list(found.keep) == ["model.layers.1.mlp", "model.layers.2.mlp"]  # layer 0 is dense
+    small = found.export()
+    small.save_pretrained(tmp_path)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, small(ids).logits)
