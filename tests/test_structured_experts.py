@@ -353,3 +353,27 @@ def test_qwen2_moe_with_dense_layers_round_trip(tmp_path):
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, small(ids).logits)
+
+
+def test_blocks_not_understood_are_listed_and_left_whole():
+    model, ids = _model("qwen3_moe"), _ids()
+    router = model.model.layers[1].mlp.gate
+
+    def sigmoid_routing(hidden):  # another routing rule: the softmax -> top-k check must catch it
+        logits = torch.nn.functional.linear(hidden.reshape(-1, router.hidden_dim), router.weight)
+        w, i = torch.topk(torch.sigmoid(logits), router.top_k, dim=-1)
+        return logits, w, i
+    router.forward = sigmoid_routing
+    found = gp.search(model, {"params": "90%"}, [ids], loss_fn, example_input=ids, axes=("experts",))
+    assert list(found.keep) == ["model.layers.0.mlp"]
+    assert any(s["module"] == "model.layers.1.mlp" and "softmax" in s["reason"] for s in found.skipped)
+    small = found.export()
+    assert small.model.layers[1].mlp.experts.down_proj.shape[0] == 4  # left whole
+
+    class OldMoE(torch.nn.Module):  # transformers 4.x: a Linear router and a ModuleList of experts
+        def __init__(self):
+            super().__init__()
+            self.gate = torch.nn.Linear(8, 3, bias=False)
+            self.experts = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(3))
+    blocks, skipped = find_moe_blocks(torch.nn.Sequential(OldMoE()))
+    assert blocks == [] and "ModuleList" in skipped[0]["reason"]

@@ -190,9 +190,9 @@ def find_moe_blocks(model: nn.Module) -> tuple:
                                 "stored as a ModuleList (the transformers 4.x layout) are not pruned"})
                 break
             own = list(experts.parameters())
-            stacked = _stacked(experts, n)
+            stacked = all(p.dim() >= 2 and p.shape[0] == n for p in own)
             k = getattr(router, spec.top_k, None)
-            if not own or len(stacked) != len(own) or not isinstance(k, int) or isinstance(k, bool):
+            if not own or not stacked or not isinstance(k, int) or isinstance(k, bool):
                 skipped.append({"module": name, "reason": f"MoE block ({type(mod).__name__}): the "
                                 f"experts' parameters are not stacked [{n}, ...] on dim 0 or the "
                                 f"router has no integer {spec.top_k!r}; experts not pruned"})
