@@ -377,3 +377,26 @@ def test_blocks_not_understood_are_listed_and_left_whole():
             self.experts = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(3))
     blocks, skipped = find_moe_blocks(torch.nn.Sequential(OldMoE()))
     assert blocks == [] and "ModuleList" in skipped[0]["reason"]
+
+
+def test_flops_count_the_experts_grouped_matmuls():
+    from gradprune.structured.flops import count_flops
+    model, ids = _model("mixtral"), _ids()
+    grouped = count_flops(model, ids)
+    model.config._experts_implementation = "eager"  # one mm per expert: counted by torch itself
+    try:
+        eager = count_flops(model, ids)
+    finally:
+        model.config._experts_implementation = "grouped_mm"
+    tokens, h, i = ids.numel(), 16, 24
+    experts = 2 * tokens * 2 * (h * 2 * i + i * h)  # top-2 routed tokens x (gate_up + down)
+    assert grouped == eager and grouped > experts * 2  # two MoE layers, plus attention
+
+
+def test_experts_with_widths_flops_bound():
+    model, ids = _model("mixtral"), _ids()
+    found = gp.search(model, {"flops": "90%"}, [ids], loss_fn, example_input=ids,
+                      axes=("heads", "experts"), uniform=True)
+    from gradprune.structured.flops import count_flops
+    small = found.export()
+    assert count_flops(small, ids) <= 0.9 * found.dense_flops == 0.9 * count_flops(model, ids)
