@@ -239,8 +239,10 @@ def test_unreachable_budget_and_bad_input_fail_before_scoring():
         raise AssertionError("scored before validating")
     with pytest.raises(ValueError, match=r"smallest reachable .*one expert kept.*params="):
         gp.search(model, {"params": "10%"}, [ids], never, example_input=ids, axes=("experts",))
-    with pytest.raises(ValueError, match=r"constraints\['flops'\].*params"):
+    with pytest.raises(ValueError, match=r"smallest reachable .*flops="):
         gp.search(model, {"flops": "50%"}, [ids], never, example_input=ids, axes=("experts",))
+    with pytest.raises(ValueError, match=r"constraints\['kv_cache'\].*params, flops"):
+        gp.search(model, {"kv_cache": "50%"}, [ids], never, example_input=ids, axes=("experts",))
     with pytest.raises(ValueError, match="method"):
         gp.search(model, {"params": "90%"}, [ids], never, method="taylor", example_input=ids,
                   axes=("experts",))
@@ -400,3 +402,19 @@ def test_experts_with_widths_flops_bound():
     from gradprune.structured.flops import count_flops
     small = found.export()
     assert count_flops(small, ids) <= 0.9 * found.dense_flops == 0.9 * count_flops(model, ids)
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_flops_bound_on_experts_alone(uniform):
+    from gradprune.structured.flops import count_flops
+    model, ids = _model("qwen3_moe"), _ids()
+    found = gp.search(model, {"flops": "80%", "params": "90%"}, [ids], loss_fn, method="frequency",
+                      example_input=ids, axes=("experts",), uniform=uniform)
+    small = found.export()
+    # counted, not estimated: the export's measured FLOPs and params are the result's
+    assert count_flops(small, ids) == found.flops <= 0.8 * found.dense_flops
+    assert _numel(small) == found.params <= 0.9 * found.dense_params
+    assert "flops:" in str(found.report)
+    assert min(len(k) for k in found.keep.values()) < 2  # only top-k below 2 saves expert FLOPs
+    with pytest.raises(ValueError, match=r"smallest reachable.*flops="):
+        gp.search(model, {"flops": "20%"}, [ids], loss_fn, example_input=ids, axes=("experts",))

@@ -37,8 +37,10 @@ top-k would still pick it and the other weights would keep the old normalisation
 
 Every token of every batch counts (padding included), like the loss ``loss_fn`` computes on it.
 
-**Budget and export.** ``{"params": N or "NN%"}`` is met exactly (dense count minus the removed
-experts' slices and router rows). ``uniform=True`` removes the same number of experts from every
+**Budget and export.** ``{"params": N or "NN%", "flops": N or "NN%"}`` are met exactly:
+params are the dense count minus the removed experts' slices and router rows; FLOPs are measured
+once on ``example_input``, a block's router FLOPs scale with the experts kept and its experts'
+FLOPs with ``min(top_k, kept) / top_k`` (every token runs exactly that many experts). ``uniform=True`` removes the same number of experts from every
 MoE layer (each layer its lowest-scored ones) and writes ``num_local_experts`` / ``num_experts``
 and ``num_experts_per_tok`` to the config, so plain ``from_pretrained`` reloads the export.
 Otherwise the lowest-scored experts over all layers go first (at least one per layer stays),
@@ -91,7 +93,7 @@ __all__ = ["EXPERT_METHODS", "MOE_SPECS", "MoESpec", "MoEBlock", "register_moe",
            "drop_experts"]
 
 EXPERT_METHODS = ("gradnas", "reap", "frequency")
-EXPERT_CONSTRAINTS = ("params",)
+EXPERT_CONSTRAINTS = ("params", "flops")
 
 
 @dataclass(frozen=True)
@@ -435,10 +437,12 @@ def expert_scores(model: nn.Module, blocks: list, data: Iterable, loss_fn: Calla
 
 
 class _ExpertCosts:
-    """Exact parameter count of the model with experts removed: each block's expert costs its
-    router row(s) plus its slice of every stacked expert parameter."""
+    """Exact params and FLOPs of the model with experts removed. Params: each block's expert
+    costs its router row(s) plus its slice of every stacked expert parameter. FLOPs (measured
+    once on ``example_input``): a block's router FLOPs scale with the experts kept, its experts'
+    FLOPs with ``min(top_k, kept) / top_k`` (every token runs exactly that many experts)."""
 
-    def __init__(self, model: nn.Module, blocks: list):
+    def __init__(self, model: nn.Module, blocks: list, example_input=None):
         modules = dict(model.named_modules())
         seen, self.dense_params = set(), 0
         for prm in model.parameters():
@@ -451,9 +455,36 @@ class _ExpertCosts:
             tensors = {id(t): t for _, t in _stacked(modules[b.router], n) + _stacked(modules[b.experts], n)
                        if isinstance(t, nn.Parameter)}
             self.per_expert[b.name] = sum(t.numel() for t in tensors.values()) // n
+        self.blocks = {b.name: b for b in blocks}
+        self.dense_flops, self.block_flops = None, {}
+        if example_input is not None:
+            from .flops import flop_counter
+            counter = flop_counter(model, example_input)
+            self.dense_flops = int(counter.get_total_flops())
+            per_module = counter.get_flop_counts()
 
-    def of(self, removed: dict) -> int:
+            def flops_of(name):
+                keys = [k for k in per_module if k == name or k.endswith("." + name)]
+                return int(sum(per_module[keys[0]].values())) if keys else 0
+            self.block_flops = {b.name: (flops_of(b.router), flops_of(b.experts)) for b in blocks}
+
+    def params(self, removed: dict) -> int:
         return self.dense_params - sum(self.per_expert[k] * r for k, r in removed.items())
+
+    def of(self, removed: dict) -> dict:
+        """``{"params": ..., "flops": ...}`` with ``removed[block]`` experts fewer per block."""
+        out = {"params": self.params(removed)}
+        if self.dense_flops is not None:
+            cut = 0.0
+            for name, r in removed.items():
+                b, (router, experts) = self.blocks[name], self.block_flops[name]
+                cut += router * r / b.n_experts + experts * (b.top_k - min(b.top_k, b.n_experts - r)) / b.top_k
+            out["flops"] = self.dense_flops - int(round(cut))
+        return out
+
+    def text(self, values: dict) -> str:
+        dense = {"params": self.dense_params, "flops": self.dense_flops}
+        return ", ".join(f"{k}={v} ({v / max(dense[k], 1):.1%})" for k, v in values.items())
 
 
 class ExpertReport(Report):
@@ -495,6 +526,8 @@ class ExpertSearchResult:
     skipped: list = field(default_factory=list)
     example_input: Any = None
     axes: tuple = ("experts",)
+    flops: int | None = None  # counted when a flops bound was given
+    dense_flops: int | None = None
 
     @property
     def dropped(self) -> dict:
@@ -519,6 +552,9 @@ class ExpertSearchResult:
         lines = [f"experts scored by {self.method} over {self.batches} batches",
                  f"params: {self.dense_params} -> {self.params} "
                  f"({self.params / max(self.dense_params, 1):.1%})"]
+        if self.flops is not None:
+            lines.append(f"flops:  {self.dense_flops} -> {self.flops} "
+                         f"({self.flops / max(self.dense_flops, 1):.1%})")
         if self.counts_uniform:
             lines.append("export: the same expert count in every MoE layer, written to the config: "
                          "plain from_pretrained reloads it")
@@ -531,7 +567,7 @@ class ExpertSearchResult:
             lines += [f"  {s['module'] or '<model>'}: {s['reason']}" for s in self.skipped]
         return ExpertReport(self.rows(), lines, {
             "method": self.method, "params": {"dense": self.dense_params, "subnet": self.params},
-            "uniform": self.counts_uniform, "skipped": list(self.skipped),
+            "flops": {"dense": self.dense_flops, "subnet": self.flops}, "uniform": self.counts_uniform, "skipped": list(self.skipped),
             "loader": "from_pretrained" if self.counts_uniform else "load_pruned_pretrained"})
 
     def gates(self) -> ExpertGates:
@@ -665,7 +701,7 @@ def search_experts(model: nn.Module, constraints: dict, data: Iterable | None, l
                    show_progress: bool | None = None) -> ExpertSearchResult:
     """``search(..., axes=("experts",))``: score the experts of every recognised MoE block with
     ``method`` (one of :data:`EXPERT_METHODS`) and remove the lowest-scored ones until the
-    ``params`` bound holds (see the module docs)."""
+    ``params`` / ``flops`` bounds hold (see the module docs)."""
     from .search import CONSTRAINT_KEYS, parse_constraints
 
     check_choice("method", method, EXPERT_METHODS)
@@ -695,18 +731,24 @@ def search_experts(model: nn.Module, constraints: dict, data: Iterable | None, l
     if uniform and len({b.n_experts for b in blocks}) != 1:
         raise ValueError(f"uniform=True needs the same expert count in every MoE block, got "
                          f"{sorted({b.n_experts for b in blocks})}")
-    costs = _ExpertCosts(model, blocks)
-    bounds = parse_constraints(constraints, {"params": costs.dense_params})
+    costs = _ExpertCosts(model, blocks, example_input if "flops" in constraints else None)
+    bounds = parse_constraints(constraints, {"params": costs.dense_params, "flops": costs.dense_flops})
+
+    def meets(removed: dict) -> bool:
+        values = costs.of(removed)
+        return all(values[k] <= bound for k, bound in bounds.items())
+
     smallest = costs.of({b.name: b.n_experts - 1 for b in blocks})
-    if smallest > bounds["params"]:
-        raise ValueError(f"no subnet meets constraints (params <= {bounds['params']:g}) by removing "
-                         f"experts: the smallest reachable (one expert kept in each of {len(blocks)} "
-                         f"MoE blocks) is params={smallest} ({smallest / costs.dense_params:.1%})")
+    if not meets({b.name: b.n_experts - 1 for b in blocks}):
+        asked = ", ".join(f"{k} <= {v:g}" for k, v in bounds.items())
+        raise ValueError(f"no subnet meets constraints ({asked}) by removing experts: the smallest "
+                         f"reachable (one expert kept in each of {len(blocks)} MoE blocks) are "
+                         f"{costs.text(smallest)}")
 
     scores, batches = expert_scores(model, blocks, data, loss_fn, method, max_iter_data_loader, show_progress)
     if uniform:
         n = blocks[0].n_experts
-        r = next(r for r in range(n) if costs.of({b.name: r for b in blocks}) <= bounds["params"])
+        r = next(r for r in range(n) if meets({b.name: r for b in blocks}))
         keep = {b.name: _top(scores[b.name], n - r) for b in blocks}
     else:  # the lowest-scored experts over all blocks go first; one per block stays
         removed = {b.name: 0 for b in blocks}
@@ -714,18 +756,19 @@ def search_experts(model: nn.Module, constraints: dict, data: Iterable | None, l
                         for e in range(b.n_experts)))
         ranked = {b.name: torch.sort(-scores[b.name].double(), stable=True).indices.tolist() for b in blocks}
         for _, i, _ in order:
-            if costs.of(removed) <= bounds["params"]:
+            if meets(removed):
                 break
             b = blocks[i]
             if removed[b.name] < b.n_experts - 1:  # the block's next lowest-scored expert
                 removed[b.name] += 1
         keep = {b.name: torch.sort(torch.tensor(ranked[b.name][:b.n_experts - removed[b.name]])).values
                 for b in blocks}
-    params = costs.of({b.name: b.n_experts - len(keep[b.name]) for b in blocks})
+    values = costs.of({b.name: b.n_experts - len(keep[b.name]) for b in blocks})
     return ExpertSearchResult(model=model, blocks=blocks, method=method, scores=scores, keep=keep,
-                              params=params, dense_params=costs.dense_params, constraints=bounds,
-                              batches=batches, uniform=uniform, skipped=skipped,
-                              example_input=example_input)
+                              params=values["params"], dense_params=costs.dense_params,
+                              constraints=bounds, batches=batches, uniform=uniform, skipped=skipped,
+                              example_input=example_input, flops=values.get("flops"),
+                              dense_flops=costs.dense_flops)
 
 
 def _expert_candidates(blocks: list, scores: dict, uniform: bool) -> list:
@@ -770,7 +813,6 @@ def search_experts_and_widths(model: nn.Module, constraints: dict, data: Iterabl
     ``dropped_experts`` (``{block: indices}``) and ``expert_scores`` added and the ``dense_*``
     counts of ``model``. Up to ``num_experts`` width searches run, each scoring ``data`` again."""
     from .depth import _Reachable
-    from .flops import flop_counter
     from .search import CONSTRAINT_KEYS, parse_constraints
 
     if method != "gradnas":
@@ -793,8 +835,8 @@ def search_experts_and_widths(model: nn.Module, constraints: dict, data: Iterabl
     if uniform and len({b.n_experts for b in blocks}) != 1:
         raise ValueError(f"uniform=True needs the same expert count in every MoE block, got "
                          f"{sorted({b.n_experts for b in blocks})}")
-    costs = _ExpertCosts(model, blocks)
-    dense_flops = int(flop_counter(model, example_input).get_total_flops())
+    costs = _ExpertCosts(model, blocks, example_input)
+    dense_flops = costs.dense_flops
     bounds = parse_constraints(constraints, {"params": costs.dense_params, "flops": dense_flops})
     widths_axes = tuple(a for a in axes if a != "experts")
 

@@ -543,7 +543,7 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
             (``gradnas`` only) returns the width result on the depth-pruned copy
             (:func:`~gradprune.structured.depth.search_layers_and_widths`). ``("experts",)``
             removes whole MoE experts per layer (``method``: ``gradnas``, ``reap`` or
-            ``frequency``; ``params`` budget; an
+            ``frequency``; ``params`` and ``flops`` budgets; an
             :class:`~gradprune.structured.experts.ExpertSearchResult` is returned; see
             :mod:`gradprune.structured.experts`); with width axes (``gradnas`` only) the width
             result on the expert-pruned copy is returned
