@@ -418,3 +418,18 @@ def test_flops_bound_on_experts_alone(uniform):
     assert min(len(k) for k in found.keep.values()) < 2  # only top-k below 2 saves expert FLOPs
     with pytest.raises(ValueError, match=r"smallest reachable.*flops="):
         gp.search(model, {"flops": "20%"}, [ids], loss_fn, example_input=ids, axes=("experts",))
+
+
+def test_save_pruned_load_pruned_per_layer_counts(tmp_path):
+    model, ids = _model("olmoe"), _ids()
+    found = gp.search(model, {"params": "75%"}, [ids], loss_fn, method="reap", example_input=ids,
+                      axes=("experts",))
+    small = found.export()
+    gp.save_pruned(small, tmp_path)
+    again = gp.load_pruned(lambda: _model("olmoe", seed=5), tmp_path)
+    for i in (0, 1):
+        kept = len(found.keep[f"model.layers.{i}.mlp"])
+        assert again.model.layers[i].mlp.experts.num_experts == kept
+        assert again.model.layers[i].mlp.gate.top_k == min(2, kept)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, small(ids).logits)

@@ -88,7 +88,7 @@ from .depth import _frozen, _loss
 from .groups import _as_args
 from .hf import register_unpruned
 
-__all__ = ["EXPERT_METHODS", "MOE_SPECS", "MoESpec", "MoEBlock", "register_moe", "find_moe_blocks",
+__all__ = ["EXPERT_METHODS", "MOE_SPECS", "MoESpec", "MoEBlock", "register_moe", "find_moe_blocks", "moe_attrs",
            "ExpertGates", "expert_scores", "ExpertReport", "ExpertSearchResult", "search_experts",
            "drop_experts"]
 
@@ -205,6 +205,20 @@ def find_moe_blocks(model: nn.Module) -> tuple:
                                    n, k, bool(norm)))
             break
     return blocks, skipped
+
+
+def moe_attrs(mod: nn.Module) -> dict | None:
+    """The expert-count and top-k attributes of a router or experts module of a registered
+    layout (an integer count attribute and an own parameter with that many entries on dim 0),
+    for :func:`~gradprune.structured.save_pruned`'s width record; ``None``: not one."""
+    for spec in MOE_SPECS:
+        n = next((getattr(mod, a) for a in spec.counts if isinstance(getattr(mod, a, None), int)), None)
+        if n is None or isinstance(n, bool):
+            continue
+        if any(p.dim() >= 1 and p.shape[0] == n for p in mod.parameters(recurse=False)):
+            return {a: getattr(mod, a) for a in spec.counts + (spec.top_k,)
+                    if isinstance(getattr(mod, a, None), int) and not isinstance(getattr(mod, a), bool)}
+    return None
 
 
 def _unpruned(model: nn.Module) -> list:
