@@ -21,7 +21,9 @@ experts' logits are set to ``-inf`` before the softmax and the top-k (``softmax(
 softmax(logits of the kept experts)``), and ``top_k`` becomes ``min(top_k, experts kept)``.
 :meth:`ExpertSearchResult.gates` runs the model so; the exported model's outputs equal it (up to
 float rounding). Zeroing a removed expert's output instead would not be the same model: the
-top-k would still pick it and the other weights would keep the old normalisation.
+top-k would still pick it and the other weights would keep the old normalisation. (The router
+logits the gated model returns, which only transformers' auxiliary load-balancing loss reads with
+``output_router_logits=True``, are left unmasked.)
 
 **Scores** (higher = more important; the model in eval mode, its weights with
 ``requires_grad=False``, both restored after):
