@@ -246,8 +246,6 @@ def test_unreachable_budget_and_bad_input_fail_before_scoring():
     with pytest.raises(ValueError, match="method"):
         gp.search(model, {"params": "90%"}, [ids], never, method="taylor", example_input=ids,
                   axes=("experts",))
-    with pytest.raises(ValueError, match="'experts' cannot be combined with 'layers'"):
-        gp.search(model, {"params": "90%"}, [ids], never, example_input=ids, axes=("layers", "experts"))
     with pytest.raises(ValueError, match=r"smallest reachable.*one expert kept"):
         gp.search(model, {"params": "10%"}, [ids], never, example_input=ids, axes=("heads", "experts"))
     dense = transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -431,5 +429,24 @@ def test_save_pruned_load_pruned_per_layer_counts(tmp_path):
         kept = len(found.keep[f"model.layers.{i}.mlp"])
         assert again.model.layers[i].mlp.experts.num_experts == kept
         assert again.model.layers[i].mlp.gate.top_k == min(2, kept)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, small(ids).logits)
+
+
+@pytest.mark.parametrize("axes", [("layers", "experts"), ("layers", "heads", "experts")])
+def test_layers_with_experts(axes, tmp_path):
+    config = _config("mixtral")
+    config.num_hidden_layers = 3
+    torch.manual_seed(0)
+    model, ids = transformers.AutoModelForCausalLM.from_config(config).eval(), _ids()
+    found = gp.search(model, {"params": "55%"}, [ids], loss_fn, example_input=ids, axes=axes,
+                      uniform=True)
+    assert "decoder layers dropped" in str(found.report)
+    small = found.export()
+    assert _numel(small) == found.params <= 0.55 * found.dense_params == 0.55 * _numel(model)
+    assert small.config.num_hidden_layers == 3 - len(found.dropped_layers)
+    assert small.config.num_local_experts < 4
+    small.save_pretrained(tmp_path)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, small(ids).logits)

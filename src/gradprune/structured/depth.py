@@ -569,6 +569,7 @@ def search_layers_and_widths(model: nn.Module, constraints: dict, data: Iterable
             continue
         removed = sum(float(found.scores[gi].double().sum() - found.scores[gi][keep].double().sum())
                       for gi, keep in found.keep.items())
+        removed += getattr(found, "removed_expert_score", 0.0)  # axes with "experts" and widths
         total = float(scores[order[:k]].sum()) + removed
         if best is None or total < best[0]:
             best = (total, k, found)

@@ -544,6 +544,8 @@ class ExpertSearchResult:
     axes: tuple = ("experts",)
     flops: int | None = None  # counted when a flops bound was given
     dense_flops: int | None = None
+    kv_cache: int | None = None  # experts do not change the KV cache; not counted
+    dense_kv_cache: int | None = None
 
     @property
     def dropped(self) -> dict:
@@ -568,6 +570,9 @@ class ExpertSearchResult:
         lines = [f"experts scored by {self.method} over {self.batches} batches",
                  f"params: {self.dense_params} -> {self.params} "
                  f"({self.params / max(self.dense_params, 1):.1%})"]
+        dropped = getattr(self, "dropped_layers", None)
+        if dropped is not None:  # search(..., axes=("layers", "experts")): the blocks of the shallower copy
+            lines.insert(0, f"decoder layers dropped: {list(dropped)}")
         if self.flops is not None:
             lines.append(f"flops:  {self.dense_flops} -> {self.flops} "
                          f"({self.flops / max(self.dense_flops, 1):.1%})")
@@ -887,11 +892,12 @@ def search_experts_and_widths(model: nn.Module, constraints: dict, data: Iterabl
                       for gi, k in found.keep.items())
         gone = sum(float(scores[b.name].sum() - scores[b.name][keep[b.name]].sum()) for b in blocks)
         if best is None or gone + removed < best[0]:
-            best = (gone + removed, keep, found)
+            best = (gone + removed, keep, found, gone)
     if best is None:
         raise ValueError(f"no subnet meets constraints by removing experts and pruning "
                          f"{', '.join(widths_axes)}: {last_error}")
-    _, keep, found = best
+    _, keep, found, gone = best
+    found.removed_expert_score = gone  # for search(..., axes=("layers", "experts", ...))
     found.dropped_experts = {b.name: [e for e in range(b.n_experts) if e not in keep[b.name].tolist()]
                              for b in blocks}
     found.expert_scores = scores

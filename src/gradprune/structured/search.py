@@ -547,7 +547,8 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
             :class:`~gradprune.structured.experts.ExpertSearchResult` is returned; see
             :mod:`gradprune.structured.experts`); with width axes (``gradnas`` only) the width
             result on the expert-pruned copy is returned
-            (:func:`~gradprune.structured.experts.search_experts_and_widths`). ``"hidden"`` is not
+            (:func:`~gradprune.structured.experts.search_experts_and_widths`); with ``"layers"``
+            the expert (and width) search runs per number of dropped layers. ``"hidden"`` is not
             available yet
             (``NotImplementedError``).
 
@@ -560,10 +561,10 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
     check_choice("mlp_gate", mlp_gate, ("post_activation", "pre_activation"))
     if "layers" in axes and (process_group is not None or measure_latency):
         raise ValueError("the 'layers' axis does not take process_group or measure_latency yet")
-    if "experts" in axes:
-        if "layers" in axes or "hidden" in axes:
-            raise ValueError(f"axes={axes!r}: 'experts' cannot be combined with 'layers' or 'hidden' "
-                             "yet; search axes=('experts',) and then the other axes on its export")
+    if "experts" in axes and "hidden" in axes:
+        raise ValueError(f"axes={axes!r}: 'experts' cannot be combined with 'hidden' yet; search "
+                         "axes=('experts',) and then the other axes on its export")
+    if "experts" in axes and "layers" not in axes:  # with layers: per depth, below
         if process_group is not None or measure_latency:
             raise ValueError("the 'experts' axis does not take process_group or measure_latency yet")
         from .experts import search_experts, search_experts_and_widths
