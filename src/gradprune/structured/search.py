@@ -167,6 +167,9 @@ class SearchResult:
         experts = getattr(self, "dropped_experts", None)
         if experts is not None:  # search(..., axes=("experts", ...)): the widths are of the expert-pruned copy
             lines.insert(0, f"MoE experts dropped: {experts}")
+        hidden = getattr(self, "hidden_size", None)
+        if hidden is not None:  # search(..., axes=("hidden", ...)): the widths are of the narrower copy
+            lines.insert(0, f"hidden_size: {self.dense_hidden_size} -> {hidden} (residual channels)")
         if "kv_cache" in self.constraints:
             lines.append(f"kv_cache: {self.dense_kv_cache} -> {self.kv_cache} bytes/token "
                          f"({self.kv_cache / max(self.dense_kv_cache, 1):.1%})")
@@ -495,7 +498,8 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
            max_iter_data_loader: int = 128, per_sample: bool = False, magnitude_norm: str = "l2",
            show_progress: bool | None = None, measure_latency: bool = False,
            uniform: bool = False, process_group=None,
-           mlp_gate: str = "post_activation", axes: tuple | None = None) -> SearchResult:
+           mlp_gate: str = "post_activation", axes: tuple | None = None,
+           hidden_divisor: int | None = None) -> SearchResult:
     """Find the subnet of ``model`` that meets every constraint with the least sensitivity.
 
     Args:
@@ -541,16 +545,20 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
             ``block_influence`` or ``loss_drop``; a :class:`~gradprune.structured.depth.LayerSearchResult`
             is returned; see :mod:`gradprune.structured.depth`). ``"layers"`` with width axes
             (``gradnas`` only) returns the width result on the depth-pruned copy
-            (:func:`~gradprune.structured.depth.search_layers_and_widths`). ``("experts",)``
-            removes whole MoE experts per layer (``method``: ``gradnas``, ``reap`` or
+            (:func:`~gradprune.structured.depth.search_layers_and_widths`). ``("hidden",)``
+            prunes residual-stream channels (``gradnas`` or ``activation``; a
+            :class:`~gradprune.structured.hidden.HiddenSearchResult`; see
+            :mod:`gradprune.structured.hidden`); ``"hidden"`` with width axes (``gradnas``) is
+            a staged search (:func:`~gradprune.structured.hidden.search_hidden_and_widths`).
+            ``("experts",)`` removes whole MoE experts per layer (``method``: ``gradnas``, ``reap`` or
             ``frequency``; ``params`` and ``flops`` budgets; an
             :class:`~gradprune.structured.experts.ExpertSearchResult` is returned; see
             :mod:`gradprune.structured.experts`); with width axes (``gradnas`` only) the width
             result on the expert-pruned copy is returned
             (:func:`~gradprune.structured.experts.search_experts_and_widths`); with ``"layers"``
-            the expert (and width) search runs per number of dropped layers. ``"hidden"`` is not
-            available yet
-            (``NotImplementedError``).
+            the expert (and width) search runs per number of dropped layers.
+        hidden_divisor: with ``"hidden"`` in ``axes``: the hidden size stays a multiple of it
+            (default: the largest power of two up to 64 that divides ``hidden_size``).
 
     Raises ``ValueError`` naming the smallest reachable params and FLOPs (and latency) when no
     subnet meets the constraints.
@@ -559,11 +567,16 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     axes = check_axes(axes)
     check_choice("mlp_gate", mlp_gate, ("post_activation", "pre_activation"))
+    if hidden_divisor is not None and "hidden" not in axes:
+        raise ValueError(f"hidden_divisor={hidden_divisor!r} needs 'hidden' in axes, got axes={axes!r}")
+    if "hidden" in axes:
+        return _search_hidden(model, constraints, data, loss_fn, method, example_input, rules, axes,
+                              max_iter_data_loader=max_iter_data_loader, show_progress=show_progress,
+                              measure_latency=measure_latency, process_group=process_group,
+                              uniform=uniform, per_sample=per_sample, mlp_gate=mlp_gate,
+                              hidden_divisor=hidden_divisor)
     if "layers" in axes and (process_group is not None or measure_latency):
         raise ValueError("the 'layers' axis does not take process_group or measure_latency yet")
-    if "experts" in axes and "hidden" in axes:
-        raise ValueError(f"axes={axes!r}: 'experts' cannot be combined with 'hidden' yet; search "
-                         "axes=('experts',) and then the other axes on its export")
     if "experts" in axes and "layers" not in axes:  # with layers: per depth, below
         if process_group is not None or measure_latency:
             raise ValueError("the 'experts' axis does not take process_group or measure_latency yet")
@@ -752,6 +765,32 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
     if measure_latency:
         result.latency()
     return result
+
+
+def _search_hidden(model, constraints, data, loss_fn, method, example_input, rules, axes, *,
+                   max_iter_data_loader, show_progress, measure_latency, process_group, uniform,
+                   per_sample, mlp_gate, hidden_divisor):
+    """The ``"hidden"`` axis, alone or with width axes (see :mod:`gradprune.structured.hidden`)."""
+    from .hidden import search_hidden, search_hidden_and_widths
+
+    if "layers" in axes or "experts" in axes:
+        raise ValueError(f"axes={axes!r}: 'hidden' cannot be combined with 'layers' or 'experts' yet; "
+                         "prune one, export, then search the exported model on the other")
+    if process_group is not None or measure_latency:
+        raise ValueError("the 'hidden' axis does not take process_group or measure_latency yet")
+    if len(axes) == 1:
+        if rules is not None:
+            raise ValueError("axes=('hidden',) does not take rules (they restrict widths); use hidden_divisor")
+        if per_sample:
+            raise ValueError("axes=('hidden',) does not take per_sample=True (its gradnas score is per batch)")
+        return search_hidden(model, constraints, data, loss_fn, method, example_input,
+                             hidden_divisor=hidden_divisor, max_iter_data_loader=max_iter_data_loader,
+                             show_progress=show_progress)
+    return search_hidden_and_widths(model, constraints, data, loss_fn, method, example_input, axes,
+                                    search, hidden_divisor=hidden_divisor,
+                                    max_iter_data_loader=max_iter_data_loader,
+                                    show_progress=show_progress, rules=rules, uniform=uniform,
+                                    per_sample=per_sample, mlp_gate=mlp_gate)
 
 
 def _fastnas_sensitivities(analysis, choices, ranks, score_func, show_progress,
