@@ -314,11 +314,65 @@ def test_experts_with_width_axes(uniform, tmp_path):
                   axes=("mlp", "experts"))
 
 
-def test_width_axes_list_moe_experts_as_skipped():
+def test_expert_neurons_are_mlp_groups():
     model, ids = _model("mixtral"), _ids()
-    skipped = {s["module"]: s["reason"] for s in find_groups(model, ids).skipped}
+    analysis = find_groups(model, ids)
+    groups = {g.name: g for g in analysis.groups}
     for i in (0, 1):
-        assert "axes=('experts',)" in skipped[f"model.layers.{i}.mlp.experts"]
+        g = groups[f"model.layers.{i}.mlp.experts"]
+        assert (g.size, g.balance, g.unit, g.kind) == (4 * 24, 4 * 4, "channels", "mixtral.experts_ffn")
+    assert not any("experts" in s["module"] for s in analysis.skipped)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("uniform", [True, False])
+def test_expert_neurons_mlp_axis(family, uniform, tmp_path):
+    from gradprune.structured.flops import count_flops
+    model, ids = _model(family), _ids()
+    found = gp.search(model, {"params": "75%"}, [ids], loss_fn, example_input=ids, axes=("mlp",),
+                      uniform=uniform, rules={"nn.Linear": {"feature_divisor": 4}})
+    cut = [gi for gi, g in enumerate(found.groups) if g.kind.endswith("experts_ffn")
+           and found.widths[gi] < g.size]
+    assert cut, "the experts' neurons carry most MLP parameters: some must go"
+    small = found.export()
+    assert _numel(small) == found.params <= 0.75 * found.dense_params
+    assert count_flops(small, ids) == found.flops
+    for i in (0, 1):
+        experts = small.model.layers[i].mlp.experts
+        assert experts.down_proj.shape[2] == experts.intermediate_dim == experts.gate_up_proj.shape[1] // 2
+        assert experts.intermediate_dim % 4 == 0  # 16-byte strides of the grouped matmul (fp32)
+    with torch.no_grad():
+        with found.gates():
+            gated = model(ids).logits
+        torch.testing.assert_close(small(ids).logits, gated, rtol=1e-5, atol=1e-5)
+    small.save_pretrained(tmp_path)
+    again = (transformers.AutoModelForCausalLM.from_pretrained(tmp_path) if uniform
+             else load_pruned_pretrained(type(model), tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, small(ids).logits)
+    if uniform:
+        field = "intermediate_size" if family in ("mixtral", "olmoe") else "moe_intermediate_size"
+        assert getattr(again.config, field) == again.model.layers[0].mlp.experts.intermediate_dim
+
+
+def test_expert_neurons_magnitude_save_pruned_and_per_sample_refused(tmp_path):
+    model, ids = _model("qwen3_moe"), _ids()
+    found = gp.search(model, {"params": "80%"}, None, None, method="magnitude", example_input=ids,
+                      axes=("mlp",), rules={"nn.Linear": {"feature_divisor": 4}})
+    small = found.export()
+    gp.save_pruned(small, tmp_path)
+    again = gp.load_pruned(lambda: _model("qwen3_moe", seed=3), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, small(ids).logits)
+
+    def never(*a):
+        raise AssertionError("scored before validating")
+    for kw in (dict(per_sample=True), dict(method="michel")):
+        with pytest.raises(ValueError, match="per-sample"):
+            gp.search(model, {"params": "80%"}, [ids], never, example_input=ids, axes=("mlp",), **kw)
+    # heads alone never touch the experts: per-sample scores stay available
+    gp.search(model, {"params": "99%"}, [ids], loss_fn, example_input=ids, axes=("heads",),
+              per_sample=True)
 
 
 def test_bf16_scores_and_export():

@@ -88,9 +88,10 @@ from .._progress import progress
 from .._report import Report
 from .depth import _frozen, _loss
 from .groups import _as_args
-from .hf import register_unpruned
+from .hf import register_block_builder
 
-__all__ = ["EXPERT_METHODS", "MOE_SPECS", "MoESpec", "MoEBlock", "register_moe", "find_moe_blocks", "moe_attrs",
+__all__ = ["EXPERT_METHODS", "MOE_SPECS", "MoESpec", "MoEBlock", "ExpertNeurons", "register_moe",
+           "find_moe_blocks", "moe_attrs",
            "ExpertGates", "expert_scores", "ExpertReport", "ExpertSearchResult", "search_experts",
            "drop_experts"]
 
@@ -109,7 +110,10 @@ class MoESpec:
     ``config_counts``: config fields of the expert count (the one present is written);
     ``config_top_k``: the config field of top-k; ``model_attrs``: attributes of the model
     (transformers' ``*ForCausalLM`` keeps ``num_experts`` and ``num_experts_per_tok`` for its
-    auxiliary loss) updated with the config."""
+    auxiliary loss) updated with the config. The experts' intermediate neurons (the ``"mlp"``
+    axis): ``gate_up`` ``[E, 2 * I, H]`` (gate rows, then up rows), ``down`` ``[E, H, I]``,
+    the experts' width attribute ``inter`` and its config fields ``config_inter`` (the first one
+    equal to ``I`` is written under uniform widths)."""
 
     name: str
     router: str = "gate"
@@ -121,6 +125,10 @@ class MoESpec:
     config_counts: tuple = ("num_local_experts", "num_experts")
     config_top_k: str = "num_experts_per_tok"
     model_attrs: tuple = (("num_experts", "count"), ("num_experts_per_tok", "top_k"))
+    gate_up: str = "gate_up_proj"
+    down: str = "down_proj"
+    inter: str = "intermediate_dim"
+    config_inter: tuple = ("moe_intermediate_size", "intermediate_size")
 
 
 MOE_SPECS: list = []
@@ -218,20 +226,167 @@ def moe_attrs(mod: nn.Module) -> dict | None:
         if n is None or isinstance(n, bool):
             continue
         if any(p.dim() >= 1 and p.shape[0] == n for p in mod.parameters(recurse=False)):
-            return {a: getattr(mod, a) for a in spec.counts + (spec.top_k,)
+            return {a: getattr(mod, a) for a in spec.counts + (spec.top_k, spec.inter)
                     if isinstance(getattr(mod, a, None), int) and not isinstance(getattr(mod, a), bool)}
     return None
 
 
-def _unpruned(model: nn.Module) -> list:
-    """What the width axes leave whole in ``model``'s MoE blocks (for ``analysis.skipped``)."""
-    blocks, skipped = find_moe_blocks(model)
-    out = [(b.experts, f"MoE experts ({b.n_experts} stacked on dim 0): the width axes do not prune "
-            "their intermediate neurons; axes=('experts',) removes whole experts") for b in blocks]
-    return out + [(s["module"], s["reason"]) for s in skipped]
+class _DownSwap:
+    """Swaps an experts module's ``down`` parameter for a gated copy during a forward (the
+    gate scales column ``i`` of expert ``e``, a multiplier on neuron ``(e, i)``'s output);
+    ``remove()`` (called by :class:`~gradprune.structured.Gates` on exit) restores it."""
+
+    def __init__(self, mod: nn.Module, name: str):
+        self.mod, self.name, self.saved = mod, name, None
+
+    def apply(self, gate: torch.Tensor) -> None:
+        self.restore()
+        w = self.mod._parameters[self.name]
+        del self.mod._parameters[self.name]
+        self.saved = w
+        self.mod.__dict__[self.name] = w * gate[:, None, :].to(device=w.device, dtype=w.dtype)
+
+    def restore(self) -> None:
+        if self.saved is not None:
+            self.mod.__dict__.pop(self.name, None)
+            self.mod._parameters[self.name] = self.saved
+            self.saved = None
+
+    remove = restore
 
 
-register_unpruned(_unpruned)
+class ExpertNeurons:
+    """The intermediate neurons of the stacked experts of one MoE block as one group of
+    ``E * I`` units in ``E`` balanced chunks (every expert keeps the same number, its own best;
+    unit ``e * I + i`` is neuron ``i`` of expert ``e``). A handler of the width search: gated by
+    scaling the ``down`` columns during the forward (:class:`_DownSwap`), costed as ``3 * H``
+    params and MACs per kept neuron and routed token, exported by slicing ``gate_up`` rows and
+    ``down`` columns per expert."""
+
+    unit = "channels"  # the "mlp" axis
+    rule_type = "Linear"
+    per_sample = False  # one gate for all tokens: no per-sample gradients
+
+    def __init__(self, module: str, spec: MoESpec, n_experts: int, inter: int, hidden: int,
+                 config_field: str | None):
+        self.module, self.spec = module, spec
+        self.n_experts, self.inter, self.hidden = n_experts, inter, hidden
+        self.config_field = config_field
+
+    def owners(self, modules: dict) -> list:
+        return [(self.module, type(modules[self.module]))]
+
+    def hooks(self, modules: dict, gates, gi: int) -> list:
+        mod = modules[self.module]
+        swap = _DownSwap(mod, self.spec.down)
+
+        def pre(m, args):
+            g = gates.head_gate(gi, None, args[0])  # [E * I], or a [1, E * I] gradient leaf
+            swap.apply(g.reshape(self.n_experts, self.inter))
+
+        def post(m, args, out):
+            swap.restore()
+        return [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post), swap]
+
+    def recorder(self, modules: dict, calls: list) -> list:
+        def hook(m, args, kwargs, out):  # the routed rows: tokens x top-k
+            idx = args[1] if len(args) > 1 else kwargs.get("top_k_index")
+            calls.append(int(idx.numel()) if isinstance(idx, torch.Tensor) else 0)
+        return [modules[self.module].register_forward_hook(hook, with_kwargs=True)]
+
+    def extra_cost(self, h: int, calls: list) -> tuple:
+        per = h // self.n_experts
+        return self.n_experts * per * 3 * self.hidden, sum(calls) * per * 3 * self.hidden
+
+    def magnitude(self, modules: dict, norm: str) -> torch.Tensor:
+        mod, n = modules[self.module], self.inter
+        gu = getattr(mod, self.spec.gate_up).detach().double()
+        d = getattr(mod, self.spec.down).detach().double()
+        if norm == "l1":
+            acc = gu[:, :n].abs().sum(-1) + gu[:, n:].abs().sum(-1) + d.abs().sum(1)
+            return acc.reshape(-1)
+        return (gu[:, :n].pow(2).sum(-1) + gu[:, n:].pow(2).sum(-1) + d.pow(2).sum(1)).sqrt().reshape(-1)
+
+    def export(self, root: nn.Module, modules: dict, keep: torch.Tensor) -> None:
+        from .hf import SHAPES_KEY, WIDTHS_KEY
+        mod, n, e = modules[self.module], self.inter, self.n_experts
+        keep = torch.as_tensor(keep, dtype=torch.long)
+        per_expert = [keep[(keep // n) == i] % n for i in range(e)]
+        per = len(per_expert[0])
+        if any(len(k) != per for k in per_expert):
+            raise ValueError(f"{self.module}: every expert must keep the same number of neurons, "
+                             f"got {[len(k) for k in per_expert]}")
+        gu, d = getattr(mod, self.spec.gate_up), getattr(mod, self.spec.down)
+        rows = [torch.cat([k, k + n]).to(gu.device) for k in per_expert]
+        new_gu = torch.stack([gu.detach()[i][rows[i]] for i in range(e)]).clone()
+        new_d = torch.stack([d.detach()[i][:, per_expert[i].to(d.device)] for i in range(e)]).clone()
+        setattr(mod, self.spec.gate_up, nn.Parameter(new_gu, requires_grad=gu.requires_grad))
+        setattr(mod, self.spec.down, nn.Parameter(new_d, requires_grad=d.requires_grad))
+        if isinstance(getattr(mod, self.spec.inter, None), int):
+            setattr(mod, self.spec.inter, per)
+        cfg = getattr(root, "config", None)
+        if cfg is not None and hasattr(cfg, "to_dict"):
+            widths = dict(getattr(cfg, WIDTHS_KEY, None) or {})
+            entry = dict(widths.get(self.module, {}))
+            entry[self.spec.inter] = per
+            entry[SHAPES_KEY] = {**entry.get(SHAPES_KEY, {}), self.spec.gate_up: list(new_gu.shape),
+                                 self.spec.down: list(new_d.shape)}
+            widths[self.module] = entry
+            setattr(cfg, WIDTHS_KEY, widths)
+
+    def uniform_problem(self, config, w: int) -> str | None:
+        if self.config_field is None:
+            return (f"{type(config).__name__} has no field holding the experts' width "
+                    f"{self.inter} (tried {', '.join(self.spec.config_inter)}); save per-layer "
+                    "widths and load with load_pruned_pretrained")
+        return None
+
+    def config_fields(self, w: int) -> dict:
+        return {self.config_field: w // self.n_experts}
+
+
+def _expert_neurons(b) -> None:
+    """Builder hook of :func:`~gradprune.structured.hf.analyse_hf`: a group of intermediate
+    neurons per recognised MoE block whose experts have the registered layout; other MoE blocks
+    are listed in ``skipped`` with the reason."""
+    from .hf import _family
+    blocks, skipped = find_moe_blocks(b.model)
+    for s in skipped:
+        b.skip(s["module"], s["reason"])
+    config = getattr(b.model, "config", None)
+    for blk in blocks:
+        spec, mod = blk.spec, b.modules[blk.experts]
+        gu, d = getattr(mod, spec.gate_up, None), getattr(mod, spec.down, None)
+        own = dict(mod.named_parameters(recurse=False))
+        ok = (isinstance(gu, torch.Tensor) and isinstance(d, torch.Tensor) and gu.dim() == 3
+              and d.dim() == 3 and set(own) == {spec.gate_up, spec.down}
+              and not getattr(mod, "is_transposed", False) and getattr(mod, "is_concatenated", True)
+              and not getattr(mod, "has_bias", False) and getattr(mod, "has_gate", True))
+        if ok:
+            e, two_i, h = gu.shape
+            n = two_i // 2
+            ok = two_i == 2 * n and tuple(d.shape) == (e, h, n) and n > 1
+        if not ok:
+            b.skip(blk.experts, f"MoE experts ({type(mod).__name__}): their intermediate neurons "
+                   f"are not pruned (not the [E, 2*I, H] {spec.gate_up} / [E, H, I] {spec.down} "
+                   "layout); axes=('experts',) removes whole experts")
+            continue
+        # grouped matmuls need 16-byte strides: every expert keeps a multiple of q neurons,
+        # an equal number from each of q contiguous slices of its neurons
+        q = max(1, 16 // gu.element_size())
+        if n % q:
+            b.skip(blk.experts, f"MoE experts ({type(mod).__name__}): their {n} intermediate neurons "
+                   f"are not pruned (not a multiple of {q}, which the grouped matmul's 16-byte "
+                   "strides need); axes=('experts',) removes whole experts")
+            continue
+        field = next((f for f in spec.config_inter if getattr(config, f, None) == n), None)
+        handler = ExpertNeurons(blk.experts, spec, e, n, h, field)
+        b.group(blk.experts, e * n, [], [], [(blk.experts, type(mod))], handler, rule_type="Linear",
+                kind=f"{_family(b, blk.name)}.experts_ffn")
+        b.groups[-1].balance = e * q
+
+
+register_block_builder(_expert_neurons)
 
 
 def _route(logits: torch.Tensor, mask: torch.Tensor | None, top_k: int, normalise: bool,

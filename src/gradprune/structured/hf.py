@@ -61,7 +61,7 @@ from .groups import Analysis, Group, Layout, Slice, is_conv1d, register_analyser
 __all__ = ["ATTENTION_SPECS", "MLP_GATES", "MLP_SPECS", "WIDTHS_KEY", "AttentionSpec", "HFHeads",
            "MLPSpec", "analyse_hf", "apply_uniform_config", "families", "head_attrs",
            "head_rule_types", "load_pruned_pretrained", "record_widths", "register_attention",
-           "register_mlp", "register_unpruned"]
+           "register_block_builder", "register_mlp"]
 
 WIDTHS_KEY = "gradprune_widths"
 SHAPES_KEY = "parameter_shapes"  # in a width record: {parameter name: shape} to rebuild
@@ -643,18 +643,20 @@ def _mlp(b: _Builder, name: str, match, mlp_gate: str) -> None:
                             else lay, "mul")
 
 
-_UNPRUNED_NOTES: list = []
+_BLOCK_BUILDERS: list = []
 
 
-def register_unpruned(note) -> None:
-    """Register ``note(model) -> [(module name, reason)]``: blocks the width axes leave whole
-    (e.g. MoE experts, see :mod:`~gradprune.structured.experts`), listed in ``analysis.skipped``.
+def register_block_builder(build) -> None:
+    """Register ``build(builder)``, run by :func:`analyse_hf` after the attention and MLP tables:
+    it adds the groups of blocks those tables cannot describe (``builder.group``; e.g. the
+    neurons of stacked MoE experts, see :mod:`~gradprune.structured.experts`) or lists them in
+    ``analysis.skipped`` with the reason (``builder.skip``).
 
-    Example: ``register_unpruned(lambda model: [])``."""
-    if not callable(note):
-        raise TypeError(f"note must be callable as note(model), got {type(note).__name__}")
-    if note not in _UNPRUNED_NOTES:
-        _UNPRUNED_NOTES.append(note)
+    Example: ``register_block_builder(lambda builder: None)``."""
+    if not callable(build):
+        raise TypeError(f"build must be callable as build(builder), got {type(build).__name__}")
+    if build not in _BLOCK_BUILDERS:
+        _BLOCK_BUILDERS.append(build)
 
 
 def analyse_hf(model: nn.Module, example_input=None, mlp_gate: str = "post_activation") -> Analysis | None:
@@ -686,9 +688,8 @@ def analyse_hf(model: nn.Module, example_input=None, mlp_gate: str = "post_activ
             _attention(b, name, b.modules[name], match)
         else:
             _mlp(b, name, match, mlp_gate)
-    for note in _UNPRUNED_NOTES:
-        for module, reason in note(model):
-            b.skip(module, reason)
+    for build in _BLOCK_BUILDERS:
+        build(b)
     widths = {name for g in b.groups for name in g.modules()}
     for name, mod in b.modules.items():
         if _is_proj(mod) and name not in widths and name not in b.claimed:
@@ -740,6 +741,8 @@ def _uniform_problem(analysis: Analysis, gi: int, w: int) -> str | None:
     config = getattr(analysis.model, "config", None)
     if w == g.size:
         return None
+    if callable(getattr(h, "uniform_problem", None)):  # a handler that knows its config field
+        return h.uniform_problem(config, w)
     if h is None:
         if _ffn_field(config, g) is None:
             return (f"{type(config).__name__} has no FFN width field for {g.kind}; save per-layer "

@@ -641,6 +641,12 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
                          f"({_describe_input(example_input)}) failed with "
                          f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
                          ) from exc
+    batch_gated = [g.name for g in analysis.groups
+                   if getattr(g.handler, "per_sample", True) is False and group_axis(g) in axes]
+    if batch_gated and ((method == "gradnas" and per_sample) or method == "michel"):
+        raise ValueError(f"per-sample gate gradients (per_sample=True, method='michel') are not "
+                         f"available for {batch_gated[0]} (MoE experts mix every sample's tokens); "
+                         "use per_sample=False or axes without 'mlp'")
     fams = {}
     if uniform:
         from .hf import families, uniform_width_ok
