@@ -39,6 +39,11 @@ logits the gated model returns, which only transformers' auxiliary load-balancin
 
 Every token of every batch counts (padding included), like the loss ``loss_fn`` computes on it.
 
+**Intermediate neurons.** The ``"mlp"`` axis of the width search also prunes the experts'
+intermediate neurons (:class:`ExpertNeurons`, added to the Hugging Face analysis by
+:func:`~gradprune.structured.hf.register_block_builder`): every expert of a layer keeps the same
+number of its own best neurons, a multiple of ``16 / element size`` (grouped-matmul strides).
+
 **Budget and export.** ``{"params": N or "NN%", "flops": N or "NN%"}`` are met exactly:
 params are the dense count minus the removed experts' slices and router rows; FLOPs are measured
 once on ``example_input``, a block's router FLOPs scale with the experts kept and its experts'
