@@ -28,7 +28,7 @@ Usage:
     .dst-venv/bin/python benchmarks/dst_vs_peers.py            # full run (3 seeds, ~20 min)
     .dst-venv/bin/python benchmarks/dst_vs_peers.py --quick    # smoke run (1 seed, 300 steps, 90%)
     .dst-venv/bin/python benchmarks/dst_vs_peers.py --merge A.json B.json --out STEM
-        # one table from runs that differ only in their seeds (e.g. more seeds run later)
+        # one table from runs that differ only in their seeds and sparsities (e.g. more run later)
 """
 
 from __future__ import annotations
@@ -501,7 +501,13 @@ def write_markdown(path, meta, rows, skipped, records=()):
              + ". Versions: "
              + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".")
     g = meta.get("git") or {}
-    if g.get("commit"):
+    if g.get("per_run"):  # a merge of runs made from different commits
+        L.append("")
+        L.append("gradprune source, per merged run: " + "; ".join(
+            f"`{x['path']}` commit `{str(x.get('commit', ''))[:10]}`"
+            + (" plus uncommitted changes" if x.get("dirty_gradprune_files") else " (clean)")
+            for x in g["per_run"]) + ".")
+    elif g.get("commit"):
         dirty = [x.split()[-1] for x in g.get("dirty_gradprune_files", [])]
         L.append("")
         L.append(f"gradprune source: commit `{g['commit'][:10]}`"
@@ -639,8 +645,9 @@ def goals(rows, a, records=()):
     def row(kind, key, s):
         return next((r for r in rows if r["model"] == kind and r["method"] == key
                      and r["target_sparsity"] == s and "test_acc" in r), None)
-    def paired(kind, k1, k2, s, ahead="gradprune"):
-        """Per-seed differences (same seed: same initial weights and batch order for both)."""
+    def paired(kind, k1, k2, s, ahead="gradprune", verdict=False):
+        """Per-seed differences (same seed: same initial weights and batch order for both);
+        ``verdict``: also say whether k1 is significantly behind (paired t <= -2)."""
         acc = {(r["method"], r["seed"]): r["test_acc"] for r in records
                if r.get("model") == kind and r.get("target_sparsity") == s and "test_acc" in r}
         d = [acc[(k1, sd)] - acc[(k2, sd)] for (m, sd) in acc if m == k1 and (k2, sd) in acc]
@@ -649,7 +656,9 @@ def goals(rows, a, records=()):
         se = statistics.stdev(d) / math.sqrt(len(d))
         t = statistics.mean(d) / se if se > 0 else float("nan")
         return (f"; paired over {len(d)} seeds: mean difference {statistics.mean(d):+.4f} ± {se:.4f} (s.e.), "
-                f"t = {t:+.2f}, {ahead} ahead in {sum(x > 0 for x in d)}, behind in {sum(x < 0 for x in d)}")
+                f"t = {t:+.2f}, {ahead} ahead in {sum(x > 0 for x in d)}, behind in {sum(x < 0 for x in d)}"
+                + (("; not significantly behind (t > -2)" if t > -2 else "; significantly behind (t <= -2)")
+                   if verdict and t == t else ""))
 
     L = ["## Goals (checked on the means of this run)", ""]
     if "cnn" in a["models"]:
@@ -677,8 +686,9 @@ def goals(rows, a, records=()):
                 d = g["test_acc"][0] - t["test_acc"][0]
                 L.append(f"- {kind.upper()} {100 * s:.0f}%{', ' + tag[2:] + '× steps' if tag else ''}: {label} "
                          f"{g['test_acc'][0]:.3f} ± {g['test_acc'][1]:.3f} vs rigl-torch {t['test_acc'][0]:.3f} "
-                         f"± {t['test_acc'][1]:.3f} -> " + ("met" if d >= 0 else "NOT met") + f" ({d:+.3f}"
-                         + paired(kind, key + tag, "rigl_torch" + tag, s) + ")")
+                         f"± {t['test_acc'][1]:.3f} -> mean " + ("at or above" if d >= 0 else "below")
+                         + f" rigl-torch's ({d:+.3f}"
+                         + paired(kind, key + tag, "rigl_torch" + tag, s, verdict=True) + ")")
     for kind in a["models"]:  # the sign-split SET drop against the preset's magnitude drop
         for s in a["sparsities"]:
             g, t = row(kind, "gp_set_signed", s), row(kind, "gp_set", s)
@@ -760,27 +770,62 @@ def peer_records(paths, runs, peer_paths):
     return out
 
 
-def merge_runs(paths, out, peer_paths=()):
-    """Write one result from several runs' JSON files (e.g. more seeds run later). The runs must
-    agree on every setting but the seeds and the extended runs, and no (model, method, sparsity,
-    seed) may appear twice; the Markdown then reports every seed of every run. ``peer_paths``:
-    earlier runs whose records of the methods these runs did not train are added (see
-    :func:`peer_records`)."""
-    runs = [json.load(open(p)) for p in paths]
+# what a run's result is (same seed, machine and environment: the same values); the timing
+# fields are not part of it (each run times itself)
+RESULT_FIELDS = ("test_acc", "train_acc", "density", "nonzero_count_final")
+
+
+def check_mergeable(paths, runs):
+    """Raise ValueError unless the runs agree on every setting but those in ``MERGE_MAY_DIFFER``
+    and the sparsity levels (the merged run covers the union of those)."""
     a0 = runs[0]["meta"]["args"]
     for p, d in zip(paths[1:], runs[1:]):
         diff = sorted(k for k in set(a0) | set(d["meta"]["args"])
-                      if k not in MERGE_MAY_DIFFER and a0.get(k) != d["meta"]["args"].get(k))
+                      if k not in MERGE_MAY_DIFFER + ("sparsities",) and a0.get(k) != d["meta"]["args"].get(k))
         if diff:
-            raise ValueError(f"{p} differs from {paths[0]} in {', '.join(diff)}: only seeds may differ")
-    records, seen = [], set()
+            raise ValueError(f"{p} differs from {paths[0]} in "
+                             + ", ".join(f"{k} ({d['meta']['args'].get(k)!r} vs {a0.get(k)!r})" for k in diff)
+                             + ": only the seeds and sparsities may differ")
+
+
+def merged_records(paths, runs):
+    """The records of every run, each (model, method, sparsity, seed) once. A baseline run (dense)
+    that several runs trained for the same seed is kept once if its results (``RESULT_FIELDS``)
+    are identical in all of them (the same seed on the same machine and environment gives the
+    same result); a baseline that differs, or any other record found twice, is refused."""
+    records, first = [], {}
     for p, d in zip(paths, runs):
         for r in d["records"]:
             key = (r.get("model"), r.get("method"), r.get("target_sparsity"), r.get("seed"))
-            if key in seen:
-                raise ValueError(f"{p}: {key} is already in an earlier run")
-            seen.add(key)
-            records.append(r)
+            if key not in first:
+                first[key] = (p, r)
+                records.append(r)
+                continue
+            p0, r0 = first[key]
+            model, method, sparsity, seed = key
+            if METHODS.get(method or "", ("", ""))[1] != "baseline" or sparsity is not None:
+                raise ValueError(f"{p}: {method} at sparsity {sparsity} for model {model}, seed {seed} is "
+                                 f"already in {p0}: a sparse run may appear in one run only")
+            diff = [f"{k} {r.get(k)!r} vs {r0.get(k)!r}" for k in RESULT_FIELDS if r.get(k) != r0.get(k)]
+            if diff:
+                raise ValueError(f"{p}: its {method} run for model {model}, seed {seed} differs from the one "
+                                 f"in {p0} ({'; '.join(diff)}): the runs were not made on the same machine "
+                                 "and environment, so their records cannot be paired")
+    return records
+
+
+def merge_runs(paths, out, peer_paths=()):
+    """Write one result from several runs' JSON files (e.g. more seeds or sparsity levels run
+    later). The runs must agree on every setting but the seeds, the sparsity levels and the
+    extended runs (:func:`check_mergeable`); no sparse (model, method, sparsity, seed) may appear
+    twice, and a dense run trained by several of them must give the same result in each
+    (:func:`merged_records`); the Markdown then reports every seed and level of every run.
+    ``peer_paths``: earlier runs whose records of the methods these runs did not train are added
+    (see :func:`peer_records`)."""
+    runs = [json.load(open(p)) for p in paths]
+    a0 = runs[0]["meta"]["args"]
+    check_mergeable(paths, runs)
+    records = merged_records(paths, runs)
     peers = peer_records(paths, runs, peer_paths) if peer_paths else []
     records += peers
     meta = dict(runs[0]["meta"])
@@ -789,6 +834,7 @@ def merge_runs(paths, out, peer_paths=()):
         args["methods"] = list(a0["methods"]) + sorted({r["method"].partition("@x")[0] for r in peers}
                                                        - set(a0["methods"]))
     args["seeds"] = sorted({sd for d in runs for sd in d["meta"]["args"]["seeds"]})
+    args["sparsities"] = sorted({sp for d in runs for sp in d["meta"]["args"]["sparsities"]})
     args["extended"] = max((d["meta"]["args"].get("extended") or 0) for d in runs)
     args["out"] = str(out)
     meta["args"] = args
@@ -797,16 +843,26 @@ def merge_runs(paths, out, peer_paths=()):
                                + (["--peers-from"] + [str(p) for p in peer_paths] if peer_paths else [])
                                + ["--out", str(out)])
     meta["merged_from"] = [{"path": str(p), "command": d["meta"]["command"], "git": d["meta"].get("git"),
-                            "seeds": d["meta"]["args"]["seeds"], "wall_s": d["meta"].get("wall_s")}
+                            "seeds": d["meta"]["args"]["seeds"], "sparsities": d["meta"]["args"]["sparsities"],
+                            "wall_s": d["meta"].get("wall_s"),
+                            **({"merged_from": d["meta"]["merged_from"]} if d["meta"].get("merged_from") else {})}
                            for p, d in zip(paths, runs)]
+    commits = {json.dumps(d["meta"].get("git"), sort_keys=True) for d in runs}
+    if len(commits) > 1:  # the runs were made from different sources: name each (see write_markdown)
+        meta["git"] = {"per_run": [{"path": m["path"], **(m["git"] or {})} for m in meta["merged_from"]]}
     meta["wall_s"] = sum(d["meta"].get("wall_s") or 0.0 for d in runs)
     meta["loadavg_per_block"] = [b for d in runs for b in d["meta"].get("loadavg_per_block", [])]
     meta["notes"] = list(STATIC_NOTES) + count_checks(records)
     meta["extra_notes"] = [f"Merged from {len(runs)} runs: " + "; ".join(
-        f"`{m['command']}` (seeds {m['seeds'][0]}-{m['seeds'][-1]}, git {str((m['git'] or {}).get('commit', ''))[:10]})"
+        f"`{m['command']}` (seeds {m['seeds'][0]}-{m['seeds'][-1]}, sparsities "
+        f"{', '.join(f'{100 * x:g}%' for x in m['sparsities'])}, git {str((m['git'] or {}).get('commit', ''))[:10]})"
         for m in meta["merged_from"]) + ". Timing ratios are per run (each divides by its own dense "
         "steps), so averaging them over the runs is fair; runs with extended steps contribute the "
-        "extended rows alone; the wall time above is the sum of the runs' (they may have run at the same time)."]
+        "extended rows alone; a dense run trained by several runs (same seed, identical results, "
+        "checked) is reported once, timed by the first; the wall time above is the sum of the runs' "
+        "(they may have run at the same time)."]
+    for p, d in zip(paths, runs):  # what an already merged input said about its own parts
+        meta["extra_notes"] += [f"From `{p}`: {n}" for n in d["meta"].get("extra_notes") or []]
     if peers:
         meta["extra_notes"].append(
             f"The rows of {', '.join(sorted({method_label(r['method']) for r in peers}))} are taken "
@@ -849,8 +905,9 @@ def main(argv=None):
     p.add_argument("--render", metavar="JSON", default=None,
                    help="only rewrite the Markdown next to JSON from its records (no training)")
     p.add_argument("--merge", metavar="JSON", nargs="+", default=None,
-                   help="combine the records of runs that differ only in their seeds (and --extended) "
-                        "into --out (JSON + Markdown; no training)")
+                   help="combine the records of runs that differ only in their seeds and sparsities (and "
+                        "--extended) into --out (JSON + Markdown; no training); a dense run several of "
+                        "them trained must give identical results in each")
     p.add_argument("--no-noise-floor", action="store_true",
                    help="skip the second dense copy (the timing noise floor row): less compute")
     p.add_argument("--peers-from", metavar="JSON", nargs="+", default=None,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the virtualenv for benchmarks/dst_vs_peers.py at <repo>/.dst-venv:
 # torch 2.13.0 (CPU), rigl-torch 0.5.2 (+ torchvision 0.28.0, which rigl-torch imports but does not
-# declare), mnist1d, numpy, and gradprune itself (editable, no deps).
+# declare), mnist1d, numpy, tqdm, and gradprune itself (editable, no deps).
 # Safe to run again: reuses the venv, pip skips what is already installed.
 set -euo pipefail
 
@@ -21,7 +21,8 @@ PIP="$VENV/bin/pip"
 # built for torch 2.13.0 (an unpinned torchvision would pick 0.29.x, which wants a newer torch).
 # That wheel is a CUDA build: importing it fails unless torchvision::nms / torchvision::qnms are
 # defined with torch.library first -- benchmarks/dst_vs_peers.py does that before importing rigl_torch.
-"$PIP" install "torch==2.13.0" "torchvision==0.28.0" "rigl-torch==0.5.2" mnist1d numpy
+# tqdm: gradprune's own dependency (the editable install below skips dependencies).
+"$PIP" install "torch==2.13.0" "torchvision==0.28.0" "rigl-torch==0.5.2" mnist1d numpy tqdm
 
 # gradprune itself, editable, without touching the pinned deps above.
 "$PIP" install --no-deps --no-build-isolation -e "$ROOT" 2>/dev/null \

@@ -477,3 +477,398 @@ def test_masks_follow_a_change_of_placement(tmp_path):
         assert torch.equal(r["replicated"], whole)  # never a stale shard
         assert torch.equal(r["back"], r["sharded"]) and r["zero"]
         assert r["sparsity"] == 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# structured search: the structure is analysed on a meta copy, the gates score the shards
+
+SEARCHES = [("gradnas", False), ("gradnas", True), ("taylor", False), ("michel", False), ("magnitude", False)]
+
+
+def _structured(model, data):
+    from gradprune.structured import search
+    from test_distributed import _SEARCH_RULES
+
+    out = {}
+    for method, per_sample in SEARCHES:
+        res = search(model, {"params": "60%"}, data, _ce, method, example_input=torch.randn(2, 1, 6, 6),
+                     rules=_SEARCH_RULES, per_sample=per_sample)
+        out[f"{method}{'_ps' if per_sample else ''}"] = {
+            "widths": res.widths, "keep": {gi: k.tolist() for gi, k in res.keep.items()},
+            "scores": {gi: v.clone() for gi, v in res.scores.items()}, "params": res.params,
+            "flops": res.flops, "batches": res.batches}
+    return out, res
+
+
+def _search_batches():
+    gen = torch.Generator().manual_seed(7)  # 12 samples a batch: equal shards on 2 and 3 ranks
+    return [(torch.randn(12, 1, 6, 6, generator=gen), torch.randint(0, 4, (12,), generator=gen)) for _ in range(3)]
+
+
+def _search_rank(rank, world):
+    import contextlib
+
+    from test_distributed import _search_cnn
+
+    model = _shard_model(_search_cnn(0))
+    torch.manual_seed(50 + rank)
+    with contextlib.ExitStack() as stack:  # scoring never gathers a whole weight outside FSDP2's own
+        for p in _forbid_gathers():
+            stack.enter_context(p)
+        out, res = _structured(model, _shard(_search_batches(), rank, world))
+    out["report"] = res.report.to_dict()
+    try:
+        res.export()
+    except ValueError as e:
+        out["export_error"] = str(e)
+    out["local"] = _local_params(model)
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_structured_search_scoring_matches_single_process(tmp_path, world):
+    from test_distributed import _search_cnn
+
+    results = run_ranks(tmp_path, _search_rank, world=world)
+    expect, single = _structured(_search_cnn(0), _search_batches())
+    for rank, got in enumerate(results):
+        for key, ref in expect.items():
+            res = got[key]
+            assert res["keep"] == ref["keep"] and res["widths"] == ref["widths"], f"rank {rank}: {key}"
+            assert (res["params"], res["flops"], res["batches"]) == (ref["params"], ref["flops"], ref["batches"])
+            for gi in ref["scores"]:
+                a, b = res["scores"][gi], ref["scores"][gi]
+                assert torch.allclose(a, b, rtol=1e-5, atol=1e-12), (rank, key, gi, (a - b).abs().max(), a, b)
+        assert got["report"] == single.report.to_dict()
+        assert "export needs whole weights" in got["export_error"] and "export(model=" in got["export_error"]
+    # the user gathers the weights into an unsharded copy and exports from it: the single run's export
+    whole = {n: torch.cat([r["local"][n] for r in results]) for n in results[0]["local"]}
+    copy = _search_cnn(1)
+    copy.load_state_dict(whole)
+    exported = single.export(model=copy)
+    reference = single.export()
+    for (n, a), (_, b) in zip(exported.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def _tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=24,
+        max_position_embeddings=16, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+def _bert_batches():
+    gen = torch.Generator().manual_seed(3)
+    return [(torch.randint(0, 40, (4, 6), generator=gen), torch.randint(0, 3, (4,), generator=gen)) for _ in range(3)]
+
+
+def _bert_search(model, data):
+    from gradprune.structured import search
+
+    def loss_fn(m, batch):
+        return F.cross_entropy(m(batch[0]).logits, batch[1])
+
+    out = {}
+    for uniform in (False, True):
+        res = search(model, {"params": "90%"}, data, loss_fn, "gradnas", data[0][0],
+                     rules={"nn.Linear": {"feature_divisor": 1}}, uniform=uniform)
+        out[uniform] = {"groups": [(g.name, g.unit) for g in res.groups], "widths": res.widths,
+                        "keep": {gi: k.tolist() for gi, k in res.keep.items()}, "params": res.params,
+                        "scores": res.scores}
+    return out
+
+
+def _bert_rank(rank, world):
+    import contextlib
+
+    from torch.distributed.fsdp import fully_shard
+
+    model = _tiny_bert()
+    for layer in model.bert.encoder.layer:
+        fully_shard(layer)
+    fully_shard(model)
+    with contextlib.ExitStack() as stack:
+        for p in _forbid_gathers():
+            stack.enter_context(p)
+        return _bert_search(model, _shard(_bert_batches(), rank, world))
+
+
+@pytest.mark.slow
+def test_structured_search_on_a_sharded_hugging_face_model_matches_single_process(tmp_path):
+    pytest.importorskip("transformers")
+    results = run_ranks(tmp_path, _bert_rank, world=2)
+    expect = _bert_search(_tiny_bert(), _bert_batches())
+    assert any(unit == "heads" for _, unit in expect[False]["groups"])  # heads and FFN neurons
+    for got in results:
+        for uniform, ref in expect.items():
+            res = got[uniform]
+            assert {k: res[k] for k in ("groups", "widths", "keep", "params")} == \
+                {k: ref[k] for k in ("groups", "widths", "keep", "params")}
+            for gi, s in ref["scores"].items():
+                assert torch.allclose(res["scores"][gi], s, rtol=1e-5, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face Trainer callbacks: sharded masks are saved and resumed through DCP
+
+def _hf_callbacks_rank(rank, world, folder):
+    from types import SimpleNamespace
+
+    from gradprune.integrations.hf import STATE_DIR, STATE_FILE, PruningCallback, SparseTrainingCallback
+
+    pytest.importorskip("transformers")
+    batches = _shard(_global_batches(8, 12), rank, world)
+    args = SimpleNamespace(output_dir=str(folder))
+
+    def run(cb, model, opt, steps, start=0):
+        for i, batch in enumerate(steps, start=start + 1):  # the Trainer's hook order
+            cb.on_step_begin(args, None, None)
+            opt.zero_grad()
+            _ce(model, batch).backward()
+            cb.on_pre_optimizer_step(args, None, None)
+            opt.step()
+            cb.on_optimizer_step(args, None, None)
+            if i == 4:
+                cb.on_save(args, SimpleNamespace(global_step=i), None)
+
+    out = {}
+    for kind in ("pruning", "sparse"):
+        def make(resume_from=None):
+            model = _shard_model(_mlp())
+            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            cb = (PruningCallback(gp.PruneConfig(**PRUNE_CFG), resume_from=resume_from) if kind == "pruning" else
+                  SparseTrainingCallback(SPARSE["rigl"](), resume_from=resume_from))
+            cb.on_train_begin(args, None, None, model=model, optimizer=opt)
+            return cb, model, opt
+
+        args.output_dir = str(folder / kind)
+        cb, model, opt = make()
+        run(cb, model, opt, batches)
+        ckpt = folder / kind / "checkpoint-4"
+        written = sorted(p.name for p in ckpt.iterdir())
+        # the state at step 4 is what a fresh run restores; it then trains on like the first run
+        fresh, model2, opt2 = make(resume_from=str(ckpt))
+        resumed = fresh.pruner if kind == "pruning" else fresh.sparse
+        out[kind] = {"written": written, "step": (resumed.step if kind == "pruning" else resumed.step_count),
+                     "loaded": _local_masks(resumed.masks)}
+    try:  # a sharded run refuses the whole-mask file of an unsharded run
+        (folder / "unsharded").mkdir(exist_ok=True)
+        if rank == 0:
+            torch.save({}, folder / "unsharded" / STATE_FILE)
+        torch.distributed.barrier()
+        cb = PruningCallback(gp.PruneConfig(**PRUNE_CFG), resume_from=str(folder / "unsharded"))
+        model = _shard_model(_mlp())
+        cb.on_train_begin(args, None, None, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    except ValueError as e:
+        out["refused"] = str(e)
+    out["dir"] = STATE_DIR
+    return out
+
+
+def _hf_single_at_step_4(kind):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    engine = (gp.Pruner(model, gp.PruneConfig(**PRUNE_CFG), optimizer=opt) if kind == "pruning"
+              else gp.SparseTrainer(model, opt, SPARSE["rigl"]()))
+    for batch in _global_batches(8, 12)[:4]:
+        if kind == "pruning":
+            engine.on_step_begin()
+        opt.zero_grad()
+        _ce(model, batch).backward()
+        if kind == "pruning":
+            engine.on_before_optimizer_step()
+            opt.step()
+            engine.on_after_optimizer_step()
+        else:
+            engine.before_optimizer_step()
+            opt.step()
+            engine.after_optimizer_step()
+    return _local_masks(engine.masks)
+
+
+@pytest.mark.slow
+def test_hf_callbacks_save_sharded_masks_with_dcp_and_resume(tmp_path):
+    pytest.importorskip("transformers")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (tmp_path / "run").mkdir()
+    results = run_ranks(tmp_path / "run", _hf_callbacks_rank, folder, world=2)
+    for kind in ("pruning", "sparse"):
+        per_rank = [r[kind] for r in results]
+        assert all(r["written"] == [results[0]["dir"]] for r in per_rank)  # a DCP folder, no .pt file
+        assert all(r["step"] == 4 for r in per_rank)
+        _assert_equal_masks(_stack(per_rank, "loaded"), _hf_single_at_step_4(kind))
+    assert all("gradprune_state/" in r["refused"] for r in results)
+
+
+@pytest.mark.slow
+def test_hf_trainer_callbacks_run_unchanged_under_accelerate_fsdp2(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from test_distributed import ROOT
+
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed next to this Python")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(ROOT / "examples" / "hf_trainer_fsdp2.py")],
+                          capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("HF Trainer FSDP2: sharded True; gradual: sparsity 0.50, state saved True, resumed True at step 8; "
+            "SNFS: 2 updates, density 0.30") in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# check_masks_in_sync on sharded masks: per-shard checksums, no rows cross ranks
+
+def _in_sync_rank(rank, world):
+    import contextlib
+
+    from gradprune.integrations.distributed import MasksOutOfSyncError, check_masks_in_sync
+
+    pruner, _ = _pruner_loop(_shard_model(_mlp()), _shard(_global_batches(STEPS, 12), rank, world))
+    out = {}
+    with contextlib.ExitStack() as stack:  # shard by shard: nothing whole is gathered
+        for p in _forbid_gathers():
+            stack.enter_context(p)
+        out["digest"] = check_masks_in_sync(pruner)
+    mask = pruner.masks["2.weight"]
+    if rank == world - 1:  # this rank's shard goes astray: a kept weight is dropped from its mask only
+        kept = torch.nonzero(mask.flatten()).flatten()[0]
+        mask.view(-1)[kept] = False
+    try:
+        check_masks_in_sync(pruner.masks)
+    except MasksOutOfSyncError as e:
+        out["error"] = str(e)
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_check_masks_in_sync_on_sharded_masks_detects_a_desynced_shard(tmp_path, world):
+    results = run_ranks(tmp_path, _in_sync_rank, world=world)
+    assert len({r["digest"] for r in results}) == 1  # in sync: the same digest on every rank
+    for r in results:  # every rank raises, naming the rank and the layer
+        assert f"rank {world - 1}: '2.weight': 1 pruned entries are nonzero" in r["error"], r["error"]
+        assert "rank 0" not in r["error"]
+
+
+class _Encoder(nn.Module):
+    """A tiny transformer: torch's own multi-head attention (heads) and feed-forward (neurons)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(8, 16)
+        self.layer = nn.TransformerEncoderLayer(16, 4, 24, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.layer(self.embed(x)).mean(1))
+
+
+def _encoder_batches():
+    gen = torch.Generator().manual_seed(5)
+    return [(torch.randn(6, 5, 8, generator=gen), torch.randint(0, 4, (6,), generator=gen)) for _ in range(3)]
+
+
+def _encoder_search(model, data):
+    from gradprune.structured import search
+
+    out = {}
+    for method in ("gradnas", "magnitude"):
+        res = search(model, {"params": "80%"}, data, _ce, method, example_input=torch.randn(2, 5, 8),
+                     rules={"nn.Linear": {"feature_divisor": 1}})
+        out[method] = {"groups": [(g.name, g.unit) for g in res.groups], "keep": {gi: k.tolist() for gi, k in res.keep.items()},
+                       "widths": res.widths, "params": res.params, "scores": res.scores}
+    return out
+
+
+def _encoder_rank(rank, world):
+    import contextlib
+
+    from torch.distributed.fsdp import fully_shard
+
+    model = _Encoder()
+    fully_shard(model.layer)
+    fully_shard(model)
+    with contextlib.ExitStack() as stack:
+        for p in _forbid_gathers():
+            stack.enter_context(p)
+        return _encoder_search(model, _shard(_encoder_batches(), rank, world))
+
+
+def test_structured_search_on_sharded_multihead_attention_matches_single_process(tmp_path):
+    results = run_ranks(tmp_path, _encoder_rank, world=2)
+    expect = _encoder_search(_Encoder(), _encoder_batches())
+    assert any(unit == "heads" for _, unit in expect["gradnas"]["groups"])
+    for got in results:
+        for method, ref in expect.items():
+            res = got[method]
+            assert {k: res[k] for k in ("groups", "keep", "widths", "params")} == \
+                {k: ref[k] for k in ("groups", "keep", "widths", "params")}, method
+            for gi, s in ref["scores"].items():
+                assert torch.allclose(res["scores"][gi], s, rtol=1e-5, atol=1e-12), (method, gi)
+
+
+_HSDP_SCRIPT = '''
+import torch, torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+import gradprune as gp
+from gradprune.integrations.distributed import MasksOutOfSyncError, check_masks_in_sync
+
+dist.init_process_group("gloo")
+mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard"))  # HSDP: 2 replicas of 1 shard
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+for layer in (model[0], model[2]):
+    fully_shard(layer, mesh=mesh)
+fully_shard(model, mesh=mesh)
+masks = gp.prune(model, criterion="magnitude", sparsity=0.5).masks
+digest = check_masks_in_sync(masks)
+if dist.get_rank() == 1:  # this replica keeps one more weight than the other: its weights are still 0
+    m = masks["0.weight"].view(-1)
+    m[torch.nonzero(~m)[0]] = True
+try:
+    check_masks_in_sync(masks)
+    print("not detected")
+except MasksOutOfSyncError as e:
+    print(f"rank {dist.get_rank()} {tuple(model[0].weight.placements)} in sync {digest[:8]}; then: {e}")
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_check_masks_in_sync_compares_replicas_of_a_shard_under_hsdp(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from test_distributed import ROOT
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed next to this Python")
+    script = tmp_path / "hsdp.py"
+    script.write_text(_HSDP_SCRIPT, encoding="utf-8")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
+    assert len(lines) == 2 and "not detected" not in proc.stdout
+    digests = {line.split(" in sync ")[1][:8] for line in lines}
+    assert len(digests) == 1  # in sync at first: the same digest on both ranks
+    for line in lines:
+        assert "(Replicate(), Shard(dim=0))" in line
+        assert "rank 1: '0.weight': rows 0:16 differ from those of rank 0" in line

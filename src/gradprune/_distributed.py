@@ -11,7 +11,7 @@ from torch import nn
 
 __all__ = ["is_ddp", "resolve_process_group", "sum_over_ranks", "all_reduce_tensors", "is_dtensor",
            "local", "RowShard", "all_reduce_ints", "all_reduce_floats", "rank_in",
-           "all_reduce_gradients"]
+           "all_reduce_gradients", "sharded_group", "meta_structure", "to_meta"]
 
 _BUCKET_BYTES = 25 * 1024 * 1024  # DDP's default bucket size
 
@@ -218,3 +218,79 @@ def rank_in(group: Any) -> tuple[int, int]:
     """``(rank, world size)`` of this process in ``group``."""
     dist = _dist()
     return dist.get_rank(group), dist.get_world_size(group)
+
+
+def sharded_group(model: nn.Module) -> Any:
+    """The process group over which ``model``'s DTensor parameters are sharded on dim 0 (FSDP2's
+    ``fully_shard``), or ``None`` when no parameter is sharded. ``ValueError`` when they are
+    sharded over different groups."""
+    groups: dict = {}
+    for name, p in model.named_parameters():
+        if is_dtensor(p):
+            shard = RowShard(name, p)
+            if shard.sharded:
+                groups.setdefault(id(shard.group), shard.group)
+    if len(groups) > 1:
+        raise ValueError("the model's parameters are sharded over more than one process group: "
+                         "gradprune supports one data-parallel mesh dimension (FSDP2's fully_shard)")
+    return next(iter(groups.values()), None)
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+               "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
+               "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def _plain_class(module: nn.Module) -> type:
+    """The module's own class: ``fully_shard`` swaps in a subclass ``FSDP<cls>(FSDPModule, cls)``."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return type(module)
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+
+
+def meta_structure(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s structure on the meta device: the same module tree, names and classes
+    (FSDP2's wrapper classes and hooks removed), every parameter and buffer a meta tensor of the
+    *global* shape (a DTensor's whole shape), tied parameters still tied. No data is copied or
+    gathered: it is for tracing and shape propagation (``gp.search`` on a ``fully_shard``-ed
+    model), run on meta inputs (:func:`to_meta`)."""
+    memo: dict = {}
+
+    def meta(t):
+        if t is None:
+            return None
+        if id(t) not in memo:
+            m = torch.empty(tuple(t.shape), dtype=t.dtype, device="meta")
+            memo[id(t)] = nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else m
+        return memo[id(t)]
+
+    def copy(mod: nn.Module) -> nn.Module:
+        if id(mod) in memo:
+            return memo[id(mod)]
+        new = object.__new__(_plain_class(mod))
+        state = dict(mod.__dict__)
+        for key in _HOOK_DICTS:
+            if key in state:
+                state[key] = type(state[key])()
+        state["_parameters"] = {n: meta(p) for n, p in mod._parameters.items()}
+        state["_buffers"] = {n: meta(b) for n, b in mod._buffers.items()}
+        memo[id(mod)] = new
+        state["_modules"] = {n: None if c is None else copy(c) for n, c in mod._modules.items()}
+        new.__dict__.update(state)
+        return new
+
+    return copy(model)
+
+
+def to_meta(x: Any) -> Any:
+    """Tensors (in tuples, lists and dicts) as meta tensors of the same shape and dtype."""
+    if isinstance(x, torch.Tensor):
+        return torch.empty(tuple(x.shape), dtype=x.dtype, device="meta")
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_meta(v) for v in x)
+    if isinstance(x, Mapping):
+        return {k: to_meta(v) for k, v in x.items()}
+    return x

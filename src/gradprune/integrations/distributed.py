@@ -72,6 +72,9 @@ __all__ = [
     "fsdp_full_params",
     "Checkpointable",
     "gather_masks",
+    "is_sharded",
+    "save_sharded_state",
+    "load_sharded_state",
 ]
 
 
@@ -116,8 +119,18 @@ def check_masks_in_sync(masks: Any, group: Any = None) -> str:
     ``.masks`` (``Pruner``, ``SparseTrainer``, ``FSDPPruner``, ``PruneResult``). It is a collective:
     call it on every rank. Each rank contributes a digest per layer (one ``all_gather_object``); the
     error names the ranks and layers that differ from the group's first rank.
+
+    Sharded (FSDP2) masks, where each rank holds only its rows, are checked shard by shard (one
+    ``all_gather_object`` of a few numbers and a 32-byte checksum per layer and rank; no rows cross
+    ranks): every rank has the same layers and whole shapes; each mask shard has the rows its
+    weight's placement gives it, and the shards tile the whole rows exactly once; ranks holding the
+    same rows (replicas) hold equal checksums; each mask shard is the one applied to its weight
+    shard (no pruned entry is nonzero); masks that are not sharded are compared whole, as above.
+    The digest returned is over every rank's checksums (the same on every rank).
     """
     dist = _initialized_dist()
+    if is_sharded(masks):
+        return _check_sharded_masks(_masks_of(masks), group, dist)
     overall, per_layer = mask_digest(masks)
     gathered: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, (overall, per_layer), group=group)
@@ -137,6 +150,78 @@ def check_masks_in_sync(masks: Any, group: Any = None) -> str:
             "process_group=); see docs/distributed.md"
         )
     return ref_overall
+
+
+def _check_sharded_masks(masks: Mapping, group: Any, dist) -> str:
+    from .._distributed import local
+
+    shards = getattr(masks, "row_shards", {})
+    params = masks.params() if callable(getattr(masks, "params", None)) else {}
+    _, per_layer = mask_digest(masks)
+    info = {}
+    for name, m in masks.items():
+        spec = shards.get(name)
+        if spec is None or not spec.sharded:
+            info[name] = ("whole", per_layer[name])
+            continue
+        p = params.get(name)
+        stale = 0 if p is None else int(((local(p.detach()) != 0) & ~m.to(torch.bool)).sum())
+        info[name] = ("rows", spec.shape, spec.start, spec.stop, tuple(m.shape), per_layer[name], stale)
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, info, group=group)
+    ref = gathered[0]
+    problems: dict[int, list] = {}
+
+    def bad(rank: int, text: str) -> None:
+        problems.setdefault(rank, []).append(text)
+
+    for r, layers in enumerate(gathered):
+        for n in sorted(set(layers) ^ set(ref)):
+            bad(r, f"{n!r}: present on {'this rank' if n in layers else 'group rank 0'} only")
+        for n, v in layers.items():
+            if n not in ref:
+                continue
+            if v[0] != ref[n][0] or (v[0] == "whole" and v[1] != ref[n][1]):
+                bad(r, f"{n!r}: differs from group rank 0")
+                continue
+            if v[0] == "rows":
+                _, shape, start, stop, local_shape, _, stale = v
+                if shape != ref[n][1]:
+                    bad(r, f"{n!r}: whole shape {shape}, group rank 0 has {ref[n][1]}")
+                elif tuple(local_shape) != (stop - start, *shape[1:]):
+                    bad(r, f"{n!r}: mask shard of shape {local_shape} for rows {start}:{stop}")
+                if stale:
+                    bad(r, f"{n!r}: {stale} pruned entries are nonzero in its weight shard (the mask shard "
+                           "is not the one applied to the weights)")
+    for n, v in ref.items():  # the shards tile the rows; replicas of the same rows agree
+        if v[0] != "rows" or any(n not in g or g[n][0] != "rows" or g[n][1] != v[1] for g in gathered):
+            continue
+        by_rows: dict = {}
+        for r, g in enumerate(gathered):
+            by_rows.setdefault((g[n][2], g[n][3]), []).append((r, g[n][5]))
+        covered = 0
+        for (start, stop), holders in sorted(by_rows.items()):
+            if start != stop and start != covered:
+                bad(holders[0][0], f"{n!r}: rows {start}:{stop} do not continue from row {covered}")
+            covered = max(covered, stop)
+            for r, digest in holders[1:]:
+                if digest != holders[0][1]:
+                    bad(r, f"{n!r}: rows {start}:{stop} differ from those of rank {holders[0][0]}")
+        rows = v[1][0] if v[1] else 1
+        if covered != rows:
+            bad(0, f"{n!r}: the shards cover rows 0:{covered} of {rows}")
+    if problems:
+        raise MasksOutOfSyncError(
+            "sharded (FSDP2) masks are out of sync: " + "; ".join(
+                f"rank {r}: {', '.join(texts)}" for r, texts in sorted(problems.items()))
+            + ". Every rank must build the pruner/trainer with the same config and seed on the same "
+            "fully_shard-ed model, and load checkpoints through torch.distributed.checkpoint "
+            "(Checkpointable); see docs/distributed.md")
+    overall = hashlib.sha256()
+    for r, layers in enumerate(gathered):
+        for n in sorted(layers):
+            overall.update(f"{r}:{n}:{layers[n]};".encode())
+    return overall.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,6 +298,29 @@ class Checkpointable:
         blob.seek(0)
         rest = torch.load(blob, weights_only=True)
         self.obj.load_state_dict(_join(state["tensors"], rest))
+
+
+def is_sharded(obj: Any) -> bool:
+    """Whether the masks of ``obj`` (a :class:`~gradprune.MaskSet`, or anything with ``.masks``)
+    hold only this rank's rows of some parameter (FSDP2's ``fully_shard``)."""
+    return any(s.sharded for s in getattr(_masks_of(obj), "row_shards", {}).values())
+
+
+def save_sharded_state(obj: Any, path: str) -> None:
+    """Save ``obj``'s state (a Pruner or SparseTrainer: masks, statistics, counters) to the folder
+    ``path`` with ``torch.distributed.checkpoint``: each rank writes its own mask rows, the first
+    rank the small rest. A collective: call it on every rank with the same ``path``."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"gradprune": Checkpointable(obj)}, checkpoint_id=str(path))
+
+
+def load_sharded_state(obj: Any, path: str) -> None:
+    """Load into ``obj`` what :func:`save_sharded_state` wrote (any world size: DCP reshards;
+    a single process gets whole masks). A collective under ``torch.distributed``."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load({"gradprune": Checkpointable(obj)}, checkpoint_id=str(path))
 
 
 def gather_masks(masks: Any) -> dict[str, torch.Tensor] | None:

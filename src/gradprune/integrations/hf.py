@@ -19,7 +19,10 @@ replaces it, as in RigL.
 The callbacks use ``on_step_begin``, ``on_pre_optimizer_step`` (after gradient clipping, which
 also unscales AMP gradients) and ``on_optimizer_step``; ``on_save`` writes the pruner's or sparse
 trainer's state (``gradprune_state.pt``) into each checkpoint folder, and ``resume_from=`` (a
-checkpoint folder) restores it. The ``Trainer`` loads the model's weights and the optimizer's state
+checkpoint folder) restores it. On a ``fully_shard``-ed model (accelerate's ``fsdp_version: 2``)
+the masks are sharded: ``on_save`` then writes a ``torch.distributed.checkpoint`` folder
+``gradprune_state/`` instead, every rank its own rows (a collective, as the Trainer's own sharded
+save is), which ``resume_from=`` loads on any world size (see ``docs/distributed.md``). The ``Trainer`` loads the model's weights and the optimizer's state
 before ``on_train_begin`` builds the pruner or sparse trainer; ``load_state_dict`` then puts back
 what the fresh initial masks zeroed, so the run continues exactly (see ``docs/resume.md``).
 
@@ -42,9 +45,10 @@ from ..prune import make_config
 from ..pruner import Pruner
 from ..sparse_training import SparseConfig, SparseTrainer
 
-__all__ = ["PruningCallback", "SparseTrainingCallback", "DistillTrainer", "STATE_FILE"]
+__all__ = ["PruningCallback", "SparseTrainingCallback", "DistillTrainer", "STATE_FILE", "STATE_DIR"]
 
 STATE_FILE = "gradprune_state.pt"
+STATE_DIR = "gradprune_state"  # a torch.distributed.checkpoint folder: the state of a sharded (FSDP2) run
 
 try:  # the callbacks subclass TrainerCallback when transformers is installed
     from transformers import TrainerCallback as _Base
@@ -69,19 +73,36 @@ class _StatefulCallback(_Base):
     def __init__(self, resume_from: str | None = None):
         if _Base is object:
             raise ImportError("the Hugging Face callbacks need transformers: pip install 'gradprune[hf]'")
-        if resume_from is not None and not os.path.isfile(os.path.join(resume_from, STATE_FILE)):
-            raise FileNotFoundError(f"resume_from has no {STATE_FILE}: {resume_from}")
+        if resume_from is not None and not (os.path.isfile(os.path.join(resume_from, STATE_FILE))
+                                            or os.path.isdir(os.path.join(resume_from, STATE_DIR))):
+            raise FileNotFoundError(f"resume_from has no {STATE_FILE} (nor a {STATE_DIR}/ folder of a "
+                                    f"sharded run): {resume_from}")
         self.resume_from = resume_from
 
     def _restore(self, engine) -> None:
-        if self.resume_from is not None:
+        if self.resume_from is None:
+            return
+        from .distributed import is_sharded, load_sharded_state
+
+        folder = os.path.join(self.resume_from, STATE_DIR)
+        if os.path.isdir(folder):
+            load_sharded_state(engine, folder)
+        elif is_sharded(engine):
+            raise ValueError(f"resume_from {self.resume_from!r} holds {STATE_FILE}, the whole masks of an "
+                             f"unsharded run; a fully_shard-ed (FSDP2) run resumes from the {STATE_DIR}/ "
+                             "folder that a sharded run writes")
+        else:
             engine.load_state_dict(load_torch(os.path.join(self.resume_from, STATE_FILE)))
 
     def _save(self, engine, args, state) -> None:
         if engine is None:
             return
+        from .distributed import is_sharded, save_sharded_state
+
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if os.path.isdir(folder):
+        if is_sharded(engine):  # every rank writes its own rows (DCP creates the folders)
+            save_sharded_state(engine, os.path.join(folder, STATE_DIR))
+        elif os.path.isdir(folder):
             atomic_write(os.path.join(folder, STATE_FILE), lambda t: torch.save(engine.state_dict(), t))
 
 

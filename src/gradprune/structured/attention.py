@@ -322,14 +322,23 @@ class MHAHeads(HeadHandler):
         disable_encoder_fast_paths(root, self.module)
 
     def magnitude(self, modules, norm) -> torch.Tensor:
+        from .._distributed import RowShard, all_reduce_tensors, is_dtensor, local
+
         mod = modules[self.module]
         h, d = self.n_heads, self.head_dim
-        if self.same:
-            ws = mod.in_proj_weight.detach().split(h * d, dim=0)
-        else:
-            ws = [mod.q_proj_weight.detach(), mod.k_proj_weight.detach(), mod.v_proj_weight.detach()]
+        ws = [mod.in_proj_weight] if self.same else [mod.q_proj_weight, mod.k_proj_weight, mod.v_proj_weight]
         acc = torch.zeros(h, dtype=torch.float64)
-        for w in ws:
-            w = w.to(torch.float64).reshape(h, -1)
-            acc += w.abs().sum(1) if norm == "l1" else (w * w).sum(1)
+        group = None
+        for w in ws:  # row r of a projection belongs to head (r mod h*d) // d
+            start = 0
+            if is_dtensor(w):  # FSDP2: this rank's rows; the per-head sums are added over the ranks
+                shard = RowShard(self.module, w)
+                start, group = shard.start, shard.group if shard.sharded else group
+            rows = local(w.detach()).to(torch.float64)
+            rows = rows.reshape(rows.shape[0], -1)
+            per_row = rows.abs().sum(1) if norm == "l1" else (rows * rows).sum(1)
+            heads = torch.div(torch.arange(start, start + rows.shape[0]) % (h * d), d, rounding_mode="floor")
+            acc.index_add_(0, heads, per_row)
+        if group is not None:
+            all_reduce_tensors([acc], group)
         return acc if norm == "l1" else acc.sqrt()

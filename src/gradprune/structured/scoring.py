@@ -34,6 +34,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from .._distributed import RowShard, all_reduce_tensors, is_dtensor, local
 from ..scores.stats import stream_gradients
 from .gates import Gates
 from .groups import Analysis
@@ -150,21 +151,58 @@ def magnitude_scores(analysis: Analysis, norm: str = "l2", side: str = "out") ->
     if side not in ("out", "in"):
         raise ValueError(f"side must be one of out, in; got {side!r}")
     modules = dict(analysis.model.named_modules())
-    out = {}
+    out, parts, group, by_handler = {}, {}, None, set()
     with torch.no_grad():
         for gi, g in enumerate(analysis.groups):
             if g.handler is not None:
-                m = g.handler.magnitude(modules, norm)
+                m = g.handler.magnitude(modules, norm)  # a handler's own norm sums each rank's rows
                 if m is not None:
                     out[gi] = m
+                    by_handler.add(gi)
                     continue
             role = side if any(s.role == side for s in g.slices) else "out"
             acc = torch.zeros(g.size, dtype=torch.float64)
             for s in g.slices:
                 if s.role != role:
                     continue
-                w = modules[s.module].weight.detach().to(torch.float64).transpose(0, s.dim)
+                w = modules[s.module].weight
+                shard = _row_shard(f"{s.module}.weight", w)
+                if shard is not None:  # this rank's rows: partial sums, added over the ranks below
+                    part = parts.setdefault(gi, torch.zeros(g.size, dtype=torch.float64))
+                    _add_local(part, s, local(w.detach()), shard.start, norm)
+                    group = shard.group
+                    continue
+                w = w.detach().to(torch.float64).transpose(0, s.dim)
                 w = w[s.offset:s.offset + s.size * s.inner].reshape(s.size, -1)
                 acc += w.abs().sum(1) if norm == "l1" else (w * w).sum(1)
-            out[gi] = acc if norm == "l1" else acc.sqrt()
-    return out
+            out[gi] = acc
+        if parts:  # FSDP2: one all-reduce of the per-unit sums of every rank's rows (never a weight)
+            all_reduce_tensors([parts[gi] for gi in sorted(parts)], group)
+            for gi, part in parts.items():
+                out[gi] += part
+    return {gi: acc if norm == "l1" or gi in by_handler else acc.sqrt() for gi, acc in out.items()}
+
+
+def _row_shard(name: str, w):
+    """The :class:`RowShard` of a dim-0-sharded DTensor ``w``, else ``None``."""
+    if not is_dtensor(w):
+        return None
+    shard = RowShard(name, w)
+    return shard if shard.sharded else None
+
+
+def _add_local(acc: torch.Tensor, s, rows: torch.Tensor, start: int, norm: str) -> None:
+    """Add to ``acc`` the per-unit L1 (or squared L2) sums of slice ``s`` over ``rows``, this rank's
+    rows ``start:start + len(rows)`` of the whole weight."""
+    w = rows.to(torch.float64)
+    if s.dim == 0:  # units along the sharded dim: the rows of the slice that lie here
+        lo = max(start, s.offset)
+        hi = min(start + w.shape[0], s.offset + s.size * s.inner)
+        if hi <= lo:
+            return
+        part = w[lo - start:hi - start].reshape(hi - lo, -1)
+        per_row = part.abs().sum(1) if norm == "l1" else (part * part).sum(1)
+        acc.index_add_(0, torch.div(torch.arange(lo, hi) - s.offset, s.inner, rounding_mode="floor"), per_row)
+        return
+    w = w.transpose(0, s.dim)[s.offset:s.offset + s.size * s.inner].reshape(s.size, -1)
+    acc += w.abs().sum(1) if norm == "l1" else (w * w).sum(1)

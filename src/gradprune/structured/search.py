@@ -199,7 +199,7 @@ class SearchResult:
         """Fixed gates with the units this result removes turned off (a context manager)."""
         return Gates(self.analysis, keep=self.keep)
 
-    def export(self, uniform: bool | None = None) -> nn.Module:
+    def export(self, uniform: bool | None = None, model: nn.Module | None = None) -> nn.Module:
         """A deep copy of the model with the removed units sliced away (an ordinary nn.Module).
 
         ``uniform=True`` (Hugging Face models; default: as searched) keeps the same widths in
@@ -207,13 +207,31 @@ class SearchResult:
         model. For a result searched without ``uniform``, each family of groups (e.g. the FFN
         neurons of every layer) takes the minimum width over its layers, keeping each layer's
         highest-scored units: the export is then smaller than ``params``/``flops`` say (see
-        :meth:`uniform_keep`)."""
+        :meth:`uniform_keep`).
+
+        ``model``: slice this model instead of the searched one: the same architecture (module
+        names and parameter shapes) with whole weights. A search on a ``fully_shard``-ed (FSDP2)
+        model needs it: gather the weights into an unsharded copy first (``docs/distributed.md``)."""
         if uniform is None:
             uniform = self.uniform
         if not isinstance(uniform, bool):
             raise TypeError(f"uniform must be bool or None, got {type(uniform).__name__}")
         keep = self.uniform_keep() if uniform and not self.uniform else self.keep
-        return export_model(self.analysis, keep, uniform=uniform)
+        analysis = self.analysis
+        if model is not None:
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            if model is not analysis.model:
+                _check_same_structure(analysis.model, model)
+                analysis = dataclasses.replace(analysis, model=model)
+        from .._distributed import sharded_group
+        if sharded_group(analysis.model) is not None:
+            raise ValueError("export needs whole weights, and the searched model is fully_shard-ed "
+                             "(FSDP2): gather them into an unsharded copy, e.g. on rank 0 "
+                             "model.load_state_dict(get_model_state_dict(sharded, options="
+                             "StateDictOptions(full_state_dict=True, cpu_offload=True))), and call "
+                             "result.export(model=that_copy) (docs/distributed.md)")
+        return export_model(analysis, keep, uniform=uniform)
 
     def uniform_keep(self) -> dict:
         """``keep`` with every family of groups (same role in every layer of a Hugging Face
@@ -529,7 +547,11 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
             model): every rank feeds its own shard of each batch; gate gradients are averaged over
             the ranks per batch (per-sample sums are added), so every rank finds the same subnet
             as one process on the global batches; latency measurements are averaged over the
-            ranks.
+            ranks. A ``fully_shard``-ed (FSDP2) model is taken as it is (its shards' group by
+            default): the structure is analysed on a meta-device copy, the gates score the shards,
+            and weight norms are summed from each rank's rows; ``fastnas`` and latency are refused,
+            and :meth:`SearchResult.export` needs ``model=`` an unsharded copy with whole weights
+            (``docs/distributed.md``).
         measure_latency: also time the dense and the exported model on CPU at batch sizes 1
             and 32 (:meth:`SearchResult.latency`); the report then shows it.
         uniform: (Hugging Face models) search one common width per family of groups (the
@@ -624,15 +646,31 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
     if not isinstance(rules, SearchRules):
         rules = SearchRules(rules)
 
-    from .._distributed import resolve_process_group
+    from .._distributed import meta_structure, resolve_process_group, sharded_group, to_meta
 
     model, group = resolve_process_group(model, process_group)
     if next(model.parameters(), None) is None:
         raise ValueError(f"model has no parameters: there is nothing to search over "
                          f"(got an empty {type(model).__name__})")
+    shards = sharded_group(model)
+    if shards is not None:  # FSDP2: analyse a meta copy of the structure, score on the shards
+        bad = [k for k, v in (("method='fastnas'", method == "fastnas"), ("a latency constraint", "latency" in constraints),
+                              ("measure_latency=True", measure_latency)) if v]
+        if bad:
+            raise ValueError(f"search on a fully_shard-ed (FSDP2) model does not take {', '.join(bad)}: "
+                             "they run or time exported candidates, which needs whole weights; search "
+                             "with gradnas, taylor, michel or magnitude and params/flops/kv_cache bounds")
+        if group is None:
+            group = shards
     try:
-        analysis = find_groups(model, example_input, mlp_gate=mlp_gate)
-        cost = CostModel(analysis, example_input)
+        if shards is None:
+            analysis = find_groups(model, example_input, mlp_gate=mlp_gate)
+            cost = CostModel(analysis, example_input)
+        else:
+            meta_input = to_meta(example_input)
+            analysis = find_groups(meta_structure(model), meta_input, mlp_gate=mlp_gate)
+            cost = CostModel(analysis, meta_input)
+            analysis = dataclasses.replace(analysis, model=model)  # gates hook the sharded modules
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
         if _is_own_error(exc):
             raise
@@ -797,6 +835,16 @@ def _search_hidden(model, constraints, data, loss_fn, method, example_input, rul
                                     max_iter_data_loader=max_iter_data_loader,
                                     show_progress=show_progress, rules=rules, uniform=uniform,
                                     per_sample=per_sample, mlp_gate=mlp_gate)
+
+
+def _check_same_structure(searched: nn.Module, model: nn.Module) -> None:
+    """``ValueError`` unless ``model`` has the searched model's parameter names and whole shapes."""
+    want = {n: tuple(p.shape) for n, p in searched.named_parameters()}
+    got = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    if want != got:
+        diff = sorted(n for n in set(want) | set(got) if want.get(n) != got.get(n))
+        raise ValueError(f"model is not the searched architecture: parameters differ in name or shape: "
+                         f"{', '.join(diff[:5])}{' ...' if len(diff) > 5 else ''}")
 
 
 def _fastnas_sensitivities(analysis, choices, ranks, score_func, show_progress,
