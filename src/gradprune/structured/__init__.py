@@ -13,6 +13,7 @@ See ``docs/structured.md``. The main entry points:
 
 from .attention import PrunedMultiheadAttention
 from .export import export_model, load_pruned, save_pruned
+from .experts import ExpertSearchResult, drop_experts, expert_scores, find_moe_blocks
 from .flops import CostModel, count_flops, count_params
 from .fold import fold_batchnorm
 from .gates import Gates
@@ -28,4 +29,5 @@ __all__ = [
     "GateStatistics", "gate_statistics", "magnitude_scores", "search", "SearchResult", "METHODS",
     "parse_constraints", "export_model", "save_pruned", "load_pruned", "load_pruned_pretrained",
     "HeadRule", "PrunedMultiheadAttention", "LatencyProbe", "recalibrate_batchnorm", "fold_batchnorm",
+    "ExpertSearchResult", "drop_experts", "expert_scores", "find_moe_blocks",
 ]

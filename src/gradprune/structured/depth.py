@@ -63,7 +63,7 @@ __all__ = ["AXES", "DEFAULT_AXES", "IMPLEMENTED_AXES", "LAYER_METHODS", "check_a
            "decoder_layers", "layer_scores", "LayerGates", "LayerReport", "LayerSearchResult", "search_layers", "search_layers_and_widths", "drop_layers"]
 
 AXES = ("heads", "mlp", "hidden", "layers", "experts")
-IMPLEMENTED_AXES = ("heads", "mlp", "hidden", "layers")
+IMPLEMENTED_AXES = ("heads", "mlp", "hidden", "layers", "experts")
 DEFAULT_AXES = ("heads", "mlp")
 LAYER_METHODS = ("gradnas", "block_influence", "loss_drop")
 LAYER_CONSTRAINTS = ("params", "flops", "kv_cache")
@@ -77,8 +77,8 @@ _CONFIG_INDEX_LISTS = ("mlp_only_layers",)
 def check_axes(axes) -> tuple:
     """Validate ``axes`` (``None``: :data:`DEFAULT_AXES`, today's heads + MLP widths).
 
-    Unknown names raise ``ValueError``; known axes this version cannot prune yet (``"experts"``)
-    raise ``NotImplementedError``.
+    Unknown names raise ``ValueError``; a known axis missing from :data:`IMPLEMENTED_AXES` (none
+    in this version) would raise ``NotImplementedError``.
 
     Example:
         >>> check_axes(None), check_axes(["layers"])
@@ -569,6 +569,7 @@ def search_layers_and_widths(model: nn.Module, constraints: dict, data: Iterable
             continue
         removed = sum(float(found.scores[gi].double().sum() - found.scores[gi][keep].double().sum())
                       for gi, keep in found.keep.items())
+        removed += getattr(found, "removed_expert_score", 0.0)  # axes with "experts" and widths
         total = float(scores[order[:k]].sum()) + removed
         if best is None or total < best[0]:
             best = (total, k, found)

@@ -163,6 +163,10 @@ def _arch_of(mod: nn.Module) -> dict | None:
     attrs = head_attrs(mod)  # Hugging Face attention: head counts
     if attrs is not None:
         return {a: getattr(mod, a) for a in attrs if isinstance(getattr(mod, a, None), int)}
+    from .experts import moe_attrs
+    moe = moe_attrs(mod)  # MoE router / stacked experts: expert count, top-k
+    if moe is not None:
+        return moe
     if isinstance(mod, _CONV + _CONVT):
         return {"in_channels": mod.in_channels, "out_channels": mod.out_channels, "groups": mod.groups}
     if isinstance(mod, _BN + _IN):

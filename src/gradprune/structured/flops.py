@@ -21,6 +21,8 @@ parameters and MACs are closed-form in their input and output widths:
 so ``flops(widths) = dense_flops + 2 * sum(MACs(widths) - MACs(dense))`` with no re-profiling.
 ``count_flops`` counts CPU ``scaled_dot_product_attention`` too (``FlopCounterMode`` has no formula
 for ``_scaled_dot_product_flash_attention_for_cpu``; the same one as for the CUDA kernels is used)
+and the grouped matmuls of MoE experts (``aten._grouped_mm`` and transformers' fallback op: 2 x
+rows x inner x output size, each token counted for the experts it is routed to)
 and runs with torch's fused multi-head-attention fast path off, so attention is counted as the
 matmuls it is.
 
@@ -59,9 +61,27 @@ def _sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwa
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _grouped_mm_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """2 x MACs of a grouped matmul (MoE experts): ``[S, K] @ [G, K, N]`` (each row by one
+    group's matrix), ``[G, M, K] @ [G, K, N]``, or 2-D ``[M, K] @ [K, N]`` split by offsets."""
+    batch = a_shape[0] if len(a_shape) == 3 and len(b_shape) == 3 else 1
+    rows, inner = a_shape[-2], a_shape[-1]
+    return 2 * batch * rows * inner * b_shape[-1]
+
+
 def _custom_flops() -> dict:
+    out = {}
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    return {} if op is None else {op: _sdpa_flop}
+    if op is not None:
+        out[op] = _sdpa_flop
+    op = getattr(torch.ops.aten, "_grouped_mm", None)  # transformers 5 MoE experts
+    if op is not None:
+        out[op] = _grouped_mm_flop
+    try:  # transformers' own fallback op for grouped matmuls (registered when its MoE code loads)
+        out[torch.ops.transformers.grouped_mm_fallback] = _grouped_mm_flop
+    except (AttributeError, RuntimeError):
+        pass
+    return out
 
 
 def count_flops(model: nn.Module, example_input) -> int:

@@ -169,7 +169,7 @@ class Group:
 
     @property
     def unit(self) -> str:
-        return "heads" if self.handler is not None else "channels"
+        return getattr(self.handler, "unit", "heads") if self.handler is not None else "channels"
 
     def modules(self) -> list:
         return sorted({s.module for s in self.slices})

@@ -69,9 +69,10 @@ from .groups import Analysis, Group, Layout, Slice, is_conv1d, register_analyser
 __all__ = ["ATTENTION_SPECS", "MLP_GATES", "MLP_SPECS", "WIDTHS_KEY", "AttentionSpec", "HFHeads",
            "HeadMember", "MLPSpec", "analyse_hf", "apply_uniform_config", "families",
            "head_attrs", "head_rule_types", "load_pruned_pretrained", "record_widths",
-           "register_attention", "register_mlp", "reload_hint", "set_recorded"]
+           "register_attention", "register_mlp", "reload_hint", "register_block_builder", "set_recorded"]
 
 WIDTHS_KEY = "gradprune_widths"
+SHAPES_KEY = "parameter_shapes"  # in a width record: {parameter name: shape} to rebuild
 MLP_GATES = ("post_activation", "pre_activation")
 
 
@@ -256,6 +257,10 @@ register_mlp(MLPSpec("h_to_4h", up="dense_h_to_4h", act=("act",), down="dense_4h
                      config=("intermediate_size", "ffn_hidden_size")))
 register_mlp(MLPSpec("t5", up="wi", act=("act",), down="wo", config=("d_ff",)))
 register_mlp(MLPSpec("t5_gated", gate="wi_0", up="wi_1", act=("act",), down="wo", config=("d_ff",)))
+# an MoE block's shared expert (Qwen2-MoE): matched at the block, so its own width field is used
+register_mlp(MLPSpec("shared_expert", gate="shared_expert.gate_proj", up="shared_expert.up_proj",
+                     act=("shared_expert.act_fn",), down="shared_expert.down_proj",
+                     config=("shared_expert_intermediate_size",)))
 register_mlp(MLPSpec("gated", gate="gate_proj", up="up_proj", act=("act_fn",), down="down_proj"))
 register_mlp(MLPSpec("gate_up", up="gate_up_proj", fused_gate=True, act=("activation_fn",),
                      down="down_proj"))
@@ -591,6 +596,21 @@ def _transformers_major() -> int:
     return int(version.split(".")[0]) if version.split(".")[0].isdigit() else 5
 
 
+# query/key norms of attention modules: per head (weight of head_dim: Qwen3, Gemma3) or over
+# every head at once (OLMoE: weight of heads * head_dim), which makes heads unprunable
+_QK_NORMS = ("q_norm", "k_norm", "q_layernorm", "k_layernorm")
+
+
+def _cross_head_norm(mod: nn.Module, n_q: int, n_kv: int, d: int) -> str | None:
+    """The query/key norm of attention ``mod`` that normalises several heads together (OLMoE's
+    ``q_norm`` over every query head: a 1-D weight of ``heads * head_dim``), if any."""
+    for child_name in _QK_NORMS:
+        w = getattr(getattr(mod, child_name, None), "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() == 1 and w.numel() > d:
+            return child_name
+    return None
+
+
 def _config_blocks(b: _Builder, name: str, mod: nn.Module, spec: AttentionSpec) -> str | None:
     """Why the config rules out this layout's heads (``spec.unsupported_config``), or ``None``."""
     config = getattr(mod, "config", None)
@@ -667,6 +687,11 @@ def _heads_of(b: _Builder, name: str, mod: nn.Module, match):
         b.skip(name, f"{cls}: heads not pruned under transformers {_transformers_major()}.x ({why})")
         return None
     n_q, n_kv, d = read
+    across = _cross_head_norm(mod, n_q, n_kv, d)
+    if across:
+        b.skip(name, f"{cls}: heads not pruned ({across} normalises across all heads at once, "
+               "so removing a head would change the others)")
+        return
     mq = n_kv == 1  # multi-query: unit = one query head, the K/V head kept
     n, per = (n_q, 1) if mq else (n_kv, n_q // n_kv)
     slices, roles, producers = [], {}, []
@@ -803,6 +828,22 @@ def _mlp(b: _Builder, name: str, match, mlp_gate: str) -> None:
                             else lay, "mul")
 
 
+_BLOCK_BUILDERS: list = []
+
+
+def register_block_builder(build) -> None:
+    """Register ``build(builder)``, run by :func:`analyse_hf` after the attention and MLP tables:
+    it adds the groups of blocks those tables cannot describe (``builder.group``; e.g. the
+    neurons of stacked MoE experts, see :mod:`~gradprune.structured.experts`) or lists them in
+    ``analysis.skipped`` with the reason (``builder.skip``).
+
+    Example: ``register_block_builder(lambda builder: None)``."""
+    if not callable(build):
+        raise TypeError(f"build must be callable as build(builder), got {type(build).__name__}")
+    if build not in _BLOCK_BUILDERS:
+        _BLOCK_BUILDERS.append(build)
+
+
 def analyse_hf(model: nn.Module, example_input=None, mlp_gate: str = "post_activation") -> Analysis | None:
     """The analysis of a Hugging Face model by the structure of its blocks, or ``None`` when
     ``model`` is not a Hugging Face ``PreTrainedModel`` (then torch.fx is used).
@@ -842,6 +883,8 @@ def analyse_hf(model: nn.Module, example_input=None, mlp_gate: str = "post_activ
         if key in tied and key not in placed:  # the group sits at its first module
             placed.add(key)
             _head_group(b, tied[key])
+    for build in _BLOCK_BUILDERS:
+        build(b)
     widths = {name for g in b.groups for name in g.modules()}
     for name, mod in b.modules.items():
         if _is_proj(mod) and name not in widths and name not in b.claimed:
@@ -895,8 +938,12 @@ def _uniform_fields(analysis: Analysis, g: Group, w: int) -> dict:
     if g.handler is not None:
         return g.handler.config_fields(w)
     config = analysis.model.config
-    fields = [f for spec in MLP_SPECS for f in spec.config if getattr(config, f, None) == g.size]
-    return {f: w for f in dict.fromkeys(fields)}
+    own = [spec for spec in MLP_SPECS if g.name.endswith("." + spec.up)]  # the group's layout first
+    for specs in (own, MLP_SPECS):  # (Qwen2-MoE: the shared expert's field, not intermediate_size)
+        fields = [f for spec in specs for f in spec.config if getattr(config, f, None) == g.size]
+        if fields:
+            return {f: w for f in dict.fromkeys(fields)}
+    return {}
 
 
 def _uniform_problem(analysis: Analysis, gi: int, w: int) -> str | None:
@@ -905,6 +952,9 @@ def _uniform_problem(analysis: Analysis, gi: int, w: int) -> str | None:
     g = analysis.groups[gi]
     if w == g.size:
         return None
+    h = g.handler
+    if callable(getattr(h, "uniform_problem", None)):  # a handler that knows its config field
+        return h.uniform_problem(getattr(analysis.model, "config", None), w)
     cache = analysis.__dict__.setdefault("_uniform_probes", {})
     if (g.kind, g.size, w) not in cache:
         cache[(g.kind, g.size, w)] = _probe(analysis, g, w)
@@ -1010,12 +1060,13 @@ def reload_hint(analysis: Analysis, uniform: bool) -> str | None:
 
 def record_widths(model: nn.Module, analysis: Analysis) -> None:
     """Record the widths of every pruned layer of an exported Hugging Face ``model`` in
-    ``model.config.gradprune_widths`` (``{module name: {attribute: value}}``)."""
+    ``model.config.gradprune_widths`` (``{module name: {attribute: value}}``), next to the
+    entries already there (e.g. the expert counts of an expert-pruned model)."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return
     modules = dict(model.named_modules())
-    widths = {}
+    widths = dict(getattr(config, WIDTHS_KEY, None) or {})
     for name in analysis.roles:
         mod = modules[name]
         if isinstance(mod, nn.Linear):
@@ -1074,8 +1125,13 @@ def _narrow(model: nn.Module, widths: dict, cls_name: str) -> None:
             raise ValueError(f"config.{WIDTHS_KEY} names a module {name!r} that {cls_name} "
                              "does not have")
         for key, value in attrs.items():
+            if key == SHAPES_KEY:
+                continue
             if not set_recorded(mod, key, value):
                 setattr(mod, key, value)
+        for key, shape in attrs.get(SHAPES_KEY, {}).items():  # e.g. stacked MoE expert weights
+            old = getattr(mod, key)
+            setattr(mod, key, nn.Parameter(torch.empty(tuple(shape), dtype=old.dtype, device=old.device)))
         if isinstance(mod, nn.Linear):
             shape = (mod.out_features, mod.in_features)
         elif is_conv1d(mod):

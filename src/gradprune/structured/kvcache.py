@@ -75,7 +75,7 @@ class KVCache:
 
     def __init__(self, analysis: Analysis):
         self.bytes = _element_size(analysis.model)
-        self.heads = {gi: g for gi, g in enumerate(analysis.groups) if g.handler is not None}
+        self.heads = {gi: g for gi, g in enumerate(analysis.groups) if g.unit == "heads"}
         grouped = self._elements({})
         config = _config_elements(analysis.model)
         self.fixed = max(0, config - grouped) if config is not None else 0  # unpruned attention

@@ -164,6 +164,9 @@ class SearchResult:
         dropped = getattr(self, "dropped_layers", None)
         if dropped is not None:  # search(..., axes=("layers", ...)): the widths are of the shallower copy
             lines.insert(0, f"decoder layers dropped: {list(dropped)}")
+        experts = getattr(self, "dropped_experts", None)
+        if experts is not None:  # search(..., axes=("experts", ...)): the widths are of the expert-pruned copy
+            lines.insert(0, f"MoE experts dropped: {experts}")
         hidden = getattr(self, "hidden_size", None)
         if hidden is not None:  # search(..., axes=("hidden", ...)): the widths are of the narrower copy
             lines.insert(0, f"hidden_size: {self.dense_hidden_size} -> {hidden} (residual channels)")
@@ -573,7 +576,13 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
             :class:`~gradprune.structured.hidden.HiddenSearchResult`; see
             :mod:`gradprune.structured.hidden`); ``"hidden"`` with width axes (``gradnas``) is
             a staged search (:func:`~gradprune.structured.hidden.search_hidden_and_widths`).
-            ``"experts"`` is not available yet (``NotImplementedError``).
+            ``("experts",)`` removes whole MoE experts per layer (``method``: ``gradnas``, ``reap`` or
+            ``frequency``; ``params`` and ``flops`` budgets; an
+            :class:`~gradprune.structured.experts.ExpertSearchResult` is returned; see
+            :mod:`gradprune.structured.experts`); with width axes (``gradnas`` only) the width
+            result on the expert-pruned copy is returned
+            (:func:`~gradprune.structured.experts.search_experts_and_widths`); with ``"layers"``
+            the expert (and width) search runs per number of dropped layers.
         hidden_divisor: with ``"hidden"`` in ``axes``: the hidden size stays a multiple of it
             (default: the largest power of two up to 64 that divides ``hidden_size``).
 
@@ -594,6 +603,19 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
                               hidden_divisor=hidden_divisor)
     if "layers" in axes and (process_group is not None or measure_latency):
         raise ValueError("the 'layers' axis does not take process_group or measure_latency yet")
+    if "experts" in axes and "layers" not in axes:  # with layers: per depth, below
+        if process_group is not None or measure_latency:
+            raise ValueError("the 'experts' axis does not take process_group or measure_latency yet")
+        from .experts import search_experts, search_experts_and_widths
+        if len(axes) > 1:
+            return search_experts_and_widths(
+                model, constraints, data, loss_fn, method, example_input, axes, search,
+                uniform=uniform, max_iter_data_loader=max_iter_data_loader,
+                show_progress=show_progress, rules=rules, per_sample=per_sample, mlp_gate=mlp_gate)
+        if rules is not None:
+            raise ValueError("axes=('experts',) does not take rules (they restrict widths)")
+        return search_experts(model, constraints, data, loss_fn, method, example_input, uniform=uniform,
+                              max_iter_data_loader=max_iter_data_loader, show_progress=show_progress)
     if "layers" in axes and len(axes) > 1:
         return search_layers_and_widths(
             model, constraints, data, loss_fn, method, example_input, axes, search,
@@ -661,6 +683,12 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
                          f"({_describe_input(example_input)}) failed with "
                          f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
                          ) from exc
+    batch_gated = [g.name for g in analysis.groups
+                   if getattr(g.handler, "per_sample", True) is False and group_axis(g) in axes]
+    if batch_gated and ((method == "gradnas" and per_sample) or method == "michel"):
+        raise ValueError(f"per-sample gate gradients (per_sample=True, method='michel') are not "
+                         f"available for {batch_gated[0]} (MoE experts mix every sample's tokens); "
+                         "use per_sample=False or axes without 'mlp'")
     fams = {}
     if uniform:
         from .hf import families, uniform_width_ok
