@@ -116,3 +116,23 @@ def test_scoring_runs_in_bf16_on_a_tiny_llama(method):
     assert next(small.parameters()).dtype == torch.bfloat16
     out = small.generate(data[0][:1, :4], max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 7)
+
+
+@pytest.mark.parametrize("method, axes", [("gradnas", ("heads", "mlp")), ("fisher", ("heads", "mlp")),
+                                          ("gradnas", ("layers",))])
+def test_gradient_checkpointing_gives_the_same_scores(method, axes):
+    model, data = tiny_llama(), batches(2)
+    plain = gp.search(model, {"params": "80%"}, data, loss_fn, method=method, example_input=data[0],
+                      axes=axes)
+    ckpt = gp.search(model, {"params": "80%"}, data, loss_fn, method=method, example_input=data[0],
+                     axes=axes, gradient_checkpointing=True)
+    if axes == ("layers",):
+        assert torch.allclose(plain.scores, ckpt.scores, rtol=1e-5, atol=0) and plain.dropped == ckpt.dropped
+    else:
+        assert all(torch.allclose(plain.scores[gi], ckpt.scores[gi], rtol=1e-5, atol=1e-12)
+                   for gi in plain.scores)
+        assert plain.widths == ckpt.widths
+    assert model.config.use_cache is True
+    assert all("forward" not in vars(layer) for layer in model.model.layers)  # restored
+    with pytest.raises(TypeError, match="gradient_checkpointing must be bool"):
+        gp.search(model, {"params": "80%"}, data, loss_fn, example_input=data[0], gradient_checkpointing=1)

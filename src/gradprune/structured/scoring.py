@@ -166,9 +166,14 @@ class GateStatistics:
 
 
 def gate_statistics(analysis: Analysis, data: Iterable, loss_fn: Callable, *, n_batches: int = 128,
-                    show_progress: bool | None = None, process_group=None) -> GateStatistics:
+                    show_progress: bool | None = None, process_group=None,
+                    gradient_checkpointing: bool = False) -> GateStatistics:
     """Stream at most ``n_batches`` batches with all-ones gates attached and accumulate the gate
     gradients of every group.
+
+    ``gradient_checkpointing=True`` recomputes each decoder layer's activations in the backward
+    pass (:func:`~gradprune.structured.checkpointing.checkpointed_layers`): the same scores, with
+    only the layers' inputs kept between forward and backward.
 
     With ``process_group`` every rank feeds its shard of each batch: the batch gate gradients are
     averaged over the ranks before they are squared (the gradient of the global batch's mean
@@ -188,7 +193,11 @@ def gate_statistics(analysis: Analysis, data: Iterable, loss_fn: Callable, *, n_
             all_reduce_tensors([grads[gi][0] for gi in order], process_group, average=True)
         stats.update(grads)
 
-    with gates:
+    from contextlib import nullcontext
+
+    from .checkpointing import checkpointed_layers
+
+    with gates, (checkpointed_layers(analysis.model) if gradient_checkpointing else nullcontext()):
         stream_gradients(analysis.model, data, loss_fn, {}, n_batches=n_batches, on_batch=on_batch,
                          show_progress=show_progress, desc="gate scores", process_group=process_group)
     if process_group is not None:

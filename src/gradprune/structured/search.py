@@ -494,7 +494,8 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
            max_iter_data_loader: int = 128, per_sample: bool = False, magnitude_norm: str = "l2",
            show_progress: bool | None = None, measure_latency: bool = False,
            uniform: bool = False, process_group=None,
-           mlp_gate: str = "post_activation", axes: tuple | None = None) -> SearchResult:
+           mlp_gate: str = "post_activation", axes: tuple | None = None,
+           gradient_checkpointing: bool = False) -> SearchResult:
     """Find the subnet of ``model`` that meets every constraint with the least sensitivity.
 
     Args:
@@ -545,12 +546,18 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
             (:func:`~gradprune.structured.depth.search_layers_and_widths`). ``"hidden"`` and
             ``"experts"`` are not available yet (``NotImplementedError``).
 
+        gradient_checkpointing: recompute each decoder layer's activations in the backward
+            pass while gate gradients are taken (the same scores; less memory: see
+            :mod:`gradprune.structured.checkpointing`); gate-gradient width scores and the
+            ``gradnas`` layer score.
+
     Raises ``ValueError`` naming the smallest reachable params and FLOPs (and latency) when no
     subnet meets the constraints.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     axes = check_axes(axes)
+    check_bool("gradient_checkpointing", gradient_checkpointing)
     check_choice("mlp_gate", mlp_gate, ("post_activation", "pre_activation"))
     if "layers" in axes and (process_group is not None or measure_latency):
         raise ValueError("the 'layers' axis does not take process_group or measure_latency yet")
@@ -558,12 +565,14 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
         return search_layers_and_widths(
             model, constraints, data, loss_fn, method, example_input, axes, search,
             max_iter_data_loader=max_iter_data_loader, show_progress=show_progress, rules=rules,
-            uniform=uniform, per_sample=per_sample, mlp_gate=mlp_gate)
+            uniform=uniform, per_sample=per_sample, mlp_gate=mlp_gate,
+            gradient_checkpointing=gradient_checkpointing)
     if "layers" in axes:
         if rules is not None:
             raise ValueError("axes=('layers',) does not take rules (they restrict widths)")
         return search_layers(model, constraints, data, loss_fn, method, example_input,
-                             max_iter_data_loader=max_iter_data_loader, show_progress=show_progress)
+                             max_iter_data_loader=max_iter_data_loader, show_progress=show_progress,
+                             gradient_checkpointing=gradient_checkpointing)
     spec = width_score(method)
     if spec.source == "activations" and process_group is not None:
         raise ValueError("method='activation' does not take process_group yet")
@@ -642,7 +651,8 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
     batches, summary = 0, {}
     if spec.source == "gates":
         stats = gate_statistics(analysis, data, loss_fn, n_batches=max_iter_data_loader,
-                                show_progress=show_progress, process_group=group)
+                                show_progress=show_progress, process_group=group,
+                                gradient_checkpointing=gradient_checkpointing)
         kind = "gradnas_per_sample" if method == "gradnas" and per_sample else spec.statistic
         scores = stats.score(kind) if analysis.groups else {}
         batches, summary = stats.count, stats.summary()
