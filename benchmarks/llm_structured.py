@@ -252,7 +252,7 @@ def main():
     ap.add_argument("--n-eval", type=int, default=32)
     ap.add_argument("--distill-steps", type=int, default=100)
     ap.add_argument("--distill-batch", type=int, default=8)
-    ap.add_argument("--distill-lr", type=float, default=1e-3)
+    ap.add_argument("--distill-lr", type=float, default=2e-4, help="default: the final learning rate of the model's own training")
     ap.add_argument("--name", default="llm_structured")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
