@@ -104,3 +104,25 @@ def test_bad_llm_recipes_fail_in_one_line_before_running(recipe_dir, capsys, bod
     assert err.startswith("gradprune: error:") and len(err.splitlines()) == 1
     assert needle in err, err
     assert not built and not (recipe_dir / "bad-out").exists()
+
+
+def test_layer_widths_of_a_width_and_depth_search():
+    import gradprune as gp
+    from gradprune.llm_structured import layer_widths, perplexity
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2)).eval()
+    ids = [torch.randint(0, 64, (2, 12)) for _ in range(2)]
+    found = gp.search(model, {"params": "70%"}, ids, lambda m, b: m(b, labels=b).loss,
+                      example_input=ids[0], axes=("layers", "heads", "mlp"))
+    rows = layer_widths(found)
+    assert [r["layer"] for r in rows] == [0, 1, 2, 3]
+    assert [r["layer"] for r in rows if not r["kept"]] == found.dropped_layers
+    small = found.export()
+    kept_rows = [r for r in rows if r["kept"]]
+    assert [r["mlp"] for r in kept_rows] == [layer.mlp.down_proj.in_features for layer in small.model.layers]
+    assert all(r["mlp_total"] == 64 and r["heads_total"] == 2 for r in rows)
+    with pytest.raises(TypeError, match="seqs must be a 2-D tensor"):
+        perplexity(model, ids[0][0])
