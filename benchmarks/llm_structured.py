@@ -187,11 +187,13 @@ def shortgpt(model, batches, max_params):
 def torch_pruning(max_params: int, workdir: str):
     from transformers import LlamaForCausalLM
 
-    out = os.path.join(workdir, f"tp-{max_params}")
-    cmd = [str(TP_PYTHON), str(Path(__file__).parent / "llm_structured_tp.py"),
-           "--model", str(llm_model.MODEL_DIR), "--params", str(max_params), "--out", out]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
+    # data-free and deterministic: pruned once per budget, cached next to the model
+    out = os.path.join(llm_model.CACHE, f"tp-llm-{max_params}")
+    if not Path(out, "tp_info.json").exists():
+        cmd = [str(TP_PYTHON), str(Path(__file__).parent / "llm_structured_tp.py"),
+               "--model", str(llm_model.MODEL_DIR), "--params", str(max_params), "--out", out]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
     info = json.loads(Path(out, "tp_info.json").read_text())
     return LlamaForCausalLM.from_pretrained(out).eval(), info
 
@@ -254,6 +256,8 @@ def main():
     ap.add_argument("--distill-batch", type=int, default=8)
     ap.add_argument("--distill-lr", type=float, default=2e-4, help="default: the final learning rate of the model's own training")
     ap.add_argument("--name", default="llm_structured")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the runs of other seeds already in results/<name>.json (same settings)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
@@ -268,16 +272,25 @@ def main():
              "decode_tokens_per_s": decode_tokens_per_s(base, prompt, tokens=32, repeats=3),
              "weights_mib": sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20}
     log.info("dense %s", dense)
-    runs = []
+    runs, commands, run_seeds, run_budgets, run_methods = [], [], list(args.seeds), list(args.budgets), list(args.methods)
+    if args.append and (OUT / f"{args.name}.json").exists():
+        old = json.loads((OUT / f"{args.name}.json").read_text())
+        planned = {(b, s_, m) for b in args.budgets for s_ in args.seeds for m in args.methods}
+        runs = [r for r in old["runs"] if (r["budget"], r["seed"], r["method"]) not in planned]
+        args.budgets = sorted({r["budget"] for r in runs} | set(args.budgets), reverse=True)
+        args.methods = [m for m in METHODS if m in {r["method"] for r in runs} | set(args.methods)]
+        commands = old["meta"].get("commands", [old["meta"]["command"]])
+        args.seeds = sorted({r["seed"] for r in runs} | set(args.seeds))
+    args.commands = commands + ["OMP_NUM_THREADS=1 python benchmarks/llm_structured.py " + " ".join(sys.argv[1:])]
     workdir = tempfile.mkdtemp(prefix="llm-structured-")
     tp_cache = {}
-    for budget in args.budgets:
+    for budget in run_budgets:
         max_params = int(budget / 100 * dense["params"])
-        for seed in args.seeds:
+        for seed in run_seeds:
             calib = list(llm_model.sequences(ids["train"], n=args.n_calib, seed=1000 + seed).split(args.calib_batch))
             dist = list(llm_model.sequences(ids["train"], n=args.distill_steps * args.distill_batch,
                                             seed=2000 + seed).split(args.distill_batch))
-            for method in args.methods:
+            for method in run_methods:
                 row = {"budget": budget, "seed": seed, "method": method}
                 try:
                     if method == "peer_torch_pruning" and budget in tp_cache:  # data-free: prune once
@@ -311,7 +324,7 @@ def main():
 
 def write(args, dense, runs):
     OUT.mkdir(exist_ok=True)
-    meta = {"command": "OMP_NUM_THREADS=1 python benchmarks/llm_structured.py " + " ".join(sys.argv[1:]),
+    meta = {"command": " && ".join(args.commands), "commands": args.commands,
             "seeds": args.seeds, "budgets": args.budgets, "n_calib": args.n_calib,
             "calib_batch": args.calib_batch, "n_eval": args.n_eval, "distill_steps": args.distill_steps,
             "distill_batch": args.distill_batch, "distill_lr": args.distill_lr,

@@ -63,6 +63,28 @@ def prune(model, ratio):
     return model
 
 
+def predicted_params(cfg, r: float) -> int:
+    """Parameters after ``prune(model, r)``, from Torch-Pruning 1.6.1's rules (local pruning: keep
+    ``int(C * (1 - r))`` channels rounded down to a multiple of 4; GQA heads: ``ceil(ceil(r * H) /
+    KV)`` query heads removed per KV group), for a tied-embedding LLaMA."""
+    def keep(c):
+        k = int(c * (1 - r))
+        return k - k % 4
+    hd = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
+    h, i = keep(cfg.hidden_size), keep(cfg.intermediate_size)
+    kv = cfg.num_key_value_heads
+    q = cfg.num_attention_heads - kv * math.ceil(math.ceil(r * cfg.num_attention_heads) / kv) if r > 0 else cfg.num_attention_heads
+    layer = h * q * hd * 2 + h * kv * hd * 2 + 3 * h * i + 2 * h
+    return cfg.vocab_size * h + cfg.num_hidden_layers * layer + h
+
+
+def predicted_ratio(cfg, budget: int) -> float:
+    for k in range(1, 1000):
+        if predicted_params(cfg, k / 1000) <= budget:
+            return k / 1000
+    return 0.999
+
+
 def _status_kib(field):
     with open("/proc/self/status") as fh:
         for line in fh:
@@ -75,6 +97,8 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--params", type=int, required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--one-call", action="store_true",
+                    help="no search: predict the ratio from Torch-Pruning's rounding rules and prune once")
     args = ap.parse_args()
     torch.set_num_threads(1)
     import torch_pruning  # noqa: F401
@@ -91,11 +115,15 @@ def main():
         tries.append({"ratio": r, "params": count(m)})
         return count(m), m
 
+    if args.one_call:
+        r = predicted_ratio(base.config, args.params)
+        n, m = size(r)
+        best = (r, m)
     # the smallest ratio whose model meets the budget: secant steps on params(ratio) (smooth, about
     # quadratic), then the ratio is raised in small steps until the budget holds
     lo, n_lo, best = 0.0, dense, None
     r = 1 - math.sqrt(args.params / dense)
-    for _ in range(4):
+    for _ in range(0 if args.one_call else 4):
         n, m = size(r)
         if n <= args.params:
             if best is None or r < best[0]:
