@@ -24,7 +24,7 @@ def recipe_dir(tmp_path):
     sys.modules.pop("tiny", None)
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES.glob("*.yaml")))
+@pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES.glob("*.yaml") if p.stem != "llm"))  # llm: tests/test_llm_recipe.py
 def test_example_recipe_runs(recipe_dir, name, capsys):
     assert cli.main(["run", str(recipe_dir / f"{name}.yaml")]) == 0, capsys.readouterr().err
     out = recipe_dir / "out" / name

@@ -18,7 +18,14 @@ workflow         section                                      writes
 ``search``       ``search:`` constraints, method, rules,       pruned/ (save_pruned), report.json
                  ``example_input`` (package.module:name)
 ``preprune``     ``preprune:`` PrePruneConfig fields           selection.pt, report.json
+``llm_structured`` ``llm:`` constraints, method, axes,         pruned/ (save_pretrained), report.json,
+                 uniform, ``distill:``, ``eval:``; recipe key    report.md, widths.png
+                 ``eval_data`` (held-out token windows)
 =============== ============================================ ======================================
+
+``llm_structured`` (a Hugging Face causal LM; see :mod:`gradprune.llm_structured`) scores,
+searches, exports, distils the export from the original model and measures held-out perplexity,
+prefill latency and decode tokens/s of the dense, one-shot and distilled models.
 
 ``train:`` holds ``steps`` (optimizer steps; the data is cycled), ``optimizer`` (``sgd``,
 ``adam``, ``adamw``), ``lr``, ``momentum``, ``weight_decay``.
@@ -55,13 +62,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["RecipeError", "load_recipe", "run_recipe", "WORKFLOWS", "RECIPE_KEYS", "TRAIN_KEYS"]
 
-WORKFLOWS = ("prune", "gradual", "sparse", "search", "preprune")
+WORKFLOWS = ("prune", "gradual", "sparse", "search", "preprune", "llm_structured")
 RECIPE_KEYS = ("workflow", "model", "checkpoint", "data", "loss_fn", "n_batches", "output",
-               "prune", "train", "sparse", "search", "preprune")
+               "prune", "train", "sparse", "search", "preprune", "llm", "eval_data")
 TRAIN_KEYS = ("steps", "optimizer", "lr", "momentum", "weight_decay")
 SEARCH_KEYS = ("constraints", "method", "rules", "example_input", "max_iter_data_loader")
 SECTION_OF = {"prune": ("prune",), "gradual": ("prune", "train"), "sparse": ("sparse", "train"),
-              "search": ("search",), "preprune": ("preprune",)}
+              "search": ("search",), "preprune": ("preprune",), "llm_structured": ("llm",)}
 
 
 class RecipeError(ValueError):
@@ -146,7 +153,7 @@ def validate_recipe(recipe: Any, default_workflow: str | None = None) -> dict:
     recipe["workflow"] = workflow
     if "model" not in recipe:
         raise RecipeError("recipe needs 'model: package.module:factory'")
-    stray = [k for k in ("prune", "train", "sparse", "search", "preprune")
+    stray = [k for k in ("prune", "train", "sparse", "search", "preprune", "llm")
              if k in recipe and k not in SECTION_OF[workflow]]
     if stray:
         raise RecipeError(f"section(s) {stray} do not apply to workflow {workflow!r} "
@@ -187,6 +194,17 @@ def validate_recipe(recipe: Any, default_workflow: str | None = None) -> dict:
         section.setdefault("method", "gradnas")
         check_choice("search.method", section["method"], METHODS)
         recipe["search"] = section
+    if workflow == "llm_structured":
+        from .llm_structured import validate_section
+
+        if "data" not in recipe:
+            raise RecipeError("workflow 'llm_structured' needs data: (batches of token ids, package.module:name)")
+        for key in ("data", "eval_data", "loss_fn"):
+            if key in recipe and (not isinstance(recipe[key], str) or ":" not in recipe[key]):
+                raise RecipeError(f"{key} must be 'package.module:name', got {recipe[key]!r}")
+        recipe["llm"] = validate_section(recipe.get("llm"), RecipeError)
+    elif "eval_data" in recipe:
+        raise RecipeError(f"eval_data applies to workflow 'llm_structured' only, not {workflow!r}")
     if workflow == "preprune":
         from .preprune import PrePruneConfig
 
@@ -273,7 +291,8 @@ def run_recipe(recipe: dict, base_dir: str = ".", verbose: bool = True, overwrit
 _OUTPUTS = {"prune": ("pruned_model.pt", "masks.pt", "report.json"),
             "gradual": ("pruned_model.pt", "masks.pt", "report.json"),
             "sparse": ("pruned_model.pt", "masks.pt", "report.json"),
-            "search": ("pruned", "report.json"), "preprune": ("selection.pt", "report.json")}
+            "search": ("pruned", "report.json"), "preprune": ("selection.pt", "report.json"),
+            "llm_structured": ("pruned", "report.json", "report.md", "widths.png")}
 
 
 def _output_folder(recipe: dict, base_dir: str = ".") -> str:
@@ -342,6 +361,26 @@ def _run_recipe(recipe: dict, base_dir: str, overwrite: bool = False) -> tuple[d
                       params=sum(p.numel() for p in small.parameters()))
         write_file_set(out, {"pruned": lambda t: save_pruned(small, t), "report.json": _json_writer(report)})
         files = ["pruned/", "report.json"]
+    elif workflow == "llm_structured":
+        from .llm_structured import run as run_llm
+
+        heldout = None
+        if recipe.get("eval_data"):
+            heldout = resolve(recipe["eval_data"], "eval_data")
+            heldout = heldout() if callable(heldout) else heldout
+            if not isinstance(heldout, torch.Tensor) or heldout.dim() != 2:
+                raise RecipeError(f"eval_data: {recipe['eval_data']} must give a 2-D tensor of token ids "
+                                  f"[n, T], got {type(heldout).__name__}")
+        example = None
+        if recipe["llm"].get("example_input"):
+            example = resolve(recipe["llm"]["example_input"], "llm.example_input")
+            example = example() if callable(example) else example
+        writers: dict = {}
+        rep_, text = run_llm(model, data, recipe["llm"], writers, loss_fn=loss_fn, heldout=heldout,
+                             example_input=example)
+        report.update(rep_)
+        write_file_set(out, writers)
+        files = [f + "/" if f == "pruned" else f for f in writers]
     else:  # preprune
         from .preprune import pre_prune
 

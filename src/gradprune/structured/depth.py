@@ -45,7 +45,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -57,6 +57,7 @@ from .._checks import check_choice, check_int
 from .._modes import preserve_modes
 from .._progress import progress
 from .._report import Report
+from .checkpointing import checkpointed_layers
 from .groups import _as_args
 
 __all__ = ["AXES", "DEFAULT_AXES", "IMPLEMENTED_AXES", "LAYER_METHODS", "check_axes", "group_axis",
@@ -206,7 +207,8 @@ def _loss(loss_fn, model, batch) -> torch.Tensor:
 
 
 def layer_scores(model: nn.Module, data: Iterable, loss_fn: Callable, method: str = "gradnas",
-                 max_batches: int = 128, show_progress: bool | None = None) -> tuple:
+                 max_batches: int = 128, show_progress: bool | None = None,
+                 gradient_checkpointing: bool = False) -> tuple:
     """Score every decoder layer (see the module docs); returns ``(scores, batches)`` with
     ``scores`` a float64 tensor, one entry per layer, higher = more important. The model runs in
     eval mode (restored after), its parameters with ``requires_grad=False`` (restored after).
@@ -239,7 +241,8 @@ def layer_scores(model: nn.Module, data: Iterable, loss_fn: Callable, method: st
             bar.update(1)
             if method == "gradnas":
                 g = torch.ones(n, device=p.device, dtype=torch.float32, requires_grad=True)
-                with LayerGates(model, g):
+                with LayerGates(model, g), (checkpointed_layers(model) if gradient_checkpointing
+                                            else nullcontext()):
                     loss = _loss(loss_fn, model, batch)
                     (grad,) = torch.autograd.grad(loss, g)
                 total += grad.detach().double().cpu() ** 2
@@ -454,7 +457,7 @@ def _update_config(cfg, kept: list, n: int) -> None:
 
 def search_layers(model: nn.Module, constraints: dict, data: Iterable | None, loss_fn: Callable | None,
                   method: str, example_input, *, max_iter_data_loader: int = 128,
-                  show_progress: bool | None = None) -> LayerSearchResult:
+                  show_progress: bool | None = None, gradient_checkpointing: bool = False) -> LayerSearchResult:
     """``search(..., axes=("layers",))``: score the decoder layers with ``method`` (one of
     :data:`LAYER_METHODS`) and drop the lowest-scored ones until every constraint holds."""
     from .search import CONSTRAINT_KEYS, parse_constraints
@@ -487,7 +490,8 @@ def search_layers(model: nn.Module, constraints: dict, data: Iterable | None, lo
         raise ValueError(f"no subnet meets constraints ({asked}) by dropping decoder layers: the "
                          f"smallest reachable (one of {costs.n} layers kept) are {costs.text(smallest)}")
 
-    scores, batches = layer_scores(model, data, loss_fn, method, max_iter_data_loader, show_progress)
+    scores, batches = layer_scores(model, data, loss_fn, method, max_iter_data_loader, show_progress,
+                                   gradient_checkpointing)
     order = sorted(range(costs.n), key=lambda i: (float(scores[i]), i))  # ties: lower index first
     for k in range(costs.n):
         values = costs.of(order[:k])
@@ -553,7 +557,8 @@ def search_layers_and_widths(model: nn.Module, constraints: dict, data: Iterable
         if "no subnet meets" in str(exc):
             raise ValueError(f"{exc} (with one of {costs.n} decoder layers kept)") from None
         raise
-    scores, _ = layer_scores(model, data, loss_fn, "gradnas", max_iter_data_loader, show_progress)
+    scores, _ = layer_scores(model, data, loss_fn, "gradnas", max_iter_data_loader, show_progress,
+                             width_kw.get("gradient_checkpointing", False))
     order = sorted(range(costs.n), key=lambda i: (float(scores[i]), i))
     best, last_error = None, None
     for k in range(costs.n):

@@ -12,8 +12,17 @@ that is the mean over the batch's samples, in eval mode where samples do not int
 - ``taylor``: ``|mean_b g_b|``, the first-order estimate of the loss change when the unit goes;
 - ``michel``: ``mean_i |g_i|`` L2-normalised within each group (Michel et al., 2019).
 
+:func:`activation_scores` gives Minitron's activation importance: with ``x_{t,u}`` the slice of
+unit ``u`` in the input of the group's consumers (the ``o_proj`` input of a head / KV group, the
+``down_proj`` input of an MLP neuron) at token ``t``, the score is ``mean_t ||x_{t,u}||_2`` over
+every token of every batch (for a single neuron, the mean ``|activation|``). No gradient is taken.
+
 :func:`magnitude_scores` gives the L1 or L2 norm of each unit's producer weights (output rows of
 every producer of the group, together).
+
+:data:`WIDTH_SCORES` registers every width score by name (the ``method`` of
+:func:`~gradprune.structured.search`), with its formula and what it needs; :func:`width_score`
+looks one up (an unknown name raises ``ValueError`` listing the known ones).
 
 Example:
     >>> import torch, torch.nn as nn
@@ -30,18 +39,74 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
+from torch import nn
 
 from .._distributed import RowShard, all_reduce_tensors, is_dtensor, local
 from ..scores.stats import stream_gradients
 from .gates import Gates
 from .groups import Analysis
 
-__all__ = ["GateStatistics", "gate_statistics", "magnitude_scores", "GRADIENT_SCORES"]
+__all__ = ["GateStatistics", "gate_statistics", "magnitude_scores", "activation_scores",
+           "GRADIENT_SCORES", "WidthScore", "WIDTH_SCORES", "width_score"]
 
 GRADIENT_SCORES = ("gradnas", "gradnas_per_sample", "taylor", "michel")
+
+
+@dataclass(frozen=True)
+class WidthScore:
+    """A registered width score: ``source`` is ``"gates"`` (gate gradients; ``statistic`` names the
+    :meth:`GateStatistics.score` kind), ``"activations"`` (:func:`activation_scores`),
+    ``"weights"`` (:func:`magnitude_scores`) or ``"measured"`` (fastnas: evaluations of
+    ``score_func``); ``formula`` is the unit score (``g_b``: gate gradient of batch ``b``'s loss,
+    ``g_i``: of sample ``i``'s loss, ``x_{t,u}``: unit ``u``'s consumer input at token ``t``)."""
+
+    name: str
+    source: str
+    formula: str
+    statistic: str | None = None
+
+    @property
+    def needs_data(self) -> bool:
+        return self.source in ("gates", "activations")
+
+
+WIDTH_SCORES = {s.name: s for s in (
+    WidthScore("gradnas", "gates", "mean_b g_b^2 (ModelOpt's gradnas; per_sample=True: mean_i g_i^2)",
+               "gradnas"),
+    WidthScore("taylor", "gates", "|mean_b g_b| = |mean_b sum_(w in unit's producer rows) w * dL_b/dw| "
+               "(first-order Taylor loss change when the unit goes; the gate form equals the weight "
+               "form for a bias-free producer)", "taylor"),
+    WidthScore("fisher", "gates", "mean_i g_i^2 over samples (per-sample empirical Fisher of the gate)",
+               "gradnas_per_sample"),
+    WidthScore("michel", "gates", "mean_i |g_i|, L2-normalised within the group (Michel et al., 2019)",
+               "michel"),
+    WidthScore("activation", "activations", "mean_t ||x_{t,u}||_2 over calibration tokens "
+               "(Minitron's activation importance; a neuron's mean |activation|)"),
+    WidthScore("magnitude", "weights", "L2 (or L1) norm of the unit's producer weights"),
+    WidthScore("fastnas", "measured", "score_func(model) - score_func(model without the units)"),
+)}
+
+
+def width_score(name) -> WidthScore:
+    """The registered :class:`WidthScore` called ``name``.
+
+    Example:
+        >>> width_score("fisher").statistic
+        'gradnas_per_sample'
+        >>> width_score("taylr")
+        Traceback (most recent call last):
+        ...
+        ValueError: method must be one of gradnas, taylor, fisher, michel, activation, magnitude, fastnas; got 'taylr'
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"method must be str, got {type(name).__name__}")
+    if name not in WIDTH_SCORES:
+        raise ValueError(f"method must be one of {', '.join(WIDTH_SCORES)}; got {name!r}")
+    return WIDTH_SCORES[name]
 
 
 class GateStatistics:
@@ -102,9 +167,14 @@ class GateStatistics:
 
 
 def gate_statistics(analysis: Analysis, data: Iterable, loss_fn: Callable, *, n_batches: int = 128,
-                    show_progress: bool | None = None, process_group=None) -> GateStatistics:
+                    show_progress: bool | None = None, process_group=None,
+                    gradient_checkpointing: bool = False) -> GateStatistics:
     """Stream at most ``n_batches`` batches with all-ones gates attached and accumulate the gate
     gradients of every group.
+
+    ``gradient_checkpointing=True`` recomputes each decoder layer's activations in the backward
+    pass (:func:`~gradprune.structured.checkpointing.checkpointed_layers`): the same scores, with
+    only the layers' inputs kept between forward and backward.
 
     With ``process_group`` every rank feeds its shard of each batch: the batch gate gradients are
     averaged over the ranks before they are squared (the gradient of the global batch's mean
@@ -124,7 +194,11 @@ def gate_statistics(analysis: Analysis, data: Iterable, loss_fn: Callable, *, n_
             all_reduce_tensors([grads[gi][0] for gi in order], process_group, average=True)
         stats.update(grads)
 
-    with gates:
+    from contextlib import nullcontext
+
+    from .checkpointing import checkpointed_layers
+
+    with gates, (checkpointed_layers(analysis.model) if gradient_checkpointing else nullcontext()):
         stream_gradients(analysis.model, data, loss_fn, {}, n_batches=n_batches, on_batch=on_batch,
                          show_progress=show_progress, desc="gate scores", process_group=process_group)
     if process_group is not None:
@@ -206,3 +280,79 @@ def _add_local(acc: torch.Tensor, s, rows: torch.Tensor, start: int, norm: str) 
         return
     w = w.transpose(0, s.dim)[s.offset:s.offset + s.size * s.inner].reshape(s.size, -1)
     acc += w.abs().sum(1) if norm == "l1" else (w * w).sum(1)
+
+
+def activation_scores(analysis: Analysis, data: Iterable, forward: Callable, *, n_batches: int = 128,
+                      show_progress: bool | None = None) -> tuple:
+    """Minitron's activation importance of every unit: ``mean_t ||x_{t,u}||_2`` with ``x_{t,u}``
+    the channels of unit ``u`` in the input of the group's consumers (``in`` slices; a group
+    without consumers uses its producers' outputs) at token ``t`` (every position of every batch
+    but the channel dim). ``forward(model, batch)`` runs one batch (a ``loss_fn`` works; its value
+    is ignored) in eval mode under ``torch.no_grad()``; at most ``n_batches`` batches are used.
+    Returns ``({group index: float64 scores}, batches)``.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> from gradprune.structured import find_groups
+        >>> model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+        >>> x = torch.randn(5, 4)
+        >>> scores, n = activation_scores(find_groups(model, x), [(x, None)], lambda m, b: m(b[0]))
+        >>> bool(torch.allclose(scores[0], torch.relu(model[0](x)).abs().mean(0).double())), n
+        (True, 1)
+    """
+    import itertools
+
+    from .._modes import preserve_modes
+    from .._progress import progress
+
+    model = analysis.model
+    modules = dict(model.named_modules())
+    sums = {gi: torch.zeros(g.size, dtype=torch.float64) for gi, g in enumerate(analysis.groups)}
+    counts = {gi: 0 for gi in sums}
+    sites: dict = {}  # module name -> [(group index, slice, is_input)]
+    for gi, g in enumerate(analysis.groups):
+        role = "in" if any(s.role == "in" for s in g.slices) else "out"
+        for s in g.slices:
+            if s.role == role:
+                sites.setdefault(s.module, []).append((gi, s, role == "in"))
+
+    def record(name, tensor, want_input):
+        mod = modules[name]
+        cdim = 1 if isinstance(mod, nn.modules.conv._ConvNd) else -1
+        x = tensor.detach().movedim(cdim, -1)
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        sq: dict = {}  # slices of one group in one module: squares added before the root
+        for gi, s, is_input in sites[name]:
+            if is_input != want_input:
+                continue
+            lo, hi = s.index_range()
+            part = x[:, lo:hi].reshape(x.shape[0], s.size, s.inner).pow(2).sum(-1)
+            sq[gi] = part if gi not in sq else sq[gi] + part
+        for gi, v in sq.items():
+            sums[gi] += v.sqrt().sum(0).cpu()
+            counts[gi] += x.shape[0]
+
+    handles = []
+    for name, entries in sites.items():
+        if any(e[2] for e in entries):
+            handles.append(modules[name].register_forward_pre_hook(
+                lambda mod, args, name=name: record(name, args[0], True)))
+        if any(not e[2] for e in entries):
+            handles.append(modules[name].register_forward_hook(
+                lambda mod, args, out, name=name: record(name, out, False)))
+    batches = 0
+    bar = progress(total=None, desc="activation scores", enable=show_progress)
+    try:
+        with torch.no_grad(), preserve_modes(model):
+            model.eval()
+            for batch in itertools.islice(iter(data), n_batches):
+                forward(model, batch)
+                batches += 1
+                bar.update(1)
+    finally:
+        bar.close()
+        for h in handles:
+            h.remove()
+    if batches == 0:
+        raise ValueError("data yielded no batches: activation scores need at least one")
+    return {gi: sums[gi] / max(counts[gi], 1) for gi in sums}, batches

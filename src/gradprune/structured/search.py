@@ -3,8 +3,10 @@
 1. :func:`~gradprune.structured.find_groups` finds the dependency groups; the search-space
    ``rules`` give each group its allowed widths.
 2. Every unit of every group gets a score (``method``): ``gradnas`` (mean squared gate gradient,
-   or per sample with ``per_sample=True``), ``taylor``, ``michel``, ``magnitude`` (L2 or L1 weight
-   norm) — higher is more important. A group keeps its highest-scored units; the *sensitivity* of a
+   or per sample with ``per_sample=True``), ``taylor``, ``fisher`` (per-sample), ``michel``,
+   ``activation`` (Minitron's mean activation norm), ``magnitude`` (L2 or L1 weight norm) — higher
+   is more important (every score is registered with its formula in
+   :data:`~gradprune.structured.scoring.WIDTH_SCORES`). A group keeps its highest-scored units; the *sensitivity* of a
    width is the sum of the scores of the units it removes. ``fastnas`` instead orders units by L2
    weight norm and measures ``score_func(model) - score_func(model with those units off)`` with one
    evaluation per (group, width).
@@ -60,11 +62,11 @@ from .gates import Gates
 from .groups import Analysis, _as_args, find_groups
 from .kvcache import KVCache
 from .rules import SearchRules
-from .scoring import gate_statistics, magnitude_scores
+from .scoring import WIDTH_SCORES, activation_scores, gate_statistics, magnitude_scores, width_score
 
 __all__ = ["search", "SearchResult", "METHODS", "parse_constraints", "LatencyProbe", "recalibrate_batchnorm"]
 
-METHODS = ("gradnas", "taylor", "michel", "magnitude", "fastnas")
+METHODS = tuple(WIDTH_SCORES)  # gradnas, taylor, fisher, michel, activation, magnitude, fastnas
 CONSTRAINT_KEYS = ("params", "flops", "latency", "kv_cache")
 _PCT = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*%\s*$")
 
@@ -521,7 +523,7 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
            show_progress: bool | None = None, measure_latency: bool = False,
            uniform: bool = False, process_group=None,
            mlp_gate: str = "post_activation", axes: tuple | None = None,
-           hidden_divisor: int | None = None) -> SearchResult:
+           hidden_divisor: int | None = None, gradient_checkpointing: bool = False) -> SearchResult:
     """Find the subnet of ``model`` that meets every constraint with the least sensitivity.
 
     Args:
@@ -539,7 +541,9 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
             re-estimated on its first ``max_iter_data_loader`` batches (held in memory; run with
             ``loss_fn``, or ``model(batch[0])`` without it) before every evaluation, with the
             candidate's units off (see :func:`recalibrate_batchnorm`).
-        method: ``gradnas``, ``taylor``, ``michel``, ``magnitude`` or ``fastnas``.
+        method: a registered width score (:data:`~gradprune.structured.scoring.WIDTH_SCORES`):
+            ``gradnas``, ``taylor``, ``fisher``, ``michel``, ``activation``, ``magnitude`` or
+            ``fastnas``.
         example_input: a tensor or a tuple of tensors for one forward (batch on dim 0).
         rules: search-space rules (see :mod:`gradprune.structured.rules`).
         score_func: ``score_func(model) -> float`` (higher is better), for ``fastnas``.
@@ -586,12 +590,18 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
         hidden_divisor: with ``"hidden"`` in ``axes``: the hidden size stays a multiple of it
             (default: the largest power of two up to 64 that divides ``hidden_size``).
 
+        gradient_checkpointing: recompute each decoder layer's activations in the backward
+            pass while gate gradients are taken (the same scores; less memory: see
+            :mod:`gradprune.structured.checkpointing`); gate-gradient width scores and the
+            ``gradnas`` layer score.
+
     Raises ``ValueError`` naming the smallest reachable params and FLOPs (and latency) when no
     subnet meets the constraints.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     axes = check_axes(axes)
+    check_bool("gradient_checkpointing", gradient_checkpointing)
     check_choice("mlp_gate", mlp_gate, ("post_activation", "pre_activation"))
     if hidden_divisor is not None and "hidden" not in axes:
         raise ValueError(f"hidden_divisor={hidden_divisor!r} needs 'hidden' in axes, got axes={axes!r}")
@@ -620,13 +630,17 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
         return search_layers_and_widths(
             model, constraints, data, loss_fn, method, example_input, axes, search,
             max_iter_data_loader=max_iter_data_loader, show_progress=show_progress, rules=rules,
-            uniform=uniform, per_sample=per_sample, mlp_gate=mlp_gate)
+            uniform=uniform, per_sample=per_sample, mlp_gate=mlp_gate,
+            gradient_checkpointing=gradient_checkpointing)
     if "layers" in axes:
         if rules is not None:
             raise ValueError("axes=('layers',) does not take rules (they restrict widths)")
         return search_layers(model, constraints, data, loss_fn, method, example_input,
-                             max_iter_data_loader=max_iter_data_loader, show_progress=show_progress)
-    check_choice("method", method, METHODS)
+                             max_iter_data_loader=max_iter_data_loader, show_progress=show_progress,
+                             gradient_checkpointing=gradient_checkpointing)
+    spec = width_score(method)
+    if spec.source == "activations" and process_group is not None:
+        raise ValueError("method='activation' does not take process_group yet")
     if example_input is None:
         raise ValueError("example_input must be given (a tensor or a tuple of tensors), got None")
     _as_args(example_input)
@@ -635,7 +649,7 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
     check_choice("magnitude_norm", magnitude_norm, ("l1", "l2"))
     check_bool("measure_latency", measure_latency)
     check_optional_bool("show_progress", show_progress)
-    if method in ("gradnas", "taylor", "michel"):
+    if spec.needs_data:
         if data is None:
             raise ValueError(f"data must be an iterable of batches for method={method!r}, got None")
         if not callable(loss_fn):
@@ -722,12 +736,18 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
     _check_reachable(analysis, choices, cost, bounds, rules, kv)  # from the rules alone, before scoring
 
     batches, summary = 0, {}
-    if method in ("gradnas", "taylor", "michel"):
+    if spec.source == "gates":
         stats = gate_statistics(analysis, data, loss_fn, n_batches=max_iter_data_loader,
-                                show_progress=show_progress, process_group=group)
-        kind = {"gradnas": "gradnas_per_sample" if per_sample else "gradnas"}.get(method, method)
+                                show_progress=show_progress, process_group=group,
+                                gradient_checkpointing=gradient_checkpointing)
+        kind = "gradnas_per_sample" if method == "gradnas" and per_sample else spec.statistic
         scores = stats.score(kind) if analysis.groups else {}
         batches, summary = stats.count, stats.summary()
+    elif spec.source == "activations":
+        if group is not None:
+            raise ValueError("method='activation' does not take process_group yet")
+        scores, batches = activation_scores(analysis, data, loss_fn, n_batches=max_iter_data_loader,
+                                            show_progress=show_progress) if analysis.groups else ({}, 0)
     elif method == "fastnas":  # units ordered as ModelOpt sorts channels: by the consumers' weights
         scores = magnitude_scores(analysis, "l2", side="in")
     else:
