@@ -215,6 +215,15 @@ def run_variant(name, dense, calib, dense_params):
     return row
 
 
+def _process_peak(result) -> float:
+    peaks = [r.get(k) or 0 for r in result["variants"] for k in ("search_peak_rss_gib", "export_peak_rss_gib")]
+    return max(peaks + [result.get("process_peak_rss_gib") or 0])
+
+
+def _label(row) -> str:
+    return row["variant"] + (f" ({row['note']})" if row.get("note") else "")
+
+
 def write(result):
     OUT.mkdir(exist_ok=True)
     (OUT / "llm_scale.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -233,7 +242,8 @@ def write(result):
         "",
         f"Dense: {d['params']:,} params ({d['non_embedding_params']:,} outside the embedding / LM head), "
         f"random init {d['init_s']:.1f} s, resident {d['rss_gib']:.2f} GiB. "
-        f"Process peak resident size (ru_maxrss, the largest of the runs): {result['process_peak_rss_gib']:.2f} GiB.",
+        f"Process peak resident size (the largest phase peak; `ru_maxrss` is reset with `VmHWM` by "
+        f"`clear_refs`, so it is no lifetime peak here): {_process_peak(result):.2f} GiB.",
         "",
         "Timings: prefill = one forward of [1, %d] tokens; decode = greedy, batch 1, KV cache, %d new tokens "
         "after a %d-token prompt; median of %d, dense and pruned interleaved." % (PREFILL, DECODE, PROMPT, REPEATS),
@@ -245,12 +255,12 @@ def write(result):
     ]
     for r in result["variants"]:
         if "error" in r:
-            lines.append(f"| {r['variant']} | {r.get('calibration_batches', CALIB)} | FAILED: "
+            lines.append(f"| {_label(r)} | {r.get('calibration_batches', CALIB)} | FAILED: "
                          f"{r['error'][:200].replace('|', '/')} |" + " |" * 12)
             continue
         c = r["config"]
         lines.append(
-            f"| {r['variant']} | {r.get('calibration_batches', CALIB)} | {c['hidden_size']} / {c['intermediate_size']} / {c['num_hidden_layers']} / "
+            f"| {_label(r)} | {r.get('calibration_batches', CALIB)} | {c['hidden_size']} / {c['intermediate_size']} / {c['num_hidden_layers']} / "
             f"{c['num_attention_heads']} / {c['num_key_value_heads']} | {r['params']:,} ({r['params_ratio']:.3f}) | "
             f"{r['non_embedding_params_ratio']:.3f} | {r['search_s']:.0f} | {r['search_peak_rss_gib']:.2f} | "
             f"{r['export_s']:.1f} | {r['export_peak_rss_gib']:.2f} | {r['dense_prefill_s']:.2f} → "
@@ -266,7 +276,7 @@ def write(result):
         if "error" not in r:
             raw = r["raw"]
             pair = sorted(p / d for p, d in zip(raw["pruned_decode_tps"], raw["dense_decode_tps"]))
-            lines.append(f"- {r['variant']}: decode speed-up x{r['decode_speedup']:.2f} (per-repeat "
+            lines.append(f"- {_label(r)}: decode speed-up x{r['decode_speedup']:.2f} (per-repeat "
                          f"x{statistics.median(pair):.2f}, x{pair[0]:.2f}–x{pair[-1]:.2f}); "
                          f"/ (1/params ratio) = {r['decode_speedup_vs_inverse_params']:.2f} "
                          f"({'met' if r['goal_within_15pct'] else 'not met'}); / (1/non-emb ratio) = "
