@@ -297,6 +297,7 @@ def test_config_per_layer_fields_follow_the_kept_layers():
 # ---------------------------------------------------------------- layers with widths
 def test_layers_combined_with_widths(tmp_path):
     model, data = _model("llama-tied"), _batches()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     # widths alone reach ~50% of the params at best: the budget needs layers dropped too
     rules = {"nn.Linear": {"feature_divisor": 8}}
     found = gp.search(model, {"params": "45%"}, data, loss_fn, method="gradnas", example_input=data[0],
@@ -315,9 +316,27 @@ def test_layers_combined_with_widths(tmp_path):
             gated = found.analysis.model(data[0]).logits
         torch.testing.assert_close(loaded(data[0]).logits, gated, rtol=1e-5, atol=1e-5)
     assert len(model.model.layers) == 4  # the user's model is untouched
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    # the searched depth-pruned copy shares the dense weights (memory); the export owns its own
+    shared = {p.data_ptr() for p in model.parameters()}
+    assert {p.data_ptr() for p in found.analysis.model.parameters()} <= shared
+    assert not {p.data_ptr() for p in small.parameters()} & shared
     with pytest.raises(ValueError, match="gradnas"):
         gp.search(model, {"params": "45%"}, data, loss_fn, method="taylor", example_input=data[0],
                   axes=("layers", "mlp"))
+
+
+def test_layers_export_copies_only_the_kept_layers():
+    model = _model("llama-tied")
+    found = _search(model, {"params": "60%"})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    small = found.export()
+    assert small.lm_head.weight is small.model.embed_tokens.weight
+    assert not {p.data_ptr() for p in small.parameters()} & {p.data_ptr() for p in model.parameters()}
+    assert len(model.model.layers) == 4 and len(found.model.model.layers) == 4
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
 
 
 def test_layers_with_widths_unreachable_budget_named_before_scoring():

@@ -403,7 +403,15 @@ class LayerSearchResult:
         """A deep copy of the model without the dropped layers (see :func:`drop_layers`)."""
         if uniform is not None and not isinstance(uniform, bool):
             raise TypeError(f"uniform must be bool or None, got {type(uniform).__name__}")
-        return drop_layers(copy.deepcopy(self.model), self.dropped)
+        # drop the layers from a weight-sharing copy first: only the kept layers' weights are copied
+        return copy.deepcopy(drop_layers(_weight_sharing_copy(self.model), self.dropped))
+
+
+def _weight_sharing_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules that shares its parameters and buffers (no weight memory):
+    dropping layers from it leaves ``model`` intact, and a 1B model is not held twice."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
 def drop_layers(model: nn.Module, drop: Iterable[int]) -> nn.Module:
@@ -549,7 +557,7 @@ def search_layers_and_widths(model: nn.Module, constraints: dict, data: Iterable
         raise _Reachable
 
     try:  # the smallest subnet: one layer kept, the smallest widths
-        width_search(drop_layers(copy.deepcopy(model), range(1, costs.n)), dict(bounds), data, probe,
+        width_search(drop_layers(_weight_sharing_copy(model), range(1, costs.n)), dict(bounds), data, probe,
                      "gradnas", example_input, axes=widths_axes, **width_kw)
     except _Reachable:
         pass
@@ -562,7 +570,7 @@ def search_layers_and_widths(model: nn.Module, constraints: dict, data: Iterable
     order = sorted(range(costs.n), key=lambda i: (float(scores[i]), i))
     best, last_error = None, None
     for k in range(costs.n):
-        small = drop_layers(copy.deepcopy(model), order[:k])
+        small = drop_layers(_weight_sharing_copy(model), order[:k])  # shares model's weights
         try:
             found = width_search(small, dict(bounds), data, loss_fn, "gradnas", example_input,
                                  axes=widths_axes, max_iter_data_loader=max_iter_data_loader,
