@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -463,28 +462,37 @@ def _update_config(cfg, kept: list, n: int) -> None:
     cfg.num_hidden_layers = len(kept)
 
 
+def check_axis_inputs(what: str, data, loss_fn, constraints: dict, allowed) -> None:
+    """Checks shared by the searches of the layer, expert and hidden axes (``what`` names the
+    axis in the messages): ``data`` given, ``loss_fn`` callable, ``constraints`` valid and each
+    of its keys in ``allowed``."""
+    from .search import CONSTRAINT_KEYS, parse_constraints
+
+    if data is None:
+        raise ValueError(f"data must be an iterable of batches for {what}, got None")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(model, batch) for {what}, "
+                        f"got {type(loss_fn).__name__}")
+    parse_constraints(constraints, {k: 1.0 for k in CONSTRAINT_KEYS})
+    for key in constraints:
+        if key not in allowed:
+            raise ValueError(f"constraints[{key!r}] is not supported with {what} yet; "
+                             f"use {', '.join(allowed)}")
+
+
 def search_layers(model: nn.Module, constraints: dict, data: Iterable | None, loss_fn: Callable | None,
                   method: str, example_input, *, max_iter_data_loader: int = 128,
                   show_progress: bool | None = None, gradient_checkpointing: bool = False) -> LayerSearchResult:
     """``search(..., axes=("layers",))``: score the decoder layers with ``method`` (one of
     :data:`LAYER_METHODS`) and drop the lowest-scored ones until every constraint holds."""
-    from .search import CONSTRAINT_KEYS, parse_constraints
+    from .search import parse_constraints
 
     check_choice("method", method, LAYER_METHODS)
     if example_input is None:
         raise ValueError("example_input must be given (a tensor or a tuple of tensors), got None")
     _as_args(example_input)
     check_int("max_iter_data_loader", max_iter_data_loader, min_value=1)
-    if data is None:
-        raise ValueError(f"data must be an iterable of batches for axes=('layers',), got None")
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable as loss_fn(model, batch) for axes=('layers',), "
-                        f"got {type(loss_fn).__name__}")
-    parse_constraints(constraints, {k: 1.0 for k in CONSTRAINT_KEYS})
-    for key in constraints:
-        if key not in LAYER_CONSTRAINTS:
-            raise ValueError(f"constraints[{key!r}] is not supported with axes=('layers',) yet; "
-                             f"use {', '.join(LAYER_CONSTRAINTS)}")
+    check_axis_inputs("axes=('layers',)", data, loss_fn, constraints, LAYER_CONSTRAINTS)
     decoder_layers(model)
     costs = _LayerCosts(model, example_input)
     if "kv_cache" in constraints and costs.layer_kv is None:

@@ -91,7 +91,7 @@ from .._checks import check_bool, check_choice, check_int
 from .._modes import preserve_modes
 from .._progress import progress
 from .._report import Report
-from .depth import _frozen, _loss
+from .depth import _frozen, _loss, check_axis_inputs
 from .groups import _as_args
 from .hf import register_block_builder
 
@@ -883,7 +883,7 @@ def search_experts(model: nn.Module, constraints: dict, data: Iterable | None, l
     """``search(..., axes=("experts",))``: score the experts of every recognised MoE block with
     ``method`` (one of :data:`EXPERT_METHODS`) and remove the lowest-scored ones until the
     ``params`` / ``flops`` bounds hold (see the module docs)."""
-    from .search import CONSTRAINT_KEYS, parse_constraints
+    from .search import parse_constraints
 
     check_choice("method", method, EXPERT_METHODS)
     if example_input is None:
@@ -891,16 +891,7 @@ def search_experts(model: nn.Module, constraints: dict, data: Iterable | None, l
     _as_args(example_input)
     check_int("max_iter_data_loader", max_iter_data_loader, min_value=1)
     check_bool("uniform", uniform)
-    if data is None:
-        raise ValueError("data must be an iterable of batches for axes=('experts',), got None")
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable as loss_fn(model, batch) for axes=('experts',), "
-                        f"got {type(loss_fn).__name__}")
-    parse_constraints(constraints, {k: 1.0 for k in CONSTRAINT_KEYS})
-    for key in constraints:
-        if key not in EXPERT_CONSTRAINTS:
-            raise ValueError(f"constraints[{key!r}] is not supported with axes=('experts',) yet; "
-                             f"use {', '.join(EXPERT_CONSTRAINTS)}")
+    check_axis_inputs("axes=('experts',)", data, loss_fn, constraints, EXPERT_CONSTRAINTS)
     blocks, skipped = find_moe_blocks(model)
     if blocks:
         blocks, bad = _check_routing(model, blocks, example_input)

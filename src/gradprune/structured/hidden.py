@@ -806,7 +806,7 @@ class HiddenSearchResult:
 def _prepare(model, constraints, data, loss_fn, method, example_input, hidden_divisor, max_batches,
              allowed=HIDDEN_CONSTRAINTS):
     """Validate the arguments of the hidden axis (before any work) and measure the costs."""
-    from .search import CONSTRAINT_KEYS, parse_constraints
+    from .depth import check_axis_inputs
 
     check_choice("method", method, HIDDEN_METHODS)
     if example_input is None:
@@ -815,16 +815,7 @@ def _prepare(model, constraints, data, loss_fn, method, example_input, hidden_di
     check_int("max_iter_data_loader", max_batches, min_value=1)
     if hidden_divisor is not None:
         check_int("hidden_divisor", hidden_divisor, min_value=1)
-    if data is None:
-        raise ValueError("data must be an iterable of batches for the 'hidden' axis, got None")
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable as loss_fn(model, batch) for the 'hidden' axis, "
-                        f"got {type(loss_fn).__name__}")
-    parse_constraints(constraints, {k: 1.0 for k in CONSTRAINT_KEYS})
-    for key in constraints:
-        if key not in allowed:
-            raise ValueError(f"constraints[{key!r}] is not supported with the 'hidden' axis yet; "
-                             f"use {', '.join(allowed)}")
+    check_axis_inputs("the 'hidden' axis", data, loss_fn, constraints, allowed)
     rmap = residual_map(model)
     divisor = hidden_divisor or _default_divisor(rmap.hidden_size)
     if divisor > rmap.hidden_size:
