@@ -57,3 +57,5 @@ if __name__ == "__main__":
     if torch.distributed.get_rank() == 0:
         print(f"Lightning FSDP2 gradual: sparsity {gradual:.2f}; SNFS: {sparse.sparse.updates} updates, "
               f"density {density:.2f}")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # a clean exit: no gloo threads left running at teardown

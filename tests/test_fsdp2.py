@@ -842,7 +842,9 @@ try:
     check_masks_in_sync(masks)
     print("not detected")
 except MasksOutOfSyncError as e:
-    print(f"rank {dist.get_rank()} {tuple(model[0].weight.placements)} in sync {digest[:8]}; then: {e}")
+    line = f"rank {dist.get_rank()} {tuple(model[0].weight.placements)} in sync {digest[:8]}; then: {e}"
+    with open(f"rank{dist.get_rank()}.txt", "w", encoding="utf-8") as f:  # ranks' stdout may interleave
+        f.write(line)
 dist.destroy_process_group()
 '''
 
@@ -865,8 +867,8 @@ def test_check_masks_in_sync_compares_replicas_of_a_shard_under_hsdp(tmp_path):
     proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script)],
                           capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
-    assert len(lines) == 2 and "not detected" not in proc.stdout
+    assert "not detected" not in proc.stdout
+    lines = [(tmp_path / f"rank{r}.txt").read_text(encoding="utf-8") for r in range(2)]
     digests = {line.split(" in sync ")[1][:8] for line in lines}
     assert len(digests) == 1  # in sync at first: the same digest on both ranks
     for line in lines:
