@@ -59,11 +59,10 @@ from .._report import Report
 from .checkpointing import checkpointed_layers
 from .groups import _as_args
 
-__all__ = ["AXES", "DEFAULT_AXES", "IMPLEMENTED_AXES", "LAYER_METHODS", "check_axes", "group_axis",
+__all__ = ["AXES", "DEFAULT_AXES", "LAYER_METHODS", "check_axes", "group_axis",
            "decoder_layers", "layer_scores", "LayerGates", "LayerReport", "LayerSearchResult", "search_layers", "search_layers_and_widths", "drop_layers"]
 
 AXES = ("heads", "mlp", "hidden", "layers", "experts")
-IMPLEMENTED_AXES = ("heads", "mlp", "hidden", "layers", "experts")
 DEFAULT_AXES = ("heads", "mlp")
 LAYER_METHODS = ("gradnas", "block_influence", "loss_drop")
 LAYER_CONSTRAINTS = ("params", "flops", "kv_cache")
@@ -77,8 +76,7 @@ _CONFIG_INDEX_LISTS = ("mlp_only_layers",)
 def check_axes(axes) -> tuple:
     """Validate ``axes`` (``None``: :data:`DEFAULT_AXES`, today's heads + MLP widths).
 
-    Unknown names raise ``ValueError``; a known axis missing from :data:`IMPLEMENTED_AXES` (none
-    in this version) would raise ``NotImplementedError``.
+    Unknown names raise ``ValueError``.
 
     Example:
         >>> check_axes(None), check_axes(["layers"])
@@ -95,10 +93,6 @@ def check_axes(axes) -> tuple:
         if a not in AXES:
             raise ValueError(f"axes has an unknown axis {a!r}; known axes: {', '.join(AXES)}")
     out = tuple(dict.fromkeys(axes))
-    missing = [a for a in out if a not in IMPLEMENTED_AXES]
-    if missing:
-        raise NotImplementedError(f"axes {', '.join(map(repr, missing))} cannot be pruned by this "
-                                  f"version of gradprune yet; available: {', '.join(IMPLEMENTED_AXES)}")
     return out
 
 
