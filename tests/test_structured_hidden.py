@@ -201,9 +201,12 @@ def test_bad_input_is_named():
         gp.search(model, {"params": "80%"}, _batches(), loss_fn, method="taylor", **kw)
     with pytest.raises(ValueError, match="latency"):
         gp.search(model, {"latency": "80%"}, _batches(), loss_fn, **kw)
-    with pytest.raises(ValueError, match="'hidden' cannot be combined with 'layers'"):
-        gp.search(model, {"params": "80%"}, _batches(), loss_fn, example_input=ids,
+    with pytest.raises(ValueError, match=r"constraints\['latency'\] is not supported with axes=\('hidden', 'layers'\)"):
+        gp.search(model, {"latency": "80%"}, _batches(), loss_fn, example_input=ids,
                   axes=("hidden", "layers"))
+    with pytest.raises(ValueError, match="measure_latency"):
+        gp.search(model, {"params": "80%"}, _batches(), loss_fn, example_input=ids,
+                  axes=("hidden", "layers"), measure_latency=True)
     with pytest.raises(ValueError, match="per_sample"):
         gp.search(model, {"params": "80%"}, _batches(), loss_fn, per_sample=True, **kw)
 
@@ -241,9 +244,9 @@ def _never(m, b):
 @pytest.mark.parametrize("config_name, lm_name, extra, words", [
     # a learned position embedding of the hidden size
     ("OPTConfig", "OPTForCausalLM", {"ffn_dim": 32, "word_embed_proj_dim": H}, ["embed_positions"]),
-    # MoE: router and expert weights are not explained by the registry's blocks
-    ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2},
-     ["mlp.gate.weight", "experts"]),
+    # OLMoE: q_norm over every head at once, its width derived from hidden_size
+    ("OlmoeConfig", "OlmoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2},
+     ["cannot express hidden_size", "q_norm"]),
     # StableLM derives the head size from hidden_size whatever head_dim says
     ("StableLmConfig", "StableLmForCausalLM", {}, ["cannot express hidden_size", "q_proj"]),
 ])

@@ -60,7 +60,8 @@ from .checkpointing import checkpointed_layers
 from .groups import _as_args
 
 __all__ = ["AXES", "DEFAULT_AXES", "LAYER_METHODS", "check_axes", "group_axis",
-           "decoder_layers", "layer_scores", "LayerGates", "LayerReport", "LayerSearchResult", "search_layers", "search_layers_and_widths", "drop_layers"]
+           "decoder_layers", "layer_scores", "LayerGates", "LayerReport", "LayerSearchResult",
+           "search_layers", "drop_layers"]
 
 AXES = ("heads", "mlp", "hidden", "layers", "experts")
 DEFAULT_AXES = ("heads", "mlp")
@@ -199,6 +200,15 @@ def _loss(loss_fn, model, batch) -> torch.Tensor:
     return loss
 
 
+def check_score_args(method: str, methods: tuple, max_batches: int, loss_fn) -> None:
+    """The argument checks of every axis's score function (layers, hidden channels, experts):
+    ``method`` one of ``methods``, ``max_batches >= 1``, ``loss_fn`` callable."""
+    check_choice("method", method, methods)
+    check_int("max_batches", max_batches, min_value=1)
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
+
+
 def layer_scores(model: nn.Module, data: Iterable, loss_fn: Callable, method: str = "gradnas",
                  max_batches: int = 128, show_progress: bool | None = None,
                  gradient_checkpointing: bool = False) -> tuple:
@@ -216,10 +226,7 @@ def layer_scores(model: nn.Module, data: Iterable, loss_fn: Callable, method: st
         >>> s.shape, n
         (torch.Size([3]), 1)
     """
-    check_choice("method", method, LAYER_METHODS)
-    check_int("max_batches", max_batches, min_value=1)
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
+    check_score_args(method, LAYER_METHODS, max_batches, loss_fn)
     _, layers = decoder_layers(model)
     n = len(layers)
     p = next(model.parameters())
@@ -456,12 +463,18 @@ def _update_config(cfg, kept: list, n: int) -> None:
     cfg.num_hidden_layers = len(kept)
 
 
-def check_axis_inputs(what: str, data, loss_fn, constraints: dict, allowed) -> None:
-    """Checks shared by the searches of the layer, expert and hidden axes (``what`` names the
-    axis in the messages): ``data`` given, ``loss_fn`` callable, ``constraints`` valid and each
-    of its keys in ``allowed``."""
+def check_axis_inputs(what: str, data, loss_fn, constraints: dict, allowed, example_input,
+                      max_batches: int) -> None:
+    """Checks shared by the searches of the layer, expert and hidden axes and their staged
+    combination (``what`` names the axis in the messages): ``example_input`` given (a tensor or
+    a tuple of tensors), ``max_iter_data_loader`` (``max_batches``) at least 1, ``data`` given,
+    ``loss_fn`` callable, ``constraints`` valid and each of its keys in ``allowed``."""
     from .search import CONSTRAINT_KEYS, parse_constraints
 
+    if example_input is None:
+        raise ValueError("example_input must be given (a tensor or a tuple of tensors), got None")
+    _as_args(example_input)
+    check_int("max_iter_data_loader", max_batches, min_value=1)
     if data is None:
         raise ValueError(f"data must be an iterable of batches for {what}, got None")
     if not callable(loss_fn):
@@ -482,11 +495,8 @@ def search_layers(model: nn.Module, constraints: dict, data: Iterable | None, lo
     from .search import parse_constraints
 
     check_choice("method", method, LAYER_METHODS)
-    if example_input is None:
-        raise ValueError("example_input must be given (a tensor or a tuple of tensors), got None")
-    _as_args(example_input)
-    check_int("max_iter_data_loader", max_iter_data_loader, min_value=1)
-    check_axis_inputs("axes=('layers',)", data, loss_fn, constraints, LAYER_CONSTRAINTS)
+    check_axis_inputs("axes=('layers',)", data, loss_fn, constraints, LAYER_CONSTRAINTS, example_input,
+                      max_iter_data_loader)
     decoder_layers(model)
     costs = _LayerCosts(model, example_input)
     if "kv_cache" in constraints and costs.layer_kv is None:
@@ -517,85 +527,3 @@ def search_layers(model: nn.Module, constraints: dict, data: Iterable | None, lo
         flops=values["flops"], dense_params=costs.dense_params, dense_flops=costs.dense_flops,
         constraints=bounds, batches=batches, kv_cache=values.get("kv_cache"),
         dense_kv_cache=costs.dense_kv, example_input=example_input)
-
-
-class _Reachable(Exception):
-    """Raised by the probe loss: the width search got past its reachability check."""
-
-
-def search_layers_and_widths(model: nn.Module, constraints: dict, data: Iterable | None,
-                             loss_fn: Callable | None, method: str, example_input, axes: tuple,
-                             width_search: Callable, *, max_iter_data_loader: int = 128,
-                             show_progress: bool | None = None, **width_kw):
-    """``search(..., axes=("layers", "heads", "mlp"))``: depth and width together, ``gradnas``
-    only (layer and unit scores are then both mean squared gate gradients, so they add up).
-
-    The layers are scored once; for every ``k`` (the ``k`` lowest-scored layers dropped) the width
-    search runs on the model without them, to the same absolute bounds; the ``k`` whose removed
-    layer scores plus removed unit scores are smallest wins. Returns the width search's
-    ``SearchResult`` on that depth-pruned copy (``export()`` gives the model without both), with
-    ``dropped_layers`` and ``layer_scores`` added and the ``dense_*`` counts of ``model``.
-    This runs up to ``num_hidden_layers`` width searches (each scoring ``data`` again)."""
-    from .search import CONSTRAINT_KEYS, parse_constraints
-
-    if method != "gradnas":
-        raise ValueError(f"method={method!r}: combining 'layers' with width axes needs method='gradnas' "
-                         "(layer and unit scores are then both squared gate gradients)")
-    if example_input is None:
-        raise ValueError("example_input must be given (a tensor or a tuple of tensors), got None")
-    if data is None or not callable(loss_fn):
-        raise ValueError("data and loss_fn(model, batch) must be given to score the layers")
-    parse_constraints(constraints, {k: 1.0 for k in CONSTRAINT_KEYS})
-    for key in constraints:
-        if key not in LAYER_CONSTRAINTS:
-            raise ValueError(f"constraints[{key!r}] is not supported with the 'layers' axis yet; "
-                             f"use {', '.join(LAYER_CONSTRAINTS)}")
-    costs = _LayerCosts(model, example_input)
-    bounds = parse_constraints(constraints, {"params": costs.dense_params, "flops": costs.dense_flops,
-                                             "kv_cache": costs.dense_kv or 0})
-    widths_axes = tuple(a for a in axes if a != "layers")
-
-    def probe(m, batch):  # reached only when the budget is reachable (checked before scoring)
-        raise _Reachable
-
-    try:  # the smallest subnet: one layer kept, the smallest widths
-        width_search(drop_layers(_weight_sharing_copy(model), range(1, costs.n)), dict(bounds), data, probe,
-                     "gradnas", example_input, axes=widths_axes, **width_kw)
-    except _Reachable:
-        pass
-    except ValueError as exc:
-        if "no subnet meets" in str(exc):
-            raise ValueError(f"{exc} (with one of {costs.n} decoder layers kept)") from None
-        raise
-    scores, _ = layer_scores(model, data, loss_fn, "gradnas", max_iter_data_loader, show_progress,
-                             width_kw.get("gradient_checkpointing", False))
-    order = sorted(range(costs.n), key=lambda i: (float(scores[i]), i))
-    best, last_error = None, None
-    for k in range(costs.n):
-        small = drop_layers(_weight_sharing_copy(model), order[:k])  # shares model's weights
-        try:
-            found = width_search(small, dict(bounds), data, loss_fn, "gradnas", example_input,
-                                 axes=widths_axes, max_iter_data_loader=max_iter_data_loader,
-                                 show_progress=show_progress, **width_kw)
-        except ValueError as exc:
-            if "no subnet meets" not in str(exc):
-                raise
-            last_error = exc
-            continue
-        removed = sum(float(found.scores[gi].double().sum() - found.scores[gi][keep].double().sum())
-                      for gi, keep in found.keep.items())
-        removed += getattr(found, "removed_expert_score", 0.0)  # axes with "experts" and widths
-        total = float(scores[order[:k]].sum()) + removed
-        if best is None or total < best[0]:
-            best = (total, k, found)
-    if best is None:
-        raise ValueError(f"no subnet meets constraints by dropping layers and pruning "
-                         f"{', '.join(widths_axes)}: {last_error}")
-    _, k, found = best
-    found.dropped_layers = sorted(order[:k])
-    found.layer_scores = scores
-    found.dense_params, found.dense_flops = costs.dense_params, costs.dense_flops
-    if costs.dense_kv is not None and found.dense_kv_cache is not None:
-        found.dense_kv_cache = costs.dense_kv
-    found.constraints = bounds
-    return found

@@ -87,11 +87,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_bool, check_choice, check_int
+from .._checks import check_bool, check_choice
 from .._modes import preserve_modes
 from .._progress import progress
 from .._report import Report
-from .depth import _frozen, _loss, check_axis_inputs
+from .depth import _frozen, _loss, check_axis_inputs, check_score_args
 from .groups import _as_args
 from .hf import register_block_builder
 
@@ -563,10 +563,7 @@ def expert_scores(model: nn.Module, blocks: list, data: Iterable, loss_fn: Calla
         >>> float(s["model.layers.0.mlp"].sum())   # top-2 of 4: each token counts twice
         2.0
     """
-    check_choice("method", method, EXPERT_METHODS)
-    check_int("max_batches", max_batches, min_value=1)
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
+    check_score_args(method, EXPERT_METHODS, max_batches, loss_fn)
     total = {b.name: torch.zeros(b.n_experts, dtype=torch.float64) for b in blocks}
     count = {b.name: torch.zeros(b.n_experts, dtype=torch.float64) for b in blocks}
     size = {b.name: b.n_experts for b in blocks}
@@ -886,12 +883,9 @@ def search_experts(model: nn.Module, constraints: dict, data: Iterable | None, l
     from .search import parse_constraints
 
     check_choice("method", method, EXPERT_METHODS)
-    if example_input is None:
-        raise ValueError("example_input must be given (a tensor or a tuple of tensors), got None")
-    _as_args(example_input)
-    check_int("max_iter_data_loader", max_iter_data_loader, min_value=1)
     check_bool("uniform", uniform)
-    check_axis_inputs("axes=('experts',)", data, loss_fn, constraints, EXPERT_CONSTRAINTS)
+    check_axis_inputs("axes=('experts',)", data, loss_fn, constraints, EXPERT_CONSTRAINTS, example_input,
+                      max_iter_data_loader)
     blocks, skipped = find_moe_blocks(model)
     if blocks:
         blocks, bad = _check_routing(model, blocks, example_input)
@@ -967,91 +961,3 @@ def _expert_candidates(blocks: list, scores: dict, uniform: bool) -> list:
         out.append({b.name: torch.sort(torch.tensor(ranked[b.name][:b.n_experts - removed[b.name]])).values
                     for b in blocks})
     return out
-
-
-def search_experts_and_widths(model: nn.Module, constraints: dict, data: Iterable | None,
-                              loss_fn: Callable | None, method: str, example_input, axes: tuple,
-                              width_search: Callable, *, uniform: bool = False,
-                              max_iter_data_loader: int = 128, show_progress: bool | None = None,
-                              **width_kw):
-    """``search(..., axes=("experts", "heads", "mlp"))``: experts and widths together,
-    ``gradnas`` only (expert and unit scores are then both mean squared gate gradients).
-
-    The experts are scored once; for each candidate set of experts (:func:`_expert_candidates`)
-    the width search runs on the model without the others, to the same absolute bounds
-    (``params``, ``flops``: percentages of the original model); the candidate whose removed
-    expert scores plus removed unit scores are smallest wins. Returns the width search's
-    ``SearchResult`` on that expert-pruned copy (``export()`` gives the model without both), with
-    ``dropped_experts`` (``{block: indices}``) and ``expert_scores`` added and the ``dense_*``
-    counts of ``model``. Up to ``num_experts`` width searches run, each scoring ``data`` again."""
-    from .depth import _Reachable
-    from .search import CONSTRAINT_KEYS, parse_constraints
-
-    if method != "gradnas":
-        raise ValueError(f"method={method!r}: combining 'experts' with width axes needs method='gradnas' "
-                         "(expert and unit scores are then both squared gate gradients)")
-    if example_input is None:
-        raise ValueError("example_input must be given (a tensor or a tuple of tensors), got None")
-    if data is None or not callable(loss_fn):
-        raise ValueError("data and loss_fn(model, batch) must be given to score the experts")
-    parse_constraints(constraints, {k: 1.0 for k in CONSTRAINT_KEYS})
-    for key in constraints:
-        if key not in ("params", "flops"):
-            raise ValueError(f"constraints[{key!r}] is not supported with 'experts' and width axes yet; "
-                             "use params, flops")
-    blocks, skipped = find_moe_blocks(model)
-    if blocks:
-        blocks, bad = _check_routing(model, blocks, example_input)
-    if not blocks:
-        raise ValueError(f"axes={axes!r}: found no MoE block it can prune in {type(model).__name__}")
-    if uniform and len({b.n_experts for b in blocks}) != 1:
-        raise ValueError(f"uniform=True needs the same expert count in every MoE block, got "
-                         f"{sorted({b.n_experts for b in blocks})}")
-    costs = _ExpertCosts(model, blocks, example_input)
-    dense_flops = costs.dense_flops
-    bounds = parse_constraints(constraints, {"params": costs.dense_params, "flops": dense_flops})
-    widths_axes = tuple(a for a in axes if a != "experts")
-
-    def probe(m, batch):  # reached only when the budget is reachable (checked before scoring)
-        raise _Reachable
-
-    one = {b.name: torch.tensor([0]) for b in blocks}
-    try:  # the smallest subnet: one expert per block, the smallest widths
-        width_search(drop_experts(copy.deepcopy(model), one), dict(bounds), data, probe, "gradnas",
-                     example_input, axes=widths_axes, uniform=uniform, **width_kw)
-    except _Reachable:
-        pass
-    except ValueError as exc:
-        if "no subnet meets" in str(exc):
-            raise ValueError(f"{exc} (with one expert kept in each of {len(blocks)} MoE blocks)") from None
-        raise
-    scores, _ = expert_scores(model, blocks, data, loss_fn, "gradnas", max_iter_data_loader, show_progress)
-    best, last_error = None, None
-    for keep in _expert_candidates(blocks, scores, uniform):
-        small = drop_experts(copy.deepcopy(model), keep)
-        try:
-            found = width_search(small, dict(bounds), data, loss_fn, "gradnas", example_input,
-                                 axes=widths_axes, uniform=uniform,
-                                 max_iter_data_loader=max_iter_data_loader,
-                                 show_progress=show_progress, **width_kw)
-        except ValueError as exc:
-            if "no subnet meets" not in str(exc):
-                raise
-            last_error = exc
-            continue
-        removed = sum(float(found.scores[gi].double().sum() - found.scores[gi][k].double().sum())
-                      for gi, k in found.keep.items())
-        gone = sum(float(scores[b.name].sum() - scores[b.name][keep[b.name]].sum()) for b in blocks)
-        if best is None or gone + removed < best[0]:
-            best = (gone + removed, keep, found, gone)
-    if best is None:
-        raise ValueError(f"no subnet meets constraints by removing experts and pruning "
-                         f"{', '.join(widths_axes)}: {last_error}")
-    _, keep, found, gone = best
-    found.removed_expert_score = gone  # for search(..., axes=("layers", "experts", ...))
-    found.dropped_experts = {b.name: [e for e in range(b.n_experts) if e not in keep[b.name].tolist()]
-                             for b in blocks}
-    found.expert_scores = scores
-    found.dense_params, found.dense_flops = costs.dense_params, dense_flops
-    found.constraints = bounds
-    return found

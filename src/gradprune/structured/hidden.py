@@ -94,11 +94,10 @@ from .._checks import check_choice, check_int
 from .._modes import preserve_modes
 from .._progress import progress
 from .._report import Report
-from .groups import _as_args
 
 __all__ = ["HIDDEN_METHODS", "HIDDEN_CONSTRAINTS", "ResidualMap", "residual_map", "HiddenGates",
            "hidden_scores", "hidden_widths", "HiddenSearchResult", "search_hidden",
-           "export_hidden", "search_hidden_and_widths"]
+           "export_hidden"]
 
 HIDDEN_METHODS = ("gradnas", "activation")
 HIDDEN_CONSTRAINTS = ("params", "flops")
@@ -117,7 +116,10 @@ class ResidualMap:
     (``"rms"`` or ``"layernorm"``); ``final_norm``: the norm outside the decoder layers (``None``
     if there is not exactly one); ``readers`` / ``writers``: projections reading the stream
     (input columns) and writing to it (output rows); ``head_dim``: the attention head size (for
-    the exported config)."""
+    the exported config); ``stacked``: ``{parameter: dim}`` of the MoE blocks' router weights
+    (``[E, hidden]``) and stacked expert weights (``gate_up [E, 2I, hidden]``, ``down [E, hidden,
+    I]``); ``moe``: the names of those routers and experts modules; ``moe_writers``: the experts
+    modules (their output is added to the stream)."""
 
     model: nn.Module
     hidden_size: int
@@ -130,6 +132,9 @@ class ResidualMap:
     writers: list
     layers_name: str
     head_dim: int | None = None
+    stacked: dict = field(default_factory=dict)
+    moe: list = field(default_factory=list)
+    moe_writers: list = field(default_factory=list)
 
     def slices(self) -> dict:
         """``{state-dict key: dim}``: the dimension of each tensor that holds the hidden size."""
@@ -147,6 +152,7 @@ class ResidualMap:
             out[f"{n}.weight"] = 0
             if getattr(modules[n], "bias", None) is not None:
                 out[f"{n}.bias"] = 0
+        out.update(self.stacked)
         return out
 
     def channel_params(self) -> int:
@@ -306,6 +312,7 @@ def residual_map(model: nn.Module) -> ResidualMap:
         b.claimed.update(p for p in (up, gate, down) if p)
         readers += [p for p in (gate, up) if p]
         writers.append(down)
+    stacked, moe, moe_writers = _moe_parts(model, b, h, readers, problems)
     for n in readers:
         if _dims_of(b.modules[n])[0] != h:
             problems.append(f"{n}: a recognised projection that reads {_dims_of(b.modules[n])[0]} "
@@ -342,6 +349,8 @@ def residual_map(model: nn.Module) -> ResidualMap:
     # every parameter of a mapped module is explained (a reader's bias has its output width)
     mapped = set(readers) | set(writers) | set(norms) | {embed} | ({lm_head} if lm_head else set())
     accounted = {id(p) for n in mapped for p in b.modules[n].parameters(recurse=False)}
+    named = dict(model.named_parameters(remove_duplicate=False))
+    accounted |= {id(named[key]) for key in stacked}
     # inside a recognised attention block, everything but the projections works on their
     # outputs (per-head q_norm / k_norm, OLMo2's q_norm over every head), not on the stream
     accounted |= {id(p) for a in attention for p in b.modules[a].parameters()}
@@ -361,7 +370,40 @@ def residual_map(model: nn.Module) -> ResidualMap:
         raise ValueError(f"the hidden size of {type(model).__name__} cannot be pruned (left unpruned): "
                          + "; ".join(shown))
     return ResidualMap(model, h, embed, lm_head, tied, norms, final[0] if len(final) == 1 else None,
-                       readers, writers, layers_name, head_dims.pop() if len(head_dims) == 1 else None)
+                       readers, writers, layers_name, head_dims.pop() if len(head_dims) == 1 else None,
+                       stacked, moe, moe_writers)
+
+
+def _moe_parts(model: nn.Module, b, h: int, readers: list, problems: list) -> tuple:
+    """The hidden-size dimensions of the MoE blocks of the registry in
+    :mod:`~gradprune.structured.experts`: ``({parameter: dim}, routers and experts modules,
+    experts modules)``. Any other projection of a block that reads the stream (Qwen2-MoE's
+    ``shared_expert_gate``) is added to ``readers``; a layout whose weights do not hold the
+    hidden size where the spec says is added to ``problems``."""
+    from .experts import find_moe_blocks
+
+    stacked, moe, moe_writers = {}, [], []
+    for blk in find_moe_blocks(model)[0]:
+        router, experts = b.modules[blk.router], b.modules[blk.experts]
+        gate_up = getattr(experts, blk.spec.gate_up, None)
+        down = getattr(experts, blk.spec.down, None)
+        if not (router.weight.shape[1] == h and isinstance(gate_up, nn.Parameter) and gate_up.dim() == 3
+                and gate_up.shape[2] == h and isinstance(down, nn.Parameter) and down.dim() == 3
+                and down.shape[1] == h):
+            problems.append(f"{blk.name}: an MoE block whose router / {blk.spec.gate_up} / "
+                            f"{blk.spec.down} do not hold the hidden size {h} where its layout says")
+            continue
+        stacked[f"{blk.router}.weight"] = 1
+        stacked[f"{blk.experts}.{blk.spec.gate_up}"] = 2
+        stacked[f"{blk.experts}.{blk.spec.down}"] = 1
+        moe += [blk.router, blk.experts]
+        moe_writers.append(blk.experts)
+        b.claimed.update((blk.router, blk.experts))
+        for name, mod in b.modules.items():
+            if (name.startswith(blk.name + ".") and name not in b.claimed and name not in readers
+                    and _is_proj(mod) and _dims_of(mod)[0] == h and _dims_of(mod)[1] != h):
+                readers.append(name)
+    return stacked, moe, moe_writers
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,7 +466,7 @@ class HiddenGates:
 
         def gate(mod, args, output):
             return output * self.values.to(output.dtype)
-        for n in [self.rmap.embed] + list(self.rmap.writers):
+        for n in [self.rmap.embed] + list(self.rmap.writers) + list(self.rmap.moe_writers):
             self.handles.append(modules[n].register_forward_hook(gate))
         if self.normalise:
             alpha = math.sqrt(self.rmap.hidden_size / self.kept)
@@ -462,12 +504,9 @@ def hidden_scores(model: nn.Module, data: Iterable, loss_fn: Callable, method: s
         >>> s.shape, n
         (torch.Size([8]), 1)
     """
-    from .depth import _frozen, _loss
+    from .depth import _frozen, _loss, check_score_args
 
-    check_choice("method", method, HIDDEN_METHODS)
-    check_int("max_batches", max_batches, min_value=1)
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
+    check_score_args(method, HIDDEN_METHODS, max_batches, loss_fn)
     rmap = rmap or residual_map(model)
     h = rmap.hidden_size
     p = next(model.parameters())
@@ -555,7 +594,7 @@ class _HiddenCosts:
         counter = flop_counter(model, example_input)
         self.dense_flops = int(counter.get_total_flops())
         per_module = counter.get_flop_counts()
-        names = list(rmap.readers) + list(rmap.writers) + ([rmap.lm_head] if rmap.lm_head else [])
+        names = list(rmap.readers) + list(rmap.writers) + list(rmap.moe) + ([rmap.lm_head] if rmap.lm_head else [])
         total = 0
         for n in names:
             keys = [k for k in per_module if k == n or k.endswith("." + n)]
@@ -768,6 +807,8 @@ class HiddenSearchResult:
         k, h = self.hidden_size, self.dense_hidden_size
         roles = [(self.rmap.embed, "embedding")] + [(n, "norm") for n in self.rmap.norms]
         roles += [(n, "reads") for n in self.rmap.readers] + [(n, "writes") for n in self.rmap.writers]
+        roles += [(n, "writes (MoE experts)" if n in self.rmap.moe_writers else "reads (MoE router)")
+                  for n in self.rmap.moe]
         if self.rmap.lm_head:
             roles.append((self.rmap.lm_head, "lm_head (tied)" if self.rmap.tied else "lm_head"))
         return [{"module": n, "role": r, "width": h, "kept": k, "density": k / h} for n, r in roles]
@@ -809,13 +850,9 @@ def _prepare(model, constraints, data, loss_fn, method, example_input, hidden_di
     from .depth import check_axis_inputs
 
     check_choice("method", method, HIDDEN_METHODS)
-    if example_input is None:
-        raise ValueError("example_input must be given (a tensor or a tuple of tensors), got None")
-    _as_args(example_input)
-    check_int("max_iter_data_loader", max_batches, min_value=1)
     if hidden_divisor is not None:
         check_int("hidden_divisor", hidden_divisor, min_value=1)
-    check_axis_inputs("the 'hidden' axis", data, loss_fn, constraints, allowed)
+    check_axis_inputs("the 'hidden' axis", data, loss_fn, constraints, allowed, example_input, max_batches)
     rmap = residual_map(model)
     divisor = hidden_divisor or _default_divisor(rmap.hidden_size)
     if divisor > rmap.hidden_size:
@@ -860,94 +897,3 @@ def _top(scores: torch.Tensor, k: int, model: nn.Module) -> torch.Tensor:
     norms = model.get_input_embeddings().weight.detach().double().norm(dim=0).cpu()
     order = sorted(range(scores.numel()), key=lambda c: (-float(scores[c]), -float(norms[c]), c))
     return torch.tensor(sorted(order[:k]), dtype=torch.long)
-
-
-def _spread(values: list, n: int) -> list:
-    """At most ``n`` of ``values`` evenly spaced, the first and last included."""
-    if len(values) <= n:
-        return list(values)
-    idx = sorted({round(i * (len(values) - 1) / (n - 1)) for i in range(n)})
-    return [values[i] for i in idx]
-
-
-def search_hidden_and_widths(model: nn.Module, constraints: dict, data: Iterable | None,
-                             loss_fn: Callable | None, method: str, example_input, axes: tuple,
-                             width_search: Callable, *, hidden_divisor: int | None = None,
-                             hidden_candidates: int = 6, max_iter_data_loader: int = 128,
-                             show_progress: bool | None = None, **width_kw):
-    """``search(..., axes=("heads", "mlp", "hidden"))``: a staged search, ``gradnas`` only
-    (channel and unit scores are then both mean squared gate gradients, so they add up).
-
-    The residual channels are scored once on the dense model. For up to ``hidden_candidates``
-    hidden sizes (evenly spread over the allowed ones, the dense size included), the model is
-    exported with the highest-scored channels and the width search runs on it to the same
-    absolute bounds; the candidate whose removed channel scores plus removed unit scores are
-    smallest wins. Returns that width search's ``SearchResult`` on the hidden-pruned copy
-    (``export()`` gives the model pruned on every axis), with ``hidden_size``,
-    ``dense_hidden_size``, ``hidden_keep`` and ``hidden_scores`` added and the ``dense_*`` counts
-    of ``model``. Each candidate scores ``data`` again."""
-    from .search import parse_constraints
-
-    if method != "gradnas":
-        raise ValueError(f"method={method!r}: combining 'hidden' with width axes needs method='gradnas' "
-                         "(channel and unit scores are then both squared gate gradients)")
-    check_int("hidden_candidates", hidden_candidates, min_value=2)
-    rmap, divisor = _prepare(model, constraints, data, loss_fn, method, example_input, hidden_divisor,
-                             max_iter_data_loader, allowed=("params", "flops", "kv_cache"))
-    choices = hidden_widths(rmap, divisor)
-    _check_expressible(rmap, choices[0])
-    costs = _HiddenCosts(rmap, example_input)
-    from .kvcache import _config_elements, _element_size
-    elements = _config_elements(model)
-    dense_kv = None if elements is None else elements * _element_size(model)
-    bounds = parse_constraints(constraints, {"params": costs.dense_params, "flops": costs.dense_flops,
-                                             "kv_cache": dense_kv or 0})
-    widths_axes = tuple(a for a in axes if a != "hidden")
-    # reachable? the smallest hidden size at the smallest widths (before any scoring)
-    from .depth import _Reachable
-
-    def probe(m, batch):
-        raise _Reachable
-    try:
-        width_search(export_hidden(rmap, torch.arange(choices[0])), dict(bounds), data, probe,
-                     "gradnas", example_input, axes=widths_axes, **width_kw)
-    except _Reachable:
-        pass
-    except ValueError as exc:
-        if "no subnet meets" in str(exc):
-            raise ValueError(f"{exc} (with hidden_size {choices[0]} of {rmap.hidden_size})") from None
-        raise
-    scores, _ = hidden_scores(model, data, loss_fn, "gradnas", max_iter_data_loader, show_progress, rmap)
-    best, last_error = None, None
-    for k in _spread(list(choices), hidden_candidates):
-        keep = _top(scores, k, model)
-        small = export_hidden(rmap, keep)
-        try:
-            found = width_search(small, dict(bounds), data, loss_fn, "gradnas", example_input,
-                                 axes=widths_axes, max_iter_data_loader=max_iter_data_loader,
-                                 show_progress=show_progress, **width_kw)
-        except ValueError as exc:
-            if "no subnet meets" not in str(exc):
-                raise
-            last_error = exc
-            continue
-        removed = sum(float(found.scores[gi].double().sum() - found.scores[gi][kp].double().sum())
-                      for gi, kp in found.keep.items())
-        mask = torch.ones(rmap.hidden_size, dtype=torch.bool)
-        mask[keep] = False
-        total = float(scores[mask].sum()) + removed
-        if best is None or total < best[0]:
-            best = (total, k, keep, found)
-    if best is None:
-        raise ValueError(f"no subnet meets constraints by pruning the hidden size and "
-                         f"{', '.join(widths_axes)}: {last_error}")
-    _, k, keep, found = best
-    found.hidden_size, found.dense_hidden_size = k, rmap.hidden_size
-    found.hidden_keep, found.hidden_scores = keep, scores
-    if k < rmap.hidden_size:  # the width search's analysis lists the hidden size as unpruned
-        found.analysis.skipped = [s for s in found.analysis.skipped if s["module"] != "<hidden size>"]
-    found.dense_params, found.dense_flops = costs.dense_params, costs.dense_flops
-    if dense_kv is not None and found.dense_kv_cache is not None:
-        found.dense_kv_cache = dense_kv
-    found.constraints = bounds
-    return found

@@ -55,13 +55,14 @@ from .._checks import check_bool, check_choice, check_int, check_optional_bool
 from .._progress import progress
 from .._modes import keeps_modes
 from .._report import SearchReport
-from .depth import check_axes, group_axis, search_layers, search_layers_and_widths
+from .depth import check_axes, group_axis, search_layers
 from .export import export_model
 from .flops import CostModel
 from .gates import Gates
 from .groups import Analysis, _as_args, find_groups
 from .kvcache import KVCache
 from .rules import SearchRules
+from .staged import STAGES, staged_search
 from .scoring import WIDTH_SCORES, activation_scores, gate_statistics, magnitude_scores, width_score
 
 __all__ = ["search", "SearchResult", "METHODS", "parse_constraints", "LatencyProbe", "recalibrate_batchnorm"]
@@ -138,6 +139,7 @@ class SearchResult:
     uniform: bool = False  # searched with one common width per family of layers
     kv_cache: int | None = None  # KV-cache bytes per token of the subnet (see .kvcache)
     dense_kv_cache: int | None = None
+    axes_skipped: dict = field(default_factory=dict)  # staged search: {axis: why nothing was pruned on it}
 
     @property
     def groups(self) -> list:
@@ -172,6 +174,8 @@ class SearchResult:
         hidden = getattr(self, "hidden_size", None)
         if hidden is not None:  # search(..., axes=("hidden", ...)): the widths are of the narrower copy
             lines.insert(0, f"hidden_size: {self.dense_hidden_size} -> {hidden} (residual channels)")
+        for axis, why in self.axes_skipped.items():
+            lines.insert(0, f"{axis}: {why}")
         if "kv_cache" in self.constraints:
             lines.append(f"kv_cache: {self.dense_kv_cache} -> {self.kv_cache} bytes/token "
                          f"({self.kv_cache / max(self.dense_kv_cache, 1):.1%})")
@@ -198,7 +202,8 @@ class SearchResult:
             lines += [f"  {s['module'] or '<model>'}: {s['reason']}" for s in self.analysis.skipped]
         extra = {"method": self.method, "params": {"dense": self.dense_params, "subnet": self.params},
                  "flops": {"dense": self.dense_flops, "subnet": self.flops}, "latency_ms": self.latency_ms,
-                 "latency_search": self.latency_search, "skipped": self.analysis.skipped}
+                 "latency_search": self.latency_search, "skipped": self.analysis.skipped,
+                 "axes_skipped": dict(self.axes_skipped)}
         return SearchReport(self.rows(), lines, extra)
 
     def gates(self) -> Gates:
@@ -605,39 +610,51 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
     check_choice("mlp_gate", mlp_gate, ("post_activation", "pre_activation"))
     if hidden_divisor is not None and "hidden" not in axes:
         raise ValueError(f"hidden_divisor={hidden_divisor!r} needs 'hidden' in axes, got axes={axes!r}")
-    if "hidden" in axes:
-        return _search_hidden(model, constraints, data, loss_fn, method, example_input, rules, axes,
-                              max_iter_data_loader=max_iter_data_loader, show_progress=show_progress,
-                              measure_latency=measure_latency, process_group=process_group,
-                              uniform=uniform, per_sample=per_sample, mlp_gate=mlp_gate,
-                              hidden_divisor=hidden_divisor)
-    if "layers" in axes and (process_group is not None or measure_latency):
-        raise ValueError("the 'layers' axis does not take process_group or measure_latency yet")
-    if "experts" in axes and "layers" not in axes:  # with layers: per depth, below
-        if process_group is not None or measure_latency:
-            raise ValueError("the 'experts' axis does not take process_group or measure_latency yet")
-        from .experts import search_experts, search_experts_and_widths
-        if len(axes) > 1:
-            return search_experts_and_widths(
-                model, constraints, data, loss_fn, method, example_input, axes, search,
-                uniform=uniform, max_iter_data_loader=max_iter_data_loader,
-                show_progress=show_progress, rules=rules, per_sample=per_sample, mlp_gate=mlp_gate)
+    staged = [a for a in STAGES if a in axes]
+    if staged and (process_group is not None or measure_latency):
+        raise ValueError(f"the {staged[0]!r} axis does not take process_group or measure_latency yet")
+    if len(axes) > 1 and staged:  # several axes, one of them not a width: a staged search
+        return staged_search(model, constraints, data, loss_fn, method, example_input, axes,
+                             _search_widths, uniform=uniform, max_iter_data_loader=max_iter_data_loader,
+                             show_progress=show_progress, hidden_divisor=hidden_divisor,
+                             gradient_checkpointing=gradient_checkpointing, rules=rules,
+                             per_sample=per_sample, mlp_gate=mlp_gate)
+    if axes == ("hidden",):
+        from .hidden import search_hidden
+        if rules is not None:
+            raise ValueError("axes=('hidden',) does not take rules (they restrict widths); use hidden_divisor")
+        if per_sample:
+            raise ValueError("axes=('hidden',) does not take per_sample=True (its gradnas score is per batch)")
+        return search_hidden(model, constraints, data, loss_fn, method, example_input,
+                             hidden_divisor=hidden_divisor, max_iter_data_loader=max_iter_data_loader,
+                             show_progress=show_progress)
+    if axes == ("experts",):
+        from .experts import search_experts
         if rules is not None:
             raise ValueError("axes=('experts',) does not take rules (they restrict widths)")
         return search_experts(model, constraints, data, loss_fn, method, example_input, uniform=uniform,
                               max_iter_data_loader=max_iter_data_loader, show_progress=show_progress)
-    if "layers" in axes and len(axes) > 1:
-        return search_layers_and_widths(
-            model, constraints, data, loss_fn, method, example_input, axes, search,
-            max_iter_data_loader=max_iter_data_loader, show_progress=show_progress, rules=rules,
-            uniform=uniform, per_sample=per_sample, mlp_gate=mlp_gate,
-            gradient_checkpointing=gradient_checkpointing)
-    if "layers" in axes:
+    if axes == ("layers",):
         if rules is not None:
             raise ValueError("axes=('layers',) does not take rules (they restrict widths)")
         return search_layers(model, constraints, data, loss_fn, method, example_input,
                              max_iter_data_loader=max_iter_data_loader, show_progress=show_progress,
                              gradient_checkpointing=gradient_checkpointing)
+    return _search_widths(model, constraints, data, loss_fn, method, example_input, axes, rules,
+                          score_func, max_iter_data_loader=max_iter_data_loader, per_sample=per_sample,
+                          magnitude_norm=magnitude_norm, show_progress=show_progress,
+                          measure_latency=measure_latency, uniform=uniform, process_group=process_group,
+                          mlp_gate=mlp_gate, gradient_checkpointing=gradient_checkpointing)
+
+
+def _search_widths(model: nn.Module, constraints: dict, data, loss_fn, method: str, example_input,
+                   axes: tuple, rules=None, score_func=None, *, max_iter_data_loader: int = 128,
+                   per_sample: bool = False, magnitude_norm: str = "l2", show_progress=None,
+                   measure_latency: bool = False, uniform: bool = False, process_group=None,
+                   mlp_gate: str = "post_activation", gradient_checkpointing: bool = False) -> SearchResult:
+    """The width search of :func:`search` on the groups of ``axes`` (``"heads"``, ``"mlp"``; an
+    empty tuple keeps every width and only checks the budget, as the last stage of a staged
+    search does)."""
     spec = width_score(method)
     if spec.source == "activations" and process_group is not None:
         raise ValueError("method='activation' does not take process_group yet")
@@ -736,7 +753,9 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
     _check_reachable(analysis, choices, cost, bounds, rules, kv)  # from the rules alone, before scoring
 
     batches, summary = 0, {}
-    if spec.source == "gates":
+    if not any(len(c) > 1 for c in choices.values()):  # every width fixed (e.g. axes=()): nothing to score
+        scores = {gi: torch.zeros(g.size) for gi, g in enumerate(analysis.groups)}
+    elif spec.source == "gates":
         stats = gate_statistics(analysis, data, loss_fn, n_batches=max_iter_data_loader,
                                 show_progress=show_progress, process_group=group,
                                 gradient_checkpointing=gradient_checkpointing)
@@ -833,32 +852,6 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
     if measure_latency:
         result.latency()
     return result
-
-
-def _search_hidden(model, constraints, data, loss_fn, method, example_input, rules, axes, *,
-                   max_iter_data_loader, show_progress, measure_latency, process_group, uniform,
-                   per_sample, mlp_gate, hidden_divisor):
-    """The ``"hidden"`` axis, alone or with width axes (see :mod:`gradprune.structured.hidden`)."""
-    from .hidden import search_hidden, search_hidden_and_widths
-
-    if "layers" in axes or "experts" in axes:
-        raise ValueError(f"axes={axes!r}: 'hidden' cannot be combined with 'layers' or 'experts' yet; "
-                         "prune one, export, then search the exported model on the other")
-    if process_group is not None or measure_latency:
-        raise ValueError("the 'hidden' axis does not take process_group or measure_latency yet")
-    if len(axes) == 1:
-        if rules is not None:
-            raise ValueError("axes=('hidden',) does not take rules (they restrict widths); use hidden_divisor")
-        if per_sample:
-            raise ValueError("axes=('hidden',) does not take per_sample=True (its gradnas score is per batch)")
-        return search_hidden(model, constraints, data, loss_fn, method, example_input,
-                             hidden_divisor=hidden_divisor, max_iter_data_loader=max_iter_data_loader,
-                             show_progress=show_progress)
-    return search_hidden_and_widths(model, constraints, data, loss_fn, method, example_input, axes,
-                                    search, hidden_divisor=hidden_divisor,
-                                    max_iter_data_loader=max_iter_data_loader,
-                                    show_progress=show_progress, rules=rules, uniform=uniform,
-                                    per_sample=per_sample, mlp_gate=mlp_gate)
 
 
 def _check_same_structure(searched: nn.Module, model: nn.Module) -> None:
