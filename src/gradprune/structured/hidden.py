@@ -12,7 +12,11 @@ to it (``o_proj``, ``down_proj``). Tied embeddings stay tied.
 are those of the attention and MLP blocks of the registry in :mod:`~gradprune.structured.hf`
 (readers: their query/key/value and up/gate projections, writers: their output and down
 projections); the norms are the modules with a 1-D ``weight`` (and optional ``bias``) of the
-hidden size outside the attention blocks (per-head ``q_norm`` / ``k_norm`` are not touched). A
+hidden size outside the attention blocks (per-head ``q_norm`` / ``k_norm`` are not touched);
+the MoE blocks of the registry in :mod:`~gradprune.structured.experts` contribute their router
+weight (``[E, hidden]``, a reader), their stacked experts (``gate_up [E, 2I, hidden]`` reads,
+``down [E, hidden, I]`` writes: the experts module's output is gated) and any other projection of
+the block reading the stream (Qwen2-MoE's ``shared_expert_gate``). A
 norm must behave as an RMS norm (probed: scale-invariant, not shift-invariant, zero in, zero out
 per channel) or as a layer norm (probed: ``(x - mean) / sqrt(var + eps) * weight (+ bias)``, as
 ``nn.LayerNorm``). Any other parameter or persistent buffer with a

@@ -578,20 +578,19 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
         axes: what may be removed (default ``("heads", "mlp")``, the widths above).
             ``("layers",)`` drops whole decoder layers instead (``method``: ``gradnas``,
             ``block_influence`` or ``loss_drop``; a :class:`~gradprune.structured.depth.LayerSearchResult`
-            is returned; see :mod:`gradprune.structured.depth`). ``"layers"`` with width axes
-            (``gradnas`` only) returns the width result on the depth-pruned copy
-            (:func:`~gradprune.structured.depth.search_layers_and_widths`). ``("hidden",)``
-            prunes residual-stream channels (``gradnas`` or ``activation``; a
+            is returned; see :mod:`gradprune.structured.depth`). ``("hidden",)`` prunes
+            residual-stream channels (``gradnas`` or ``activation``; a
             :class:`~gradprune.structured.hidden.HiddenSearchResult`; see
-            :mod:`gradprune.structured.hidden`); ``"hidden"`` with width axes (``gradnas``) is
-            a staged search (:func:`~gradprune.structured.hidden.search_hidden_and_widths`).
-            ``("experts",)`` removes whole MoE experts per layer (``method``: ``gradnas``, ``reap`` or
-            ``frequency``; ``params`` and ``flops`` budgets; an
-            :class:`~gradprune.structured.experts.ExpertSearchResult` is returned; see
-            :mod:`gradprune.structured.experts`); with width axes (``gradnas`` only) the width
-            result on the expert-pruned copy is returned
-            (:func:`~gradprune.structured.experts.search_experts_and_widths`); with ``"layers"``
-            the expert (and width) search runs per number of dropped layers.
+            :mod:`gradprune.structured.hidden`). ``("experts",)`` removes whole MoE experts per
+            layer (``method``: ``gradnas``, ``reap`` or ``frequency``; ``params`` and ``flops``
+            budgets; an :class:`~gradprune.structured.experts.ExpertSearchResult`; see
+            :mod:`gradprune.structured.experts`). Any combination of several axes with
+            ``"layers"``, ``"hidden"`` or ``"experts"`` among them (``gradnas`` only; ``params``,
+            ``flops`` and ``kv_cache`` bounds) is a staged search
+            (:mod:`gradprune.structured.staged`) that returns the width result on the copy
+            pruned on the other axes; an axis with nothing to prune there (``"experts"`` on a
+            dense model, ``"hidden"`` on a model whose residual stream is not understood) is left
+            whole and named in ``result.axes_skipped`` and the report.
         hidden_divisor: with ``"hidden"`` in ``axes``: the hidden size stays a multiple of it
             (default: the largest power of two up to 64 that divides ``hidden_size``).
 
