@@ -278,7 +278,8 @@ def _run(model: nn.Module, axes: tuple, loss_fn, widths: Callable, ctx: _Context
     rest = tuple(a for a in axes if a != axis)
     stage = _STAGE_BUILDERS[axis](model, loss_fn, ctx)
     if isinstance(stage, str):  # nothing to prune on this axis: say so, go on with the rest
-        logger.info("axes: %r is not pruned: %s", axis, stage)
+        (logger.info if stage.startswith("no MoE blocks (") else logger.warning)(
+            "axes: %r is not pruned: %s", axis, stage)
         found = _run(model, rest, loss_fn, widths, ctx)
         found.axes_skipped = {axis: stage, **getattr(found, "axes_skipped", {})}
         return found
