@@ -30,18 +30,16 @@ with nothing to prune: ``{"experts": "no MoE blocks ..."}``, ``{"hidden": why}``
 ``dense_*`` counts of the original model. Each candidate scores the data again, so a search over
 ``L`` layers, ``H`` hidden sizes and ``E`` experts runs up to ``L * H * E`` width searches.
 
-Example:
-    >>> import torch
-    >>> import gradprune as gp
-    >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
-    <torch._C.Generator object at ...>
-    >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-    ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)).eval()
-    >>> ids = torch.randint(0, 32, (2, 8))
-    >>> found = gp.search(model, {"params": "70%"}, [ids], lambda m, b: m(b, labels=b).loss,
-    ...                   example_input=ids, axes=("heads", "mlp", "hidden", "layers", "experts"),
-    ...                   uniform=True, hidden_divisor=8)
+Example (a dense Qwen2: the ``"experts"`` axis has nothing to remove and says so):
+    >>> import gradprune as gp, torch
+    >>> from transformers import Qwen2Config, Qwen2ForCausalLM
+    >>> _ = torch.manual_seed(0)
+    >>> config = Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+    ...                      num_attention_heads=2, num_key_value_heads=1)
+    >>> model, tokens = Qwen2ForCausalLM(config).eval(), torch.randint(0, 32, (2, 8))
+    >>> every = ("heads", "mlp", "hidden", "layers", "experts")
+    >>> found = gp.search(model, {"params": "70%"}, [tokens], lambda m, b: m(b, labels=b).loss,
+    ...                   example_input=tokens, axes=every, uniform=True, hidden_divisor=8)
     >>> found.axes_skipped["experts"]
     'no MoE blocks (nothing to remove on this axis)'
     >>> small = found.export()
