@@ -265,8 +265,8 @@ def chunked_cross_entropy(h: torch.Tensor, labels: torch.Tensor, logits_of: Call
     else:
         per = max(1, int(chunk) // max(b, 1))
 
-    def piece(hc, yc):
-        logits = logits_of(hc).float()
+    def piece(hc, yc):  # contiguous: a strided [B, c, H] slice would make the head a slow bmm
+        logits = logits_of(hc.contiguous()).float()
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yc.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction="sum")
 
