@@ -36,11 +36,9 @@ A batch is a tensor of token ids (the labels are the ids) or a mapping with ``in
 optional ``attention_mask`` and ``labels``.
 
 Example:
-    >>> import torch
-    >>> import gradprune as gp
+    >>> import torch, gradprune as gp
     >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
-    <torch._C.Generator object at ...>
+    >>> _ = torch.manual_seed(0)
     >>> m = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
     ...                      num_hidden_layers=2, num_attention_heads=2)).eval()
     >>> ids = torch.randint(0, 64, (2, 10))
