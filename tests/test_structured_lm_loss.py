@@ -133,6 +133,21 @@ def test_an_unknown_head_falls_back_to_the_models_own_loss_with_a_warning():
     assert torch.allclose(got, plain(m, ids))
 
 
+class NoKeep(LlamaForCausalLM):  # takes **kwargs but refuses logits_to_keep
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        if "logits_to_keep" in kwargs:
+            raise TypeError("forward() got an unexpected keyword argument 'logits_to_keep'")
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+def test_a_forward_refusing_logits_to_keep_falls_back():
+    torch.manual_seed(0)
+    m, (ids, _) = NoKeep(llama().config).eval(), batches()
+    with pytest.warns(UserWarning, match="does not take logits_to_keep"):
+        got = gp.causal_lm_loss(4)(m, ids)
+    assert torch.allclose(got, plain(m, ids))
+
+
 @pytest.mark.parametrize("chunk, exc, match", [
     (0, ValueError, "chunk must be a positive"), (-3, ValueError, "got -3"), (2.5, TypeError, "float"),
     (True, TypeError, "bool"), ("all", TypeError, "'all'")])

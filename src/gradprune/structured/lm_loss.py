@@ -214,6 +214,11 @@ class CausalLMLoss:
         handle = model.base_model.register_forward_hook(grab)
         try:
             out = model(input_ids=ids, attention_mask=mask, logits_to_keep=1, use_cache=False)
+        except TypeError as exc:  # a forward(**kwargs) that passes them on to something refusing them
+            if "logits_to_keep" not in str(exc) and "use_cache" not in str(exc):
+                raise
+            self._fall_back(model, f"{type(model).__name__} does not take logits_to_keep ({exc})")
+            return self._plain(model, ids, mask, labels)
         finally:
             handle.remove()
         logits_of = self._head(model)
