@@ -78,6 +78,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -987,7 +988,6 @@ def search_experts_and_widths(model: nn.Module, constraints: dict, data: Iterabl
     ``dropped_experts`` (``{block: indices}``) and ``expert_scores`` added and the ``dense_*``
     counts of ``model``. Up to ``num_experts`` width searches run, each scoring ``data`` again."""
     from .depth import _Reachable
-    from .export import edited_copy
     from .search import CONSTRAINT_KEYS, parse_constraints
 
     if method != "gradnas":
@@ -1020,7 +1020,7 @@ def search_experts_and_widths(model: nn.Module, constraints: dict, data: Iterabl
 
     one = {b.name: torch.tensor([0]) for b in blocks}
     try:  # the smallest subnet: one expert per block, the smallest widths
-        width_search(edited_copy(model, lambda m: drop_experts(m, one)), dict(bounds), data, probe, "gradnas",
+        width_search(drop_experts(copy.deepcopy(model), one), dict(bounds), data, probe, "gradnas",
                      example_input, axes=widths_axes, uniform=uniform, **width_kw)
     except _Reachable:
         pass
@@ -1031,7 +1031,7 @@ def search_experts_and_widths(model: nn.Module, constraints: dict, data: Iterabl
     scores, _ = expert_scores(model, blocks, data, loss_fn, "gradnas", max_iter_data_loader, show_progress)
     best, last_error = None, None
     for keep in _expert_candidates(blocks, scores, uniform):
-        small = edited_copy(model, lambda m, keep=keep: drop_experts(m, keep))
+        small = drop_experts(copy.deepcopy(model), keep)
         try:
             found = width_search(small, dict(bounds), data, loss_fn, "gradnas", example_input,
                                  axes=widths_axes, uniform=uniform,
