@@ -1,15 +1,33 @@
-"""Peak memory of gate-gradient scoring (not a test), with and without activation checkpointing,
-on the shared 6.3M LLaMA-GQA model of ``benchmarks/llm_model.py``, against the formula of
-``gradprune.structured.checkpointing``.
+"""Peak memory of gate-gradient scoring and of the export (not a test), on the shared 6.3M
+LLaMA-GQA model of ``benchmarks/llm_model.py``, against the formulas of
+``gradprune.structured.checkpointing`` and the goal of issue #16: the weights ``W`` x 1.5 plus
+one layer's activations, ``W + (0.5 W + B*T*a)``.
 
-For each batch size ``B`` (sequences of ``T = 128`` tokens): the resident-memory increase during
+**Scoring.** For each batch size ``B`` (sequences of ``T = 128`` tokens), with and without
+activation checkpointing, with the plain loss ``model(ids, labels=ids).loss`` and with the chunked
+loss ``gp.causal_lm_loss()`` (``chunk="auto"``): the resident-memory increase during
 ``gate_statistics`` over 2 batches (Linux ``VmHWM`` reset through ``/proc/self/clear_refs``, after
-``malloc_trim``), and the formula's terms measured with ``torch.autograd.graph.saved_tensors_hooks``
-on one forward: ``a`` = bytes autograd saves per token in one decoder layer (gates attached),
-``r`` = bytes saved per token outside the layers (embedding, final norm, logits and the loss),
-``h`` = a layer input's bytes per token. Predicted increase: ``B*T*(L*a + r)`` without
-checkpointing, ``B*T*(L*h + a + r)`` with it; weights ``W`` are resident before scoring and get no
-gradient (no ``W``-sized buffers are added).
+``malloc_trim``; one unmeasured warm-up run of the same configuration first, in the same process), and the formula's
+terms measured with ``torch.autograd.graph.saved_tensors_hooks`` on one forward: ``a`` = bytes
+autograd saves per token in one decoder layer (gates attached), ``r`` = bytes saved per token
+outside the layers (embedding, final norm, logits and the loss), ``h`` = a layer input's bytes
+per token. Predicted increase: ``B*T*(L*a + r)`` without checkpointing, ``B*T*(L*h + a + r)``
+with it; weights ``W`` are resident before scoring and get no gradient (no ``W``-sized buffers).
+The weights are resident before and after, so the goal is an increase of at most
+``0.5 W + B*T*a``.
+
+Every figure is measured in a fresh process (a run's freed blocks would change the next one's
+allocator state), twice: with glibc's default ``malloc`` and with ``MALLOC_MMAP_THRESHOLD_=65536``:
+by default glibc raises its mmap threshold after
+the first large ``free`` and then keeps freed blocks of the heap, so the resident size counts
+memory that no tensor holds any more; with a fixed threshold every block above 64 KiB is handed
+back to the system when the tensor is freed, and the resident size follows the tensors.
+
+**Export.** The resident-memory increase while exporting (a) the width search's result at 50 % of
+the parameters (uniform heads and MLP widths) with ``export_model`` and (b) half of the hidden
+size with ``export_hidden``, against the export's own size ``W_small`` (the least any export
+can add while the model is kept) and against the previous code run in the same process (a deep
+copy of the model sliced afterwards; a sliced state dict loaded into a new model).
 
     OMP_NUM_THREADS=1 python benchmarks/llm_scoring_memory.py
 
@@ -17,7 +35,11 @@ Writes ``benchmarks/results/llm_scoring_memory.json`` and ``.md``.
 """
 from __future__ import annotations
 
+import copy
+import gc
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,15 +48,26 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import llm_model  # noqa: E402
-from llm_structured import PeakRSS, loss_fn  # noqa: E402
+from llm_structured import PeakRSS  # noqa: E402
 
+import gradprune as gp  # noqa: E402
 from gradprune.structured import Gates, find_groups  # noqa: E402
+from gradprune.structured.export import _slice_all, export_model  # noqa: E402
+from gradprune.structured.hidden import _build, _config_with, export_hidden, residual_map  # noqa: E402
 from gradprune.structured.scoring import gate_statistics  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
+COMMAND = "OMP_NUM_THREADS=1 python benchmarks/llm_scoring_memory.py"
 
 
-def saved_bytes(model, analysis, batch):
+def plain_loss(model, batch):
+    return model(input_ids=batch, labels=batch).loss
+
+
+LOSSES = {"plain": plain_loss, "chunked": gp.causal_lm_loss()}
+
+
+def saved_bytes(model, analysis, batch, loss_fn):
     """(bytes saved per token in each decoder layer, bytes saved per token elsewhere)."""
     seen, total = set(), [0]
     per_layer = []
@@ -69,48 +102,182 @@ def saved_bytes(model, analysis, batch):
     return a, rest
 
 
-def main():
+def nbytes(model) -> int:
+    """Bytes of the parameters and buffers (a tied weight once)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+def measure(fn):
+    """(peak resident increase MiB during fn(), its result's bytes)."""
+    gc.collect()
+    with PeakRSS() as mem:
+        out = fn()
+    size = nbytes(out)
+    del out
+    gc.collect()
+    return mem.delta_mib, size
+
+
+def old_export_model(analysis, keep, uniform):  # the previous code: a deep copy, sliced
+    new = copy.deepcopy(analysis.model)
+    _slice_all(new, analysis, keep, uniform)
+    return new
+
+
+def old_export_hidden(rmap, keep):  # the previous code: a sliced state dict loaded into a new model
+    model = rmap.model
+    slices = rmap.slices()
+    state = {key: t if slices.get(key) is None else t.index_select(slices[key], keep)
+             for key, t in model.state_dict().items()}
+    new = _build(model, _config_with(model.config, len(keep), rmap.head_dim))
+    new.load_state_dict(state, strict=True)
+    return new
+
+
+def setup():
     torch.set_num_threads(1)
     model = llm_model.load()
-    ids = llm_model.token_ids()
+    return model, llm_model.token_ids()
+
+
+def scoring_row(B: int, loss_name: str, ckpt: bool) -> dict:
+    """One configuration, measured in a fresh process (see ``main``)."""
+    model, ids = setup()
     cfg = model.config
-    W = sum(p.numel() * p.element_size() for p in model.parameters())
+    W = nbytes(model)
     L, T = cfg.num_hidden_layers, llm_model.SEQ_LEN
     h = cfg.hidden_size * 4
-    rows = []
+    loss_fn = LOSSES[loss_name]
+    data = list(llm_model.sequences(ids["train"], n=2 * B, seed=7).split(B))
+    analysis = find_groups(model, data[0][:1])
+    a, rest = saved_bytes(model, analysis, data[0], loss_fn)
+
+    def run():
+        gate_statistics(analysis, data, loss_fn, n_batches=2, show_progress=False, gradient_checkpointing=ckpt)
+    run()  # warm-up
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        run()
+        secs = time.perf_counter() - t0
+    predicted = B * T * ((L * h + a + rest) if ckpt else (L * a + rest))
+    return {"batch": B, "tokens": B * T, "loss": loss_name, "checkpointing": ckpt,
+            "peak_increase_mib": mem.delta_mib, "predicted_mib": predicted / 2**20,
+            "goal_mib": (0.5 * W + B * T * a) / 2**20, "a_per_token": a, "rest_per_token": rest,
+            "h_per_token": h, "seconds": secs, "weights_mib": W / 2**20, "layers": L, "seq_len": T,
+            "vocab": cfg.vocab_size, "hidden": cfg.hidden_size}
+
+
+EXPORTS = ("widths 50% (export_model)", "hidden size 1/2 (export_hidden)")
+
+
+def export_row(name: str, previous: bool) -> dict:
+    """One export (or the previous code's), measured in a fresh process after a warm-up run."""
+    model, ids = setup()
+    if name == EXPORTS[0]:
+        x = llm_model.sequences(ids["train"], n=1, seed=7)
+        found = gp.search(model, {"params": "50%"}, [x], plain_loss, example_input=x, uniform=True,
+                          show_progress=False)
+        keep = dict(found.keep)
+        fn = (lambda: old_export_model(found.analysis, keep, True)) if previous else \
+            (lambda: export_model(found.analysis, keep, True))
+    else:
+        rmap, half = residual_map(model), torch.arange(0, model.config.hidden_size, 2)
+        fn = (lambda: old_export_hidden(rmap, half)) if previous else (lambda: export_hidden(rmap, half))
+    measure(fn)  # warm-up
+    mib, size = measure(fn)
+    return {"export": name, "previous_code": previous, "export_mib": size / 2**20, "peak_increase_mib": mib}
+
+
+def child(spec: list, mmap: bool) -> dict:
+    env = dict(os.environ)
+    if mmap:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    else:
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    out = subprocess.run([sys.executable, __file__, "--row", json.dumps(spec)], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    row = json.loads(out.strip().splitlines()[-1])
+    print(("mmap64k " if mmap else "default ") + json.dumps(row), flush=True)
+    return row
+
+
+def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--row":  # one measurement, in this fresh process
+        spec = json.loads(sys.argv[2])
+        print(json.dumps(scoring_row(*spec[1:]) if spec[0] == "scoring" else export_row(*spec[1:])))
+        return
+    rows, exports = [], []
     for B in (1, 8):
-        data = list(llm_model.sequences(ids["train"], n=2 * B, seed=7).split(B))
-        analysis = find_groups(model, data[0][:1])
-        a, rest = saved_bytes(model, analysis, data[0])
-        for ckpt in (False, True):
-            with PeakRSS() as mem:
-                t0 = time.perf_counter()
-                gate_statistics(analysis, data, loss_fn, n_batches=2, show_progress=False,
-                                gradient_checkpointing=ckpt)
-                secs = time.perf_counter() - t0
-            predicted = B * T * ((L * h + a + rest) if ckpt else (L * a + rest))
-            rows.append({"batch": B, "tokens": B * T, "checkpointing": ckpt, "peak_increase_mib": mem.delta_mib,
-                         "predicted_mib": predicted / 2**20, "a_per_token": a, "rest_per_token": rest,
-                         "h_per_token": h, "seconds": secs})
-            print(rows[-1], flush=True)
-    result = {"weights_mib": W / 2**20, "layers": L, "seq_len": T, "rows": rows,
-              "command": "OMP_NUM_THREADS=1 python benchmarks/llm_scoring_memory.py",
-              "machine": "2 shared CPU cores (other jobs running), 1 thread"}
+        for loss_name in LOSSES:
+            for ckpt in (False, True):
+                r = child(["scoring", B, loss_name, ckpt], mmap=False)
+                f = child(["scoring", B, loss_name, ckpt], mmap=True)
+                r["meets_goal"] = None if r["peak_increase_mib"] is None else r["peak_increase_mib"] <= r["goal_mib"]
+                r["peak_increase_mib_mmap64k"] = f["peak_increase_mib"]
+                r["meets_goal_mmap64k"] = None if f["peak_increase_mib"] is None else \
+                    f["peak_increase_mib"] <= r["goal_mib"]
+                r["seconds_mmap64k"] = f["seconds"]
+                rows.append(r)
+    for name in EXPORTS:
+        e = {"export": name}
+        for previous in (False, True):
+            for mmap in (False, True):
+                got = child(["export", name, previous], mmap=mmap)
+                if not previous:
+                    e["export_mib"] = got["export_mib"]
+                key = ("previous_code_" if previous else "") + "peak_increase_mib" + ("_mmap64k" if mmap else "")
+                e[key] = got["peak_increase_mib"]
+        exports.append(e)
+    first = rows[0]
+    result = {k: first[k] for k in ("weights_mib", "layers", "seq_len", "vocab", "hidden")}
+    result.update({"rows": rows, "exports": exports, "command": COMMAND, "torch": torch.__version__,
+                   "machine": "2 shared CPU cores (other jobs running), 1 thread; every figure "
+                              "measured in a fresh process"})
     OUT.mkdir(exist_ok=True)
     (OUT / "llm_scoring_memory.json").write_text(json.dumps(result, indent=1))
-    lines = ["# Gate-scoring peak memory on the 6.3M LLaMA-GQA model", "",
-             f"`{result['command']}`. Weights W = {W / 2**20:.1f} MiB (fp32), L = {L} layers, T = {T} tokens per "
-             f"sequence; a = {rows[0]['a_per_token'] / 1024:.1f} KiB saved per token per layer, "
-             f"r = {rows[0]['rest_per_token'] / 1024:.1f} KiB per token outside the layers (logits and loss), "
-             f"h = {h / 1024:.1f} KiB per token (a layer input).", "",
-             "| batch (sequences) | checkpointing | measured increase MiB | formula MiB | formula | seconds |",
-             "|---|---|---|---|---|---|"]
+    (OUT / "llm_scoring_memory.md").write_text(markdown(result))
+
+
+def markdown(result) -> str:
+    rows = result["rows"]
+    W = result["weights_mib"]
+    by = {(r["loss"], r["batch"]): r for r in rows}
+    lines = ["# Gate-scoring and export peak memory on the 6.3M LLaMA-GQA model", "",
+             f"`{result['command']}`. Weights W = {W:.1f} MiB (fp32), L = {result['layers']} layers, "
+             f"T = {result['seq_len']} tokens per sequence, vocabulary {result['vocab']}, hidden size "
+             f"{result['hidden']}; h = {rows[0]['h_per_token'] / 1024:.1f} KiB per token (a layer input). "
+             "Saved by autograd per token: a in one decoder layer, r outside the layers "
+             f"(plain loss: a = {by['plain', 1]['a_per_token'] / 1024:.1f} KiB, "
+             f"r = {by['plain', 1]['rest_per_token'] / 1024:.1f} KiB; chunked loss: "
+             f"a = {by['chunked', 1]['a_per_token'] / 1024:.1f} KiB, "
+             f"r = {by['chunked', 1]['rest_per_token'] / 1024:.1f} KiB). "
+             "Goal (issue #16): peak <= 1.5 W + one layer's activations, i.e. an increase over the "
+             "resident weights of at most 0.5 W + B*T*a.", "",
+             "Measured: the resident-size increase, each in a fresh process, with glibc's default malloc and "
+             "with MALLOC_MMAP_THRESHOLD_=65536 (freed blocks go back to the system; see the script).", "",
+             "| batch B | loss | checkpointing | increase MiB (default malloc) | increase MiB (mmap 64 KiB) "
+             "| saved-tensor formula MiB | formula | goal 0.5W + B*T*a MiB | meets goal (default / mmap) "
+             "| seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
+    yes = lambda v: "n/a" if v is None else ("yes" if v else "no")  # noqa: E731
     for r in rows:
         f = "B*T*(L*h + a + r)" if r["checkpointing"] else "B*T*(L*a + r)"
-        m = "n/a" if r["peak_increase_mib"] is None else f"{r['peak_increase_mib']:.1f}"
-        lines.append(f"| {r['batch']} | {'yes' if r['checkpointing'] else 'no'} | {m} | {r['predicted_mib']:.1f} | "
-                     f"{f} | {r['seconds']:.1f} |")
-    (OUT / "llm_scoring_memory.md").write_text("\n".join(lines) + "\n")
+        lines.append(f"| {r['batch']} | {r['loss']} | {'yes' if r['checkpointing'] else 'no'} | "
+                     f"{fmt(r['peak_increase_mib'])} | {fmt(r.get('peak_increase_mib_mmap64k'))} | "
+                     f"{r['predicted_mib']:.1f} | {f} | {r['goal_mib']:.1f} | "
+                     f"{yes(r['meets_goal'])} / {yes(r.get('meets_goal_mmap64k'))} | {r['seconds']:.1f} |")
+    lines += ["", "Export: resident-memory increase while exporting (the model stays resident and "
+              "unchanged); the least possible is the export's own size.", "",
+              "| export | export size MiB | increase MiB (default / mmap 64 KiB) | previous code: increase "
+              "MiB (default / mmap 64 KiB) |",
+              "|---|---|---|---|"]
+    for e in result["exports"]:
+        lines.append(f"| {e['export']} | {e['export_mib']:.1f} | {fmt(e['peak_increase_mib'])} / "
+                     f"{fmt(e.get('peak_increase_mib_mmap64k'))} | {fmt(e['previous_code_peak_increase_mib'])} / "
+                     f"{fmt(e.get('previous_code_peak_increase_mib_mmap64k'))} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

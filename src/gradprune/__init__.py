@@ -28,7 +28,7 @@ from .scores import (
     stream_gradients,
 )
 from .targets import find_targets
-from .structured import SearchResult, find_groups, load_pruned, save_pruned, search
+from .structured import SearchResult, causal_lm_loss, find_groups, load_pruned, save_pruned, search
 from .distill import DistillConfig, Distiller, distill
 
 __version__ = "0.1.0"
@@ -38,7 +38,7 @@ __all__ = [
     "SparsitySchedule", "sparsity_at", "SparseConfig", "SparseTrainer", "LayerContext", "Criterion", "GradientStatistics", "get_criterion",
     "list_criteria", "register_criterion", "stream_gradients", "find_targets", "__version__",
 ]
-__all__ += ["search", "SearchResult", "find_groups", "save_pruned", "load_pruned"]
+__all__ += ["search", "SearchResult", "find_groups", "save_pruned", "load_pruned", "causal_lm_loss"]
 __all__ += ["distill", "Distiller", "DistillConfig"]
 
 # a library logs and lets the application decide where records go (the `gradprune` command does)

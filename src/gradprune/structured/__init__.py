@@ -8,6 +8,7 @@ See ``docs/structured.md``. The main entry points:
 - :func:`load_pruned_pretrained` — a pruned Hugging Face model saved with ``save_pretrained``;
 - :func:`recalibrate_batchnorm` — re-estimate BatchNorm statistics of an exported model;
 - :func:`fold_batchnorm` — fold eval-mode BatchNorm into the convolutions before it, for inference;
+- :func:`causal_lm_loss` — a causal-LM ``loss_fn`` whose logits exist one chunk of tokens at a time;
 - :func:`find_groups`, :class:`Gates`, :class:`SearchRules`, :class:`CostModel` — the parts.
 """
 
@@ -19,6 +20,7 @@ from .fold import fold_batchnorm
 from .gates import Gates
 from .groups import Analysis, Group, Layout, Slice, find_groups
 from .hf import load_pruned_pretrained
+from .lm_loss import CausalLMLoss, causal_lm_loss
 from .rules import ChannelRule, FeatureRule, HeadRule, SearchRules, candidate_widths
 from .scoring import GateStatistics, gate_statistics, magnitude_scores
 from .search import METHODS, LatencyProbe, SearchResult, parse_constraints, recalibrate_batchnorm, search
@@ -30,4 +32,5 @@ __all__ = [
     "parse_constraints", "export_model", "save_pruned", "load_pruned", "load_pruned_pretrained",
     "HeadRule", "PrunedMultiheadAttention", "LatencyProbe", "recalibrate_batchnorm", "fold_batchnorm",
     "ExpertSearchResult", "drop_experts", "expert_scores", "find_moe_blocks",
+    "causal_lm_loss", "CausalLMLoss",
 ]

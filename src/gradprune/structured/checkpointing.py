@@ -8,7 +8,10 @@ sequences of ``T`` tokens, with ``W`` the weight bytes (weights get no gradient 
 state), ``L`` layers saving ``a`` bytes per token each, and the logits' ``c*V`` bytes per token
 (the logits, their log-softmax and its gradient). With checkpointing only each layer's input
 (``h`` bytes per token, the hidden size in the model's dtype) is kept, plus one layer's saved
-activations while it is recomputed: ``W + B*T*(L*h + a + c*V)``.
+activations while it is recomputed: ``W + B*T*(L*h + a + c*V)``. The logits' term goes with
+the chunked loss :func:`gradprune.causal_lm_loss` (:mod:`gradprune.structured.lm_loss`), which
+builds one chunk of tokens' logits at a time: ``W + B*T*(L*h + a + r)`` with ``r`` about two
+hidden vectors per token, plus one chunk's logits.
 
 The decoder layers are found structurally (:func:`~gradprune.structured.depth.decoder_layers`);
 their ``forward`` runs under :func:`torch.utils.checkpoint.checkpoint` (non-reentrant) while grad

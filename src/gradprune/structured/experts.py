@@ -760,12 +760,15 @@ class ExpertSearchResult:
         return {name: _top(self.scores[name], n) for name in self.keep}
 
     def export(self, uniform: bool | None = None) -> nn.Module:
-        """A deep copy of the model without the removed experts (see :func:`drop_experts`).
+        """A copy of the model without the removed experts (see :func:`drop_experts`; the model
+        is not changed nor held twice: :func:`~gradprune.structured.export.edited_copy`).
         ``uniform=True`` (default: as searched) gives every block the same count (the smallest)."""
+        from .export import edited_copy
+
         if uniform is not None and not isinstance(uniform, bool):
             raise TypeError(f"uniform must be bool or None, got {type(uniform).__name__}")
         keep = self.uniform_keep() if uniform else self.keep
-        return drop_experts(copy.deepcopy(self.model), keep)
+        return edited_copy(self.model, lambda m: drop_experts(m, keep))
 
 
 def _top(scores: torch.Tensor, n: int) -> torch.Tensor:

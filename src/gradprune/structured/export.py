@@ -1,10 +1,13 @@
 """Export: a physically smaller copy of the model, and its save/load without pickled modules.
 
-:func:`export_model` deep-copies the model and slices, for every kept unit of every group, the
+:func:`export_model` copies the model and slices, for every kept unit of every group, the
 weights, biases, norm parameters and buffers (BatchNorm/InstanceNorm running statistics) of each
 module of the group, updating ``in_features``/``out_features``, ``in_channels``/``out_channels``,
 ``groups`` (depthwise convs), ``num_features``, ``num_channels`` and ``normalized_shape``. The
-result is an ordinary ``torch.nn`` model.
+result is an ordinary ``torch.nn`` model. The model is never changed, and its weights are not held
+twice: the slicing runs on a copy of the modules that shares the model's tensors and replaces the
+sliced ones with new, smaller tensors (it never writes into a tensor), then only the tensors still
+shared are copied (:func:`edited_copy`): the peak is the model plus the export, not two models.
 
 :func:`save_pruned` writes a directory with ``model.pt`` (a plain state dict) and
 ``architecture.json`` (the width attributes of every ``Linear``/conv/norm layer);
@@ -26,9 +29,11 @@ Example:
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 from collections import OrderedDict
+from typing import Callable
 
 import torch
 from torch import nn
@@ -38,23 +43,66 @@ from .._io import load_json, load_torch, write_file_set
 from .groups import _BN, _CONV, _CONVT, _IN, Analysis, is_conv1d
 from .hf import WIDTHS_KEY, apply_uniform_config, head_attrs, record_widths, set_recorded
 
-__all__ = ["export_model", "save_pruned", "load_pruned", "ARCH_FILE", "WEIGHTS_FILE"]
+__all__ = ["export_model", "edited_copy", "save_pruned", "load_pruned", "ARCH_FILE", "WEIGHTS_FILE"]
 
 ARCH_FILE = "architecture.json"
 WEIGHTS_FILE = "model.pt"
 _FORMAT = "gradprune-structured"
 
 
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _own(value: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``value`` detached, copied only when it shares ``old``'s memory (a slice is new already)."""
+    value = value.detach()
+    return value.clone() if _storage(value) == _storage(old) else value
+
+
 def _set_param(mod: nn.Module, name: str, value: torch.Tensor) -> None:
     old = getattr(mod, name)
     if old is None:
         return
-    setattr(mod, name, nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad))
+    setattr(mod, name, nn.Parameter(_own(value, old), requires_grad=old.requires_grad))
 
 
 def _set_buffer(mod: nn.Module, name: str, value: torch.Tensor) -> None:
-    if getattr(mod, name, None) is not None:
-        mod._buffers[name] = value.detach().clone()
+    old = getattr(mod, name, None)
+    if old is not None:
+        mod._buffers[name] = _own(value, old)
+
+
+def edited_copy(model: nn.Module, edit: Callable) -> nn.Module:
+    """A copy of ``model`` changed by ``edit(copy)`` (in place; it may return the copy), with
+    ``model`` and its tensors untouched and never two copies of its weights in memory.
+
+    ``edit`` runs on a copy of the modules that shares ``model``'s parameters and buffers; it must
+    *replace* the tensors it changes (``setattr`` of a new parameter, as slicing does), never write
+    into one. Then the copy is deep-copied with its new tensors kept as they are: only the tensors
+    still shared with ``model`` are copied, one at a time (ties, such as tied embeddings, stay
+    tied). A failure inside ``edit`` leaves ``model`` as it was. Peak memory: ``model`` plus the
+    result (plus one tensor), where a plain deep copy followed by slicing holds ``model`` twice.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> m = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 2))
+        >>> def narrow(c):
+        ...     c[0].weight = nn.Parameter(c[0].weight.detach()[:3].clone())
+        >>> small = edited_copy(m, narrow)
+        >>> tuple(small[0].weight.shape), tuple(m[0].weight.shape)
+        ((3, 4), (6, 4))
+        >>> small[1].weight is m[1].weight, bool(torch.equal(small[1].weight, m[1].weight))
+        (False, True)
+    """
+    originals = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    shell = copy.deepcopy(model, dict(originals))  # new modules, the model's tensors
+    out = edit(shell)
+    shell = shell if out is None else out
+    shared = {_storage(t) for t in originals.values() if _storage(t)}
+    keep = {id(t): t for t in itertools.chain(shell.parameters(), shell.buffers())
+            if id(t) not in originals and _storage(t) not in shared}
+    return copy.deepcopy(shell, keep)
 
 
 def _slice_dense(mod: nn.Module, out_idx, in_idx, *, out_dim: int, out_attr: str, in_attr: str) -> None:
@@ -114,14 +162,18 @@ def _slice_module(mod: nn.Module, out_idx, in_idx, ch_idx) -> None:
 
 
 def export_model(analysis: Analysis, keep: dict, uniform: bool = False) -> nn.Module:
-    """A deep copy of ``analysis.model`` keeping units ``keep[group index]`` (sorted indices) of
-    each group (a missing group keeps everything).
+    """A copy of ``analysis.model`` keeping units ``keep[group index]`` (sorted indices) of
+    each group (a missing group keeps everything); ``analysis.model`` is not changed, and only
+    it and the export are in memory at once (see :func:`edited_copy`).
 
     ``uniform=True`` (Hugging Face models): every layer must keep the same widths, which are then
     written to the config (``intermediate_size``…) so plain ``from_pretrained`` loads the result;
     ``ValueError`` otherwise (see :func:`gradprune.structured.hf.apply_uniform_config`)."""
     check_bool("uniform", uniform)
-    new = copy.deepcopy(analysis.model)
+    return edited_copy(analysis.model, lambda new: _slice_all(new, analysis, keep, uniform))
+
+
+def _slice_all(new: nn.Module, analysis: Analysis, keep: dict, uniform: bool) -> None:
     modules = dict(new.named_modules())
     for name, roles in analysis.roles.items():
         idx = {r: analysis.indices_of(lay, keep) for r, lay in roles.items()}
@@ -138,7 +190,6 @@ def export_model(analysis: Analysis, keep: dict, uniform: bool = False) -> nn.Mo
         record_widths(new, analysis)
     if uniform:
         apply_uniform_config(new, analysis, keep)
-    return new
 
 
 # --------------------------------------------------------------------------------------------

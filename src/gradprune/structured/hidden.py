@@ -61,7 +61,8 @@ accepts (LLaMA / Gemma configs require ``hidden_size % num_attention_heads == 0`
 
 **Export** (:func:`export_hidden`): a new model of the same class built from a config with
 ``hidden_size`` (and an explicit ``head_dim``, which LLaMA-style configs otherwise derive from
-``hidden_size``) changed, loaded with the sliced weights: exactly what ``from_pretrained`` builds
+``hidden_size``) changed, its tensors filled with the sliced weights (sliced straight into them:
+the model and the export are in memory, nothing else of their size): exactly what ``from_pretrained`` builds
 from ``save_pretrained``, so plain ``AutoModelForCausalLM.from_pretrained`` loads it.
 
 Example:
@@ -720,13 +721,29 @@ def export_hidden(rmap: ResidualMap, keep: torch.Tensor) -> nn.Module:
     k = keep.numel()
     config = _config_with(model.config, k, rmap.head_dim)
     slices = rmap.slices()
-    state = {}
-    for key, t in model.state_dict().items():
-        dim = slices.get(key)
-        state[key] = t if dim is None else t.index_select(dim, keep.to(t.device))
+    source = model.state_dict()
+    shapes = {}
+    for key, t in source.items():
+        shape = list(t.shape)
+        if key in slices:
+            shape[slices[key]] = k
+        shapes[key] = torch.empty(shape, device="meta")
     new = _build(model, config)
-    _check_shapes(new, state, k)
-    new.load_state_dict(state, strict=True)
+    _check_shapes(new, shapes, k)
+    target = new.state_dict()
+    if set(target) != set(source):
+        raise ValueError(f"the {type(new).__name__} built with hidden_size {k} has other tensors than "
+                         f"the model: missing {sorted(set(source) - set(target))[:4]}, unexpected "
+                         f"{sorted(set(target) - set(source))[:4]}")
+    with torch.no_grad():  # straight into the new tensors: no sliced copy of the weights between
+        for key, t in source.items():
+            dim, out = slices.get(key), target[key]
+            if dim is None:
+                out.copy_(t)
+            elif out.dtype == t.dtype and out.device == t.device and out.is_contiguous():
+                torch.index_select(t, dim, keep.to(t.device), out=out)
+            else:
+                out.copy_(t.index_select(dim, keep.to(t.device)))
     if rmap.lm_head is not None and (new.get_output_embeddings().weight is
                                      new.get_input_embeddings().weight) != rmap.tied:
         raise ValueError(f"the exported {type(new).__name__} does not tie its embeddings as the "

@@ -541,7 +541,9 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
             each candidate that meets the other bounds is exported and timed. ``"kv_cache": bytes
             or "NN%"`` bounds the key/value-cache bytes per token of context, counted from the
             kept key/value heads (see :mod:`gradprune.structured.kvcache`).
-        data, loss_fn: batches and ``loss_fn(model, batch) -> scalar`` for the gradient methods.
+        data, loss_fn: batches and ``loss_fn(model, batch) -> scalar`` for the gradient methods
+            (for a causal LM, :func:`~gradprune.structured.lm_loss.causal_lm_loss` gives the
+            next-token loss with the logits of one chunk of tokens at a time).
             For ``fastnas`` both are optional: with ``data``, BatchNorm statistics are
             re-estimated on its first ``max_iter_data_loader`` batches (held in memory; run with
             ``loss_fn``, or ``model(batch[0])`` without it) before every evaluation, with the
