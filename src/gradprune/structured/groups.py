@@ -273,6 +273,10 @@ class _Propagator(fx.Interpreter):
         self.roles: dict = {}
         self.mask_points: dict = {}
         self.head_handlers: dict = {}  # space id -> HeadHandler
+        # channel counts read as numbers (``x.shape``, ``x.size()``): see :meth:`_track_sizes`
+        self.shapes: dict = {}  # node -> Layout of the tensor whose shape it is
+        self.sizes: dict = {}  # node -> layouts whose channel counts the value is computed from
+        self.size_uses: list = []  # (node name, size layouts, layouts of the tensors it sizes)
         self.param_owner = {}
         for mname, mod in self.modules.items():
             for pname, p in mod.named_parameters(recurse=False):
@@ -365,7 +369,55 @@ class _Propagator(fx.Interpreter):
             self.block([out], f"{n.name}: unexpected output")
             out = None
         self.layouts[n] = out
+        self._track_sizes(n, args, kwargs, result)
         return result
+
+    def _track_sizes(self, n, args, kwargs, result) -> None:
+        """Follow channel counts read as numbers. ``B, N, C = x.shape`` makes ``C`` the width of
+        ``x``'s channels; arithmetic on it keeps that; a tensor op given such a number (``reshape``,
+        ``view``, ``expand``, ``torch.zeros``…) is checked in :meth:`finish`: its tensor inputs
+        must carry those channels (``x.view(B, C, H, W)``), else the number sizes something that
+        does not shrink with them (MaxViT's ``out.reshape(B, G, P, D)`` of the heads' output with
+        ``D`` read from the residual stream), and both are left unpruned."""
+        if n.op in ("placeholder", "get_attr", "output"):
+            return
+        first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+        lay = self.layouts.get(first) if first is not None else None
+        if isinstance(lay, Layout):
+            if n.op == "call_function" and n.target is getattr and args[1] == "shape":
+                self.shapes[n] = lay
+                return
+            if n.op == "call_method" and n.target == "size":
+                dim = args[1] if len(args) > 1 else kwargs.get("dim")
+                if dim is None:
+                    self.shapes[n] = lay
+                elif isinstance(dim, int) and dim % lay.ndim == lay.cdim:
+                    self.sizes[n] = (lay,)
+                return
+            if n.op == "call_method" and n.target in ("numel", "nelement"):
+                self.sizes[n] = (lay,)
+                return
+        if (n.op == "call_function" and n.target is operator.getitem and first in self.shapes
+                and isinstance(args[1], (int, slice))):
+            shape_of = self.shapes[first]
+            picked = range(shape_of.ndim)[args[1]]
+            if shape_of.cdim in (picked if isinstance(picked, range) else (picked,)):
+                self.sizes[n] = (shape_of,)
+            return
+        from_sizes: list = []
+        for a in n.all_input_nodes:
+            for size_lay in self.sizes.get(a, ()) + ((self.shapes[a],) if a in self.shapes else ()):
+                if size_lay not in from_sizes:
+                    from_sizes.append(size_lay)
+        if not from_sizes:
+            return
+        if isinstance(result, torch.Tensor) or n.op == "call_module" or (
+                isinstance(result, (tuple, list)) and any(isinstance(r, torch.Tensor) for r in result)):
+            tensors = [self.layouts.get(a) for a in n.all_input_nodes if a not in self.sizes
+                       and a not in self.shapes]
+            self.size_uses.append((n.name, tuple(from_sizes), [t for t in tensors if t is not None]))
+        else:
+            self.sizes[n] = tuple(from_sizes)
 
     def _propagate(self, n, args, kwargs, result, ins):
         if n.op == "placeholder":
@@ -816,6 +868,16 @@ class _Propagator(fx.Interpreter):
         for mname, slot in self.roles.items():
             if "taint" in slot:
                 self.block([slot.get(r) for r in ("out", "in", "through")], f"{mname}: {slot['taint']}")
+        listed: set = set()  # one reason per residual stream is enough
+        for node, sized, tensors in self.size_uses:
+            carried = {self.find(s) for t in _flat_layouts(tensors) for s, _ in t.segs}
+            needed = {self.find(s) for t in sized for s, _ in t.segs}
+            if not needed <= carried and not needed <= listed:
+                listed |= needed
+                owners = sorted({self.space_owner[s] for t in sized for s, _ in t.segs})
+                self.block(list(sized) + tensors,
+                           f"{node}: the channel count of {', '.join(owners)} (read with .shape or "
+                           ".size()) sizes a tensor that does not carry those channels")
         # a group is blocked when any of its spaces is
         blocked_roots: dict = {}
         for space, reasons in self.blocked.items():
@@ -894,6 +956,13 @@ class _Unsupported(Exception):
 
 class _Parts(tuple):
     """The layouts of the pieces of a ``chunk`` (one per piece)."""
+
+
+def _flat_layouts(layouts) -> list:
+    out = []
+    for lay in layouts:
+        out += _flat_layouts(lay) if isinstance(lay, _Parts) else [lay] if lay is not None else []
+    return out
 
 
 def _as_args(example_input) -> tuple:
