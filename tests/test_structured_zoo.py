@@ -810,15 +810,19 @@ def test_a_channel_count_read_from_a_shape_that_sizes_other_channels_is_listed(t
     assert "embed" in _groups_of(st.find_groups(MixerNet(own_width=True), x))
 
 
+def assert_every_unpruned_prunable_layer_is_listed(model, x):
+    analysis = st.find_groups(model, x)
+    sliced = {s.module for g in analysis.groups for s in g.slices}
+    listed = {s["module"] for s in analysis.skipped}
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Linear, nn.Conv2d, nn.MultiheadAttention)) and name not in sliced:
+            assert name in listed or any(name.startswith(p + ".") for p in sliced | listed), name
+    return analysis
+
+
 def test_every_unpruned_prunable_layer_is_listed():
     for factory in REPLICAS.values():
-        model = factory()
-        analysis = st.find_groups(model, torch.randn(2, 3, 16, 16))
-        sliced = {s.module for g in analysis.groups for s in g.slices}
-        listed = {s["module"] for s in analysis.skipped}
-        for name, mod in model.named_modules():
-            if isinstance(mod, (nn.Linear, nn.Conv2d, nn.MultiheadAttention)) and name not in sliced:
-                assert name in listed or any(name.startswith(p + ".") for p in sliced | listed), name
+        assert_every_unpruned_prunable_layer_is_listed(factory(), torch.randn(2, 3, 16, 16))
 
 
 def test_a_layer_the_forward_never_calls_is_listed():
@@ -899,5 +903,8 @@ def test_coverage_matrix_on_torchvision(name, kwargs, key, tmp_path):
     rules = {t: {"channel_divisor": 8} for t in ("nn.Conv2d",)}
     rules.update({t: {"feature_divisor": 8} for t in ("nn.Linear", "nn.BatchNorm2d", "nn.LayerNorm")})
     hw = SIZES.get(name, 32)
+    if key == "flops":  # once per model
+        assert_every_unpruned_prunable_layer_is_listed(getattr(tvm, name)(num_classes=5, **kwargs).eval(),
+                                                       torch.randn(2, 3, hw, hw))
     check_matrix_entry(lambda: getattr(tvm, name)(num_classes=5, **kwargs), torch.randn(2, 3, hw, hw),
                        key, tmp_path, rules=rules)

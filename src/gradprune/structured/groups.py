@@ -455,7 +455,7 @@ class _Propagator(fx.Interpreter):
         if isinstance(m, (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)):
             return self._transformer(name, m, args, ins)
         if name in self.functional and name not in self.opaque:
-            return self._functional(name, m, args, result, ins)
+            return self._functional(n, name, m, args, result, ins)
         x = self._in_layout(n)
         extra = [lay for lay in ins if lay is not x]
         if extra:
@@ -551,7 +551,7 @@ class _Propagator(fx.Interpreter):
         self.module_space[name] = space
         self.head_handlers[space] = MHAHeads(name, m)
 
-    def _functional(self, name, m, args, result, ins):
+    def _functional(self, n, name, m, args, result, ins):
         """An attention module that passes its projections' weights to a function (a registered
         :class:`~gradprune.structured.attention.FunctionalAttention`, traced as a leaf): its heads
         are a group once its behaviour checks out; its embed dim (the residual stream) stays."""
@@ -559,8 +559,13 @@ class _Propagator(fx.Interpreter):
         from .blocks import PRUNABLE
         spec = self.functional[name]
         self.block(ins, f"{name}: the embed dim of {type(m).__name__} is not pruned")
+        # its output is on the same (unpruned) embed dim: the residual stream stays one group,
+        # listed with this reason
+        x = self._in_layout(n)
+        same = (x if x is not None and len(args) == 1 and isinstance(result, torch.Tensor)
+                and result.shape == args[0].shape and x.cdim == x.ndim - 1 else None)
         if name in self.module_space:
-            return None
+            return same
         reason = None
         if len(args) != 1 or not isinstance(args[0], torch.Tensor):
             reason = f"{type(m).__name__} ({spec.name} functional attention) called with other arguments than one tensor"
@@ -568,7 +573,7 @@ class _Propagator(fx.Interpreter):
             reason = check_functional(m, spec, args[0], result)
         if reason is not None:
             self._skip_producer(name, reason)
-            return None
+            return same
         handler = FunctionalHeads(name, m, spec)
         space = self.new_space(handler.n_heads, name)
         self.module_space[name] = space
@@ -578,7 +583,7 @@ class _Propagator(fx.Interpreter):
             if sub and sub not in sliced and isinstance(mod, PRUNABLE):
                 self._skip_producer(f"{name}.{sub}", f"inside {name}, whose heads are pruned "
                                     f"({spec.name} functional attention); its own units stay")
-        return None
+        return same
 
     def _encoder_layer(self, name, m, ndim):
         self._heads(f"{name}.self_attn", m.self_attn)
