@@ -91,6 +91,9 @@ ZOO = {
                                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                                        drop_path_rate=0.0), "pixels"),
     "clip_vision": ("CLIPVisionModel", lambda: _cfg("CLIPVisionConfig", **VISION), "pixels"),
+    # fused Wqkv -> Wo attention and a fused [act input | gate] Wi -> Wo MLP
+    "modernbert": ("ModernBertModel", lambda: _cfg("ModernBertConfig", **BERTISH, global_attn_every_n_layers=1,
+                                                   cls_token_id=0, sep_token_id=0, **T), "ids"),
 }
 # families whose heads are not pruned (the reason is in skipped)
 NO_HEADS = {"falcon_alibi"} | ({"clip_text", "clip_vision"} if int(transformers.__version__.split(".")[0]) < 5
@@ -320,6 +323,17 @@ def test_falcon_layouts_prune_heads_per_layer(family, units, qkv_rows, attn, tmp
     attn0 = small.h[0].self_attention
     assert attn0.num_heads == (2 if family != "falcon_mha" or units != 2 else 1)
     assert attn0.num_heads * attn0.head_dim == attn0.dense.in_features
+
+
+def test_mpt_alibi_heads_are_listed_not_pruned():
+    """MPT matches the fused ``Wqkv`` layout, but its model adds one ALiBi bias of ``n_heads``
+    heads to every layer's scores (``attn_config.alibi``, on by default): the heads are listed."""
+    model = transformers.MptModel(transformers.MptConfig(vocab_size=V, d_model=16, n_layers=2, n_heads=4,
+                                                         expansion_ratio=2, max_seq_len=32)).eval()
+    analysis = st.find_groups(model, _input("bert"))
+    reasons = {s["module"]: s["reason"] for s in analysis.skipped}
+    assert not any(g.handler is not None for g in analysis.groups)
+    assert all("config.attn_config.alibi is set" in reasons[f"blocks.{i}.attn"] for i in range(2))
 
 
 def test_falcon_alibi_heads_are_listed_not_pruned(tmp_path):

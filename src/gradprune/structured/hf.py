@@ -112,7 +112,8 @@ class AttentionSpec:
     ``classes``: known attention class names (their normalised names are rule keys
     ``"hf.<class>"``). ``unsupported``: why the heads of this layout are never pruned;
     ``unsupported_config``: ``((config field, why), ...)``: the heads are not pruned where the
-    model's config sets that field (Falcon's ``alibi``: slopes built per head for all layers).
+    model's config sets that field (Falcon's ``alibi``: slopes built per head for all layers; a
+    dotted path reaches a sub-config: MPT's ``attn_config.alibi``).
     ``config_attrs``: fields of the module's own ``config`` that its forward reads
     (``{"num_attention_heads": "heads"}`` for Phi-3, which splits ``qkv_proj`` at
     ``config.num_attention_heads * head_dim``): export gives the module a copy of the config
@@ -247,6 +248,10 @@ register_attention(AttentionSpec("query_key_value", fused="query_key_value", lay
                                                       "depend on that count, so no layer can drop heads"),),
                                  classes=("GPTNeoXAttention", "FalconAttention")))
 register_attention(AttentionSpec("wqkv", fused="Wqkv", o=("Wo", "out_proj"),
+                                 unsupported_config=(("attn_config.alibi", "the model adds one ALiBi "
+                                                      "bias of n_heads heads to every layer's attention "
+                                                      "scores, with slopes that depend on that count, so "
+                                                      "no layer can drop heads"),),
                                  classes=("ModernBertAttention", "MptAttention")))
 
 register_mlp(MLPSpec("bert", up="intermediate.dense", act=("intermediate",), down="output.dense"))
@@ -266,6 +271,7 @@ register_mlp(MLPSpec("shared_expert", gate="shared_expert.gate_proj", up="shared
 register_mlp(MLPSpec("gated", gate="gate_proj", up="up_proj", act=("act_fn",), down="down_proj"))
 register_mlp(MLPSpec("gate_up", up="gate_up_proj", fused_gate=True, act=("activation_fn",),
                      down="down_proj"))
+register_mlp(MLPSpec("wi_wo", up="Wi", fused_gate=True, act=("act",), down="Wo"))  # ModernBERT: [act in | gate]
 
 _IMPL_MARKS = ("Sdpa", "FlashAttention2", "FlashAttention3", "Flash", "Eager", "Flex")
 
@@ -623,7 +629,10 @@ def _config_blocks(b: _Builder, name: str, mod: nn.Module, spec: AttentionSpec) 
             if config is not None:
                 break
     for key, why in spec.unsupported_config:
-        if getattr(config, key, False):
+        value = config
+        for part in key.split("."):  # a dotted path reaches a sub-config (MPT's attn_config.alibi)
+            value = value.get(part) if isinstance(value, dict) else getattr(value, part, None)
+        if value:
             return f"config.{key} is set: {why}"
     return None
 
