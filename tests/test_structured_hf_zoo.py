@@ -336,6 +336,33 @@ def test_mpt_alibi_heads_are_listed_not_pruned():
     assert all("config.attn_config.alibi is set" in reasons[f"blocks.{i}.attn"] for i in range(2))
 
 
+@pytest.mark.parametrize("cls_name,cfg", [
+    ("BloomModel", lambda: _cfg("BloomConfig", vocab_size=V, hidden_size=16, n_layer=2, n_head=4, **T)),
+    ("MPNetModel", lambda: _cfg("MPNetConfig", **{**BERTISH, "max_position_embeddings": 20}, **T))])
+def test_heads_matched_by_structure_alone_are_checked_and_listed_where_slicing_breaks(cls_name, cfg):
+    """Bloom (ALiBi) and MPNet (one relative position bias for every layer) match registered
+    attention layouts by structure, but their models build a per-head bias for ``num_heads``
+    heads, so a sliced layer fails. Classes no layout names are checked on ``example_input``
+    (one export) and their heads listed; GPT-J's pass the check and stay prunable."""
+    torch.manual_seed(0)
+    model, x = getattr(transformers, cls_name)(cfg()).eval(), _input("bert")
+    analysis = st.find_groups(model, x)
+    assert not any(g.handler is not None for g in analysis.groups)
+    reasons = [s["reason"] for s in analysis.skipped if "heads not pruned" in s["reason"]]
+    assert len(reasons) == 2 and all("does not reproduce the gated output on example_input" in r
+                                     for r in reasons)
+    mlp = [gi for gi, g in enumerate(analysis.groups)]
+    if mlp:  # MPNet's FFN is still pruned, exactly
+        keep = {gi: torch.arange(0, analysis.groups[gi].size, 2) for gi in mlp}
+        small = st.export_model(analysis, keep)
+        with torch.no_grad(), Gates(analysis, keep):
+            gated = _out(model, x)
+        torch.testing.assert_close(_out(small, x), gated, rtol=1e-4, atol=1e-5)
+    gptj = transformers.GPTJModel(_cfg("GPTJConfig", vocab_size=V, n_embd=16, n_layer=2, n_head=4,
+                                       rotary_dim=2, n_positions=32, **T)).eval()
+    assert sum(g.handler is not None for g in st.find_groups(gptj, x).groups) == 2
+
+
 def test_falcon_alibi_heads_are_listed_not_pruned(tmp_path):
     """Falcon with ALiBi: the model builds one bias of ``num_attention_heads`` heads for the
     attention mask of every layer, and the slopes depend on the head count (the kept heads'

@@ -996,6 +996,30 @@ def register_analyser(fn):
     return fn
 
 
+# checks of a finished analysis, run in order by :func:`find_groups`:
+# fn(analysis, example_input) -> Analysis (the same, or one with groups moved to ``skipped``)
+_CHECKS: list = []
+
+
+def register_check(fn):
+    """Register ``fn(analysis, example_input) -> Analysis``, run by :func:`find_groups` on every
+    analysis it returns (e.g. ``structured.export`` checks that slicing the heads of attention
+    classes recognised by structure alone reproduces the gated output).
+
+    Example: ``register_check(lambda analysis, example_input: analysis)``."""
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    if fn not in _CHECKS:
+        _CHECKS.append(fn)
+    return fn
+
+
+def _checked(analysis: Analysis, example_input) -> Analysis:
+    for check in _CHECKS:
+        analysis = check(analysis, example_input)
+    return analysis
+
+
 def find_groups(model: nn.Module, example_input, mlp_gate: str = "post_activation") -> Analysis:
     """Find the dependency groups of ``model`` by tracing it and running it on ``example_input``.
 
@@ -1014,7 +1038,7 @@ def find_groups(model: nn.Module, example_input, mlp_gate: str = "post_activatio
     for analyse in _ANALYSERS:
         found = analyse(model, example_input, mlp_gate=mlp_gate)
         if found is not None:
-            return list_unpruned(found)
+            return list_unpruned(_checked(found, example_input))
     was_training = model.training
     try:
         model.eval()  # traced and run in eval mode: stochastic depth, dropout are identities
