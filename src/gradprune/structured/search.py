@@ -132,13 +132,13 @@ class SearchResult:
     threshold: float
     batches: int = 0
     score_summary: dict = field(default_factory=dict)
+    config_kept: list = field(default_factory=list)  # uniform: families no config width can narrow
     example_input: Any = None
     latency_ms: dict = field(default_factory=dict)  # {"dense"/"pruned": {batch size: median ms}}
     latency_search: dict = field(default_factory=dict)  # the measurement a latency constraint used
     uniform: bool = False  # searched with one common width per family of layers
     kv_cache: int | None = None  # KV-cache bytes per token of the subnet (see .kvcache)
     dense_kv_cache: int | None = None
-    config_kept: list = field(default_factory=list)  # uniform: families no config width can narrow
 
     @property
     def groups(self) -> list:
