@@ -91,6 +91,9 @@ ZOO = {
                                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                                        drop_path_rate=0.0), "pixels"),
     "clip_vision": ("CLIPVisionModel", lambda: _cfg("CLIPVisionConfig", **VISION), "pixels"),
+    # fused Wqkv -> Wo attention and a fused [act input | gate] Wi -> Wo MLP
+    "modernbert": ("ModernBertModel", lambda: _cfg("ModernBertConfig", **BERTISH, global_attn_every_n_layers=1,
+                                                   cls_token_id=0, sep_token_id=0, **T), "ids"),
 }
 # families whose heads are not pruned (the reason is in skipped)
 NO_HEADS = {"falcon_alibi"} | ({"clip_text", "clip_vision"} if int(transformers.__version__.split(".")[0]) < 5
@@ -236,7 +239,12 @@ def test_uniform_widths_write_the_family_config_for_plain_from_pretrained(family
                       rules={"nn.Linear": {"feature_divisor": 1}})
     small = found.export()
     assert found.keep and _params(small) <= 0.85 * _params(model)
-    assert f"plain {type(model).__name__}.from_pretrained(path)" in str(found.report)
+    report = str(found.report)
+    assert f"plain {type(model).__name__}.from_pretrained(path)" in report
+    if int(transformers.__version__.split(".")[0]) >= 5:  # heads the config cannot narrow: said so
+        said = [line for line in report.splitlines() if "heads in each of" in line]
+        assert bool(said) == (family not in EXPRESSES_HEADS), report
+        assert all("kept whole by uniform=True" in line and "load_pruned_pretrained" in line for line in said)
     small.save_pretrained(tmp_path)
     again = type(model).from_pretrained(tmp_path).eval()
     with torch.no_grad():
@@ -317,10 +325,66 @@ def test_falcon_layouts_prune_heads_per_layer(family, units, qkv_rows, attn, tmp
     assert attn0.num_heads * attn0.head_dim == attn0.dense.in_features
 
 
-def test_falcon_alibi_heads_are_listed_not_pruned():
-    analysis = st.find_groups(_model("falcon_alibi"), _input("falcon_alibi"))
+def test_mpt_alibi_heads_are_listed_not_pruned():
+    """MPT matches the fused ``Wqkv`` layout, but its model adds one ALiBi bias of ``n_heads``
+    heads to every layer's scores (``attn_config.alibi``, on by default): the heads are listed."""
+    model = transformers.MptModel(transformers.MptConfig(vocab_size=V, d_model=16, n_layers=2, n_heads=4,
+                                                         expansion_ratio=2, max_seq_len=32)).eval()
+    analysis = st.find_groups(model, _input("bert"))
+    reasons = {s["module"]: s["reason"] for s in analysis.skipped}
+    assert not any(g.handler is not None for g in analysis.groups)
+    assert all("config.attn_config.alibi is set" in reasons[f"blocks.{i}.attn"] for i in range(2))
+
+
+@pytest.mark.parametrize("cls_name,cfg", [
+    ("BloomModel", lambda: _cfg("BloomConfig", vocab_size=V, hidden_size=16, n_layer=2, n_head=4, **T)),
+    ("MPNetModel", lambda: _cfg("MPNetConfig", **{**BERTISH, "max_position_embeddings": 20}, **T))])
+def test_heads_matched_by_structure_alone_are_checked_and_listed_where_slicing_breaks(cls_name, cfg):
+    """Bloom (ALiBi) and MPNet (one relative position bias for every layer) match registered
+    attention layouts by structure, but their models build a per-head bias for ``num_heads``
+    heads, so a sliced layer fails. Classes no layout names are checked on ``example_input``
+    (one export) and their heads listed; GPT-J's pass the check and stay prunable."""
+    torch.manual_seed(0)
+    model, x = getattr(transformers, cls_name)(cfg()).eval(), _input("bert")
+    analysis = st.find_groups(model, x)
+    assert not any(g.handler is not None for g in analysis.groups)
+    reasons = [s["reason"] for s in analysis.skipped if "heads not pruned" in s["reason"]]
+    assert len(reasons) == 2 and all("does not reproduce the gated output on example_input" in r
+                                     for r in reasons)
+    mlp = [gi for gi, g in enumerate(analysis.groups)]
+    if mlp:  # MPNet's FFN is still pruned, exactly
+        keep = {gi: torch.arange(0, analysis.groups[gi].size, 2) for gi in mlp}
+        small = st.export_model(analysis, keep)
+        with torch.no_grad(), Gates(analysis, keep):
+            gated = _out(model, x)
+        torch.testing.assert_close(_out(small, x), gated, rtol=1e-4, atol=1e-5)
+    gptj = transformers.GPTJModel(_cfg("GPTJConfig", vocab_size=V, n_embd=16, n_layer=2, n_head=4,
+                                       rotary_dim=2, n_positions=32, **T)).eval()
+    assert sum(g.handler is not None for g in st.find_groups(gptj, x).groups) == 2
+
+
+def test_falcon_alibi_heads_are_listed_not_pruned(tmp_path):
+    """Falcon with ALiBi: the model builds one bias of ``num_attention_heads`` heads for the
+    attention mask of every layer, and the slopes depend on the head count (the kept heads'
+    slopes change when the count does), so neither a layer's nor the config's heads can shrink
+    exactly; the heads are listed and the FFN is still pruned."""
+    from transformers.models.falcon import modeling_falcon
+    mask = torch.ones(1, 3)
+    four = modeling_falcon.build_alibi_tensor(mask, 4, torch.float32).view(4, -1)
+    three = modeling_falcon.build_alibi_tensor(mask, 3, torch.float32).view(3, -1)
+    assert not torch.equal(four[:3], three)  # what slicing a head away would have to keep
+    model, x = _model("falcon_alibi"), _input("falcon_alibi")
+    analysis = st.find_groups(model, x)
     reasons = [s["reason"] for s in analysis.skipped if s["module"].endswith("self_attention")]
-    assert len(reasons) == 2 and all("config.alibi" in r for r in reasons)
+    assert len(reasons) == 2 and all("config.alibi is set" in r and "ALiBi" in r for r in reasons)
+    assert [g.unit for g in analysis.groups] == ["channels", "channels"]  # the FFN of both layers
+    found = st.search(model, {"params": "90%"}, None, None, "magnitude", x[0],
+                      rules={"nn.Linear": {"feature_divisor": 4}})
+    small = found.export()
+    assert [layer.self_attention.num_heads for layer in small.h] == [4, 4]
+    with torch.no_grad(), found.gates():
+        gated = _out(model, x)
+    torch.testing.assert_close(_out(small, x), gated, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

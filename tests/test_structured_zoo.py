@@ -403,6 +403,77 @@ class FunctionalAttentionNet(nn.Module):
         return self.head(self.norm(x + self.mlp(x)).mean(1))
 
 
+class RelativePositionalAttention(nn.Module):
+    """torchvision's MaxViT ``RelativePositionalMultiHeadAttention``: q, k, v reshaped by the
+    ``n_heads``/``head_dim`` attributes, a per-head relative position bias table, and the heads'
+    output reshaped back to the width ``D`` read from the *input's* shape."""
+
+    def __init__(self, dim: int, head_dim: int, p: int):
+        super().__init__()
+        self.n_heads, self.head_dim, self.size, self.max_seq_len = dim // head_dim, head_dim, p, p * p
+        self.to_qkv, self.merge = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.scale_factor = dim ** -0.5
+        self.relative_position_bias_table = nn.Parameter(torch.randn((2 * p - 1) ** 2, self.n_heads) * 0.02)
+        self.register_buffer("relative_position_index", _relative_index([p, p]))
+
+    def get_relative_positional_bias(self):
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(self.max_seq_len, self.max_seq_len, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+
+    def forward(self, x):
+        B, G, P, D = x.shape
+        H, DH = self.n_heads, self.head_dim
+        q, k, v = torch.chunk(self.to_qkv(x), 3, dim=-1)
+        q, k, v = (t.reshape(B, G, P, H, DH).permute(0, 1, 3, 2, 4) for t in (q, k, v))
+        dot = torch.einsum("B G H I D, B G H J D -> B G H I J", q, k * self.scale_factor)
+        attn = F.softmax(dot + self.get_relative_positional_bias(), dim=-1)
+        out = torch.einsum("B G H I J, B G H J D -> B G H I D", attn, v)
+        return self.merge(out.permute(0, 1, 3, 2, 4).reshape(B, G, P, D))
+
+
+class PartitionAttention(nn.Module):
+    """torchvision's MaxViT ``PartitionAttentionLayer``: [B, C, H, W] cut into windows (or, with
+    the axes swapped, a grid) of ``p * p`` tokens, attention and MLP on them, then put back."""
+
+    def __init__(self, dim: int, p: int, grid: bool, attn=RelativePositionalAttention):
+        super().__init__()
+        self.p, self.grid = p, grid
+        self.attn_layer = nn.Sequential(nn.LayerNorm(dim), attn(dim, 4, 2), nn.Dropout(0.0))
+        self.mlp_layer = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(),
+                                       nn.Linear(2 * dim, dim), nn.Dropout(0.0))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        P = self.p
+        x = x.reshape(B, C, H // P, P, W // P, P).permute(0, 2, 4, 3, 5, 1).reshape(B, (H // P) * (W // P), P * P, C)
+        if self.grid:
+            x = torch.swapaxes(x, -2, -3)
+        x = x + self.attn_layer(x)
+        x = x + self.mlp_layer(x)
+        if self.grid:
+            x = torch.swapaxes(x, -2, -3)
+        B, G, PP, C = x.shape
+        x = x.reshape(B, H // P, W // P, P, P, C).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(B, C, H, W)
+
+
+class MaxViTLike(nn.Module):
+    """MaxViT in small: a stem, window attention (2x2 windows) and grid attention (a 2x2 grid:
+    windows of 4x4 pixels, axes swapped) on an 8x8 map, a pooled head."""
+
+    attn = RelativePositionalAttention
+
+    def __init__(self, n_classes: int = 5, dim: int = 16):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, dim, 3, stride=2, padding=1), nn.BatchNorm2d(dim), nn.GELU())
+        self.window = PartitionAttention(dim, 2, False, self.attn)
+        self.grid = PartitionAttention(dim, 4, True, self.attn)
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, n_classes)
+
+    def forward(self, x):
+        return self.head(self.norm(self.grid(self.window(self.stem(x))).mean((2, 3))))
+
+
 class ViTLike(nn.Module):
     """torchvision's VisionTransformer in small: class token, nn.MultiheadAttention encoder blocks,
     MLP blocks, and a zero-initialised head (every gate gradient is 0 at initialisation)."""
@@ -430,8 +501,9 @@ class ViTLike(nn.Module):
         return self.head(self.ln(x)[:, 0])
 
 
-REPLICAS = {"efficientnet": EfficientNetLike, "mnasnet": MnasNetLike, "shufflenet": ShuffleNetLike,
-            "shufflenet_down": ShuffleNetDownLike, "swin": SwinLike, "swin_v2": SwinV2Like, "vit": ViTLike}
+REPLICAS = {"efficientnet": EfficientNetLike, "maxvit": MaxViTLike, "mnasnet": MnasNetLike,
+            "shufflenet": ShuffleNetLike, "shufflenet_down": ShuffleNetDownLike, "swin": SwinLike,
+            "swin_v2": SwinV2Like, "vit": ViTLike}
 RULES = {t: {"channel_divisor": 1} for t in ("nn.Conv2d",)}
 RULES.update({t: {"feature_divisor": 1} for t in ("nn.Linear", "nn.BatchNorm2d", "nn.LayerNorm")})
 
@@ -666,15 +738,91 @@ def test_a_functional_attention_whose_behaviour_differs_is_listed():
     assert "does not reproduce its output" in reasons["blocks.0.attn"]
 
 
+def test_maxvit_heads_are_pruned_and_its_embed_dim_is_listed(tmp_path):
+    """MaxViT's attention reshapes the heads' output to the width it reads from its input
+    (``out.reshape(B, G, P, D)``): heads are pruned through the registered forward
+    (``relative_window_attention``: ``n_heads * head_dim`` features), the embed dim is listed."""
+    torch.manual_seed(0)
+    model, x = MaxViTLike().eval(), torch.randn(2, 3, 16, 16)
+    analysis = st.find_groups(model, x)
+    heads = {g.name: g for g in analysis.groups if g.unit == "heads"}
+    assert sorted(heads) == ["grid.attn_layer.1", "window.attn_layer.1"]
+    assert all(g.size == 4 for g in heads.values())
+    reasons = {s["module"]: s["reason"] for s in analysis.skipped}
+    assert "embed dim of RelativePositionalAttention is not pruned" in reasons["stem.0"]
+    gi = analysis.groups.index(heads["window.attn_layer.1"])
+    small = st.export_model(analysis, {gi: torch.tensor([0, 3])}).eval()
+    attn = small.window.attn_layer[1]
+    assert (type(attn).__name__, attn.n_heads, attn.to_qkv.out_features, attn.merge.in_features,
+            tuple(attn.relative_position_bias_table.shape)) == ("PrunedRelativePositionalAttention", 2, 24, 8, (9, 2))
+    with torch.no_grad(), st.Gates(analysis, {gi: torch.tensor([0, 3])}):
+        gated = model(x)
+    torch.testing.assert_close(small(x), gated, rtol=1e-4, atol=1e-5)
+    save_pruned(small, tmp_path / "m")
+    back = load_pruned(MaxViTLike, tmp_path / "m").eval()
+    assert type(back.window.attn_layer[1]).__name__ == "PrunedRelativePositionalAttention"
+    torch.testing.assert_close(back(x), small(x))
+
+
+class TokenMixer(nn.Module):
+    """Reads the stream width from its input and reshapes its *own* channels to it."""
+
+    def __init__(self, dim: int, heads: int, own_width: bool):
+        super().__init__()
+        self.heads, self.own_width = heads, own_width
+        self.v, self.o = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        v = self.v(x).reshape(B, N, self.heads, -1).softmax(-1)
+        return self.o(v.reshape(B, N, self.heads * v.shape[-1] if self.own_width else C))
+
+
+class MixerNet(nn.Module):
+    def __init__(self, own_width: bool):
+        super().__init__()
+        self.embed, self.mix = nn.Linear(6, 16), TokenMixer(16, 4, own_width)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        x = x + self.mix(x)
+        return self.head((x + self.mlp(x)).mean(1))
+
+
+def test_a_channel_count_read_from_a_shape_that_sizes_other_channels_is_listed(tmp_path):
+    """``B, N, C = x.shape`` then ``y.reshape(B, N, C)`` of a tensor without ``x``'s channels:
+    pruning ``x``'s channels would make the reshape fail (MaxViT's exported model did, before
+    its attention was registered). Such channels stay, with the reason; a reshape of the same
+    channels (``x.view(B, C, ...)``, channel shuffle) keeps them prunable."""
+    x = torch.randn(2, 5, 6)
+    analysis = st.find_groups(MixerNet(own_width=False), x)
+    reasons = {s["module"]: s["reason"] for s in analysis.skipped}
+    assert "embed" not in _groups_of(analysis)
+    assert "channel count of embed (read with .shape or .size()) sizes a tensor that does not carry" \
+        in reasons["embed"]
+    assert _groups_of(analysis)["mlp.0"] == "mlp.0"
+    torch.manual_seed(0)
+    found = st.search(MixerNet(own_width=False), {"params": "80%"}, _data(x, 3), _loss, "gradnas", x,
+                      rules=RULES, max_iter_data_loader=2)
+    found.export()(x)  # runs: the stream kept its width
+    assert "embed" in _groups_of(st.find_groups(MixerNet(own_width=True), x))
+
+
+def assert_every_unpruned_prunable_layer_is_listed(model, x):
+    analysis = st.find_groups(model, x)
+    sliced = {s.module for g in analysis.groups for s in g.slices}
+    listed = {s["module"] for s in analysis.skipped}
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Linear, nn.Conv2d, nn.MultiheadAttention)) and name not in sliced:
+            assert name in listed or any(name.startswith(p + ".") for p in sliced | listed), name
+    return analysis
+
+
 def test_every_unpruned_prunable_layer_is_listed():
     for factory in REPLICAS.values():
-        model = factory()
-        analysis = st.find_groups(model, torch.randn(2, 3, 16, 16))
-        sliced = {s.module for g in analysis.groups for s in g.slices}
-        listed = {s["module"] for s in analysis.skipped}
-        for name, mod in model.named_modules():
-            if isinstance(mod, (nn.Linear, nn.Conv2d, nn.MultiheadAttention)) and name not in sliced:
-                assert name in listed or any(name.startswith(p + ".") for p in sliced | listed), name
+        assert_every_unpruned_prunable_layer_is_listed(factory(), torch.randn(2, 3, 16, 16))
 
 
 def test_a_layer_the_forward_never_calls_is_listed():
@@ -740,7 +888,9 @@ def test_tied_scores_fall_back_to_the_weight_norm(method):
 TORCHVISION = [("resnet18", {}), ("mobilenet_v3_small", {}), ("efficientnet_b0", {}), ("mnasnet0_5", {}),
                ("shufflenet_v2_x0_5", {}), ("vit_b_32", {"image_size": 32}),
                pytest.param("swin_t", {}, marks=pytest.mark.slow),
-               pytest.param("swin_v2_t", {}, marks=pytest.mark.slow)]
+               pytest.param("swin_v2_t", {}, marks=pytest.mark.slow),
+               pytest.param("maxvit_t", {}, marks=pytest.mark.slow)]
+SIZES = {"maxvit_t": 224}  # its smallest input: every stage's map a multiple of its 7x7 windows
 
 
 @pytest.mark.parametrize("key", ["flops", "params"])
@@ -752,5 +902,9 @@ def test_coverage_matrix_on_torchvision(name, kwargs, key, tmp_path):
         pytest.skip("torchvision is not importable")
     rules = {t: {"channel_divisor": 8} for t in ("nn.Conv2d",)}
     rules.update({t: {"feature_divisor": 8} for t in ("nn.Linear", "nn.BatchNorm2d", "nn.LayerNorm")})
-    check_matrix_entry(lambda: getattr(tvm, name)(num_classes=5, **kwargs), torch.randn(2, 3, 32, 32),
+    hw = SIZES.get(name, 32)
+    if key == "flops":  # once per model
+        assert_every_unpruned_prunable_layer_is_listed(getattr(tvm, name)(num_classes=5, **kwargs).eval(),
+                                                       torch.randn(2, 3, hw, hw))
+    check_matrix_entry(lambda: getattr(tvm, name)(num_classes=5, **kwargs), torch.randn(2, 3, hw, hw),
                        key, tmp_path, rules=rules)

@@ -36,7 +36,7 @@ from .groups import Slice
 
 __all__ = ["FUNCTIONAL_ATTENTION", "FunctionalAttention", "FunctionalHeads", "HeadHandler", "MHAHeads",
            "PrunedMultiheadAttention", "functional_attention_spec", "mha_forward", "mha_unsupported",
-           "register_functional_attention", "window_attention"]
+           "register_functional_attention", "relative_window_attention", "window_attention"]
 
 
 class HeadHandler:
@@ -698,3 +698,45 @@ register_functional_attention(FunctionalAttention(
     requires=("window_size", "shift_size", "attention_dropout", "dropout", "get_relative_position_bias"),
     per_head=(("relative_position_bias_table", 1), ("logit_scale", 0), ("v2_logit_scale", 0)),
     per_head_linear=("cpb_mlp.2",)))
+
+
+def relative_window_attention(mod: nn.Module, x: torch.Tensor, gate=None) -> torch.Tensor:
+    """MaxViT's attention within windows or grid cells (torchvision's
+    ``RelativePositionalMultiHeadAttention``) for ``mod.n_heads`` heads of ``mod.head_dim`` each,
+    with an optional per-head ``gate`` (``[heads]`` or ``[batch, heads]``) on the values. The
+    same computation and FLOPs as torchvision's forward, except that the heads' output is
+    reshaped to ``n_heads * head_dim`` features (torchvision reshapes it to the input width,
+    which only holds with every head kept). ``mod.scale_factor`` is used as it is
+    (torchvision's is ``feat_dim ** -0.5`` of the unpruned embed dim).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> class A(nn.Module):  # torchvision's RelativePositionalMultiHeadAttention, in small
+        ...     def __init__(self, dim=8, head_dim=4, p=2):
+        ...         super().__init__()
+        ...         self.n_heads, self.head_dim, self.max_seq_len = dim // head_dim, head_dim, p * p
+        ...         self.to_qkv, self.merge = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        ...         self.scale_factor = dim ** -0.5
+        ...         self.table = nn.Parameter(torch.zeros(1, self.n_heads, p * p, p * p))
+        ...     def get_relative_positional_bias(self):
+        ...         return self.table
+        >>> relative_window_attention(A(), torch.randn(1, 3, 4, 8)).shape  # [B, windows, P*P, C]
+        torch.Size([1, 3, 4, 8])
+    """
+    B, G, P, _ = x.shape
+    h, d = mod.n_heads, mod.head_dim
+    q, k, v = (t.reshape(B, G, P, h, d).permute(0, 1, 3, 2, 4) for t in mod.to_qkv(x).chunk(3, dim=-1))
+    scores = torch.einsum("bghid,bghjd->bghij", q, k * mod.scale_factor)
+    attn = F.softmax(scores + mod.get_relative_positional_bias(), dim=-1)
+    if gate is not None:
+        g = gate.to(v.dtype)
+        v = v * (g.view(1, 1, h, 1, 1) if g.dim() == 1 else g.view(B, 1, h, 1, 1))
+    out = torch.einsum("bghij,bghjd->bghid", attn, v).permute(0, 1, 3, 2, 4).reshape(B, G, P, h * d)
+    return mod.merge(out)
+
+
+register_functional_attention(FunctionalAttention(
+    "maxvit", forward=relative_window_attention, qkv="to_qkv", proj="merge", heads="n_heads",
+    requires=("head_dim", "scale_factor", "get_relative_positional_bias"),
+    per_head=(("relative_position_bias_table", 1),)))

@@ -40,7 +40,7 @@ from torch import nn
 
 from .._checks import check_bool
 from .._io import load_json, load_torch, write_file_set
-from .groups import _BN, _CONV, _CONVT, _IN, Analysis, is_conv1d
+from .groups import _BN, _CONV, _CONVT, _IN, Analysis, is_conv1d, register_check
 from .hf import WIDTHS_KEY, apply_uniform_config, head_attrs, record_widths, set_recorded
 
 __all__ = ["export_model", "edited_copy", "save_pruned", "load_pruned", "ARCH_FILE", "WEIGHTS_FILE"]
@@ -190,6 +190,85 @@ def _slice_all(new: nn.Module, analysis: Analysis, keep: dict, uniform: bool) ->
         record_widths(new, analysis)
     if uniform:
         apply_uniform_config(new, analysis, keep)
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        for item in out:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def check_unnamed_heads(analysis: Analysis, example_input) -> Analysis:
+    """Heads of a Hugging Face attention class that no registered layout names (recognised by
+    its structure alone) are kept only where slicing one head away from every such module
+    reproduces the gated output on ``example_input``; otherwise they are moved to ``skipped``
+    with the reason (a model may add a per-head bias it builds for ``num_heads`` heads, as
+    Bloom's ALiBi and MPNet's relative position bias do). One export per such class; the
+    tested classes (``AttentionSpec.classes``) are not re-checked."""
+    from .gates import Gates
+    from .groups import _as_args
+    from .hf import HFHeads, _normal_class, head_rule_types
+    if example_input is None or not analysis.groups:
+        return analysis
+    known = set(head_rule_types())
+    by_class: dict = {}
+    for gi, g in enumerate(analysis.groups):
+        if isinstance(g.handler, HFHeads) and g.size > 1:
+            cls = _normal_class(analysis.model.get_submodule(g.name))
+            if cls not in known:
+                by_class.setdefault(cls, []).append(gi)
+    if not by_class:
+        return analysis
+    args, model = _as_args(example_input), analysis.model
+    was_training = model.training
+    failed: dict = {}  # group index -> reason
+    try:
+        model.eval()
+        for cls, gis in by_class.items():
+            keep = {gi: torch.arange(1, analysis.groups[gi].size) for gi in gis}
+            try:
+                with torch.no_grad():
+                    small = export_model(analysis, keep)
+                    with Gates(analysis, keep):
+                        want = _first_tensor(model(*args))
+                    got = _first_tensor(small(*args))
+                ok = (want is not None and got is not None and got.shape == want.shape
+                      and bool(torch.allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, float(want.abs().max())))))
+                detail = "outputs differ"
+            except Exception as exc:  # noqa: BLE001 - any failure keeps the heads, with the reason
+                ok, detail = False, f"{type(exc).__name__}: {str(exc).strip()[:160]}"
+            if not ok:
+                for gi in gis:
+                    failed[gi] = (f"{cls}: heads not pruned: it matches a registered attention layout "
+                                  "by structure, but slicing a head away does not reproduce the gated "
+                                  f"output on example_input ({detail}); the model may build a per-head "
+                                  "bias for all its layers (ALiBi, a shared relative position bias)")
+    finally:
+        model.train(was_training)
+    if not failed:
+        return analysis
+    new_index, groups = {}, []
+    for gi, g in enumerate(analysis.groups):
+        if gi not in failed:
+            new_index[gi] = len(groups)
+            groups.append(g)
+    space_group = {s: new_index[gi] for s, gi in analysis.space_group.items() if gi in new_index}
+    skipped = list(analysis.skipped) + [{"module": m, "reason": failed[gi]} for gi in sorted(failed)
+                                        for m, _ in analysis.groups[gi].owners]
+    mask_points = {m: v for m, v in analysis.mask_points.items()
+                   if any(s in space_group for s, _ in v[0].segs)}
+    return Analysis(model=model, groups=groups, skipped=skipped, roles=analysis.roles,
+                    mask_points=mask_points, space_group=space_group, space_size=analysis.space_size)
+
+
+register_check(check_unnamed_heads)
 
 
 # --------------------------------------------------------------------------------------------

@@ -273,6 +273,10 @@ class _Propagator(fx.Interpreter):
         self.roles: dict = {}
         self.mask_points: dict = {}
         self.head_handlers: dict = {}  # space id -> HeadHandler
+        # channel counts read as numbers (``x.shape``, ``x.size()``): see :meth:`_track_sizes`
+        self.shapes: dict = {}  # node -> Layout of the tensor whose shape it is
+        self.sizes: dict = {}  # node -> layouts whose channel counts the value is computed from
+        self.size_uses: list = []  # (node name, size layouts, layouts of the tensors it sizes)
         self.param_owner = {}
         for mname, mod in self.modules.items():
             for pname, p in mod.named_parameters(recurse=False):
@@ -365,7 +369,55 @@ class _Propagator(fx.Interpreter):
             self.block([out], f"{n.name}: unexpected output")
             out = None
         self.layouts[n] = out
+        self._track_sizes(n, args, kwargs, result)
         return result
+
+    def _track_sizes(self, n, args, kwargs, result) -> None:
+        """Follow channel counts read as numbers. ``B, N, C = x.shape`` makes ``C`` the width of
+        ``x``'s channels; arithmetic on it keeps that; a tensor op given such a number (``reshape``,
+        ``view``, ``expand``, ``torch.zeros``…) is checked in :meth:`finish`: its tensor inputs
+        must carry those channels (``x.view(B, C, H, W)``), else the number sizes something that
+        does not shrink with them (MaxViT's ``out.reshape(B, G, P, D)`` of the heads' output with
+        ``D`` read from the residual stream), and both are left unpruned."""
+        if n.op in ("placeholder", "get_attr", "output"):
+            return
+        first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+        lay = self.layouts.get(first) if first is not None else None
+        if isinstance(lay, Layout):
+            if n.op == "call_function" and n.target is getattr and args[1] == "shape":
+                self.shapes[n] = lay
+                return
+            if n.op == "call_method" and n.target == "size":
+                dim = args[1] if len(args) > 1 else kwargs.get("dim")
+                if dim is None:
+                    self.shapes[n] = lay
+                elif isinstance(dim, int) and dim % lay.ndim == lay.cdim:
+                    self.sizes[n] = (lay,)
+                return
+            if n.op == "call_method" and n.target in ("numel", "nelement"):
+                self.sizes[n] = (lay,)
+                return
+        if (n.op == "call_function" and n.target is operator.getitem and first in self.shapes
+                and isinstance(args[1], (int, slice))):
+            shape_of = self.shapes[first]
+            picked = range(shape_of.ndim)[args[1]]
+            if shape_of.cdim in (picked if isinstance(picked, range) else (picked,)):
+                self.sizes[n] = (shape_of,)
+            return
+        from_sizes: list = []
+        for a in n.all_input_nodes:
+            for size_lay in self.sizes.get(a, ()) + ((self.shapes[a],) if a in self.shapes else ()):
+                if size_lay not in from_sizes:
+                    from_sizes.append(size_lay)
+        if not from_sizes:
+            return
+        if isinstance(result, torch.Tensor) or n.op == "call_module" or (
+                isinstance(result, (tuple, list)) and any(isinstance(r, torch.Tensor) for r in result)):
+            tensors = [self.layouts.get(a) for a in n.all_input_nodes if a not in self.sizes
+                       and a not in self.shapes]
+            self.size_uses.append((n.name, tuple(from_sizes), [t for t in tensors if t is not None]))
+        else:
+            self.sizes[n] = tuple(from_sizes)
 
     def _propagate(self, n, args, kwargs, result, ins):
         if n.op == "placeholder":
@@ -403,7 +455,7 @@ class _Propagator(fx.Interpreter):
         if isinstance(m, (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)):
             return self._transformer(name, m, args, ins)
         if name in self.functional and name not in self.opaque:
-            return self._functional(name, m, args, result, ins)
+            return self._functional(n, name, m, args, result, ins)
         x = self._in_layout(n)
         extra = [lay for lay in ins if lay is not x]
         if extra:
@@ -499,7 +551,7 @@ class _Propagator(fx.Interpreter):
         self.module_space[name] = space
         self.head_handlers[space] = MHAHeads(name, m)
 
-    def _functional(self, name, m, args, result, ins):
+    def _functional(self, n, name, m, args, result, ins):
         """An attention module that passes its projections' weights to a function (a registered
         :class:`~gradprune.structured.attention.FunctionalAttention`, traced as a leaf): its heads
         are a group once its behaviour checks out; its embed dim (the residual stream) stays."""
@@ -507,8 +559,13 @@ class _Propagator(fx.Interpreter):
         from .blocks import PRUNABLE
         spec = self.functional[name]
         self.block(ins, f"{name}: the embed dim of {type(m).__name__} is not pruned")
+        # its output is on the same (unpruned) embed dim: the residual stream stays one group,
+        # listed with this reason
+        x = self._in_layout(n)
+        same = (x if x is not None and len(args) == 1 and isinstance(result, torch.Tensor)
+                and result.shape == args[0].shape and x.cdim == x.ndim - 1 else None)
         if name in self.module_space:
-            return None
+            return same
         reason = None
         if len(args) != 1 or not isinstance(args[0], torch.Tensor):
             reason = f"{type(m).__name__} ({spec.name} functional attention) called with other arguments than one tensor"
@@ -516,7 +573,7 @@ class _Propagator(fx.Interpreter):
             reason = check_functional(m, spec, args[0], result)
         if reason is not None:
             self._skip_producer(name, reason)
-            return None
+            return same
         handler = FunctionalHeads(name, m, spec)
         space = self.new_space(handler.n_heads, name)
         self.module_space[name] = space
@@ -526,7 +583,7 @@ class _Propagator(fx.Interpreter):
             if sub and sub not in sliced and isinstance(mod, PRUNABLE):
                 self._skip_producer(f"{name}.{sub}", f"inside {name}, whose heads are pruned "
                                     f"({spec.name} functional attention); its own units stay")
-        return None
+        return same
 
     def _encoder_layer(self, name, m, ndim):
         self._heads(f"{name}.self_attn", m.self_attn)
@@ -816,6 +873,16 @@ class _Propagator(fx.Interpreter):
         for mname, slot in self.roles.items():
             if "taint" in slot:
                 self.block([slot.get(r) for r in ("out", "in", "through")], f"{mname}: {slot['taint']}")
+        listed: set = set()  # one reason per residual stream is enough
+        for node, sized, tensors in self.size_uses:
+            carried = {self.find(s) for t in _flat_layouts(tensors) for s, _ in t.segs}
+            needed = {self.find(s) for t in sized for s, _ in t.segs}
+            if not needed <= carried and not needed <= listed:
+                listed |= needed
+                owners = sorted({self.space_owner[s] for t in sized for s, _ in t.segs})
+                self.block(list(sized) + tensors,
+                           f"{node}: the channel count of {', '.join(owners)} (read with .shape or "
+                           ".size()) sizes a tensor that does not carry those channels")
         # a group is blocked when any of its spaces is
         blocked_roots: dict = {}
         for space, reasons in self.blocked.items():
@@ -896,6 +963,13 @@ class _Parts(tuple):
     """The layouts of the pieces of a ``chunk`` (one per piece)."""
 
 
+def _flat_layouts(layouts) -> list:
+    out = []
+    for lay in layouts:
+        out += _flat_layouts(lay) if isinstance(lay, _Parts) else [lay] if lay is not None else []
+    return out
+
+
 def _as_args(example_input) -> tuple:
     if isinstance(example_input, torch.Tensor):
         return (example_input,)
@@ -922,6 +996,30 @@ def register_analyser(fn):
     return fn
 
 
+# checks of a finished analysis, run in order by :func:`find_groups`:
+# fn(analysis, example_input) -> Analysis (the same, or one with groups moved to ``skipped``)
+_CHECKS: list = []
+
+
+def register_check(fn):
+    """Register ``fn(analysis, example_input) -> Analysis``, run by :func:`find_groups` on every
+    analysis it returns (e.g. ``structured.export`` checks that slicing the heads of attention
+    classes recognised by structure alone reproduces the gated output).
+
+    Example: ``register_check(lambda analysis, example_input: analysis)``."""
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    if fn not in _CHECKS:
+        _CHECKS.append(fn)
+    return fn
+
+
+def _checked(analysis: Analysis, example_input) -> Analysis:
+    for check in _CHECKS:
+        analysis = check(analysis, example_input)
+    return analysis
+
+
 def find_groups(model: nn.Module, example_input, mlp_gate: str = "post_activation") -> Analysis:
     """Find the dependency groups of ``model`` by tracing it and running it on ``example_input``.
 
@@ -940,7 +1038,7 @@ def find_groups(model: nn.Module, example_input, mlp_gate: str = "post_activatio
     for analyse in _ANALYSERS:
         found = analyse(model, example_input, mlp_gate=mlp_gate)
         if found is not None:
-            return list_unpruned(found)
+            return list_unpruned(_checked(found, example_input))
     was_training = model.training
     try:
         model.eval()  # traced and run in eval mode: stochastic depth, dropout are identities

@@ -112,7 +112,8 @@ class AttentionSpec:
     ``classes``: known attention class names (their normalised names are rule keys
     ``"hf.<class>"``). ``unsupported``: why the heads of this layout are never pruned;
     ``unsupported_config``: ``((config field, why), ...)``: the heads are not pruned where the
-    model's config sets that field (Falcon's ``alibi``: slopes built per head for all layers).
+    model's config sets that field (Falcon's ``alibi``: slopes built per head for all layers; a
+    dotted path reaches a sub-config: MPT's ``attn_config.alibi``).
     ``config_attrs``: fields of the module's own ``config`` that its forward reads
     (``{"num_attention_heads": "heads"}`` for Phi-3, which splits ``qkv_proj`` at
     ``config.num_attention_heads * head_dim``): export gives the module a copy of the config
@@ -241,10 +242,16 @@ register_attention(AttentionSpec("phi3", fused="qkv_proj", o=("o_proj",), head_f
 # (new_decoder_architecture) or [Q heads | k | v] (multi_query), told apart by the head counts
 register_attention(AttentionSpec("query_key_value", fused="query_key_value", layout="heads", o=("dense",),
                                  head_fields={**_GQA, "num_kv_heads": "kv_heads"},
-                                 unsupported_config=(("alibi", "ALiBi slopes are built per head from "
-                                                      "config.num_attention_heads for every layer"),),
+                                 unsupported_config=(("alibi", "the model adds one ALiBi bias of "
+                                                      "config.num_attention_heads heads to every layer's "
+                                                      "attention mask, with slopes (and a scale) that "
+                                                      "depend on that count, so no layer can drop heads"),),
                                  classes=("GPTNeoXAttention", "FalconAttention")))
 register_attention(AttentionSpec("wqkv", fused="Wqkv", o=("Wo", "out_proj"),
+                                 unsupported_config=(("attn_config.alibi", "the model adds one ALiBi "
+                                                      "bias of n_heads heads to every layer's attention "
+                                                      "scores, with slopes that depend on that count, so "
+                                                      "no layer can drop heads"),),
                                  classes=("ModernBertAttention", "MptAttention")))
 
 register_mlp(MLPSpec("bert", up="intermediate.dense", act=("intermediate",), down="output.dense"))
@@ -264,6 +271,7 @@ register_mlp(MLPSpec("shared_expert", gate="shared_expert.gate_proj", up="shared
 register_mlp(MLPSpec("gated", gate="gate_proj", up="up_proj", act=("act_fn",), down="down_proj"))
 register_mlp(MLPSpec("gate_up", up="gate_up_proj", fused_gate=True, act=("activation_fn",),
                      down="down_proj"))
+register_mlp(MLPSpec("wi_wo", up="Wi", fused_gate=True, act=("act",), down="Wo"))  # ModernBERT: [act in | gate]
 
 _IMPL_MARKS = ("Sdpa", "FlashAttention2", "FlashAttention3", "Flash", "Eager", "Flex")
 
@@ -621,7 +629,10 @@ def _config_blocks(b: _Builder, name: str, mod: nn.Module, spec: AttentionSpec) 
             if config is not None:
                 break
     for key, why in spec.unsupported_config:
-        if getattr(config, key, False):
+        value = config
+        for part in key.split("."):  # a dotted path reaches a sub-config (MPT's attn_config.alibi)
+            value = value.get(part) if isinstance(value, dict) else getattr(value, part, None)
+        if value:
             return f"config.{key} is set: {why}"
     return None
 
@@ -946,9 +957,9 @@ def _uniform_fields(analysis: Analysis, g: Group, w: int) -> dict:
     return {}
 
 
-def _uniform_problem(analysis: Analysis, gi: int, w: int) -> str | None:
+def _uniform_problem(analysis: Analysis, gi: int, w: int, hint: bool = True) -> str | None:
     """Why a plain config cannot express group ``gi`` (and its family) at width ``w`` (``None``:
-    it can)."""
+    it can), with what to do instead unless ``hint`` is false."""
     g = analysis.groups[gi]
     if w == g.size:
         return None
@@ -958,7 +969,23 @@ def _uniform_problem(analysis: Analysis, gi: int, w: int) -> str | None:
     cache = analysis.__dict__.setdefault("_uniform_probes", {})
     if (g.kind, g.size, w) not in cache:
         cache[(g.kind, g.size, w)] = _probe(analysis, g, w)
-    return cache[(g.kind, g.size, w)]
+    why = cache[(g.kind, g.size, w)]
+    if why is None or not hint:
+        return why
+    unit = "heads" if g.handler is not None else "neurons"
+    return (f"{why}: a config cannot express {w} of {g.size} {unit} ({g.kind}); search with "
+            "uniform=True (they are then kept) or save per-layer widths and load with "
+            "load_pruned_pretrained")
+
+
+def uniform_kept_reason(analysis: Analysis, gis: list, widths) -> str:
+    """Why no width in ``widths`` of the family ``gis`` is expressible by a plain config (the
+    search report's line for a family ``uniform=True`` keeps whole): the reason of the widest
+    that builds other shapes (a head size derived from the hidden size), else of the widest."""
+    reasons = [_uniform_problem(analysis, gis[0], w, hint=False) for w in sorted(widths, reverse=True)]
+    reasons = [r for r in reasons if r]
+    shaped = [r for r in reasons if " builds " in r]
+    return (shaped or reasons or ["no config field"])[0]
 
 
 def _build(model: nn.Module, fields: dict):
@@ -980,15 +1007,12 @@ def _probe(analysis: Analysis, g: Group, w: int) -> str | None:
     device from the updated config and every pruned layer is compared with the export's shapes
     (the family at ``w``, the other groups dense)."""
     from .flops import _dense_dims, _dims
-    unit = "heads" if g.handler is not None else "neurons"
-    keep = (f"a config cannot express {w} of {g.size} {unit} ({g.kind}); search with uniform=True "
-            "(they are then kept) or save per-layer widths and load with load_pruned_pretrained")
     fields = _uniform_fields(analysis, g, w)
     if not fields:
-        return f"{type(analysis.model.config).__name__} has no width field for {g.kind}: {keep}"
+        return f"{type(analysis.model.config).__name__} has no width field for {g.kind}"
     built = _build(analysis.model, fields)
     if isinstance(built, str):
-        return f"{built}: {keep}"
+        return built
     widths = {i: w for i, x in enumerate(analysis.groups) if x.kind == g.kind and x.size == g.size}
     old, new = dict(analysis.model.named_modules()), dict(built.named_modules())
     for m in analysis.roles:
@@ -998,7 +1022,7 @@ def _probe(analysis: Analysis, g: Group, w: int) -> str | None:
         if want != got:
             why = " (it derives the head size from the hidden size)" if g.handler is not None else ""
             return (f"{type(analysis.model.config).__name__} with {fields} builds {m} with (out, in) "
-                    f"{got}, not {want}{why}: {keep}")
+                    f"{got}, not {want}{why}")
     return None
 
 

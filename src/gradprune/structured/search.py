@@ -133,6 +133,7 @@ class SearchResult:
     threshold: float
     batches: int = 0
     score_summary: dict = field(default_factory=dict)
+    config_kept: list = field(default_factory=list)  # uniform: families no config width can narrow
     example_input: Any = None
     latency_ms: dict = field(default_factory=dict)  # {"dense"/"pruned": {batch size: median ms}}
     latency_search: dict = field(default_factory=dict)  # the measurement a latency constraint used
@@ -197,6 +198,7 @@ class SearchResult:
         hint = reload_hint(self.analysis, self.uniform)
         if hint:
             lines.append(hint)
+        lines += [f"  {text}" for text in self.config_kept]
         if self.analysis.skipped:
             lines.append("not pruned:")
             lines += [f"  {s['module'] or '<model>'}: {s['reason']}" for s in self.analysis.skipped]
@@ -744,10 +746,17 @@ def _search_widths(model: nn.Module, constraints: dict, data, loss_fn, method: s
     for gi in choices:  # a group of an axis not in ``axes`` keeps its width
         if group_axis(analysis.groups[gi]) not in axes:
             choices[gi] = (analysis.groups[gi].size,)
-    for gis in fams.values():  # uniform: the widths every layer of the family allows
-        common = {w for w in set.intersection(*(set(choices[gi]) for gi in gis))
-                  if all(uniform_width_ok(analysis, gi, w) for gi in gis)}
-        common = common or {analysis.groups[gis[0]].size}
+    config_kept = []  # uniform: families the rules would narrow but no config width can express
+    for (kind, size), gis in fams.items():  # uniform: the widths every layer of the family allows
+        ruled = set.intersection(*(set(choices[gi]) for gi in gis))
+        common = {w for w in ruled if all(uniform_width_ok(analysis, gi, w) for gi in gis)}
+        common = common or {size}
+        if common == {size} and any(w < size for w in ruled):
+            from .hf import uniform_kept_reason
+            why = uniform_kept_reason(analysis, gis, [w for w in ruled if w < size])
+            config_kept.append(f"{kind} ({size} {analysis.groups[gis[0]].unit} in each of {len(gis)} "
+                               f"layers) kept whole by uniform=True: {why}; to prune them, search "
+                               "per layer (uniform=False) and reload with load_pruned_pretrained")
         for gi in gis:
             choices[gi] = tuple(sorted(common))
 
@@ -844,7 +853,7 @@ def _search_widths(model: nn.Module, constraints: dict, data, loss_fn, method: s
                           dense_params=cost.dense_params, dense_flops=cost.dense_flops,
                           constraints=bounds, threshold=t, batches=batches, score_summary=summary,
                           example_input=example_input, uniform=uniform, kv_cache=kv.of(widths),
-                          dense_kv_cache=kv.dense)
+                          dense_kv_cache=kv.dense, config_kept=config_kept)
     if probe is not None:
         ms, dense_ms = measured(widths)
         result.latency_search = {"batch_size": probe.batch_size, "dense_ms": dense_ms, "pruned_ms": ms,
