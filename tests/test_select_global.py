@@ -69,6 +69,17 @@ def sizes(chunk: int, sample: int):
         yield
 
 
+def select_global(layers, chunk: int, sample: int, unreachable: bool, **kw):
+    """``select(..., scope="global")`` with these chunk and sample sizes; ``None`` after checking
+    that an ``unreachable`` target raises ``ValueError``."""
+    with sizes(chunk, sample):
+        if unreachable:
+            with pytest.raises(ValueError, match="not reachable"):
+                select(make_units(layers), scope="global", **kw)
+            return None
+        return select(make_units(layers), scope="global", **kw)
+
+
 # ---------------------------------------------------------------------------------------------
 # the reference
 
@@ -122,15 +133,9 @@ def test_equal_weights_prune_a_prefix_of_the_sorted_order(case, pct, rounding):
     layers, chunk, sample = case
     n = sum(s.numel() for s, _, _ in layers)
     k = count(Fraction(pct, 100) * n, rounding)
-    with sizes(chunk, sample):
-        if sum(n_forced(layers)) > k:
-            with pytest.raises(ValueError, match="not reachable"):
-                select(make_units(layers), sparsity=pct / 100, scope="global", max_sparsity=1.0,
-                       count_rounding=rounding)
-            return
-        keep = select(make_units(layers), sparsity=pct / 100, scope="global", max_sparsity=1.0,
-                      count_rounding=rounding)
-    assert pruned_sets(keep) == set(ref_order(layers)[:k])
+    keep = select_global(layers, chunk, sample, sum(n_forced(layers)) > k, sparsity=pct / 100,
+                         max_sparsity=1.0, count_rounding=rounding)
+    assert keep is None or pruned_sets(keep) == set(ref_order(layers)[:k])
 
 
 @SETTINGS
@@ -144,15 +149,9 @@ def test_mixed_unit_weights_prune_the_closest_prefix(case, pct, rounding):
     else:  # s * N as the float the selection computes (noise rounded off for floor)
         target = pct / 100 * numel if rounding == "half_up" else round(pct / 100 * numel, 9)
     forced_weight = sum(k * w for k, (_, _, w) in zip(n_forced(layers), layers))
-    with sizes(chunk, sample):
-        if forced_weight > target:
-            with pytest.raises(ValueError, match="not reachable"):
-                select(make_units(layers), sparsity=pct / 100, scope="global", max_sparsity=1.0,
-                       count_rounding=rounding)
-            return
-        keep = select(make_units(layers), sparsity=pct / 100, scope="global", max_sparsity=1.0,
-                      count_rounding=rounding)
-    assert pruned_sets(keep) == set(ref_order(layers)[:ref_prefix(layers, target, rounding)])
+    keep = select_global(layers, chunk, sample, forced_weight > target, sparsity=pct / 100,
+                         max_sparsity=1.0, count_rounding=rounding)
+    assert keep is None or pruned_sets(keep) == set(ref_order(layers)[:ref_prefix(layers, target, rounding)])
 
 
 @SETTINGS
@@ -168,14 +167,10 @@ def test_bounds_water_fill_the_sorted_order(case, pct, min_pct, max_pct, roundin
     hi = [max(f, math.floor(Fraction(max_pct, 100) * n)) for f, n in zip(forced, ns)]
     lo = [min(h, max(f, count(Fraction(min_pct, 100) * n, rounding))) for f, n, h in zip(forced, ns, hi)]
     total = count(Fraction(pct, 100) * sum(ns), rounding)
-    kw = dict(sparsity=pct / 100, scope="global", min_sparsity=min_pct / 100, max_sparsity=max_pct / 100,
-              count_rounding=rounding)
-    with sizes(chunk, sample):
-        if not sum(lo) <= total <= sum(hi):
-            with pytest.raises(ValueError, match="not reachable"):
-                select(make_units(layers), **kw)
-            return
-        keep = select(make_units(layers), **kw)
+    kw = dict(sparsity=pct / 100, min_sparsity=min_pct / 100, max_sparsity=max_pct / 100, count_rounding=rounding)
+    keep = select_global(layers, chunk, sample, not sum(lo) <= total <= sum(hi), **kw)
+    if keep is None:
+        return
     order = ref_order(layers)
     counts, pos = [0] * len(layers), 0
     clipped = lambda: [min(max(c, l), h) for c, l, h in zip(counts, lo, hi)]  # noqa: E731
