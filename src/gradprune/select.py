@@ -18,7 +18,10 @@ Rules, all exact:
 - **Ties.** Among equal scores, the unit that comes later (higher flat index; in global scope, the
   later layer first) is pruned first, so the lowest flat index is kept.
 - **Global scope** finds one threshold by bisection over the float32 order, counting per layer, so
-  no tensor holding every score is ever built.
+  no tensor holding every score is ever built; the counting compares one chunk of a layer at a
+  time into a reused buffer and masks earlier-pruned units in place, so no layer's scores are
+  copied either. Beyond the masks it returns (a bool per unit), its temporaries are one chunk's
+  (``_CHUNK`` = 2^20 units) and, unsharded, the sample and the few scores inside the bracket.
 - **Bounds.** ``min_sparsity``/``max_sparsity`` per layer: a layer at a bound is frozen there and
   the rest of the target goes to the others; an infeasible target raises ``ValueError`` first.
   ``max_sparsity`` is hard: a layer's count rounds down to stay within it (tiny layers included).
@@ -105,7 +108,13 @@ def raw_density(shape: Sequence[int], allocation: str) -> float:
 def _gcounts(layers: Sequence[Units], tensors: Sequence[torch.Tensor | None]) -> list[int]:
     """``count_nonzero`` of each tensor (``None``: 0), summed over its layer's ranks: one
     all-reduce per process group."""
-    counts = [0 if t is None else int(torch.count_nonzero(t)) for t in tensors]
+    return _gsum(layers, [0 if t is None else int(torch.count_nonzero(t)) for t in tensors])
+
+
+def _gsum(layers: Sequence[Units], counts: list[int]) -> list[int]:
+    """Each layer's count of this rank, summed over its layer's ranks: one all-reduce per
+    process group."""
+    counts = list(counts)
     groups: dict[int, tuple[Any, list[int], Any]] = {}
     for i, u in enumerate(layers):
         if u.group is not None:
@@ -175,23 +184,163 @@ def _unkey(k: int) -> float:
 
 
 _SAMPLE = 1 << 16
+_CHUNK = 1 << 20  # units compared at a time: the largest temporary of a counting pass
 
 
-def _threshold(scores, unit_weights, target, smin, smax, weight_at_most, sample: bool = True) -> float:
+class _Scan:
+    """Chunked comparisons of the free units of ``layers`` (units not in ``pruned``) with a
+    float32 threshold, without copying any layer's scores.
+
+    Every comparison writes into one bool buffer of at most :data:`_CHUNK` entries, reused by
+    every pass (and, for scores that are not float32, one float32 buffer they are converted into
+    chunk by chunk); forced units are masked out of it in place. A layer whose free units are at
+    most a quarter of it is counted on a compact float32 copy of its free scores instead (no more
+    bytes than one bool mask of the layer), so the repeated counting passes of the bisection read
+    only its free units.
+
+        >>> s = _Scan([torch.tensor([3.0, 1.0, 2.0, 1.0])], [torch.tensor([False, True, False, False])])
+        >>> s.count(0, torch.le, 1.0), s.n_free
+        (1, [3])
+    """
+
+    def __init__(self, scores: Sequence[torch.Tensor], pruned: Sequence[torch.Tensor | None]):
+        self.scores, self.pruned = list(scores), list(pruned)
+        self.n_free = [s.numel() - (0 if p is None else int(torch.count_nonzero(p)))
+                       for s, p in zip(self.scores, self.pruned)]
+        self._bufs: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self.compact = [self._compact(i) if p is not None and 4 * f <= s.numel() else None
+                        for i, (s, p, f) in enumerate(zip(self.scores, self.pruned, self.n_free))]
+
+    def _compact(self, i: int) -> torch.Tensor:
+        """The free scores of layer ``i`` in order, float32, gathered chunk by chunk."""
+        s, p = self.scores[i], self.pruned[i]
+        out, at = torch.empty(self.n_free[i], dtype=torch.float32, device=s.device), 0
+        for a in self._starts(i):
+            c = self._chunk(i, a)
+            v = c[~p[a:a + c.numel()]]
+            out[at:at + v.numel()] = v
+            at += v.numel()
+        return out
+
+    def _buf(self, like: torch.Tensor, dtype: torch.dtype, n: int) -> torch.Tensor:
+        b = self._bufs.get((like.device, dtype))
+        if b is None or b.numel() < n:
+            b = self._bufs[(like.device, dtype)] = torch.empty(n, dtype=dtype, device=like.device)
+        return b[:n]
+
+    def _chunk(self, i: int, a: int) -> torch.Tensor:
+        """Layer ``i``'s scores from ``a``, at most :data:`_CHUNK` of them, in float32 (a view,
+        or the reused buffer: use it before taking the next)."""
+        c = self.scores[i][a:a + _CHUNK]
+        if c.dtype != torch.float32:
+            c = self._buf(c, torch.float32, c.numel()).copy_(c)
+        return c
+
+    def _mask(self, i: int, a: int, op, t: float, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``op(scores, t)`` of the free units of the chunk of layer ``i`` at ``a``, False at
+        forced units, written into ``out`` (by default the reused buffer)."""
+        c = self._chunk(i, a)
+        b = op(c, t, out=self._buf(c, torch.bool, c.numel()) if out is None else out[a:a + c.numel()])
+        if self.pruned[i] is not None:  # b and not pruned (as bools: b > pruned); in place
+            torch.gt(b, self.pruned[i][a:a + c.numel()], out=b)
+        return b
+
+    def _starts(self, i: int) -> range:
+        return range(0, self.scores[i].numel(), _CHUNK)
+
+    def count(self, i: int, op, t: float) -> int:
+        """Free units of layer ``i`` with ``op(score, t)`` (this rank's)."""
+        c = self.compact[i]
+        if c is not None:
+            return sum(int(torch.count_nonzero(op(c[a:a + _CHUNK], t, out=self._buf(c, torch.bool, len(c[a:a + _CHUNK])))))
+                       for a in range(0, c.numel(), _CHUNK))
+        return sum(int(torch.count_nonzero(self._mask(i, a, op, t))) for a in self._starts(i))
+
+    def fill(self, i: int, op, t: float) -> torch.Tensor:
+        """A new bool tensor: ``op(score, t)`` for the free units of layer ``i``, False elsewhere."""
+        s = self.scores[i]
+        out = torch.empty(s.numel(), dtype=torch.bool, device=s.device)
+        for a in self._starts(i):
+            self._mask(i, a, op, t, out)
+        return out
+
+    def mark_last(self, i: int, t: float, k: int, out: torch.Tensor) -> None:
+        """Set ``out`` at the ``k`` free units of layer ``i`` that score ``t`` with the highest
+        indices."""
+        for a in reversed(self._starts(i)):
+            if k <= 0:
+                return
+            b = self._mask(i, a, torch.eq, t)
+            n = int(torch.count_nonzero(b))
+            p = 0
+            if n > k:  # the largest p with k ties in b[p:] (counts only: no index tensor)
+                hi = b.numel() - 1
+                while p < hi:
+                    mid = (p + hi + 1) // 2
+                    if int(torch.count_nonzero(b[mid:])) >= k:
+                        p = mid
+                    else:
+                        hi = mid - 1
+            out[a + p:a + b.numel()].logical_or_(b[p:])
+            k -= n
+
+    def sample(self, i: int, stride: int) -> torch.Tensor:
+        """Every ``stride``-th score of layer ``i`` that is free, float32 on the CPU."""
+        if self.compact[i] is not None:
+            return self.compact[i][::stride].cpu()
+        s = self.scores[i][::stride]
+        if self.pruned[i] is not None:
+            s = s[~self.pruned[i][::stride]]
+        return s.float().cpu()
+
+    def between(self, i: int, lo: float, hi: float) -> torch.Tensor:
+        """The free scores ``lo <= s <= hi`` of layer ``i``, float32 on the CPU."""
+        parts, c = [], self.compact[i]
+        if c is not None:
+            for a in range(0, c.numel(), _CHUNK):
+                v = c[a:a + _CHUNK]
+                parts.append(v[(v >= lo).logical_and_(v <= hi)].cpu())
+            return torch.cat(parts) if parts else torch.zeros(0)
+        for a in self._starts(i):
+            b = self._mask(i, a, torch.ge, lo)
+            c = self._chunk(i, a)                    # the same scores (converted again if needed)
+            parts.append(c[b.logical_and_(c <= hi)].cpu())
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+    def bounds(self, i: int) -> tuple[float, float]:
+        """``(min, max)`` of the scores of layer ``i`` in float32 (forced units included, except
+        in a compacted layer; either bounds the threshold)."""
+        if self.compact[i] is not None:
+            if not self.compact[i].numel():
+                return math.inf, -math.inf
+            b = torch.aminmax(self.compact[i])
+            return float(b.min), float(b.max)
+        lo, hi = math.inf, -math.inf
+        for a in self._starts(i):
+            b = torch.aminmax(self._chunk(i, a))
+            lo, hi = min(lo, float(b.min)), max(hi, float(b.max))
+        return lo, hi
+
+
+def _threshold(scan: _Scan, unit_weights, target, smin, smax, weight_at_most, sample: bool = True) -> float:
     """The smallest score ``t`` whose cumulative removed weight ``W(<= t)`` reaches ``target``.
 
-    Fast path: bracket ``t`` with quantiles of a strided sample, verify the bracket by counting,
-    then find ``t`` exactly among the few scores inside it. Otherwise (or if the bracket fails)
-    bisection over the float32 order: 32 counting passes. Neither builds a tensor of all scores.
+    Fast path (unsharded layers only): bracket ``t`` with quantiles of a strided sample of the
+    free units, verify the bracket by counting, then find ``t`` exactly among the few scores
+    inside it. Otherwise (or if the bracket fails) bisection over the float32 order: 32 counting
+    passes. Neither builds a tensor of all scores, nor copies a layer's scores.
     """
-    n_total = sum(s.numel() for s in scores)
+    layers = range(len(scan.scores))
+    n_total = sum(scan.n_free)
     lo_key, hi_key = _key(smin), _key(smax)
     if sample and n_total > 4 * _SAMPLE:
         stride = max(1, n_total // _SAMPLE)
-        sample = torch.cat([s[::stride].cpu() for s in scores])
-        sample_w = torch.cat([torch.full((s[::stride].numel(),), float(w)) for s, w in zip(scores, unit_weights)])
+        parts = [scan.sample(i, stride) for i in layers]
+        sample = torch.cat(parts)
+        sample_w = torch.cat([torch.full((p.numel(),), float(w)) for p, w in zip(parts, unit_weights)])
+        del parts
         order = torch.argsort(sample)
-        cum = sample_w[order].cumsum(0) * (sum(w * s.numel() for w, s in zip(unit_weights, scores))
+        cum = sample_w[order].cumsum(0) * (sum(w * n for w, n in zip(unit_weights, scan.n_free))
                                            / float(sample_w.sum()))
         m = sample.numel()
         pos = int(torch.searchsorted(cum, torch.tensor([float(target)], dtype=cum.dtype)).clamp(max=m - 1))
@@ -201,14 +350,15 @@ def _threshold(scores, unit_weights, target, smin, smax, weight_at_most, sample:
             margin = int(widen * (6 * sigma + 16))
             lo_v = float(sample[order[max(0, pos - margin)]])
             hi_v = float(sample[order[min(m - 1, pos + margin)]])
-            below = sum(w * int(torch.count_nonzero(s < lo_v)) for w, s in zip(unit_weights, scores))
-            upto = weight_at_most(hi_v)
+            below_n = [scan.count(i, torch.lt, lo_v) for i in layers]
+            below = sum(w * c for w, c in zip(unit_weights, below_n))
+            upto_n = [scan.count(i, torch.le, hi_v) for i in layers]
+            upto = sum(w * c for w, c in zip(unit_weights, upto_n))
             if not below < target <= upto:
                 continue
-            inside = [(s[(s >= lo_v) & (s <= hi_v)], w) for s, w in zip(scores, unit_weights)]
-            n_inside = sum(c.numel() for c, _ in inside)
-            if n_inside <= 64 * _SAMPLE:
-                vals = torch.cat([c.cpu() for c, _ in inside])
+            if sum(upto_n) - sum(below_n) <= 64 * _SAMPLE:
+                inside = [(scan.between(i, lo_v, hi_v), w) for i, w in zip(layers, unit_weights)]
+                vals = torch.cat([c for c, _ in inside])
                 wts = torch.cat([torch.full((c.numel(),), float(w), dtype=torch.float64) for c, w in inside])
                 o = torch.argsort(vals)
                 cw = below + wts[o].cumsum(0)
@@ -233,32 +383,25 @@ def _global_lowest(layers: list[Units], target: float, unit_weights: list[int],
     ``rounding="floor"``, the longest run of the order whose removed weight is at most ``target``.
 
     Units an earlier mask pruned come first and count toward ``target`` (also against free units
-    that score ``-inf``): the rest is selected among the free units only.
+    that score ``-inf``): the rest is selected among the free units only. No layer's scores are
+    copied: every pass compares one chunk at a time (:class:`_Scan`), so beyond the returned
+    masks a call holds at most :data:`_CHUNK` units' temporaries.
     """
     forced = _gcounts(layers, [u.pruned for u in layers])
     if any(forced):
-        frees = [torch.ones(u.scores.numel(), dtype=torch.bool, device=u.scores.device) if u.pruned is None
-                 else ~u.pruned for u in layers]
-        done = sum(w * k for k, w in zip(forced, unit_weights))
-        sub = _global_lowest([Units(u.name, u.scores[f], u.weight, u.numel, group=u.group,
-                                    total=None if u.group is None else u.n - k)
-                              for u, f, k in zip(layers, frees, forced)],
-                             target - done, unit_weights, rounding)
-        out = {}
-        for u, f in zip(layers, frees):
-            o = ~f
-            o[f] = sub[u.name]
-            out[u.name] = o
-        return out
-    scores = [u.masked_scores().float() for u in layers]
-    total = sum(w * u.n for w, u in zip(unit_weights, layers))
-    if target <= 0:
-        return {u.name: torch.zeros(u.scores.numel(), dtype=torch.bool, device=u.scores.device) for u in layers}
-    if target >= total:
-        return {u.name: torch.ones(u.scores.numel(), dtype=torch.bool, device=u.scores.device) for u in layers}
-    bounds = [torch.aminmax(s) for s in scores if s.numel()]
-    finite_min = min([float(b.min) for b in bounds], default=math.inf)
-    finite_max = max([float(b.max) for b in bounds], default=-math.inf)
+        target = target - sum(w * k for k, w in zip(forced, unit_weights))
+    pruned = [u.pruned if k else None for u, k in zip(layers, forced)]
+    total = sum(w * (u.n - k) for w, u, k in zip(unit_weights, layers, forced))
+    if target <= 0 or target >= total:
+        full = target > 0
+        return {u.name: (p.clone() if p is not None and not full else
+                         torch.full((u.scores.numel(),), full, dtype=torch.bool, device=u.scores.device))
+                for u, p in zip(layers, pruned)}
+    scan = _Scan([u.scores for u in layers], pruned)
+    # the bracket of the bisection: forced units' scores widen it, never move the threshold
+    bounds = [scan.bounds(i) for i, u in enumerate(layers) if u.scores.numel()]
+    finite_min = min([b[0] for b in bounds], default=math.inf)
+    finite_max = max([b[1] for b in bounds], default=-math.inf)
     sharded = _sharded(layers)
     if sharded:  # the bounds over every rank (the same group for every sharded layer)
         from ._distributed import all_reduce_floats
@@ -268,23 +411,25 @@ def _global_lowest(layers: list[Units], target: float, unit_weights: list[int],
         finite_min, finite_max = lo, -neg_hi
 
     def weight_at_most(t: float) -> int:
-        return sum(w * c for w, c in zip(unit_weights, _gcounts(layers, [s <= t for s in scores])))
+        counts = _gsum(layers, [scan.count(i, torch.le, t) for i in range(len(layers))])
+        return sum(w * c for w, c in zip(unit_weights, counts))
 
-    t = _threshold(scores, unit_weights, target, finite_min, finite_max, weight_at_most,
+    t = _threshold(scan, unit_weights, target, finite_min, finite_max, weight_at_most,
                    sample=not sharded)
-    out = {u.name: s < t for u, s in zip(layers, scores)}
+    out = {u.name: scan.fill(i, torch.lt, t) for i, u in enumerate(layers)}
     removed = sum(w * c for w, c in zip(unit_weights, _gcounts(layers, [out[u.name] for u in layers])))
     # ties at t: later layers first, higher index first, until the target is reached (closest)
-    for u, s, w in reversed(list(zip(layers, scores, unit_weights))):
+    for i in reversed(range(len(layers))):
+        u, w = layers[i], unit_weights[i]
         if removed >= target:
             break
-        ties = torch.nonzero(s == t).flatten()
-        per_rank, me = [ties.numel()], 0
+        n_mine = scan.count(i, torch.eq, t)
+        per_rank, me = [n_mine], 0
         if u.group is not None:  # the tie counts of every rank (rank order is index order)
             from ._distributed import all_reduce_ints, rank_in
 
             me, world = rank_in(u.group)
-            per_rank = all_reduce_ints([ties.numel() if r == me else 0 for r in range(world)],
+            per_rank = all_reduce_ints([n_mine if r == me else 0 for r in range(world)],
                                        u.group, u.scores.device)
         n_ties = sum(per_rank)
         if not n_ties:
@@ -304,19 +449,24 @@ def _global_lowest(layers: list[Units], target: float, unit_weights: list[int],
             # the highest ranks' ties go first; this rank takes what is left of ``take`` after them
             mine = min(per_rank[me], max(0, take - sum(per_rank[me + 1:])))
             if mine:
-                out[u.name][ties[ties.numel() - mine:]] = True
+                scan.mark_last(i, t, mine, out[u.name])
             removed += take * w
         if stop:
             break
+    for u, p in zip(layers, pruned):
+        if p is not None:
+            out[u.name].logical_or_(p)
     return out
 
 
 def _global_with_bounds(layers, target_units_weight, unit_weights, lo_k, hi_k, rounding="half_up"):
     """Global selection where layer ``i`` must prune between ``lo_k[i]`` and ``hi_k[i]`` units."""
     fixed: dict[int, int] = {}
+    result: dict[str, torch.Tensor] = {}
     while True:
         free = [i for i in range(len(layers)) if i not in fixed]
         rem = target_units_weight - sum(unit_weights[i] * k for i, k in fixed.items())
+        result.clear()  # the last round's masks go before the next round's are made
         result = _global_lowest([layers[i] for i in free], rem, [unit_weights[i] for i in free],
                                 rounding) if free else {}
         over, under, excess, deficit = {}, {}, 0, 0
@@ -404,7 +554,9 @@ def select(
     check_topk("topk", topk)                  # bool and topk=0 are rejected everywhere
     check_threshold("threshold", threshold)
     check_choice("count_rounding", count_rounding, COUNT_ROUNDINGS)
-    for u, nans in zip(layers, _gcounts(layers, [torch.isnan(u.scores) for u in layers])):
+    has_nan = [int(any(bool(torch.isnan(u.scores[a:a + _CHUNK]).any()) for a in range(0, u.scores.numel(), _CHUNK)))
+               for u in layers]  # one chunk's temporary at a time
+    for u, nans in zip(layers, _gsum(layers, has_nan)):
         if nans:
             raise ValueError(f"scores of {u.name!r} contain NaN")
     if sparsity is not None:
@@ -413,11 +565,9 @@ def select(
     else:
         pruned = _select_topk_threshold(layers, topk, threshold, scope)
     out = {}
-    for u in layers:
-        p = pruned[u.name]
-        if u.pruned is not None:
-            p = p | u.pruned
-        out[u.name] = ~p
+    for u in layers:  # each layer's pruned mask goes as its keep mask is made
+        p = pruned.pop(u.name)
+        out[u.name] = torch.logical_not(p) if u.pruned is None else torch.logical_or(p, u.pruned).logical_not_()
     return out
 
 
