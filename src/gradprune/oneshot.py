@@ -311,10 +311,21 @@ def _sparsegpt_chooser(pattern, k_total, shape_oi):
     """``choose(saliency [out, width], start)`` for SparseGPT: exact counts per column block by
     cumulative rounding (block patterns), or ``M - N`` per row in each group (N:M)."""
     if isinstance(pattern, NMPattern):
+        m, n_prune = pattern.m, pattern.m - pattern.n
+        later = {}
+
+        def later_on(device):  # later[j, k]: k > j
+            if device not in later:
+                later[device] = torch.ones(m, m, dtype=torch.bool, device=device).triu(1)
+            return later[device]
+
         def choose(sal, start):
-            keep = pattern.expand(torch.zeros(sal.shape[0], dtype=torch.bool, device=sal.device), sal)
-            return ~keep
-        choose.per_group, choose.group, choose.block_multiple = True, pattern.m, pattern.m
+            # one M-column group [out, M]: prune the M - N lowest of each row, ties the higher
+            # index first (the order NMPattern.expand sorts in), ranked by comparisons, no sort
+            a, b = sal.unsqueeze(2), sal.unsqueeze(1)            # a[r, j, 0], b[r, 0, k]
+            before = torch.where(later_on(sal.device), b <= a, b < a)  # k is pruned before j
+            return before.sum(-1) < n_prune
+        choose.per_group, choose.group, choose.block_multiple = True, m, m
         return choose
     out, inp = shape_oi
     total_cols = inp // pattern.cols
