@@ -339,7 +339,7 @@ def write_markdown(result):
         if k not in keys:
             keys.append(k)
     lines = [f"Dense held-out perplexity: {result['dense_ppl']:.2f}. Seeds: {sorted({r['seed'] for r in rows})}.",
-             "", "Memory of the sequential pass (first seed's row): *counted* = tensors held on the compute device "
+             "", "Memory of the sequential pass (lowest seed's row): *counted* = tensors held on the compute device "
              "(`details['peak_device_bytes']`) / the bound P_block + 2A + S_block + max(F, R); *RSS* = measured "
              "resident-set rise above the level before the call / the bound − P_block (the block is already "
              "resident on the CPU) + the keep masks (1 byte per weight; the result, held on the CPU). gblm's RSS "
@@ -352,12 +352,13 @@ def write_markdown(result):
         p = [r["ppl"] for r in rs]
         sd = statistics.stdev(p) if len(p) > 1 else 0.0
         counted = rss = ""
-        f = rs[0].get("formula")
-        if rs[0]["peak_device_bytes"] and f:
-            counted = f"{rs[0]['peak_device_bytes'] / 1024:.0f} / {f['bound'] / 1024:.0f}"
-            rss = f"{rs[0]['peak_rss_bytes'] / 1024:.0f} / {(f['bound'] - f['P_block'] + f['masks']) / 1024:.0f}"
-        elif rs[0]["peak_device_bytes"]:  # older rows: the former bound, without max(F, R)
-            counted = f"{rs[0]['peak_device_bytes'] / 1024:.0f} / {rs[0]['formula_bytes'] / 1024:.0f} (old bound)"
+        r0 = min(rs, key=lambda r: (r.get("formula") is None, r["seed"]))  # a row with the bound, if any
+        f = r0.get("formula")
+        if r0["peak_device_bytes"] and f:
+            counted = f"{r0['peak_device_bytes'] / 1024:.0f} / {f['bound'] / 1024:.0f}"
+            rss = f"{r0['peak_rss_bytes'] / 1024:.0f} / {(f['bound'] - f['P_block'] + f['masks']) / 1024:.0f}"
+        elif r0["peak_device_bytes"]:  # older rows: the former bound, without max(F, R)
+            counted = f"{r0['peak_device_bytes'] / 1024:.0f} / {r0['formula_bytes'] / 1024:.0f} (old bound)"
         lines.append(f"| {k[0]} | {k[1]} | {'yes' if k[2] else 'no'} | {statistics.mean(p):.2f} ± {sd:.2f} | "
                      f"{statistics.mean(r['calib_seconds'] for r in rs):.2f} | {counted} | {rss} |")
     recon = result.get("reconstruction")
