@@ -338,13 +338,16 @@ def write_markdown(result):
         k = (r["setting"], r["method"], r["sequential"])
         if k not in keys:
             keys.append(k)
+    keys.sort(key=lambda k: (list(SETTINGS).index(k[0]), METHODS.index(k[1]), k[2]))
     lines = [f"Dense held-out perplexity: {result['dense_ppl']:.2f}. Seeds: {sorted({r['seed'] for r in rows})}.",
              "", "Memory of the sequential pass (lowest seed's row): *counted* = tensors held on the compute device "
              "(`details['peak_device_bytes']`) / the bound P_block + 2A + S_block + max(F, R); *RSS* = measured "
              "resident-set rise above the level before the call / the bound − P_block (the block is already "
              "resident on the CPU) + the keep masks (1 byte per weight; the result, held on the CPU). gblm's RSS "
              "includes its whole-model backward pass first, which the bound does not cover. Rows without RSS "
-             "predate the measurement.", "",
+             "predate the measurement (their bound was the former P_block + 2A + S_block, without the transients). "
+             "*calib s* of rows with RSS ran with the 0.5 ms RSS sampler thread (it takes the GIL) on a loaded "
+             "machine: times are compared in llm_oneshot_peers_timing.md, not here.", "",
              "| setting | method | sequential | ppl (mean ± sd over seeds) | calib s | counted / bound KiB | "
              "RSS / bound − P_block + masks KiB |", "|---|---|---|---|---|---|---|"]
     for k in keys:

@@ -282,8 +282,11 @@ def write_markdown(result, path):
              f"torch {v['torch']}, llm-compressor {v['llmcompressor']}, torchao {v['torchao']}, transformers "
              f"{v['transformers']}. Seeds: {sorted({r['seed'] for r in rows})}. Shared 2-core machine (loaded "
              "by other jobs): times are not compared here (see below). Peak RSS = resident-set high-water mark above the "
-             "level before the call; under glibc's default allocator freed buffers may stay in the heap, so it varies "
-             f"with allocation history (MALLOC_MMAP_THRESHOLD_={result.get('malloc_mmap_threshold')}).", "",
+             "level before the call; " + (
+                 f"run with MALLOC_MMAP_THRESHOLD_={result['malloc_mmap_threshold']}: buffers of that size and more "
+                 "go back to the OS when freed, so the RSS follows the live tensors." if result.get("malloc_mmap_threshold")
+                 else "glibc's default allocator: freed buffers may stay in the heap, so it also depends on "
+                 "allocation history (an upper bound of the live memory)."), "",
              "| setting | method | ppl (mean ± sd) | n | calib s (mean) | peak RSS MiB (mean) |", "|---|---|---|---|---|---|"]
     for s in settings:
         for m in METHODS:  # every method with rows (a run may redo only some; the others are kept)
