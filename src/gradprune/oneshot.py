@@ -35,8 +35,9 @@
   the float32 Hessian released first; the float32 working weight and its mask), the selecting
   criteria about ``40 * out * in`` (the score matrix and its sort). The keep masks (1 byte per
   weight) go to the CPU as each block finishes; no float copy of them is kept. Measured on a
-  6.3M-parameter LLaMA (``benchmarks/llm_oneshot.py``), the resident-set rise stays within the
-  bound (see ``benchmarks/results/llm_oneshot.md``). ``sequential=False`` instead holds every
+  6.3M-parameter LLaMA on the CPU (``benchmarks/llm_oneshot.py``), the resident-set rise stays
+  within the bound (less ``P_block``, already resident; plus the returned masks), e.g. sparsegpt
+  15.3 MiB against 20.3 (``benchmarks/results/llm_oneshot.md``). ``sequential=False`` instead holds every
   layer's statistics at once (all Hessians for ``sparsegpt``) and runs the whole model's forward,
   the output head's logits included. Gradient criteria need one full backward pass first (the
   whole model on its device).
