@@ -227,6 +227,7 @@ def main():
                 rows.append(row)
                 log.info("%s", row)
                 result = {"dense_ppl": dense_ppl, "versions": versions(), "args": vars(args), "rows": rows,
+                          "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
                           "threads": torch.get_num_threads(), "owl": {"m": OWL_M, "lambda": OWL_LAMBDA}}
                 path.write_text(json.dumps(result, indent=1))
                 write_markdown(result, OUT / f"{args.out}.md")
@@ -280,10 +281,15 @@ def write_markdown(result, path):
     lines = [f"Dense held-out perplexity {result['dense_ppl']:.2f}; one process, {result['threads']} thread, "
              f"torch {v['torch']}, llm-compressor {v['llmcompressor']}, torchao {v['torchao']}, transformers "
              f"{v['transformers']}. Seeds: {sorted({r['seed'] for r in rows})}. Shared 2-core machine (loaded "
-             "by other jobs): compare times within a row pair, not across runs.", "",
+             "by other jobs): times are not compared here (see below). Peak RSS = resident-set high-water mark above the "
+             "level before the call; " + (
+                 f"run with MALLOC_MMAP_THRESHOLD_={result['malloc_mmap_threshold']}: buffers of that size and more "
+                 "go back to the OS when freed, so the RSS follows the live tensors." if result.get("malloc_mmap_threshold")
+                 else "glibc's default allocator: freed buffers may stay in the heap, so it also depends on "
+                 "allocation history (an upper bound of the live memory)."), "",
              "| setting | method | ppl (mean ± sd) | n | calib s (mean) | peak RSS MiB (mean) |", "|---|---|---|---|---|---|"]
     for s in settings:
-        for m in result["args"]["methods"]:
+        for m in METHODS:  # every method with rows (a run may redo only some; the others are kept)
             rs = [r for r in rows if r["setting"] == s and r["method"] == m]
             if not rs:
                 continue
@@ -292,9 +298,10 @@ def write_markdown(result, path):
             lines.append(f"| {s} | {m} | {statistics.mean(p):.2f} ± {sd:.2f} | {len(p)} | "
                          f"{statistics.mean(r['calib_seconds'] for r in rs):.2f} | "
                          f"{statistics.mean(r['peak_rss_bytes'] for r in rs) / 2**20:.1f} |")
-    lines += ["", "Paired by seed (gradprune minus peer: perplexity; peer time / gradprune time):", "",
-              "| setting | gradprune | peer | Δppl mean (min, max) | time ratio peer/gradprune (mean) |",
-              "|---|---|---|---|---|"]
+    lines += ["", "Paired by seed (gradprune minus peer, perplexity). Calibration times: a run may redo only some "
+              "methods (the other rows are kept), so times are compared in the paired timing run "
+              "(`--timing-repeats`, `llm_oneshot_peers_timing.md`), not here:", "",
+              "| setting | gradprune | peer | Δppl mean (min, max) |", "|---|---|---|---|"]
     for s in settings:
         for ours, peer in PAIRS:
             a = {r["seed"]: r for r in rows if r["setting"] == s and r["method"] == ours}
@@ -303,9 +310,7 @@ def write_markdown(result, path):
             if not seeds:
                 continue
             d = [a[k]["ppl"] - b[k]["ppl"] for k in seeds]
-            ratio = [b[k]["calib_seconds"] / a[k]["calib_seconds"] for k in seeds]
-            lines.append(f"| {s} | {ours} | {peer} | {statistics.mean(d):+.2f} ({min(d):+.2f}, {max(d):+.2f}) | "
-                         f"{statistics.mean(ratio):.2f} |")
+            lines.append(f"| {s} | {ours} | {peer} | {statistics.mean(d):+.2f} ({min(d):+.2f}, {max(d):+.2f}) |")
     for key, what in (("unsupported", "Not run (unsupported by the peer)"), ("failed", "Failed (peer error)")):
         bad = sorted({(r["setting"], r["method"], r[key]) for r in result["rows"] if key in r})
         if bad:

@@ -20,17 +20,27 @@
 * **Offload.** ``device`` is the compute device (default: where the first block is);
   ``offload="cpu"`` keeps every block but the current one on the CPU; ``offload=<folder>`` keeps
   them on disk (safetensors, parameters on ``meta`` meanwhile) and loads them back at the end.
-  Peak compute-device memory of the sequential pass (``result.details["peak_device_bytes"]``,
-  counted from the tensors held) is bounded by::
+  Peak compute-device memory of the sequential pass is bounded by::
 
-      P_block + 2 * A + S_block          A = n_tokens * hidden * bytes(dtype)
+      P_block + 2 * A + S_block + max(F, R)          A = n_tokens * hidden * bytes(dtype)
 
   ``P_block``: one block's parameters; ``A``: the calibration hidden states entering (and leaving)
   the block, with their keyword arguments (masks, rotary tables); ``S_block``: the criterion's
   statistics for the block's layers (``4 * in`` bytes per layer, plus ``4 * in**2`` for
-  ``sparsegpt``'s Hessian, plus ``4 * numel`` for criteria reading gradients) — plus one batch's
-  transient forward activations inside the block. Gradient criteria need one full backward pass
-  first (the whole model on its device).
+  ``sparsegpt``'s Hessian, plus ``4 * numel`` for criteria reading gradients). These are counted
+  from the tensors held: ``result.details["peak_device_bytes"]``. The transients on top: ``F``, one
+  calibration batch's activations inside the block's forward (model-dependent: attention scores,
+  MLP intermediates), or ``R``, the working memory of pruning one layer, whichever is larger:
+  ``sparsegpt`` ``16 * in**2 + 5 * out * in`` bytes (two float64 ``[in, in]`` factors at a time,
+  the float32 Hessian released first; the float32 working weight and its mask), the selecting
+  criteria about ``40 * out * in`` (the score matrix and its sort). The keep masks (1 byte per
+  weight) go to the CPU as each block finishes; no float copy of them is kept. Measured on a
+  6.3M-parameter LLaMA on the CPU (``benchmarks/llm_oneshot.py``), the resident-set rise stays
+  within the bound (less ``P_block``, already resident; plus the returned masks), e.g. sparsegpt
+  15.3 MiB against 20.3 (``benchmarks/results/llm_oneshot.md``). ``sequential=False`` instead holds every
+  layer's statistics at once (all Hessians for ``sparsegpt``) and runs the whole model's forward,
+  the output head's logits included. Gradient criteria need one full backward pass first (the
+  whole model on its device).
 * **OWL** (Yin et al. 2024, ``allocation="owl"``): outlier ratio ``D_l`` = share of Wanda scores
   ``|W| * ||X||`` of block ``l`` (all its pruned layers together) above ``M`` times their mean, on
   the dense model's inputs; ``D`` is scaled to ``[0, 2*lambda]`` and centred, and block ``l`` gets
@@ -311,10 +321,21 @@ def _sparsegpt_chooser(pattern, k_total, shape_oi):
     """``choose(saliency [out, width], start)`` for SparseGPT: exact counts per column block by
     cumulative rounding (block patterns), or ``M - N`` per row in each group (N:M)."""
     if isinstance(pattern, NMPattern):
+        m, n_prune = pattern.m, pattern.m - pattern.n
+        later = {}
+
+        def later_on(device):  # later[j, k]: k > j
+            if device not in later:
+                later[device] = torch.ones(m, m, dtype=torch.bool, device=device).triu(1)
+            return later[device]
+
         def choose(sal, start):
-            keep = pattern.expand(torch.zeros(sal.shape[0], dtype=torch.bool, device=sal.device), sal)
-            return ~keep
-        choose.per_group, choose.group, choose.block_multiple = True, pattern.m, pattern.m
+            # one M-column group [out, M]: prune the M - N lowest of each row, ties the higher
+            # index first (the order NMPattern.expand sorts in), ranked by comparisons, no sort
+            a, b = sal.unsqueeze(2), sal.unsqueeze(1)            # a[r, j, 0], b[r, 0, k]
+            before = torch.where(later_on(sal.device), b <= a, b < a)  # k is pruned before j
+            return before.sum(-1) < n_prune
+        choose.per_group, choose.group, choose.block_multiple = True, m, m
         return choose
     out, inp = shape_oi
     total_cols = inp // pattern.cols

@@ -167,7 +167,10 @@ def prune(
             n_batches=n_batches, sequential=sequential, blocks=blocks, device=device, offload=offload,
             owl_m=owl_m, owl_lambda=owl_lambda, show_progress=show_progress, process_group=process_group)
         masks = MaskSet(model, names=fit, masks=new)
-        masks.apply()
+        del new  # the MaskSet holds its own copies
+        with torch.no_grad():  # bool masks multiply in place: no float copy of the masks is cached
+            for n, p in masks.params().items():
+                p.mul_(masks[n])
         report = SparsityReport(masks, skipped, {n: targets[n].shape for n in skipped})
         return PruneResult(masks, {}, report, cfg, details.get("batches", 0), details)
     if sequential or blocks is not None or offload is not None:

@@ -282,24 +282,33 @@ class SparseGPTCriterion(InputCriterion):
         super().reset()
         self.hessian.clear()
 
-    def _hinv(self, name: str, w: torch.Tensor):
-        """Upper Cholesky factor of the damped inverse Hessian, and the dead inputs."""
+    def _hinv(self, name: str, device, dtype=torch.float64, release: bool = False):
+        """Upper Cholesky factor of the damped inverse Hessian (factorised in float64, returned as
+        ``dtype``), and the dead inputs. At most two float64 ``[in, in]`` matrices live at once;
+        ``release=True`` drops the accumulated float32 Hessian as soon as its float64 copy exists."""
         if name not in self.hessian:
             self.input_norm(name)  # raises the "no inputs" error
-        h = self.hessian[name].to(w.device, torch.float64).clone()
+        h = self.hessian[name].to(device, torch.float64, copy=True)
+        if release:
+            del self.hessian[name]
         dead = torch.diag(h) == 0
         h[dead, dead] = 1.0
-        h += self.percdamp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+        h.diagonal().add_(self.percdamp * torch.diag(h).mean())
         try:
-            hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-            return torch.linalg.cholesky(hinv, upper=True), dead
+            factor = torch.linalg.cholesky(h)
+            del h
+            hinv = torch.cholesky_inverse(factor)
+            del factor
+            factor = torch.linalg.cholesky(hinv, upper=True)
+            del hinv
+            return factor.to(dtype), dead
         except RuntimeError as e:  # not positive definite even after damping
             raise ValueError(f"sparsegpt: the Hessian of {name!r} is not positive definite with "
                              f"percdamp={self.percdamp}; raise percdamp") from e
 
     def score_one(self, name):
         w = self.weight(name).double()
-        hinv, _ = self._hinv(name, w)
+        hinv, _ = self._hinv(name, w.device)
         return (w.pow(2) / torch.diag(hinv).pow(2)).float()
 
     def prune_layer(self, name: str, choose, order: torch.Tensor | None = None) -> torch.Tensor:
@@ -316,8 +325,8 @@ class SparseGPTCriterion(InputCriterion):
         if order is not None and name in self.hessian:
             w = w[:, order]
             self.hessian[name] = self.hessian[name][order][:, order]
-        hinv, dead = self._hinv(name, w)      # float64 factorisation, float32 updates (as the paper)
-        hinv = hinv.float()
+        # float64 factorisation, float32 updates (as the paper); the Hessian is not needed after
+        hinv, dead = self._hinv(name, w.device, torch.float32, release=True)
         w[:, dead] = 0.0
         cols = w.shape[1]
         bs = getattr(choose, "block_multiple", 1)
@@ -327,24 +336,31 @@ class SparseGPTCriterion(InputCriterion):
         per_group = getattr(choose, "per_group", False)
         for i1 in range(0, cols, bs):
             i2 = min(i1 + bs, cols)
+            width = i2 - i1
             w1, h1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
             d = torch.diag(h1)
+            d2 = d.pow(2)
             err = torch.empty_like(w1)
-            if not per_group:
-                prune_mask[:, i1:i2] = choose(w1.pow(2) / d.pow(2), i1)
             pm = prune_mask[:, i1:i2]
-            for i in range(i2 - i1):
+            if not per_group:
+                pm.copy_(choose(w1.pow(2) / d2, i1))
+            # column views made once per block (one C call each instead of Python indexing per column)
+            w_col, pm_col, err_col = w1.unbind(1), pm.unbind(1), err.unbind(1)
+            tails = [w1[:, i:] for i in range(width)]
+            h_rows = [h1[i, i:] for i in range(width)]
+            d_list = d.tolist()
+            for i in range(width):
                 if per_group and i % group == 0:
-                    pm[:, i:i + group] = choose(w1[:, i:i + group].pow(2) / d[i:i + group].pow(2), i1 + i)
+                    # the paper's mask selection every M columns, on the weights as updated so far
+                    pm[:, i:i + group] = choose(w1[:, i:i + group].pow(2) / d2[i:i + group], i1 + i)
                 # OBS step: the error of zeroing the pruned entries of column i, spread over the
                 # columns after it (the kept entries of column i are unchanged: e is 0 there)
-                e = torch.mul(w1[:, i], pm[:, i]).div_(d[i])
-                w1[:, i:].addr_(e, h1[i, i:], alpha=-1.0)
-                err[:, i] = e
+                e = torch.mul(w_col[i], pm_col[i], out=err_col[i]).div_(d_list[i])
+                tails[i].addr_(e, h_rows[i], alpha=-1.0)
             w[:, i1:i2] = w1
             w[:, i2:].addmm_(err, hinv[i1:i2, i2:], alpha=-1.0)
-        keep = ~prune_mask
-        w = w * keep
+        keep = prune_mask.logical_not_()
+        w.mul_(keep)
         if order is not None:  # back to the parameter's column order
             inverse = torch.argsort(order)
             w, keep = w[:, inverse], keep[:, inverse]
