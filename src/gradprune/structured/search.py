@@ -746,7 +746,12 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
             ``example_input`` (its batch size, the model's device; see :class:`LatencyProbe`):
             each candidate that meets the other bounds is exported and timed. ``"kv_cache": bytes
             or "NN%"`` bounds the key/value-cache bytes per token of context, counted from the
-            kept key/value heads (see :mod:`gradprune.structured.kvcache`).
+            kept key/value heads (see :mod:`gradprune.structured.kvcache`). ``"decode_latency":
+            ms or "NN%"`` (causal LMs) bounds the measured ms per token of greedy decoding at
+            batch 1 on the key/value cache after a prefill of ``example_input``'s first row
+            (:class:`LatencyProbe`; a model that cannot decode is refused before scoring). Every
+            key works on every axis and combination of axes; the measurement that checked a
+            measured bound is ``result.latency_search`` / ``result.decode_latency_search``.
         data, loss_fn: batches and ``loss_fn(model, batch) -> scalar`` for the gradient methods.
             For ``fastnas`` both are optional: with ``data``, BatchNorm statistics are
             re-estimated on its first ``max_iter_data_loader`` batches (held in memory; run with
@@ -772,7 +777,7 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
             and :meth:`SearchResult.export` needs ``model=`` an unsharded copy with whole weights
             (``docs/distributed.md``).
         measure_latency: also time the dense and the exported model on CPU at batch sizes 1
-            and 32 (:meth:`SearchResult.latency`); the report then shows it.
+            and 32 (:meth:`SearchResult.latency`; ``result.latency_ms``, on every axis).
         uniform: (Hugging Face models) search one common width per family of groups (the
             heads, the FFN neurons of every layer): the sensitivity of a width is the sum over
             layers; the export then has a plain config that ``from_pretrained`` loads. BERT and
@@ -791,8 +796,8 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
             layer (``method``: ``gradnas``, ``reap`` or ``frequency``; ``params`` and ``flops``
             budgets; an :class:`~gradprune.structured.experts.ExpertSearchResult`; see
             :mod:`gradprune.structured.experts`). Any combination of several axes with
-            ``"layers"``, ``"hidden"`` or ``"experts"`` among them (``gradnas`` only; ``params``,
-            ``flops`` and ``kv_cache`` bounds) is a staged search
+            ``"layers"``, ``"hidden"`` or ``"experts"`` among them (``gradnas`` only; every
+            constraint key) is a staged search
             (:mod:`gradprune.structured.staged`) that returns the width result on the copy
             pruned on the other axes; an axis with nothing to prune there (``"experts"`` on a
             dense model, ``"hidden"`` on a model whose residual stream is not understood) is left

@@ -30,6 +30,15 @@ with nothing to prune: ``{"experts": "no MoE blocks ..."}``, ``{"hidden": why}``
 ``dense_*`` counts of the original model. Each candidate scores the data again, so a search over
 ``L`` layers, ``H`` hidden sizes and ``E`` experts runs up to ``L * H * E`` width searches.
 
+Measured bounds (``latency``, ``decode_latency``): their
+:class:`~gradprune.structured.search.LatencyProbe` objects are built once, on the original model,
+before anything is scored (a model that cannot decode is refused then), and passed to every width
+search, which times its candidates that meet the counted bounds against the original model; so a
+candidate of an earlier stage whose best width subnet is still too slow is passed over like one
+over a counted bound. ``result.latency_search`` / ``decode_latency_search`` is the measurement of
+the winner, with the candidates timed over the whole search; ``result.reference_model`` is the
+original model (``result.latency()`` times the export against it).
+
 Example (a dense Qwen2: the ``"experts"`` axis has nothing to remove and says so):
     >>> import gradprune as gp, torch
     >>> from transformers import Qwen2Config, Qwen2ForCausalLM
