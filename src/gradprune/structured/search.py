@@ -492,21 +492,7 @@ def _decode_once(model: nn.Module, ids: torch.Tensor, steps: int) -> float:
 
 def _interleaved_decode_ms(models: dict, ids: torch.Tensor, steps: int, repeats: int, warmup: int) -> dict:
     """Median decode ms per token of each model at batch 1, timed round-robin (eval, no grad)."""
-    modes = {k: m.training for k, m in models.items()}
-    times = {k: [] for k in models}
-    try:
-        with torch.no_grad():
-            for m in models.values():
-                m.eval()
-                for _ in range(warmup):
-                    _decode_once(m, ids, steps)
-            for _ in range(repeats):
-                for k, m in models.items():
-                    times[k].append(_decode_once(m, ids, steps))
-    finally:
-        for k, m in models.items():
-            m.train(modes[k])
-    return {k: float(statistics.median(v)) for k, v in times.items()}
+    return _round_robin(models, lambda m: _decode_once(m, ids, steps), repeats, warmup)
 
 
 class _MeasuredBounds:
@@ -560,6 +546,18 @@ def _sync(model: nn.Module) -> None:
 
 def _interleaved_ms(models: dict, args: tuple, repeats: int, warmup: int) -> dict:
     """Median forward time (ms) of each model, timed round-robin (eval mode, no grad)."""
+    def forward_ms(m):
+        start = time.perf_counter()
+        m(*args)
+        _sync(m)
+        return (time.perf_counter() - start) * 1e3
+    return _round_robin(models, forward_ms, repeats, warmup)
+
+
+def _round_robin(models: dict, run_ms: Callable, repeats: int, warmup: int) -> dict:
+    """Median of ``run_ms(model)`` for each model: ``warmup`` untimed runs each, then ``repeats``
+    rounds taking the models in turn, so all see the same machine load (eval mode, no grad; the
+    models' modes are restored)."""
     modes = {k: m.training for k, m in models.items()}
     times = {k: [] for k in models}
     try:
@@ -567,14 +565,10 @@ def _interleaved_ms(models: dict, args: tuple, repeats: int, warmup: int) -> dic
             for m in models.values():
                 m.eval()
                 for _ in range(warmup):
-                    m(*args)
-                _sync(m)
+                    run_ms(m)
             for _ in range(repeats):
                 for k, m in models.items():
-                    start = time.perf_counter()
-                    m(*args)
-                    _sync(m)
-                    times[k].append((time.perf_counter() - start) * 1e3)
+                    times[k].append(run_ms(m))
     finally:
         for k, m in models.items():
             m.train(modes[k])
