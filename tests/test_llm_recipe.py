@@ -71,6 +71,28 @@ def test_llm_recipe_depth_axis_drops_layers(recipe_dir, capsys):
     assert small.config.num_hidden_layers == 4 - len(dropped)
 
 
+def test_llm_recipe_combined_axes_with_measured_and_counted_budgets(recipe_dir, capsys):
+    from gradprune.llm_structured import validate_section
+
+    sec = validate_section({"constraints": {"params": "60%", "kv_cache": "80%", "latency": "90%",
+                                            "decode_latency": 5.0},
+                            "axes": ["heads", "mlp", "hidden", "layers", "experts"]})
+    assert sec["method"] == "gradnas" and sec["axes"] == ["heads", "mlp", "hidden", "layers", "experts"]
+    assert validate_section({"constraints": {"params": "60%"}, "axes": ["hidden"],
+                             "method": "activation"})["method"] == "activation"
+    # a real run: layers + MLP widths to 80% params and a generous decode bound in ms (measured)
+    text = (recipe_dir / "llm.yaml").read_text()
+    text = text.replace('constraints: {params: "75%"}', 'constraints: {params: "80%", decode_latency: 10000}')
+    text = text.replace("axes: [heads, mlp]", "axes: [layers, mlp]").replace("steps: 10", "steps: 0")
+    text = text.replace("out/llm", "out/combined")
+    (recipe_dir / "combined.yaml").write_text(text)
+    assert cli.main(["run", str(recipe_dir / "combined.yaml")]) == 0, capsys.readouterr().err
+    report = json.loads((recipe_dir / "out" / "combined" / "report.json").read_text())
+    assert report["axes"] == ["layers", "mlp"] and report["searched_params"] <= 0.8 * report["dense"]["params"]
+    small = transformers.AutoModelForCausalLM.from_pretrained(recipe_dir / "out" / "combined" / "pruned")
+    assert sum(p.numel() for p in small.parameters()) == report["searched_params"]
+
+
 BASE = ("workflow: llm_structured\nmodel: tiny_llm:make_model\ndata: tiny_llm:train_batches\n"
         "eval_data: tiny_llm:heldout\n")
 
@@ -81,6 +103,14 @@ BASE = ("workflow: llm_structured\nmodel: tiny_llm:make_model\ndata: tiny_llm:tr
     (BASE + "llm: {constraints: {params: '50%'}, axes: [layers], method: taylor}\n",
      "llm.method must be one of gradnas, block_influence, loss_drop"),
     (BASE + "llm: {constraints: {params: '50%'}, axes: [layrs]}\n", "unknown axis 'layrs'"),
+    (BASE + "llm: {constraints: {params: '50%'}, axes: [layers, mlp], method: taylor}\n",
+     "combining axes ['layers', 'mlp'] needs method gradnas"),
+    (BASE + "llm: {constraints: {params: '50%'}, axes: [hidden], method: block_influence}\n",
+     "llm.method must be one of gradnas, activation"),
+    (BASE + "llm: {constraints: {params: '50%'}, axes: [experts], method: taylor}\n",
+     "llm.method must be one of gradnas, reap, frequency"),
+    (BASE + "llm: {constraints: {decode_latency: '0%'}}\n",
+     "constraints['decode_latency'] must be a percentage in (0%, 100%]"),
     (BASE + "llm: {constraints: {parms: '50%'}}\n", "unknown key 'parms'"),
     (BASE + "llm: {method: gradnas}\n", "llm needs constraints"),
     (BASE + "llm: {constraints: {params: '50%'}, steps: 3}\n", "unknown llm key(s) 'steps'"),

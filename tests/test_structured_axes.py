@@ -198,7 +198,7 @@ def test_combination_errors_before_scoring():
         raise AssertionError("scored before the input was checked")
     for kw, words in [
         (dict(method="taylor"), ["method='taylor'", "gradnas"]),
-        (dict(constraints={"latency": "50%"}), ["latency", "not supported"]),
+        (dict(constraints={"decode_latency": "150%"}), ["decode_latency", "percentage in (0%, 100%]"]),
         (dict(constraints={"params": "3%"}), ["smallest reachable", "one of 2 decoder layers kept"]),
         (dict(hidden_divisor=64), ["hidden_divisor=64", "larger than hidden_size 32"]),
     ]:

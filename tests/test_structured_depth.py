@@ -105,7 +105,7 @@ def test_axes_validation(axes, exc, words):
 
 @pytest.mark.parametrize("kw, words", [
     (dict(method="taylor"), ["method", "'taylor'", "block_influence"]),
-    (dict(constraints={"latency": "50%"}), ["latency", "layers"]),
+    (dict(constraints={"latency": "0%"}), ["latency", "percentage in (0%, 100%]"]),
     (dict(loss_fn=None), ["loss_fn"]),
     (dict(rules={"nn.Linear": {"feature_divisor": 4}}), ["rules", "layers"]),
 ])

@@ -18,9 +18,9 @@ The recipe section ``llm:`` (validated before any work by :func:`validate_sectio
     data: tiny_llm:train_batches      # batches of token ids [B, T] (scoring and distillation)
     eval_data: tiny_llm:heldout       # held-out token windows [n, T] (perplexity)
     llm:
-      constraints: {params: "60%"}
-      method: gradnas                 # a width score, or a layer score with axes [layers]
-      axes: [heads, mlp]
+      constraints: {params: "60%"}    # also flops, kv_cache, latency, decode_latency, at once
+      method: gradnas                 # a width score; an axis's own score with [layers],
+      axes: [heads, mlp]              # [hidden] or [experts] alone; gradnas for combinations
       uniform: true
       max_iter_data_loader: 8
       distill: {steps: 20, lr: 0.001, temperature: 1.0}
@@ -160,12 +160,14 @@ def layer_widths(found, n_layers: int | None = None) -> list:
     width, depth or width + depth search result."""
     from .structured.depth import LayerSearchResult, decoder_layers
 
-    if isinstance(found, LayerSearchResult):
-        layers = decoder_layers(found.model)[1]
+    if not hasattr(found, "analysis"):  # the layer, hidden or expert axis alone
+        model = found.rmap.model if hasattr(found, "rmap") else found.model
+        layers = decoder_layers(model)[1]
+        kept_layers = found.kept if isinstance(found, LayerSearchResult) else range(len(layers))
         rows = []
         for i, layer in enumerate(layers):
             heads, mlp = _layer_sizes(layer)
-            kept = i in found.kept
+            kept = i in kept_layers
             rows.append({"layer": i, "kept": kept, "heads": heads if kept else 0, "heads_total": heads,
                          "mlp": mlp if kept else 0, "mlp_total": mlp})
         return rows
@@ -250,6 +252,9 @@ def validate_section(section: Any, error=ValueError) -> dict:
     with defaults filled in. Raises ``error`` (the recipe's ``RecipeError``) naming the field."""
     from .distill import make_distill_config
     from .structured.depth import LAYER_METHODS, check_axes
+    from .structured.experts import EXPERT_METHODS
+    from .structured.hidden import HIDDEN_METHODS
+    from .structured.staged import STAGES
     from .structured.scoring import WIDTH_SCORES
     from .structured.search import parse_constraints, CONSTRAINT_KEYS
 
@@ -272,10 +277,14 @@ def validate_section(section: Any, error=ValueError) -> dict:
         sec["max_iter_data_loader"] = check_int("llm.max_iter_data_loader",
                                                 sec.get("max_iter_data_loader", 32), min_value=1)
         method = sec.setdefault("method", "gradnas")
-        if axes == ("layers",):
-            check_choice("llm.method", method, LAYER_METHODS)
-        elif "layers" in axes:
-            check_choice("llm.method", method, ("gradnas",))
+        staged = [a for a in STAGES if a in axes]
+        if len(axes) == 1 and staged:  # the layer, hidden or expert axis alone: its own scores
+            methods = {"layers": LAYER_METHODS, "hidden": HIDDEN_METHODS, "experts": EXPERT_METHODS}
+            check_choice("llm.method", method, methods[axes[0]])
+        elif staged:
+            if method != "gradnas":
+                raise ValueError(f"llm.method={method!r}: combining axes {list(axes)} needs method gradnas "
+                                 "(the scores of every axis are then squared gate gradients, which add up)")
         else:
             check_choice("llm.method", method, [m for m in WIDTH_SCORES if m != "fastnas"])
         dist = dict(sec.get("distill") or {})

@@ -489,9 +489,13 @@ def check_axis_inputs(what: str, data, loss_fn, constraints: dict, allowed, exam
 
 def search_layers(model: nn.Module, constraints: dict, data: Iterable | None, loss_fn: Callable | None,
                   method: str, example_input, *, max_iter_data_loader: int = 128,
-                  show_progress: bool | None = None, gradient_checkpointing: bool = False) -> LayerSearchResult:
+                  show_progress: bool | None = None, gradient_checkpointing: bool = False,
+                  accept: Callable | None = None) -> LayerSearchResult:
     """``search(..., axes=("layers",))``: score the decoder layers with ``method`` (one of
-    :data:`LAYER_METHODS`) and drop the lowest-scored ones until every constraint holds."""
+    :data:`LAYER_METHODS`) and drop the lowest-scored ones until every constraint holds.
+    ``accept(key, build)``: a further test of a candidate that meets the counted bounds (the
+    measured latency bounds of :func:`~gradprune.structured.search.search`; ``build()`` returns the
+    candidate model); its ``text()`` describes the last candidate it rejected."""
     from .search import parse_constraints
 
     check_choice("method", method, LAYER_METHODS)
@@ -515,11 +519,13 @@ def search_layers(model: nn.Module, constraints: dict, data: Iterable | None, lo
     order = sorted(range(costs.n), key=lambda i: (float(scores[i]), i))  # ties: lower index first
     for k in range(costs.n):
         values = costs.of(order[:k])
-        if all(values[key] <= b for key, b in bounds.items()):
+        if all(values[key] <= b for key, b in bounds.items()) and (
+                accept is None or accept(k, lambda k=k: drop_layers(_weight_sharing_copy(model), order[:k]))):
             break
-    else:  # only with layers of different sizes: the best-scored one alone is still too big
-        raise ValueError(f"no subnet meets constraints ({asked}): keeping only the best-scored layer "
-                         f"{order[-1]} gives {costs.text(costs.of(order[:-1]))}")
+    else:  # the best-scored layer alone is still too big (layers of different sizes) or too slow
+        raise ValueError(f"no subnet meets constraints ({asked}{accept.asked() if accept else ''}): keeping "
+                         f"only the best-scored layer {order[-1]} gives {costs.text(costs.of(order[:-1]))}"
+                         f"{accept.text() if accept else ''}")
     dropped = sorted(order[:k])
     return LayerSearchResult(
         model=model, layers_name=costs.name, method=method, scores=scores, dropped=dropped,

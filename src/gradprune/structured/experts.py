@@ -91,7 +91,7 @@ from .._checks import check_bool, check_choice
 from .._modes import preserve_modes
 from .._progress import progress
 from .._report import Report
-from .depth import _frozen, _loss, check_axis_inputs, check_score_args
+from .depth import _frozen, _loss, _weight_sharing_copy, check_axis_inputs, check_score_args
 from .groups import _as_args
 from .hf import register_block_builder
 
@@ -879,10 +879,12 @@ def _uniform_config(model: nn.Module, cfg, spec: MoESpec, k: int, own: set) -> N
 
 def search_experts(model: nn.Module, constraints: dict, data: Iterable | None, loss_fn: Callable | None,
                    method: str, example_input, *, uniform: bool = False, max_iter_data_loader: int = 128,
-                   show_progress: bool | None = None) -> ExpertSearchResult:
+                   show_progress: bool | None = None, accept: Callable | None = None) -> ExpertSearchResult:
     """``search(..., axes=("experts",))``: score the experts of every recognised MoE block with
     ``method`` (one of :data:`EXPERT_METHODS`) and remove the lowest-scored ones until the
-    ``params`` / ``flops`` bounds hold (see the module docs)."""
+    ``params`` / ``flops`` bounds hold (see the module docs). ``accept(key, build)``: a further
+    test of a candidate that meets them (the measured latency bounds of
+    :func:`~gradprune.structured.search.search`)."""
     from .search import parse_constraints
 
     check_choice("method", method, EXPERT_METHODS)
@@ -915,23 +917,42 @@ def search_experts(model: nn.Module, constraints: dict, data: Iterable | None, l
                          f"{costs.text(smallest)}")
 
     scores, batches = expert_scores(model, blocks, data, loss_fn, method, max_iter_data_loader, show_progress)
+
+    def accepted(keep: dict) -> bool:  # the measured bounds, if any, on the candidate model
+        key = tuple((name, tuple(k.tolist())) for name, k in keep.items())
+        return accept is None or accept(key, lambda: drop_experts(_weight_sharing_copy(model), keep))
+
     if uniform:
         n = blocks[0].n_experts
-        r = next(r for r in range(n) if meets({b.name: r for b in blocks}))
-        keep = {b.name: _top(scores[b.name], n - r) for b in blocks}
+        r = next((r for r in range(n) if meets({b.name: r for b in blocks})
+                  and accepted({b.name: _top(scores[b.name], n - r) for b in blocks})), None)
+        ok = r is not None
+        keep = {b.name: _top(scores[b.name], n - (n - 1 if r is None else r)) for b in blocks}
     else:  # the lowest-scored experts over all blocks go first; one per block stays
         removed = {b.name: 0 for b in blocks}
         order = sorted(((float(scores[b.name][e]), i, e) for i, b in enumerate(blocks)
                         for e in range(b.n_experts)))
         ranked = {b.name: torch.sort(-scores[b.name].double(), stable=True).indices.tolist() for b in blocks}
-        for _, i, _ in order:
-            if meets(removed):
+
+        def kept() -> dict:
+            return {b.name: torch.sort(torch.tensor(ranked[b.name][:b.n_experts - removed[b.name]])).values
+                    for b in blocks}
+        ok = False
+        for _, i, _ in order + [(None, None, None)]:  # the last check: every removable expert gone
+            if meets(removed) and accepted(kept()):
+                ok = True
+                break
+            if i is None:
                 break
             b = blocks[i]
             if removed[b.name] < b.n_experts - 1:  # the block's next lowest-scored expert
                 removed[b.name] += 1
-        keep = {b.name: torch.sort(torch.tensor(ranked[b.name][:b.n_experts - removed[b.name]])).values
-                for b in blocks}
+        keep = kept()
+    if not ok:  # only a measured bound can be unmet here (the counted ones were checked above)
+        asked = ", ".join(f"{k} <= {v:g}" for k, v in bounds.items())
+        raise ValueError(f"no subnet meets constraints ({asked}{accept.asked()}) by removing experts: the "
+                         f"smallest reachable (one expert kept in each of {len(blocks)} MoE blocks) are "
+                         f"{costs.text(smallest)}{accept.text()}")
     values = costs.of({b.name: b.n_experts - len(keep[b.name]) for b in blocks})
     return ExpertSearchResult(model=model, blocks=blocks, method=method, scores=scores, keep=keep,
                               params=values["params"], dense_params=costs.dense_params,

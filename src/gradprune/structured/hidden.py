@@ -883,10 +883,13 @@ def _prepare(model, constraints, data, loss_fn, method, example_input, hidden_di
 
 def search_hidden(model: nn.Module, constraints: dict, data: Iterable | None, loss_fn: Callable | None,
                   method: str, example_input, *, hidden_divisor: int | None = None,
-                  max_iter_data_loader: int = 128, show_progress: bool | None = None) -> HiddenSearchResult:
+                  max_iter_data_loader: int = 128, show_progress: bool | None = None,
+                  accept: Callable | None = None) -> HiddenSearchResult:
     """``search(..., axes=("hidden",))``: score the residual channels with ``method`` (one of
     :data:`HIDDEN_METHODS`) and keep the highest-scored ones, as few as the ``params`` /
-    ``flops`` bounds need (the smallest allowed hidden size that meets every bound)."""
+    ``flops`` bounds need (the smallest allowed hidden size that meets every bound).
+    ``accept(key, build)``: a further test of a candidate hidden size that meets them, from the
+    widest down (the measured latency bounds of :func:`~gradprune.structured.search.search`)."""
     from .search import parse_constraints
 
     rmap, divisor = _prepare(model, constraints, data, loss_fn, method, example_input, hidden_divisor,
@@ -902,9 +905,15 @@ def search_hidden(model: nn.Module, constraints: dict, data: Iterable | None, lo
                          f"smallest reachable (hidden_size {choices[0]} of {rmap.hidden_size}, "
                          f"multiples of hidden_divisor={divisor} the config accepts) are "
                          f"{costs.text(costs.of(choices[0]))}")
-    k = fits[-1]  # the widest hidden size that meets every bound
     scores, batches = hidden_scores(model, data, loss_fn, method, max_iter_data_loader, show_progress, rmap)
-    keep = _top(scores, k, model)
+    for k in reversed(fits):  # the widest hidden size that meets every bound
+        keep = _top(scores, k, model)
+        if accept is None or accept(k, lambda keep=keep: export_hidden(rmap, keep)):
+            break
+    else:
+        raise ValueError(f"no subnet meets constraints ({asked}{accept.asked()}) by pruning the hidden size: "
+                         f"the smallest reachable (hidden_size {fits[0]} of {rmap.hidden_size}) are "
+                         f"{costs.text(costs.of(fits[0]))}{accept.text()}")
     values = costs.of(k)
     return HiddenSearchResult(
         rmap=rmap, method=method, scores=scores, keep=keep, hidden_size=k,

@@ -39,6 +39,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import math
 import re
@@ -65,16 +66,20 @@ from .rules import SearchRules
 from .staged import STAGES, staged_search
 from .scoring import WIDTH_SCORES, activation_scores, gate_statistics, magnitude_scores, width_score
 
-__all__ = ["search", "SearchResult", "METHODS", "parse_constraints", "LatencyProbe", "recalibrate_batchnorm"]
+__all__ = ["search", "SearchResult", "METHODS", "parse_constraints", "LatencyProbe", "recalibrate_batchnorm",
+           "check_decodes", "make_probes", "latency_table", "latency_lines"]
 
 METHODS = tuple(WIDTH_SCORES)  # gradnas, taylor, fisher, michel, activation, magnitude, fastnas
-CONSTRAINT_KEYS = ("params", "flops", "latency", "kv_cache")
+CONSTRAINT_KEYS = ("params", "flops", "latency", "kv_cache", "decode_latency")
+MEASURED_KEYS = ("latency", "decode_latency")  # measured (ms), not counted: see LatencyProbe
+DECODE_STEPS = 8  # decode_latency: cached one-token forwards timed after each prefill
 _PCT = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*%\s*$")
 
 
 def parse_constraints(constraints: Any, dense: dict) -> dict:
-    """``{"params": N or "NN%", "flops": ..., "latency": ms or "NN%"}`` -> absolute upper bounds
-    (percentages of ``dense[key]``; ``latency`` in milliseconds)."""
+    """``{"params": N or "NN%", "flops": ..., "latency": ms or "NN%", "decode_latency": ...}`` ->
+    absolute upper bounds (percentages of ``dense[key]``; ``latency`` and ``decode_latency`` in
+    milliseconds)."""
     if not isinstance(constraints, dict):
         raise TypeError(f"constraints must be a dict like {{'flops': '50%'}}, got {type(constraints).__name__}")
     if not constraints:
@@ -96,7 +101,7 @@ def parse_constraints(constraints: Any, dense: dict) -> dict:
                             f"{type(value).__name__}")
         elif not (value > 0 and math.isfinite(value)):
             raise ValueError(f"constraints[{key!r}] must be a positive number, got {value!r}")
-        elif key != "latency" and value <= 1:
+        elif key not in MEASURED_KEYS and value <= 1:
             raise ValueError(
                 f"constraints[{key!r}]={value!r} is ambiguous: a number is an absolute count of "
                 f"{key}, not a fraction; for a fraction of the dense model write "
@@ -141,6 +146,8 @@ class SearchResult:
     kv_cache: int | None = None  # KV-cache bytes per token of the subnet (see .kvcache)
     dense_kv_cache: int | None = None
     axes_skipped: dict = field(default_factory=dict)  # staged search: {axis: why nothing was pruned on it}
+    decode_latency_search: dict = field(default_factory=dict)  # the measurement a decode_latency bound used
+    reference_model: Any = None  # staged search: the original model (analysis.model is a pruned copy)
 
     @property
     def groups(self) -> list:
@@ -180,20 +187,7 @@ class SearchResult:
         if "kv_cache" in self.constraints:
             lines.append(f"kv_cache: {self.dense_kv_cache} -> {self.kv_cache} bytes/token "
                          f"({self.kv_cache / max(self.dense_kv_cache, 1):.1%})")
-        if self.latency_ms:
-            dense, pruned = self.latency_ms["dense"], self.latency_ms["pruned"]
-            for bs in dense:
-                lines.append(f"latency batch {bs}: {dense[bs]:.3f} ms -> {pruned[bs]:.3f} ms "
-                             f"({pruned[bs] / max(dense[bs], 1e-12):.1%}; CPU median of "
-                             f"{self.latency_ms['repeats']} runs)")
-        if self.latency_search:
-            ls = self.latency_search
-            bound = (f"{ls['bound_ratio']:.1%} of dense" if ls["bound_ratio"] is not None
-                     else f"{ls['bound_ms']:.3f} ms")
-            lines.append(f"latency constraint (batch {ls['batch_size']}, measured): {ls['dense_ms']:.3f} ms -> "
-                         f"{ls['pruned_ms']:.3f} ms ({ls['pruned_ms'] / max(ls['dense_ms'], 1e-12):.1%}; "
-                         f"bound {bound}; {ls['candidates_timed']} candidates timed, "
-                         f"median of {ls['repeats']} interleaved runs)")
+        lines += latency_lines(self)
         from .hf import reload_hint
         hint = reload_hint(self.analysis, self.uniform)
         if hint:
@@ -204,7 +198,8 @@ class SearchResult:
             lines += [f"  {s['module'] or '<model>'}: {s['reason']}" for s in self.analysis.skipped]
         extra = {"method": self.method, "params": {"dense": self.dense_params, "subnet": self.params},
                  "flops": {"dense": self.dense_flops, "subnet": self.flops}, "latency_ms": self.latency_ms,
-                 "latency_search": self.latency_search, "skipped": self.analysis.skipped,
+                 "latency_search": self.latency_search, "decode_latency_search": self.decode_latency_search,
+                 "skipped": self.analysis.skipped,
                  "axes_skipped": dict(self.axes_skipped)}
         return SearchReport(self.rows(), lines, extra)
 
@@ -277,75 +272,272 @@ class SearchResult:
         if example_input_fn is None:
             if self.example_input is None:
                 raise ValueError("example_input_fn must be given when the result has no example_input")
-            base = _as_args(self.example_input)
-
-            def example_input_fn(bs):
-                return tuple(t[torch.arange(bs) % t.shape[0]] for t in base)
+            example_input_fn = _rows_of(self.example_input)
         elif not callable(example_input_fn):
             raise TypeError(f"example_input_fn must be callable as example_input_fn(batch_size), "
                             f"got {type(example_input_fn).__name__}")
-        sizes = tuple(check_int("batch_sizes item", b, min_value=1) for b in batch_sizes)
-        pruned = self.export()
-        out = {"dense": {}, "pruned": {}, "repeats": repeats}
-        for bs in sizes:
-            ms = _interleaved_ms({"dense": self.analysis.model, "pruned": pruned},
-                                 _as_args(example_input_fn(bs)), repeats, warmup)
-            for key in ("dense", "pruned"):
-                out[key][bs] = ms[key]
-        self.latency_ms = out
-        return out
+        self.latency_ms = latency_table(self.reference_model or self.analysis.model, self.export(),
+                                        example_input_fn, batch_sizes, repeats, warmup)
+        return self.latency_ms
+
+
+def latency_table(dense: nn.Module, pruned: nn.Module, example_input_fn: Callable, batch_sizes=(1, 32),
+                  repeats: int = 20, warmup: int = 3) -> dict:
+    """``{"dense": {bs: ms}, "pruned": {bs: ms}, "repeats": n}``: median forward times of the two
+    models, interleaved, at each batch size (``example_input_fn(bs)`` gives the input)."""
+    sizes = tuple(check_int("batch_sizes item", b, min_value=1) for b in batch_sizes)
+    out = {"dense": {}, "pruned": {}, "repeats": repeats}
+    for bs in sizes:
+        ms = _interleaved_ms({"dense": dense, "pruned": pruned}, _as_args(example_input_fn(bs)), repeats, warmup)
+        for key in ("dense", "pruned"):
+            out[key][bs] = ms[key]
+    return out
+
+
+def _rows_of(example_input) -> Callable:
+    """``example_input_fn(bs)``: the rows of ``example_input`` repeated to ``bs``."""
+    base = _as_args(example_input)
+    return lambda bs: tuple(t[torch.arange(bs) % t.shape[0]] for t in base)
+
+
+def latency_lines(found) -> list:
+    """Report lines of the measured bounds (``latency_search``, ``decode_latency_search``) and
+    of :meth:`SearchResult.latency` (``latency_ms``) of any search result."""
+    lines = []
+    lat = getattr(found, "latency_ms", None)
+    if lat:
+        for bs in lat["dense"]:
+            d, p = lat["dense"][bs], lat["pruned"][bs]
+            lines.append(f"latency batch {bs}: {d:.3f} ms -> {p:.3f} ms ({p / max(d, 1e-12):.1%}; "
+                         f"CPU median of {lat['repeats']} runs)")
+    for key in MEASURED_KEYS:
+        ls = getattr(found, f"{key}_search", None)
+        if not ls:
+            continue
+        bound = (f"{ls['bound_ratio']:.1%} of dense" if ls["bound_ratio"] is not None
+                 else f"{ls['bound_ms']:.3f} ms")
+        what = (f"decode latency constraint (batch 1, ms per token over {ls['decode_steps']} cached steps "
+                f"after a {ls['prompt_tokens']}-token prefill, measured)" if key == "decode_latency"
+                else f"latency constraint (batch {ls['batch_size']}, measured)")
+        lines.append(f"{what}: {ls['dense_ms']:.3f} ms -> {ls['pruned_ms']:.3f} ms "
+                     f"({ls['pruned_ms'] / max(ls['dense_ms'], 1e-12):.1%}; bound {bound}; "
+                     f"{ls['candidates_timed']} candidates timed, median of {ls['repeats']} interleaved runs)")
+    return lines
 
 
 class LatencyProbe:
-    """Measures candidate subnets for a ``latency`` constraint.
+    """Measures candidate subnets for a ``latency`` or ``decode_latency`` constraint.
 
-    Each candidate is exported (:func:`export_model`) and timed on ``example_input`` (its batch
-    size is the one that counts), on the model's device, eval mode, no grad: ``warmup`` untimed
-    forwards, then ``repeats`` timed forwards alternating with the dense model, so both see the
-    same machine load. ``measure(keep)`` returns ``(candidate ms, dense ms)`` (medians), cached
-    per set of widths. A bound given as a percentage is checked on the ratio of the two medians
-    of the same measurement; one in milliseconds on the candidate's median.
+    ``kind="latency"`` (prefill): each candidate is exported and timed on ``example_input`` (its
+    batch size is the one that counts), on the model's device, eval mode, no grad: ``warmup``
+    untimed forwards, then ``repeats`` timed forwards alternating with the dense model, so both
+    see the same machine load. ``kind="decode_latency"`` (a causal LM at batch 1): the first row
+    of ``example_input`` (token ids) is the prompt; each run prefills it with ``use_cache=True``
+    (untimed) and times ``steps`` greedy one-token forwards on the key/value cache; the value is
+    ms per token, the median over runs. A model that cannot decode so (no ``past_key_values``, no
+    ``logits``, inputs that are not token ids) raises ``ValueError`` when the probe is built,
+    before any scoring.
+
+    ``time(key, build)`` returns ``(candidate ms, dense ms)`` (medians of the same interleaved
+    measurement), cached per ``key``; ``measure(analysis, widths, keep)`` times a width subnet.
+    ``bound(value, dense_value)`` sets the bound: a percentage is checked on the ratio of the two
+    medians of one measurement, milliseconds on the candidate's median (``ok``); ``record`` is
+    what a result keeps (``latency_search`` / ``decode_latency_search``). ``reference`` is the
+    dense model the candidates are timed against (default ``analysis.model``; a staged search
+    passes the original model, its stages pruned copies).
 
     Latency is measured, so it is noisy: two searches can pick neighbouring subnets, and near
-    the bound a candidate can pass in one measurement and fail in another. ``report`` shows the
-    measurement the search used. Under ``torch.distributed`` (``group``), every rank times the
-    candidate and the medians are averaged over the ranks, so all ranks take the same decisions.
+    the bound a candidate can pass in one measurement and fail in another. Under
+    ``torch.distributed`` (``group``), every rank times the candidate and the medians are
+    averaged over the ranks, so all ranks take the same decisions.
     """
 
-    def __init__(self, analysis: Analysis, example_input, uniform: bool = False,
-                 repeats: int = 15, warmup: int = 2, group=None):
-        self.analysis, self.args, self.uniform = analysis, _as_args(example_input), uniform
-        self.group = group
+    def __init__(self, analysis: Analysis | None, example_input, uniform: bool = False,
+                 repeats: int = 15, warmup: int = 2, group=None, *, kind: str = "latency",
+                 reference: nn.Module | None = None, steps: int = DECODE_STEPS):
+        check_choice("kind", kind, MEASURED_KEYS)
+        self.kind, self.analysis, self.uniform, self.group = kind, analysis, uniform, group
+        self.reference = reference if reference is not None else analysis.model
         self.repeats = check_int("repeats", repeats, min_value=1)
         self.warmup = check_int("warmup", warmup, min_value=0)
-        self.batch_size = int(self.args[0].shape[0]) if self.args and self.args[0].dim() else 1
+        self.steps = check_int("steps", steps, min_value=1)
+        self.args = _as_args(example_input)
+        if kind == "decode_latency":
+            self.args = (check_decodes(self.reference, example_input),)
+            self.batch_size = 1
+        else:
+            self.batch_size = int(self.args[0].shape[0]) if self.args and self.args[0].dim() else 1
         self._cache: dict = {}
+        self._owner = None  # the analysis whose widths the cache keys name
+        self._dense = None
         self.calls = 0  # candidates exported and timed
+        self.bound_ms, self.ratio = None, None
+        self.last = None  # (ms, dense ms) of the last candidate timed
 
-    def measure(self, widths: dict, keep: dict) -> tuple:
-        key = tuple(sorted(widths.items()))
+    def _timer(self, models: dict) -> dict:
+        if self.kind == "decode_latency":
+            return _interleaved_decode_ms(models, self.args[0], self.steps, self.repeats, self.warmup)
+        return _interleaved_ms(models, self.args, self.repeats, self.warmup)
+
+    def time(self, key, build: Callable[[], nn.Module]) -> tuple:
+        """``(ms, dense ms)`` of the model ``build()`` returns, timed against the reference."""
         if key not in self._cache:
             self.calls += 1
-            pruned = export_model(self.analysis, keep, uniform=self.uniform)
-            times = _interleaved_ms({"pruned": pruned, "dense": self.analysis.model}, self.args,
-                                    self.repeats, self.warmup)
+            times = self._timer({"pruned": build(), "dense": self.reference})
             self._cache[key] = self._agree(times["pruned"], times["dense"])
-        return self._cache[key]
+        self.last = self._cache[key]
+        return self.last
+
+    def measure(self, analysis_or_widths, widths: dict | None = None, keep: dict | None = None) -> tuple:
+        """``measure(analysis, widths, keep)`` (or ``measure(widths, keep)`` on the probe's own
+        analysis): the width subnet exported and timed."""
+        if keep is None:
+            analysis, widths, keep = self.analysis, analysis_or_widths, widths
+        else:
+            analysis = analysis_or_widths
+        if analysis is not self._owner:  # another copy (a staged search): other subnets
+            self._cache, self._owner = {}, analysis
+        return self.time(tuple(sorted(widths.items())),
+                         lambda: export_model(analysis, keep, uniform=self.uniform))
 
     def dense_ms(self) -> float:
-        """The dense model alone (for a percentage bound's value in milliseconds)."""
-        ms = _interleaved_ms({"dense": self.analysis.model}, self.args, self.repeats, self.warmup)["dense"]
-        return self._agree(ms)[0]
+        """The dense model alone (for a percentage bound's value in milliseconds), measured once."""
+        if self._dense is None:
+            self._dense = self._agree(self._timer({"dense": self.reference})["dense"])[0]
+        return self._dense
+
+    def bound(self, value, bound_ms: float) -> "LatencyProbe":
+        """Set the bound: ``value`` as given (``"NN%"`` or ms) and its value in ms."""
+        self.bound_ms = float(bound_ms)
+        self.ratio = float(_PCT.match(value).group(1)) / 100.0 if isinstance(value, str) else None
+        return self
+
+    def ok(self, ms: float, dense_ms: float) -> bool:
+        return ms / dense_ms <= self.ratio if self.ratio is not None else ms <= self.bound_ms
+
+    def text(self, ms: float, dense_ms: float) -> str:
+        unit = " per token" if self.kind == "decode_latency" else ""
+        return f"{self.kind}={ms:.3f} ms{unit} ({ms / dense_ms:.1%} of the dense {dense_ms:.3f} ms, measured)"
+
+    def record(self, ms: float, dense_ms: float) -> dict:
+        out = {"batch_size": self.batch_size, "dense_ms": dense_ms, "pruned_ms": ms,
+               "bound_ms": self.bound_ms, "bound_ratio": self.ratio, "repeats": self.repeats,
+               "candidates_timed": self.calls}
+        if self.kind == "decode_latency":
+            out.update(decode_steps=self.steps, prompt_tokens=int(self.args[0].shape[1]))
+        return out
 
     def _agree(self, *values: float) -> tuple:
         """``values`` averaged over the ranks of the process group (as they are without one)."""
         if self.group is None:
             return tuple(values)
         from .._distributed import all_reduce_tensors
-        p = next(self.analysis.model.parameters(), None)
+        p = next(self.reference.parameters(), None)
         t = torch.tensor(values, dtype=torch.float64, device=p.device if p is not None else None)
         all_reduce_tensors([t], self.group, average=True)
         return tuple(float(v) for v in t.tolist())
+
+
+def check_decodes(model: nn.Module, example_input) -> torch.Tensor:
+    """The prompt for ``decode_latency`` (the first row of ``example_input``'s token ids, shape
+    ``(1, T)``); ``ValueError`` unless ``model`` decodes with a key/value cache: ``model(ids,
+    use_cache=True)`` returns ``logits`` and ``past_key_values``, and one cached step runs."""
+    args = _as_args(example_input)
+    ids = args[0] if args else None
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point() or ids.numel() == 0:
+        raise ValueError(f"constraints['decode_latency'] needs example_input to be token ids of shape "
+                         f"(batch, length) (an integer tensor), got {_describe_input(example_input)}")
+    ids = ids[:1]
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            key = _cache_key(model)
+            out = model(ids, use_cache=True)
+            past, logits = getattr(out, key, None), getattr(out, "logits", None)
+            if past is None or not isinstance(logits, torch.Tensor):
+                raise ValueError(f"constraints['decode_latency'] needs a causal LM that decodes with a "
+                                 f"key/value cache: {type(model).__name__}(input_ids, use_cache=True) "
+                                 f"returned no {key} or no logits")
+            model(logits[:, -1:].argmax(-1), use_cache=True, **{key: past})
+    except (TypeError, RuntimeError, AttributeError, IndexError) as exc:
+        raise ValueError(f"constraints['decode_latency'] needs a causal LM that decodes with a key/value "
+                         f"cache: running {type(model).__name__}(input_ids, use_cache=True) and one cached "
+                         f"step failed with {type(exc).__name__}: {str(exc).strip()[:200]}") from exc
+    finally:
+        model.train(was)
+    return ids
+
+
+def _cache_key(model: nn.Module) -> str:
+    """transformers 5.2x calls the key/value cache ``cache``; earlier versions ``past_key_values``."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _decode_once(model: nn.Module, ids: torch.Tensor, steps: int) -> float:
+    """Prefill ``ids`` (untimed), then ms per greedy one-token forward on the cache."""
+    key = _cache_key(model)
+    out = model(ids, use_cache=True)
+    past, tok = getattr(out, key), out.logits[:, -1:].argmax(-1)
+    _sync(model)
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = model(tok, use_cache=True, **{key: past})
+        past, tok = getattr(out, key), out.logits[:, -1:].argmax(-1)
+    _sync(model)
+    return (time.perf_counter() - start) * 1e3 / steps
+
+
+def _interleaved_decode_ms(models: dict, ids: torch.Tensor, steps: int, repeats: int, warmup: int) -> dict:
+    """Median decode ms per token of each model at batch 1, timed round-robin (eval, no grad)."""
+    return _round_robin(models, lambda m: _decode_once(m, ids, steps), repeats, warmup)
+
+
+class _MeasuredBounds:
+    """The measured bounds of a search on the layer, hidden or expert axis alone: ``accept(key,
+    build)`` times the candidate ``build()`` returns with every probe; a candidate is accepted
+    when every bound holds. ``records()`` are the measurements of the last candidate timed (the
+    search stops at the first accepted one); ``text()`` describes it for an unmet bound."""
+
+    def __init__(self, probes: dict):
+        self.probes = probes
+
+    def __call__(self, key, build: Callable[[], nn.Module]) -> bool:
+        model = []
+
+        def once():  # one build for every probe
+            if not model:
+                model.append(build())
+            return model[0]
+        return all([p.ok(*p.time(key, once)) for p in self.probes.values()])
+
+    def text(self) -> str:
+        return "".join(f", {p.text(*p.last)}" for p in self.probes.values() if p.last is not None)
+
+    def asked(self) -> str:
+        return "".join(f", {k} <= {p.bound_ms:.3f} ms" + (f" ({p.ratio:.1%} of dense)" if p.ratio else "")
+                       for k, p in self.probes.items())
+
+    def records(self) -> dict:
+        return {k: p.record(*p.last) for k, p in self.probes.items()}
+
+
+def make_probes(model: nn.Module, constraints: dict, example_input, analysis: Analysis | None = None,
+                uniform: bool = False, group=None) -> dict:
+    """One :class:`LatencyProbe` per measured key of ``constraints`` (built before scoring, so a
+    model that cannot decode is refused first), each with its bound set."""
+    probes = {}
+    for key in MEASURED_KEYS:
+        if key in constraints:
+            p = LatencyProbe(analysis, example_input, uniform=uniform, group=group, kind=key, reference=model)
+            value = constraints[key]
+            dense = p.dense_ms() if isinstance(value, str) else 1.0
+            probes[key] = p.bound(value, parse_constraints({key: value}, {key: dense})[key])
+    return probes
 
 
 def _sync(model: nn.Module) -> None:
@@ -356,6 +548,18 @@ def _sync(model: nn.Module) -> None:
 
 def _interleaved_ms(models: dict, args: tuple, repeats: int, warmup: int) -> dict:
     """Median forward time (ms) of each model, timed round-robin (eval mode, no grad)."""
+    def forward_ms(m):
+        start = time.perf_counter()
+        m(*args)
+        _sync(m)
+        return (time.perf_counter() - start) * 1e3
+    return _round_robin(models, forward_ms, repeats, warmup)
+
+
+def _round_robin(models: dict, run_ms: Callable, repeats: int, warmup: int) -> dict:
+    """Median of ``run_ms(model)`` for each model: ``warmup`` untimed runs each, then ``repeats``
+    rounds taking the models in turn, so all see the same machine load (eval mode, no grad; the
+    models' modes are restored)."""
     modes = {k: m.training for k, m in models.items()}
     times = {k: [] for k in models}
     try:
@@ -363,14 +567,10 @@ def _interleaved_ms(models: dict, args: tuple, repeats: int, warmup: int) -> dic
             for m in models.values():
                 m.eval()
                 for _ in range(warmup):
-                    m(*args)
-                _sync(m)
+                    run_ms(m)
             for _ in range(repeats):
                 for k, m in models.items():
-                    start = time.perf_counter()
-                    m(*args)
-                    _sync(m)
-                    times[k].append((time.perf_counter() - start) * 1e3)
+                    times[k].append(run_ms(m))
     finally:
         for k, m in models.items():
             m.train(modes[k])
@@ -442,7 +642,7 @@ def _check_reachable(analysis: Analysis, choices: dict, cost, bounds: dict, rule
     smallest = {gi: min(c) for gi, c in choices.items()}
     p, f = cost.costs(smallest)
     values = {"params": p, "flops": f, "kv_cache": kv.of(smallest) if kv is not None else 0}
-    missed = {k: b for k, b in bounds.items() if k != "latency" and values[k] > b}
+    missed = {k: b for k, b in bounds.items() if k not in MEASURED_KEYS and values[k] > b}
     if not missed:
         return
     asked = ", ".join(f"{k} <= {b:g}" for k, b in bounds.items())
@@ -542,7 +742,12 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
             ``example_input`` (its batch size, the model's device; see :class:`LatencyProbe`):
             each candidate that meets the other bounds is exported and timed. ``"kv_cache": bytes
             or "NN%"`` bounds the key/value-cache bytes per token of context, counted from the
-            kept key/value heads (see :mod:`gradprune.structured.kvcache`).
+            kept key/value heads (see :mod:`gradprune.structured.kvcache`). ``"decode_latency":
+            ms or "NN%"`` (causal LMs) bounds the measured ms per token of greedy decoding at
+            batch 1 on the key/value cache after a prefill of ``example_input``'s first row
+            (:class:`LatencyProbe`; a model that cannot decode is refused before scoring). Every
+            key works on every axis and combination of axes; the measurement that checked a
+            measured bound is ``result.latency_search`` / ``result.decode_latency_search``.
         data, loss_fn: batches and ``loss_fn(model, batch) -> scalar`` for the gradient methods
             (for a causal LM, :func:`~gradprune.structured.lm_loss.causal_lm_loss` gives the
             next-token loss with the logits of one chunk of tokens at a time).
@@ -570,7 +775,7 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
             and :meth:`SearchResult.export` needs ``model=`` an unsharded copy with whole weights
             (``docs/distributed.md``).
         measure_latency: also time the dense and the exported model on CPU at batch sizes 1
-            and 32 (:meth:`SearchResult.latency`); the report then shows it.
+            and 32 (:meth:`SearchResult.latency`; ``result.latency_ms``, on every axis).
         uniform: (Hugging Face models) search one common width per family of groups (the
             heads, the FFN neurons of every layer): the sensitivity of a width is the sum over
             layers; the export then has a plain config that ``from_pretrained`` loads. BERT and
@@ -589,8 +794,8 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
             layer (``method``: ``gradnas``, ``reap`` or ``frequency``; ``params`` and ``flops``
             budgets; an :class:`~gradprune.structured.experts.ExpertSearchResult`; see
             :mod:`gradprune.structured.experts`). Any combination of several axes with
-            ``"layers"``, ``"hidden"`` or ``"experts"`` among them (``gradnas`` only; ``params``,
-            ``flops`` and ``kv_cache`` bounds) is a staged search
+            ``"layers"``, ``"hidden"`` or ``"experts"`` among them (``gradnas`` only; every
+            constraint key) is a staged search
             (:mod:`gradprune.structured.staged`) that returns the width result on the copy
             pruned on the other axes; an axis with nothing to prune there (``"experts"`` on a
             dense model, ``"hidden"`` on a model whose residual stream is not understood) is left
@@ -614,35 +819,24 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
     if hidden_divisor is not None and "hidden" not in axes:
         raise ValueError(f"hidden_divisor={hidden_divisor!r} needs 'hidden' in axes, got axes={axes!r}")
     staged = [a for a in STAGES if a in axes]
-    if staged and (process_group is not None or measure_latency):
-        raise ValueError(f"the {staged[0]!r} axis does not take process_group or measure_latency yet")
+    if staged and process_group is not None:
+        raise ValueError(f"the {staged[0]!r} axis does not take process_group yet")
+    if staged:
+        check_bool("measure_latency", measure_latency)
     if len(axes) > 1 and staged:  # several axes, one of them not a width: a staged search
-        return staged_search(model, constraints, data, loss_fn, method, example_input, axes,
-                             _search_widths, uniform=uniform, max_iter_data_loader=max_iter_data_loader,
-                             show_progress=show_progress, hidden_divisor=hidden_divisor,
-                             gradient_checkpointing=gradient_checkpointing, rules=rules,
-                             per_sample=per_sample, mlp_gate=mlp_gate)
-    if axes == ("hidden",):
-        from .hidden import search_hidden
-        if rules is not None:
-            raise ValueError("axes=('hidden',) does not take rules (they restrict widths); use hidden_divisor")
-        if per_sample:
-            raise ValueError("axes=('hidden',) does not take per_sample=True (its gradnas score is per batch)")
-        return search_hidden(model, constraints, data, loss_fn, method, example_input,
-                             hidden_divisor=hidden_divisor, max_iter_data_loader=max_iter_data_loader,
-                             show_progress=show_progress)
-    if axes == ("experts",):
-        from .experts import search_experts
-        if rules is not None:
-            raise ValueError("axes=('experts',) does not take rules (they restrict widths)")
-        return search_experts(model, constraints, data, loss_fn, method, example_input, uniform=uniform,
-                              max_iter_data_loader=max_iter_data_loader, show_progress=show_progress)
-    if axes == ("layers",):
-        if rules is not None:
-            raise ValueError("axes=('layers',) does not take rules (they restrict widths)")
-        return search_layers(model, constraints, data, loss_fn, method, example_input,
-                             max_iter_data_loader=max_iter_data_loader, show_progress=show_progress,
-                             gradient_checkpointing=gradient_checkpointing)
+        found = staged_search(model, constraints, data, loss_fn, method, example_input, axes,
+                              _search_widths, uniform=uniform, max_iter_data_loader=max_iter_data_loader,
+                              show_progress=show_progress, hidden_divisor=hidden_divisor,
+                              gradient_checkpointing=gradient_checkpointing, rules=rules,
+                              per_sample=per_sample, mlp_gate=mlp_gate)
+        if measure_latency:
+            found.latency()
+        return found
+    if staged:  # one of the layer, hidden and expert axes alone
+        return _search_axis(model, constraints, data, loss_fn, method, example_input, axes[0], rules=rules,
+                            per_sample=per_sample, hidden_divisor=hidden_divisor, uniform=uniform,
+                            max_iter_data_loader=max_iter_data_loader, show_progress=show_progress,
+                            gradient_checkpointing=gradient_checkpointing, measure_latency=measure_latency)
     return _search_widths(model, constraints, data, loss_fn, method, example_input, axes, rules,
                           score_func, max_iter_data_loader=max_iter_data_loader, per_sample=per_sample,
                           magnitude_norm=magnitude_norm, show_progress=show_progress,
@@ -650,14 +844,58 @@ def search(model: nn.Module, constraints: dict, data: Iterable | None = None,
                           mlp_gate=mlp_gate, gradient_checkpointing=gradient_checkpointing)
 
 
+def _search_axis(model, constraints, data, loss_fn, method, example_input, axis: str, *, rules, per_sample,
+                 hidden_divisor, uniform, max_iter_data_loader, show_progress, gradient_checkpointing,
+                 measure_latency):
+    """The layer, hidden or expert axis alone. Measured bounds (``latency``, ``decode_latency``):
+    the axis search takes candidates from the least removed up and stops at the first that meets
+    the counted bounds and, timed against the dense model, every measured one (``accept``)."""
+    from .depth import check_axis_inputs
+
+    what = f"axes=({axis!r},)"
+    if rules is not None:
+        raise ValueError(f"{what} does not take rules (they restrict widths)"
+                         + ("; use hidden_divisor" if axis == "hidden" else ""))
+    if axis == "hidden" and per_sample:
+        raise ValueError("axes=('hidden',) does not take per_sample=True (its gradnas score is per batch)")
+    accept, counted = None, constraints
+    if isinstance(constraints, dict) and any(k in constraints for k in MEASURED_KEYS):
+        check_axis_inputs(what, data, loss_fn, constraints, CONSTRAINT_KEYS, example_input, max_iter_data_loader)
+        accept = _MeasuredBounds(make_probes(model, constraints, example_input))  # before scoring
+        # the counted bounds alone; with none, params <= 100% holds for every candidate
+        counted = {k: v for k, v in constraints.items() if k not in MEASURED_KEYS} or {"params": "100%"}
+    if axis == "hidden":
+        from .hidden import search_hidden
+        found = search_hidden(model, counted, data, loss_fn, method, example_input,
+                              hidden_divisor=hidden_divisor, max_iter_data_loader=max_iter_data_loader,
+                              show_progress=show_progress, accept=accept)
+    elif axis == "experts":
+        from .experts import search_experts
+        found = search_experts(model, counted, data, loss_fn, method, example_input, uniform=uniform,
+                               max_iter_data_loader=max_iter_data_loader, show_progress=show_progress,
+                               accept=accept)
+    else:
+        found = search_layers(model, counted, data, loss_fn, method, example_input,
+                              max_iter_data_loader=max_iter_data_loader, show_progress=show_progress,
+                              gradient_checkpointing=gradient_checkpointing, accept=accept)
+    if accept is not None:
+        found.constraints = {**{k: v for k, v in found.constraints.items() if k in constraints},
+                             **{k: p.bound_ms for k, p in accept.probes.items()}}
+        for key, rec in accept.records().items():
+            setattr(found, f"{key}_search", rec)
+    if measure_latency:
+        found.latency_ms = latency_table(model, found.export(), _rows_of(example_input))
+    return found
 def _search_widths(model: nn.Module, constraints: dict, data, loss_fn, method: str, example_input,
                    axes: tuple, rules=None, score_func=None, *, max_iter_data_loader: int = 128,
                    per_sample: bool = False, magnitude_norm: str = "l2", show_progress=None,
                    measure_latency: bool = False, uniform: bool = False, process_group=None,
-                   mlp_gate: str = "post_activation", gradient_checkpointing: bool = False) -> SearchResult:
+                   mlp_gate: str = "post_activation", gradient_checkpointing: bool = False,
+                   latency_probes: dict | None = None) -> SearchResult:
     """The width search of :func:`search` on the groups of ``axes`` (``"heads"``, ``"mlp"``; an
     empty tuple keeps every width and only checks the budget, as the last stage of a staged
-    search does)."""
+    search does). ``latency_probes``: the :class:`LatencyProbe` of each measured constraint
+    (a staged search builds them once on the original model; default: built here)."""
     spec = width_score(method)
     if spec.source == "activations" and process_group is not None:
         raise ValueError("method='activation' does not take process_group yet")
@@ -692,7 +930,7 @@ def _search_widths(model: nn.Module, constraints: dict, data, loss_fn, method: s
                          f"(got an empty {type(model).__name__})")
     shards = sharded_group(model)
     if shards is not None:  # FSDP2: analyse a meta copy of the structure, score on the shards
-        bad = [k for k, v in (("method='fastnas'", method == "fastnas"), ("a latency constraint", "latency" in constraints),
+        bad = [k for k, v in (("method='fastnas'", method == "fastnas"), ("a latency constraint", any(k in constraints for k in MEASURED_KEYS)),
                               ("measure_latency=True", measure_latency)) if v]
         if bad:
             raise ValueError(f"search on a fully_shard-ed (FSDP2) model does not take {', '.join(bad)}: "
@@ -735,12 +973,10 @@ def _search_widths(model: nn.Module, constraints: dict, data, loss_fn, method: s
     if "kv_cache" in constraints and not kv.dense:
         raise ValueError("constraints['kv_cache']: the model has no attention whose key/value cache "
                          "gradprune can count (no head groups, no Hugging Face config)")
-    probe = lat_frac = None
-    if "latency" in constraints:
-        probe = LatencyProbe(analysis, example_input, uniform=uniform, group=group)
-        dense["latency"] = probe.dense_ms()
-        if isinstance(constraints["latency"], str):
-            lat_frac = float(_PCT.match(constraints["latency"]).group(1)) / 100.0
+    if latency_probes is None:  # built before scoring; a staged search passes its own
+        latency_probes = make_probes(analysis.model, constraints, example_input, analysis, uniform, group)
+    for key, p in latency_probes.items():
+        dense[key] = p.dense_ms() if isinstance(constraints[key], str) else 1.0
     bounds = parse_constraints(constraints, dense)
     choices = _group_choices(analysis, rules)
     for gi in choices:  # a group of an axis not in ``axes`` keeps its width
@@ -804,18 +1040,16 @@ def _search_widths(model: nn.Module, constraints: dict, data, loss_fn, method: s
         return {gi: min(w for w in choices[gi] if sens[gi][w] <= t or w == analysis.groups[gi].size)
                 for gi in choices}
 
-    def measured(widths: dict) -> tuple:
-        return probe.measure(widths, {gi: _keep_for(ranks[gi], widths[gi]) for gi in widths})
+    def measured(widths: dict) -> dict:
+        keep = {gi: _keep_for(ranks[gi], widths[gi]) for gi in widths}
+        return {k: p.measure(analysis, widths, keep) for k, p in latency_probes.items()}
 
     def meets(widths: dict) -> bool:
         p, f = cost.costs(widths)
         values = {"params": p, "flops": f, "kv_cache": kv.of(widths)}
-        if not all(values[k] <= b for k, b in bounds.items() if k != "latency"):
+        if not all(values[k] <= b for k, b in bounds.items() if k not in MEASURED_KEYS):
             return False
-        if probe is None:
-            return True
-        ms, dense_ms = measured(widths)
-        return ms / dense_ms <= lat_frac if lat_frac is not None else ms <= bounds["latency"]
+        return all(latency_probes[k].ok(*v) for k, v in measured(widths).items())
 
     thresholds = sorted({v for s in sens.values() for v in s.values()} | {0.0})
     hi = len(thresholds) - 1
@@ -823,10 +1057,7 @@ def _search_widths(model: nn.Module, constraints: dict, data, loss_fn, method: s
         smallest = pick(thresholds[hi])
         p, f = cost.costs(smallest)
         asked = ", ".join(f"{k} <= {b:g}" for k, b in bounds.items())
-        lat = ""
-        if probe is not None:
-            ms, dense_ms = measured(smallest)
-            lat = f", latency={ms:.3f} ms ({ms / dense_ms:.1%} of the dense {dense_ms:.3f} ms, measured)"
+        lat = "".join(f", {latency_probes[k].text(*v)}" for k, v in measured(smallest).items())
         raise ValueError(f"no subnet meets constraints ({asked}): the smallest reachable are "
                          f"params={p} ({p / cost.dense_params:.1%}) and flops={f} "
                          f"({f / max(cost.dense_flops, 1):.1%}){_kv_text(kv, smallest, bounds)}{lat} "
@@ -854,11 +1085,8 @@ def _search_widths(model: nn.Module, constraints: dict, data, loss_fn, method: s
                           constraints=bounds, threshold=t, batches=batches, score_summary=summary,
                           example_input=example_input, uniform=uniform, kv_cache=kv.of(widths),
                           dense_kv_cache=kv.dense, config_kept=config_kept)
-    if probe is not None:
-        ms, dense_ms = measured(widths)
-        result.latency_search = {"batch_size": probe.batch_size, "dense_ms": dense_ms, "pruned_ms": ms,
-                                 "bound_ms": bounds["latency"], "bound_ratio": lat_frac,
-                                 "repeats": probe.repeats, "candidates_timed": probe.calls}
+    for key, (ms, dense_ms) in measured(widths).items():
+        setattr(result, f"{key}_search", latency_probes[key].record(ms, dense_ms))
     if measure_latency:
         result.latency()
     return result

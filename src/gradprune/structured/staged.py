@@ -30,6 +30,15 @@ with nothing to prune: ``{"experts": "no MoE blocks ..."}``, ``{"hidden": why}``
 ``dense_*`` counts of the original model. Each candidate scores the data again, so a search over
 ``L`` layers, ``H`` hidden sizes and ``E`` experts runs up to ``L * H * E`` width searches.
 
+Measured bounds (``latency``, ``decode_latency``): their
+:class:`~gradprune.structured.search.LatencyProbe` objects are built once, on the original model,
+before anything is scored (a model that cannot decode is refused then), and passed to every width
+search, which times its candidates that meet the counted bounds against the original model; so a
+candidate of an earlier stage whose best width subnet is still too slow is passed over like one
+over a counted bound. ``result.latency_search`` / ``decode_latency_search`` is the measurement of
+the winner, with the candidates timed over the whole search; ``result.reference_model`` is the
+original model (``result.latency()`` times the export against it).
+
 Example (a dense Qwen2: the ``"experts"`` axis has nothing to remove and says so):
     >>> import gradprune as gp, torch
     >>> from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -65,7 +74,7 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("layers", "hidden", "experts")  # the order the staged search takes them in
 HIDDEN_CANDIDATES = 6
-COMBINED_CONSTRAINTS = ("params", "flops", "kv_cache")
+COMBINED_CONSTRAINTS = ("params", "flops", "kv_cache", "latency", "decode_latency")
 
 
 class _Reachable(Exception):
@@ -309,7 +318,7 @@ def staged_search(model: nn.Module, constraints: dict, data: Iterable, loss_fn: 
     example_input, axes=width_axes, **kw)`` is the width search (``width_axes`` may be empty).
     Every check runs before anything is scored."""
     from .depth import check_axis_inputs
-    from .search import parse_constraints
+    from .search import MEASURED_KEYS, make_probes, parse_constraints
 
     if method != "gradnas":
         raise ValueError(f"method={method!r}: combining axes {axes!r} needs method='gradnas' "
@@ -318,20 +327,23 @@ def staged_search(model: nn.Module, constraints: dict, data: Iterable, loss_fn: 
         check_int("hidden_divisor", hidden_divisor, min_value=1)
     check_axis_inputs(f"axes={axes!r}", data, loss_fn, constraints, COMBINED_CONSTRAINTS, example_input,
                       max_iter_data_loader)
+    probes = make_probes(model, constraints, example_input)  # timed against this model; before scoring
     dense = _dense_counts(model, example_input)
     if "kv_cache" in constraints and dense["kv_cache"] is None:
         raise ValueError("constraints['kv_cache']: the model has no Hugging Face attention config "
                          "whose key/value cache gradprune can count")
-    bounds = parse_constraints(constraints, {k: v or 0 for k, v in dense.items()})
+    counted = {k: v for k, v in constraints.items() if k not in MEASURED_KEYS}
+    bounds = parse_constraints(counted, {k: v or 0 for k, v in dense.items()}) if counted else {}
+    measured = {k: constraints[k] for k in probes}
     ctx = _Context(data, example_input, uniform, max_iter_data_loader, show_progress, hidden_divisor,
                    gradient_checkpointing)
     width_axes = tuple(a for a in axes if a not in STAGES)
 
     def widths(m, loss):
-        return width_search(m, dict(bounds), data, loss, "gradnas", example_input, width_axes,
+        return width_search(m, {**bounds, **measured}, data, loss, "gradnas", example_input, width_axes,
                             uniform=uniform, max_iter_data_loader=max_iter_data_loader,
                             show_progress=show_progress, gradient_checkpointing=gradient_checkpointing,
-                            **width_kw)
+                            latency_probes=probes, **width_kw)
 
     found = _run(model, axes, loss_fn, widths, ctx)
     found.axes = tuple(axes)
@@ -339,6 +351,9 @@ def staged_search(model: nn.Module, constraints: dict, data: Iterable, loss_fn: 
     found.dense_params, found.dense_flops = dense["params"], dense["flops"]
     if dense["kv_cache"] is not None and found.dense_kv_cache is not None:
         found.dense_kv_cache = dense["kv_cache"]
-    found.constraints = bounds
+    found.constraints = {**bounds, **{k: p.bound_ms for k, p in probes.items()}}
+    found.reference_model = model  # measured bounds and found.latency() time against it
+    for key, p in probes.items():  # every candidate of every stage counts
+        getattr(found, f"{key}_search")["candidates_timed"] = p.calls
     return found
 
