@@ -185,17 +185,28 @@ def shortgpt(model, batches, max_params):
 # -- Torch-Pruning, in its own environment -------------------------------------------------------
 
 def torch_pruning(max_params: int, workdir: str):
-    from transformers import LlamaForCausalLM
+    from safetensors.torch import load_model
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     # data-free and deterministic: pruned once per budget, cached next to the model
-    out = os.path.join(llm_model.CACHE, f"tp-llm-{max_params}")
+    out = os.path.join(llm_model.CACHE, f"tp-llm-v2-{max_params}")
     if not Path(out, "tp_info.json").exists():
         cmd = [str(TP_PYTHON), str(Path(__file__).parent / "llm_structured_tp.py"),
                "--model", str(llm_model.MODEL_DIR), "--params", str(max_params), "--out", out]
         env = dict(os.environ, OMP_NUM_THREADS="1")
         subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
     info = json.loads(Path(out, "tp_info.json").read_text())
-    return LlamaForCausalLM.from_pretrained(out).eval(), info
+    # transformers validates hidden_size % num_attention_heads only when a config is read or written,
+    # and Torch-Pruning's uniform ratio can give e.g. 212 and 6 heads of head_dim 32 (the model runs):
+    # the dense config with the pruned widths set, then the saved weights
+    config = LlamaConfig.from_pretrained(llm_model.MODEL_DIR)
+    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"):
+        setattr(config, key, info[key])
+    model = LlamaForCausalLM(config)
+    missing, unexpected = load_model(model, os.path.join(out, "model.safetensors"), strict=True)
+    if count(model) != info["params"]:
+        raise RuntimeError(f"Torch-Pruning model reloaded with {count(model)} params, not {info['params']}")
+    return model.eval(), info
 
 
 # -- one run ---------------------------------------------------------------------------------------
@@ -361,8 +372,7 @@ def write(args, dense, runs):
                 f"{statistics.mean(r['search_seconds'] for r in ok):.1f} | "
                 f"{'n/a' if peak is None else f'{peak:.1f}'} |")
     lines += ["", "Params and FLOPs as a fraction of the dense model; FLOPs of one [1, 128] forward. "
-              "Peak MiB: resident-memory increase during the search (Torch-Pruning: in its own process, "
-              "for the final pruning). Perplexity: mean ± sd over seeds (calibration and distillation "
+              "Peak MiB: resident-memory increase during the search (Torch-Pruning: in its own process). Perplexity: mean ± sd over seeds (calibration and distillation "
               "windows change with the seed)."]
     (OUT / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 
