@@ -354,11 +354,12 @@ def merge(args):
                                  f"{args.name}.json {main_res['meta'][key]}: not mergeable")
         new = {(r["budget"], r["seed"], r["method"]) for r in other["runs"]}
         runs = [r for r in runs if (r["budget"], r["seed"], r["method"]) not in new] + other["runs"]
-        commands += other["meta"]["commands"]
+        commands += [c for c in other["meta"]["commands"] if c not in commands]
     meta = main_res["meta"]
     for key in settings:
         setattr(args, key, meta[key])
-    args.commands = commands + ["python benchmarks/llm_structured.py " + " ".join(sys.argv[1:])]
+    this = "python benchmarks/llm_structured.py " + " ".join(sys.argv[1:])
+    args.commands = commands + ([this] if this not in commands else [])
     args.seeds = sorted({r["seed"] for r in runs})
     args.budgets = sorted({r["budget"] for r in runs}, reverse=True)
     args.methods = [m for m in METHODS if m in {r["method"] for r in runs}]
@@ -396,15 +397,16 @@ def write(args, dense, runs):
             m1, s1 = summarise([r["ppl_oneshot"] for r in ok])
             m2, s2 = summarise([r.get("ppl_distilled") for r in ok])
             fmt = lambda m, s: "n/a" if m is None else (f"{m:.2f}" + (f" ± {s:.2f}" if len(ok) > 1 else ""))  # noqa: E731
-            r0 = ok[0]
             peak = summarise([r["peak_mib"] for r in ok])[0]
+            span = lambda key: "–".join(dict.fromkeys(  # noqa: E731
+                f"{v / dense[key]:.1%}" for v in (min(r[key] for r in ok), max(r[key] for r in ok))))
             lines.append(
-                f"| {budget}% | {method} | {r0['params'] / dense['params']:.1%} | {r0['flops'] / dense['flops']:.1%} | "
+                f"| {budget}% | {method} | {span('params')} | {span('flops')} | "
                 f"{fmt(m1, s1)} | {fmt(m2, s2)} | {statistics.median(r['prefill_ms'] for r in ok):.1f} | "
                 f"{statistics.median(r['decode_tokens_per_s'] for r in ok):.0f} | "
                 f"{statistics.mean(r['search_seconds'] for r in ok):.1f} | "
                 f"{'n/a' if peak is None else f'{peak:.1f}'} |")
-    lines += ["", "Params and FLOPs as a fraction of the dense model; FLOPs of one [1, 128] forward. "
+    lines += ["", "Params and FLOPs as a fraction of the dense model (lowest–highest over seeds); FLOPs of one [1, 128] forward. "
               "Peak MiB: resident-memory increase during the search (Torch-Pruning: in its own "
               "process). Perplexity: mean ± sd over seeds (calibration and distillation windows "
               "change with the seed; Torch-Pruning is data-free, so only its distillation changes). "
