@@ -15,8 +15,9 @@ Methods:
 
 * ``gp_width_{gradnas,taylor,activation}``: ``gp.search(axes=("heads", "mlp"))``, per-layer
   widths (KV groups and MLP neurons, default rules: MLP widths multiples of 32);
-* ``gp_depth_gate`` / ``gp_depth_block_influence``: ``gp.search(axes=("layers",))`` with the
-  residual-gate gradient or ShortGPT's block influence as the layer score;
+* ``gp_depth_gate`` / ``gp_depth_block_influence`` / ``gp_depth_loss_drop``:
+  ``gp.search(axes=("layers",))`` with the residual-gate gradient, ShortGPT's block influence or
+  the measured loss increase when the layer alone is skipped as the layer score;
 * ``gp_width_depth``: ``gp.search(axes=("layers", "heads", "mlp"), method="gradnas")``;
 * ``peer_uniform_magnitude``: uniform widths, units ranked by the L2 norm of their weights
   (``gp.search(method="magnitude", uniform=True)``: the baseline every structured method must beat);
@@ -68,6 +69,7 @@ GP_METHODS = {
     "gp_width_activation": ("activation", ("heads", "mlp")),
     "gp_depth_gate": ("gradnas", ("layers",)),
     "gp_depth_block_influence": ("block_influence", ("layers",)),
+    "gp_depth_loss_drop": ("loss_drop", ("layers",)),
     "gp_width_depth": ("gradnas", ("layers", "heads", "mlp")),
 }
 PEERS = ("peer_uniform_magnitude", "peer_shortgpt", "peer_torch_pruning")
@@ -185,17 +187,28 @@ def shortgpt(model, batches, max_params):
 # -- Torch-Pruning, in its own environment -------------------------------------------------------
 
 def torch_pruning(max_params: int, workdir: str):
-    from transformers import LlamaForCausalLM
+    from safetensors.torch import load_model
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     # data-free and deterministic: pruned once per budget, cached next to the model
-    out = os.path.join(llm_model.CACHE, f"tp-llm-{max_params}")
+    out = os.path.join(llm_model.CACHE, f"tp-llm-v2-{max_params}")
     if not Path(out, "tp_info.json").exists():
         cmd = [str(TP_PYTHON), str(Path(__file__).parent / "llm_structured_tp.py"),
                "--model", str(llm_model.MODEL_DIR), "--params", str(max_params), "--out", out]
         env = dict(os.environ, OMP_NUM_THREADS="1")
         subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
     info = json.loads(Path(out, "tp_info.json").read_text())
-    return LlamaForCausalLM.from_pretrained(out).eval(), info
+    # transformers validates hidden_size % num_attention_heads only when a config is read or written,
+    # and Torch-Pruning's uniform ratio can give e.g. 212 and 6 heads of head_dim 32 (the model runs):
+    # the dense config with the pruned widths set, then the saved weights
+    config = LlamaConfig.from_pretrained(llm_model.MODEL_DIR)
+    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"):
+        setattr(config, key, info[key])
+    model = LlamaForCausalLM(config)
+    missing, unexpected = load_model(model, os.path.join(out, "model.safetensors"), strict=True)
+    if count(model) != info["params"]:
+        raise RuntimeError(f"Torch-Pruning model reloaded with {count(model)} params, not {info['params']}")
+    return model.eval(), info
 
 
 # -- one run ---------------------------------------------------------------------------------------
@@ -258,7 +271,13 @@ def main():
     ap.add_argument("--name", default="llm_structured")
     ap.add_argument("--append", action="store_true",
                     help="keep the runs of other seeds already in results/<name>.json (same settings)")
+    ap.add_argument("--merge", nargs="+", metavar="NAME",
+                    help="run nothing: add the runs of results/NAME.json (other seeds, same settings, "
+                         "e.g. run at the same time under another --name) to results/<name>.json and "
+                         "rewrite its Markdown")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
     if "peer_torch_pruning" in args.methods and not TP_PYTHON.exists():
@@ -322,6 +341,32 @@ def main():
     write(args, dense, runs)
 
 
+def merge(args):
+    """``--merge``: one result from several runs of the script with the same settings."""
+    main_res = json.loads((OUT / f"{args.name}.json").read_text())
+    runs, commands = main_res["runs"], list(main_res["meta"]["commands"])
+    settings = ("n_calib", "calib_batch", "n_eval", "distill_steps", "distill_batch", "distill_lr")
+    for name in args.merge:
+        other = json.loads((OUT / f"{name}.json").read_text())
+        for key in settings:
+            if other["meta"][key] != main_res["meta"][key]:
+                raise SystemExit(f"{name}.json has {key}={other['meta'][key]}, "
+                                 f"{args.name}.json {main_res['meta'][key]}: not mergeable")
+        new = {(r["budget"], r["seed"], r["method"]) for r in other["runs"]}
+        runs = [r for r in runs if (r["budget"], r["seed"], r["method"]) not in new] + other["runs"]
+        commands += [c for c in other["meta"]["commands"] if c not in commands]
+    meta = main_res["meta"]
+    for key in settings:
+        setattr(args, key, meta[key])
+    this = "python benchmarks/llm_structured.py " + " ".join(sys.argv[1:])
+    args.commands = commands + ([this] if this not in commands else [])
+    args.seeds = sorted({r["seed"] for r in runs})
+    args.budgets = sorted({r["budget"] for r in runs}, reverse=True)
+    args.methods = [m for m in METHODS if m in {r["method"] for r in runs}]
+    runs.sort(key=lambda r: (-r["budget"], r["seed"], METHODS.index(r["method"])))
+    write(args, main_res["dense"], runs)
+
+
 def write(args, dense, runs):
     OUT.mkdir(exist_ok=True)
     meta = {"command": " && ".join(args.commands), "commands": args.commands,
@@ -352,19 +397,50 @@ def write(args, dense, runs):
             m1, s1 = summarise([r["ppl_oneshot"] for r in ok])
             m2, s2 = summarise([r.get("ppl_distilled") for r in ok])
             fmt = lambda m, s: "n/a" if m is None else (f"{m:.2f}" + (f" ± {s:.2f}" if len(ok) > 1 else ""))  # noqa: E731
-            r0 = ok[0]
             peak = summarise([r["peak_mib"] for r in ok])[0]
+            span = lambda key: "–".join(dict.fromkeys(  # noqa: E731
+                f"{v / dense[key]:.1%}" for v in (min(r[key] for r in ok), max(r[key] for r in ok))))
             lines.append(
-                f"| {budget}% | {method} | {r0['params'] / dense['params']:.1%} | {r0['flops'] / dense['flops']:.1%} | "
+                f"| {budget}% | {method} | {span('params')} | {span('flops')} | "
                 f"{fmt(m1, s1)} | {fmt(m2, s2)} | {statistics.median(r['prefill_ms'] for r in ok):.1f} | "
                 f"{statistics.median(r['decode_tokens_per_s'] for r in ok):.0f} | "
                 f"{statistics.mean(r['search_seconds'] for r in ok):.1f} | "
                 f"{'n/a' if peak is None else f'{peak:.1f}'} |")
-    lines += ["", "Params and FLOPs as a fraction of the dense model; FLOPs of one [1, 128] forward. "
-              "Peak MiB: resident-memory increase during the search (Torch-Pruning: in its own process, "
-              "for the final pruning). Perplexity: mean ± sd over seeds (calibration and distillation "
-              "windows change with the seed)."]
+    lines += ["", "Params and FLOPs as a fraction of the dense model (lowest–highest over seeds); FLOPs of one [1, 128] forward. "
+              "Peak MiB: resident-memory increase during the search (Torch-Pruning: in its own "
+              "process). Perplexity: mean ± sd over seeds (calibration and distillation windows "
+              "change with the seed; Torch-Pruning is data-free, so only its distillation changes). "
+              "Prefill, decode and search times were measured on 2 CPU cores shared with other "
+              "jobs: they are noisy and only indicative.", ""] + goal_lines(args, runs)
     (OUT / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+
+
+def goal_lines(args, runs) -> list:
+    """The issue's goal, per budget and phase: the best gradprune method's mean perplexity below
+    every peer's mean (a peer that failed counts as not measured, not as beaten)."""
+    out = ["## Goal: perplexity of gradprune's best method below every peer's, at every budget", "",
+           "Best gradprune method: the gp_* row with the lowest mean at that budget and phase (picked "
+           "after the fact, on the same held-out windows). Met: its mean is below every peer's mean.", ""]
+    for budget in args.budgets:
+        for key, phase in (("ppl_oneshot", "one-shot"), ("ppl_distilled", "distilled")):
+            means = {}
+            for method in args.methods:
+                vals = [r[key] for r in runs if r["budget"] == budget and r["method"] == method
+                        and "error" not in r and r.get(key) is not None]
+                if vals:
+                    means[method] = summarise(vals) + (len(vals),)
+            gp_m = {m: v for m, v in means.items() if m.startswith("gp_")}
+            peers = {m: v for m, v in means.items() if m.startswith("peer_")}
+            if not gp_m or not peers:
+                continue
+            best = min(gp_m, key=lambda m: gp_m[m][0])
+            missing = [m for m in PEERS if m in args.methods and m not in peers]
+            met = all(gp_m[best][0] < v[0] for v in peers.values()) and not missing
+            peer_text = ", ".join(f"{m} {v[0]:.2f} ± {v[1]:.2f}" for m, v in sorted(peers.items(), key=lambda kv: kv[1][0]))
+            out.append(f"- {budget}%, {phase}: **{'met' if met else 'not met'}**. Best gradprune: {best} "
+                       f"{gp_m[best][0]:.2f} ± {gp_m[best][1]:.2f} (n={gp_m[best][2]}); peers: {peer_text}"
+                       + (f"; not measured: {', '.join(missing)}" if missing else "") + ".")
+    return out
 
 
 if __name__ == "__main__":
