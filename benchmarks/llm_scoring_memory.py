@@ -32,6 +32,14 @@ copy of the model sliced afterwards; a sliced state dict loaded into a new model
     OMP_NUM_THREADS=1 python benchmarks/llm_scoring_memory.py
 
 Writes ``benchmarks/results/llm_scoring_memory.json`` and ``.md``.
+
+**At scale.** ``--scale 1b [DTYPE ...]`` measures the scoring at real scale instead: a random-weight
+``LlamaForCausalLM`` with Llama-3.2-1B's config (``llm_scale.llama_3_2_1b_config``), the chunked
+loss and checkpointing, ``B`` in {1, 4}, ``T = 128``, dtypes ``float32`` (default) and optionally
+``bfloat16``, each in a fresh process with both ``malloc`` settings; it writes
+``benchmarks/results/llm_scoring_memory_1b.json`` and ``.md``.
+
+    OMP_NUM_THREADS=1 python benchmarks/llm_scoring_memory.py --scale 1b
 """
 from __future__ import annotations
 
@@ -202,23 +210,116 @@ def child(spec: list, mmap: bool) -> dict:
     return row
 
 
+def both_mallocs(spec: list) -> dict:
+    """A scoring row measured with the default malloc, with the mmap64k figures added."""
+    r, f = child(spec, mmap=False), child(spec, mmap=True)
+    r["meets_goal"] = None if r["peak_increase_mib"] is None else r["peak_increase_mib"] <= r["goal_mib"]
+    r["peak_increase_mib_mmap64k"] = f["peak_increase_mib"]
+    r["meets_goal_mmap64k"] = None if f["peak_increase_mib"] is None else \
+        f["peak_increase_mib"] <= r["goal_mib"]
+    r["seconds_mmap64k"] = f["seconds"]
+    return r
+
+
+SCALE_COMMAND = "OMP_NUM_THREADS=1 python benchmarks/llm_scoring_memory.py --scale 1b"
+SCALE_BATCHES = (1, 4)
+SCALE_N_BATCHES = 1
+
+
+def scale_row(B: int, dtype_name: str) -> dict:
+    """Gate scoring of a random-weight Llama-3.2-1B (``llm_scale``'s config) with the chunked loss
+    and checkpointing, on ``SCALE_N_BATCHES`` batch(es) of ``B`` random sequences of ``T = 128``
+    tokens; one unmeasured warm-up run first, as in ``scoring_row``."""
+    import llm_scale
+
+    torch.set_num_threads(1)
+    model = llm_scale.dense_model().to(getattr(torch, dtype_name))
+    cfg, T, loss_fn = model.config, 128, LOSSES["chunked"]
+    W, L, h = nbytes(model), cfg.num_hidden_layers, cfg.hidden_size * model.dtype.itemsize
+    gen = torch.Generator().manual_seed(7)
+    data = list(torch.randint(0, cfg.vocab_size, (SCALE_N_BATCHES * B, T), generator=gen).split(B))
+    analysis = find_groups(model, data[0][:1])
+    a, rest = saved_bytes(model, analysis, data[0][:1], loss_fn)  # per token: the same for every B
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    def run():
+        gate_statistics(analysis, data, loss_fn, n_batches=SCALE_N_BATCHES, show_progress=False,
+                        gradient_checkpointing=True)
+    t0 = time.perf_counter()
+    run()  # warm-up
+    warm = time.perf_counter() - t0
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        run()
+        secs = time.perf_counter() - t0
+    return {"batch": B, "tokens": B * T, "dtype": dtype_name, "loss": "chunked", "checkpointing": True,
+            "n_batches": SCALE_N_BATCHES, "peak_increase_mib": mem.delta_mib,
+            "predicted_mib": B * T * (L * h + a + rest) / 2**20, "goal_mib": (0.5 * W + B * T * a) / 2**20,
+            "half_weights_mib": 0.5 * W / 2**20, "a_per_token": a, "rest_per_token": rest,
+            "h_per_token": h, "seconds": secs, "warmup_seconds": warm, "weights_mib": W / 2**20,
+            "layers": L, "seq_len": T, "vocab": cfg.vocab_size, "hidden": cfg.hidden_size}
+
+
+def scale_main(dtypes: list[str]):
+    rows = []
+    for dtype_name in dtypes:
+        for B in SCALE_BATCHES:
+            rows.append(both_mallocs(["scale", B, dtype_name]))
+            result = {"rows": rows, "command": SCALE_COMMAND, "torch": torch.__version__,
+                      "model": "random-weight LlamaForCausalLM, Llama-3.2-1B config (benchmarks/llm_scale.py)",
+                      "machine": "2 shared CPU cores (other jobs running), 1 thread; every figure "
+                                 "measured in a fresh process"}
+            OUT.mkdir(exist_ok=True)  # written after every row: a cut run keeps the rows it finished
+            (OUT / "llm_scoring_memory_1b.json").write_text(json.dumps(result, indent=1))
+            (OUT / "llm_scoring_memory_1b.md").write_text(scale_markdown(result))
+
+
+def fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.1f}"
+
+
+def yes(v) -> str:
+    return "n/a" if v is None else ("yes" if v else "no")
+
+
+def scale_markdown(result) -> str:
+    r0 = result["rows"][0]
+    lines = ["# Gate-scoring peak memory on a random-weight Llama-3.2-1B", "",
+             f"`{result['command']}`. {result['model']}: L = {r0['layers']} layers, hidden size "
+             f"{r0['hidden']}, vocabulary {r0['vocab']}, T = {r0['seq_len']} tokens per sequence, "
+             f"{r0['n_batches']} batch(es) after an unmeasured warm-up run; chunked loss "
+             "`gp.causal_lm_loss()` and `gradient_checkpointing=True`. a = bytes autograd saves per token in "
+             "one decoder layer, r = outside the layers, h = a layer input per token (see the script). "
+             "Goal (issue #16): an increase over the resident weights of at most 0.5 W + B*T*a.", "",
+             "| dtype | weights W MiB | batch B | a KiB/token | increase MiB (default malloc) | increase MiB "
+             "(mmap 64 KiB) | formula B*T*(L*h + a + r) MiB | goal 0.5W + B*T*a MiB | meets goal "
+             "(default / mmap) | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['dtype']} | {r['weights_mib']:.1f} | {r['batch']} | {r['a_per_token'] / 1024:.1f} | "
+                     f"{fmt(r['peak_increase_mib'])} | {fmt(r.get('peak_increase_mib_mmap64k'))} | "
+                     f"{r['predicted_mib']:.1f} | {r['goal_mib']:.1f} | "
+                     f"{yes(r['meets_goal'])} / {yes(r.get('meets_goal_mmap64k'))} | {r['seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     if len(sys.argv) == 3 and sys.argv[1] == "--row":  # one measurement, in this fresh process
         spec = json.loads(sys.argv[2])
-        print(json.dumps(scoring_row(*spec[1:]) if spec[0] == "scoring" else export_row(*spec[1:])))
+        rows = {"scoring": scoring_row, "export": export_row, "scale": scale_row}
+        print(json.dumps(rows[spec[0]](*spec[1:])))
+        return
+    if len(sys.argv) >= 3 and sys.argv[1] == "--scale":
+        if sys.argv[2] != "1b":
+            raise ValueError(f"--scale: only '1b' is known, got {sys.argv[2]!r}")
+        scale_main(sys.argv[3:] or ["float32"])
         return
     rows, exports = [], []
     for B in (1, 8):
         for loss_name in LOSSES:
             for ckpt in (False, True):
-                r = child(["scoring", B, loss_name, ckpt], mmap=False)
-                f = child(["scoring", B, loss_name, ckpt], mmap=True)
-                r["meets_goal"] = None if r["peak_increase_mib"] is None else r["peak_increase_mib"] <= r["goal_mib"]
-                r["peak_increase_mib_mmap64k"] = f["peak_increase_mib"]
-                r["meets_goal_mmap64k"] = None if f["peak_increase_mib"] is None else \
-                    f["peak_increase_mib"] <= r["goal_mib"]
-                r["seconds_mmap64k"] = f["seconds"]
-                rows.append(r)
+                rows.append(both_mallocs(["scoring", B, loss_name, ckpt]))
     for name in EXPORTS:
         e = {"export": name}
         for previous in (False, True):
@@ -260,8 +361,6 @@ def markdown(result) -> str:
              "| saved-tensor formula MiB | formula | goal 0.5W + B*T*a MiB | meets goal (default / mmap) "
              "| seconds |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    fmt = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
-    yes = lambda v: "n/a" if v is None else ("yes" if v else "no")  # noqa: E731
     for r in rows:
         f = "B*T*(L*h + a + r)" if r["checkpointing"] else "B*T*(L*a + r)"
         lines.append(f"| {r['batch']} | {r['loss']} | {'yes' if r['checkpointing'] else 'no'} | "
