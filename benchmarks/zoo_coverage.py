@@ -302,10 +302,14 @@ def run_tp(name, factory, args, key, frac) -> dict:
         path = os.path.join(tmp, "tp.pth")
         torch.save(tp.state_dict(best), path)
         fresh = factory()
-        tp.load_state_dict(fresh, state_dict=torch.load(path, weights_only=False))
-        fresh.eval()
-        with torch.no_grad():
-            rec["reload_equal"] = _close(fresh(*args), out)
+        try:  # a failure here is the round trip's: the pruned figures above stay in the record
+            tp.load_state_dict(fresh, state_dict=torch.load(path, weights_only=False))
+            fresh.eval()
+            with torch.no_grad():
+                rec["reload_equal"] = _close(fresh(*args), out)
+        except Exception as exc:  # noqa: BLE001 - a failure is a result
+            rec["reload_equal"] = False
+            rec["reload_error"] = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
     return rec
 
 
@@ -370,6 +374,7 @@ def markdown(data: dict) -> str:
         extra = ""
         if not r["ok"]:
             bits = [k for k in ("equal_to_gated", "reload_equal", "shape_ok") if r.get(k) is False]
+            bits += [r["reload_error"][:70]] if "reload_error" in r else []
             if r[r["budget"]] > r["frac"] + 1e-9:
                 bits.append("over budget")
             extra = " (" + ", ".join(bits) + ")"
@@ -384,7 +389,10 @@ def markdown(data: dict) -> str:
     behind = [m for m in ok["torch-pruning"] if m not in ok["gradprune"]]
     ahead = [m for m in ok["gradprune"] if m not in ok["torch-pruning"]]
     L += ["", f"gradprune only: {', '.join(ahead) or 'none'}.  ",
-          f"Torch-Pruning only: {', '.join(behind) or 'none'}."]
+          f"Torch-Pruning only: {', '.join(behind) or 'none'}.  ",
+          f"Neither: {', '.join(m for m in models if m not in ok['gradprune'] + ok['torch-pruning']) or 'none'}.  ",
+          "gradprune >= Torch-Pruning on every model (every model Torch-Pruning is ok on, gradprune is ok on): "
+          f"{'yes' if not behind else 'no'}."]
     if data.get("notes"):
         L += ["", "Notes:", ""] + [f"- {n}" for n in data["notes"]]
     return "\n".join(L) + "\n"
