@@ -2,6 +2,10 @@
 """Coverage of the torchvision classification zoo (and small transformers configs): gradprune vs
 Torch-Pruning 1.6.1, side by side. A benchmark, not a test.
 
+The transformers models are ``hf_*`` (four task models) and ``hfz_<family>``: every family of the
+coverage matrix of tests/test_structured_hf_zoo.py, its config imported from there with the width
+fields times ``HFZ_SCALE`` (``--models hfz`` runs them all).
+
 Per model and budget (50% of the dense FLOPs, 50% of the dense params), each library prunes a
 fresh copy of the same randomly initialised model (10 classes, small input):
 
