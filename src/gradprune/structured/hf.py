@@ -528,11 +528,15 @@ def _int_attr(mod, names) -> int | None:
     return None
 
 
+# attribute names under which the families put their cross-attention (lower case)
 _CROSS_NAMES = ("crossattention", "encoder_attn", "encdecattention", "cross_attn")
 
 
 def _is_cross(name: str, mod) -> bool:
-    if getattr(mod, "is_cross_attention", False) is True or "Cross" in type(mod).__name__:
+    """Whether the attention module ``name`` attends to another sequence: its own
+    ``is_cross_attention`` flag, or a name in ``_CROSS_NAMES`` among the last two parts of its
+    path (``decoder.layers.0.encoder_attn``, ``encoder.layer.0.crossattention.self``)."""
+    if getattr(mod, "is_cross_attention", False) is True:
         return True
     return any(p.lower() in _CROSS_NAMES for p in name.split(".")[-2:])
 
