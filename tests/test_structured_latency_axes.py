@@ -10,6 +10,7 @@ run checks only that the recorded measurement meets its bound, never a timing va
 from __future__ import annotations
 
 import importlib
+import json
 
 import pytest
 import torch
@@ -207,3 +208,43 @@ def test_real_measured_run_records_a_measurement_that_meets_its_bound():
     assert ls["pruned_ms"] <= ls["bound_ms"] == 1e4
     assert ds["pruned_ms"] / ds["dense_ms"] <= 1.0 and ds["repeats"] >= 1
     assert 0 < ds["dense_ms"] and 0 < ls["dense_ms"]
+
+
+# ---- every single-axis result reports its measurements (shared formatting) -----------------
+
+
+@pytest.mark.parametrize("axes,kw", [(("layers",), {}), (("hidden",), {"hidden_divisor": 8}), (("experts",), {})])
+def test_single_axis_reports_print_the_measurements(fake, axes, kw):
+    moe = axes == ("experts",)
+    data = [_ids(seed=s) for s in range(2)] if moe else _batches()
+    model = moe_model("mixtral") if moe else _llama()
+    found = _search(model, {"latency": "80%"}, axes, data, measure_latency=True, **kw)
+    ls, lat = found.latency_search, found.latency_ms
+    text = str(found.report).splitlines()
+    # the stand-in timer makes every figure exact: 1 ms per 1000 parameters
+    dense_ms, pruned_ms = found.dense_params / 1000.0, found.params / 1000.0
+    assert (ls["dense_ms"], ls["pruned_ms"]) == (dense_ms, pruned_ms) and found.params < found.dense_params
+    want = (f"latency constraint (batch {data[0].shape[0]}, measured): {dense_ms:.3f} ms -> {pruned_ms:.3f} ms "
+            f"({pruned_ms / dense_ms:.1%}; bound 80.0% of dense; {ls['candidates_timed']} candidates timed, "
+            f"median of {ls['repeats']} interleaved runs)")
+    assert want in text
+    for bs in (1, 32):
+        assert (f"latency batch {bs}: {dense_ms:.3f} ms -> {pruned_ms:.3f} ms ({pruned_ms / dense_ms:.1%}; "
+                f"CPU median of {lat['repeats']} runs)") in text
+    d = found.report.to_dict()
+    assert d["latency_search"] == ls and d["decode_latency_search"] == {}
+    assert d["latency_ms"] == json.loads(json.dumps(lat))  # to_dict is JSON: batch sizes as strings
+    # the same lines as the width search's report: one formatter for every result
+    assert [line for line in text if "latency" in line] == search_mod.latency_lines(found)
+
+
+def test_single_axis_report_prints_decode_latency_and_nothing_unmeasured(fake):
+    found = _search(_llama(), {"decode_latency": "50%"}, ("layers",))
+    ds = found.decode_latency_search
+    line = (f"decode latency constraint (batch 1, ms per token over {search_mod.DECODE_STEPS} cached steps after "
+            f"a {_batches()[0].shape[1]}-token prefill, measured): 4.000 ms -> 2.000 ms (50.0%; bound 50.0% of "
+            f"dense; {ds['candidates_timed']} candidates timed, median of {ds['repeats']} interleaved runs)")
+    assert line in str(found.report).splitlines()
+    plain = _search(_llama(), {"params": "60%"}, ("layers",))
+    assert "latency" not in str(plain.report)
+    assert plain.report.to_dict()["latency_ms"] == {}

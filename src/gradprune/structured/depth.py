@@ -58,6 +58,7 @@ from .._progress import progress
 from .._report import Report
 from .checkpointing import checkpointed_layers
 from .groups import _as_args
+from .measured import latency_extra, latency_lines
 
 __all__ = ["AXES", "DEFAULT_AXES", "LAYER_METHODS", "check_axes", "group_axis",
            "decoder_layers", "layer_scores", "LayerGates", "LayerReport", "LayerSearchResult",
@@ -386,11 +387,12 @@ class LayerSearchResult:
         if self.kv_cache is not None:
             lines.append(f"kv_cache: {self.dense_kv_cache} -> {self.kv_cache} bytes/token "
                          f"({self.kv_cache / max(self.dense_kv_cache, 1):.1%})")
+        lines += latency_lines(self)
         return LayerReport(self.rows(), lines, {
             "method": self.method, "dropped": list(self.dropped), "kept_layers": list(self.kept),
             "params": {"dense": self.dense_params, "subnet": self.params},
             "flops": {"dense": self.dense_flops, "subnet": self.flops},
-            "kv_cache": {"dense": self.dense_kv_cache, "subnet": self.kv_cache}})
+            "kv_cache": {"dense": self.dense_kv_cache, "subnet": self.kv_cache}, **latency_extra(self)})
 
     def gates(self) -> LayerGates:
         """Gates with the dropped layers at 0 (skipped), the rest at 1 (a context manager)."""

@@ -94,6 +94,7 @@ from .._report import Report
 from .depth import _frozen, _loss, _weight_sharing_copy, check_axis_inputs, check_score_args
 from .groups import _as_args
 from .hf import register_block_builder
+from .measured import latency_extra, latency_lines
 
 __all__ = ["EXPERT_METHODS", "MOE_SPECS", "MoESpec", "MoEBlock", "ExpertNeurons", "register_moe",
            "find_moe_blocks", "moe_attrs",
@@ -740,13 +741,15 @@ class ExpertSearchResult:
             lines.append("export: per-layer expert counts (recorded in config.gradprune_widths): "
                          "reload with gp.structured.load_pruned_pretrained; export(uniform=True) "
                          "keeps the smallest count in every layer instead")
+        lines += latency_lines(self)
         if self.skipped:
             lines.append("not pruned:")
             lines += [f"  {s['module'] or '<model>'}: {s['reason']}" for s in self.skipped]
         return ExpertReport(self.rows(), lines, {
             "method": self.method, "params": {"dense": self.dense_params, "subnet": self.params},
             "flops": {"dense": self.dense_flops, "subnet": self.flops}, "uniform": self.counts_uniform, "skipped": list(self.skipped),
-            "loader": "from_pretrained" if self.counts_uniform else "load_pruned_pretrained"})
+            "loader": "from_pretrained" if self.counts_uniform else "load_pruned_pretrained",
+            **latency_extra(self)})
 
     def gates(self) -> ExpertGates:
         """The gated model the export equals: the removed experts' router logits at ``-inf``

@@ -99,6 +99,7 @@ from .._checks import check_choice, check_int
 from .._modes import preserve_modes
 from .._progress import progress
 from .._report import Report
+from .measured import latency_extra, latency_lines
 
 __all__ = ["HIDDEN_METHODS", "HIDDEN_CONSTRAINTS", "ResidualMap", "residual_map", "HiddenGates",
            "hidden_scores", "hidden_widths", "HiddenSearchResult", "search_hidden",
@@ -840,10 +841,11 @@ class HiddenSearchResult:
         lines = [f"hidden_size: {self.dense_hidden_size} -> {self.hidden_size} (scored by {self.method})",
                  f"params: {self.dense_params} -> {self.params} ({self.params / max(self.dense_params, 1):.1%})",
                  f"flops:  {self.dense_flops} -> {self.flops} ({self.flops / max(self.dense_flops, 1):.1%})"]
+        lines += latency_lines(self)
         return HiddenReport("hidden", self.rows(), ("module", "role", "width", "kept"), lines, {
             "method": self.method, "hidden_size": {"dense": self.dense_hidden_size, "subnet": self.hidden_size},
             "params": {"dense": self.dense_params, "subnet": self.params},
-            "flops": {"dense": self.dense_flops, "subnet": self.flops}})
+            "flops": {"dense": self.dense_flops, "subnet": self.flops}, **latency_extra(self)})
 
     def mask(self) -> torch.Tensor:
         """1 for the kept channels, 0 for the removed ones."""

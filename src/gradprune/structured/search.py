@@ -62,6 +62,7 @@ from .flops import CostModel
 from .gates import Gates
 from .groups import Analysis, _as_args, find_groups
 from .kvcache import KVCache
+from .measured import MEASURED_KEYS, latency_extra, latency_lines  # noqa: F401 (re-exported)
 from .rules import SearchRules
 from .staged import STAGES, staged_search
 from .scoring import WIDTH_SCORES, activation_scores, gate_statistics, magnitude_scores, width_score
@@ -71,7 +72,6 @@ __all__ = ["search", "SearchResult", "METHODS", "parse_constraints", "LatencyPro
 
 METHODS = tuple(WIDTH_SCORES)  # gradnas, taylor, fisher, michel, activation, magnitude, fastnas
 CONSTRAINT_KEYS = ("params", "flops", "latency", "kv_cache", "decode_latency")
-MEASURED_KEYS = ("latency", "decode_latency")  # measured (ms), not counted: see LatencyProbe
 DECODE_STEPS = 8  # decode_latency: cached one-token forwards timed after each prefill
 _PCT = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*%\s*$")
 
@@ -197,8 +197,7 @@ class SearchResult:
             lines.append("not pruned:")
             lines += [f"  {s['module'] or '<model>'}: {s['reason']}" for s in self.analysis.skipped]
         extra = {"method": self.method, "params": {"dense": self.dense_params, "subnet": self.params},
-                 "flops": {"dense": self.dense_flops, "subnet": self.flops}, "latency_ms": self.latency_ms,
-                 "latency_search": self.latency_search, "decode_latency_search": self.decode_latency_search,
+                 "flops": {"dense": self.dense_flops, "subnet": self.flops}, **latency_extra(self),
                  "skipped": self.analysis.skipped,
                  "axes_skipped": dict(self.axes_skipped)}
         return SearchReport(self.rows(), lines, extra)
@@ -298,31 +297,6 @@ def _rows_of(example_input) -> Callable:
     """``example_input_fn(bs)``: the rows of ``example_input`` repeated to ``bs``."""
     base = _as_args(example_input)
     return lambda bs: tuple(t[torch.arange(bs) % t.shape[0]] for t in base)
-
-
-def latency_lines(found) -> list:
-    """Report lines of the measured bounds (``latency_search``, ``decode_latency_search``) and
-    of :meth:`SearchResult.latency` (``latency_ms``) of any search result."""
-    lines = []
-    lat = getattr(found, "latency_ms", None)
-    if lat:
-        for bs in lat["dense"]:
-            d, p = lat["dense"][bs], lat["pruned"][bs]
-            lines.append(f"latency batch {bs}: {d:.3f} ms -> {p:.3f} ms ({p / max(d, 1e-12):.1%}; "
-                         f"CPU median of {lat['repeats']} runs)")
-    for key in MEASURED_KEYS:
-        ls = getattr(found, f"{key}_search", None)
-        if not ls:
-            continue
-        bound = (f"{ls['bound_ratio']:.1%} of dense" if ls["bound_ratio"] is not None
-                 else f"{ls['bound_ms']:.3f} ms")
-        what = (f"decode latency constraint (batch 1, ms per token over {ls['decode_steps']} cached steps "
-                f"after a {ls['prompt_tokens']}-token prefill, measured)" if key == "decode_latency"
-                else f"latency constraint (batch {ls['batch_size']}, measured)")
-        lines.append(f"{what}: {ls['dense_ms']:.3f} ms -> {ls['pruned_ms']:.3f} ms "
-                     f"({ls['pruned_ms'] / max(ls['dense_ms'], 1e-12):.1%}; bound {bound}; "
-                     f"{ls['candidates_timed']} candidates timed, median of {ls['repeats']} interleaved runs)")
-    return lines
 
 
 class LatencyProbe:
