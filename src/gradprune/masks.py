@@ -490,20 +490,29 @@ def fitting_targets(names_shapes: Mapping[str, torch.Size], pattern,
 
     ``transposed`` names weights stored ``[in, out]`` (see :attr:`gradprune.targets.Target.transposed`):
     the pattern is checked against their transpose. Warns once per skipped layer, naming it.
+    An empty weight (a dimension of size 0, e.g. ``nn.Linear(4, 0)``) has nothing to prune: it is
+    skipped like a misfit, with that reason, whatever the pattern; when nothing else is left the
+    ``ValueError`` names it.
+
+        >>> from gradprune.patterns import get_pattern
+        >>> fitting_targets({"a": torch.Size([8, 4]), "b": torch.Size([0, 4])}, get_pattern("unstructured"))
+        (['a'], {'b': 'has no weights (shape (0, 4)): nothing to prune'})
     """
     import warnings
 
     transposed = set(transposed)
     fit, skipped = [], {}
     for n, shape in names_shapes.items():
-        why = pattern.misfit(_oriented(shape, n in transposed))
+        why = (f"has no weights (shape {tuple(shape)}): nothing to prune" if math.prod(shape) == 0
+               else pattern.misfit(_oriented(shape, n in transposed)))
         if why is None:
             fit.append(n)
         else:
             skipped[n] = why
             warnings.warn(f"gradprune: skipping {n}: {why}", UserWarning, stacklevel=3)
     if not fit:
-        raise ValueError(f"no prunable layer fits pattern {pattern.spec!r}: {skipped}")
+        raise ValueError(f"no prunable layer fits pattern {pattern.spec!r} (every target was skipped, "
+                         f"each with its reason): {skipped}")
     return fit, skipped
 
 

@@ -538,6 +538,9 @@ def select(
     """Per layer, a 1-D bool *keep* mask over its units. See the module docstring for the rules.
 
     ``count_rounding`` (``"half_up"`` or ``"floor"``) turns ``sparsity`` into unit counts.
+    A layer with no weights (``numel == 0``) is refused (``ValueError`` naming it) before any
+    work: it has nothing to prune, and :func:`gradprune.prune` and :class:`gradprune.Pruner`
+    skip such a layer (``not pruned: has no weights``) rather than pass it here.
 
         >>> import torch
         >>> u = Units("w", torch.tensor([0.5, 0.1, 0.2, 0.9]), weight=1, numel=4)
@@ -547,6 +550,10 @@ def select(
     layers = list(layers)
     if not layers:
         raise ValueError("select needs at least one layer, got none")
+    for u in layers:
+        if u.numel <= 0 or u.weight <= 0:
+            raise ValueError(f"layer {u.name!r} has no weights to select from (numel={u.numel}, "
+                             f"weight={u.weight} per unit): leave an empty layer out, it has nothing to prune")
     if scope not in ("local", "global"):
         raise ValueError(f"scope must be one of global, local; got {scope!r}")
     if sparsity is None and topk is None and threshold is None:
