@@ -156,3 +156,41 @@ def test_layer_widths_of_a_width_and_depth_search():
     assert all(r["mlp_total"] == 64 and r["heads_total"] == 2 for r in rows)
     with pytest.raises(TypeError, match="seqs must be a 2-D tensor"):
         perplexity(model, ids[0][0])
+
+
+def test_llm_recipe_scores_with_the_chunked_loss_by_default(monkeypatch, recwarn):
+    import gradprune as gp
+    import gradprune.structured as structured
+    from gradprune import llm_structured
+    from gradprune.structured.lm_loss import CausalLMLoss
+
+    # the recipe's default is the library's chunked loss, gp.causal_lm_loss() already called
+    default = llm_structured.causal_lm_loss
+    assert isinstance(default, CausalLMLoss) and default.chunk == gp.causal_lm_loss().chunk == "auto"
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2)).eval()
+    ids = [torch.randint(0, 64, (2, 12)) for _ in range(2)]
+    plain = model(ids[0], labels=ids[0]).loss
+    assert torch.allclose(default(model, ids[0]), plain, atol=1e-6)
+    assert torch.allclose(default(model, {"input_ids": ids[0]}), plain, atol=1e-6)
+
+    seen, real = [], structured.search
+
+    def spy(model, constraints, data, loss_fn, **kw):
+        seen.append(loss_fn)
+        return real(model, constraints, data, loss_fn, **kw)
+
+    monkeypatch.setattr(structured, "search", spy)
+    sec = llm_structured.validate_section({"constraints": {"params": "80%"}, "distill": {"steps": 0},
+                                           "max_iter_data_loader": 2,
+                                           "eval": {"prompt_len": 4, "decode_tokens": 2, "repeats": 1}})
+    chunked, _ = llm_structured.run(model, ids, sec, {})
+    assert seen == [default]
+    assert not [w for w in recwarn if "causal_lm_loss(" in str(w.message)]  # chunked: no fallback
+    # the same subnet as scoring with the plain loss (the same gradients, up to float rounding)
+    unchunked, _ = llm_structured.run(model, ids, sec, {}, loss_fn=lambda m, b: m(b, labels=b).loss)
+    assert seen[1] is not default
+    assert chunked["searched_params"] == unchunked["searched_params"] <= 0.8 * chunked["dense"]["params"]
+    assert chunked["layers"] == unchunked["layers"]

@@ -26,8 +26,11 @@ The recipe section ``llm:`` (validated before any work by :func:`validate_sectio
       distill: {steps: 20, lr: 0.001, temperature: 1.0}
       eval: {prompt_len: 32, decode_tokens: 16, repeats: 3}
 
-``loss_fn`` defaults to the causal-LM loss ``model(ids, labels=ids).loss`` and ``example_input`` to
-the first batch. The output folder gets ``pruned/`` (``save_pretrained``: safetensors and config),
+``loss_fn`` (scoring) defaults to :data:`causal_lm_loss`, the library's chunked causal-LM loss
+``gp.causal_lm_loss()`` (``chunk="auto"``, :mod:`gradprune.structured.lm_loss`): the same loss as
+``model(ids, labels=ids).loss`` with the logits of one chunk of tokens at a time, so scoring memory
+stays bounded with a large vocabulary (a model it cannot chunk falls back to the plain loss, with
+a warning); ``example_input`` defaults to the first batch. The output folder gets ``pruned/`` (``save_pretrained``: safetensors and config),
 ``report.json``, ``report.md`` and ``widths.png`` (when matplotlib is installed).
 
 Example:
@@ -60,6 +63,7 @@ import torch
 from torch import nn
 
 from ._checks import check_bool, check_choice, check_int
+from .structured.lm_loss import CausalLMLoss
 
 __all__ = ["perplexity", "prefill_ms", "decode_tokens_per_s", "layer_widths", "plot_layer_widths",
            "causal_lm_loss", "validate_section", "run", "LLM_KEYS", "EVAL_KEYS"]
@@ -69,10 +73,12 @@ LLM_KEYS = ("constraints", "method", "axes", "uniform", "max_iter_data_loader", 
 EVAL_KEYS = ("prompt_len", "decode_tokens", "repeats", "batch_size")
 
 
-def causal_lm_loss(model: nn.Module, batch) -> torch.Tensor:
-    """``model(ids, labels=ids).loss`` for a batch of token ids (or a dict with ``input_ids``)."""
-    ids = batch["input_ids"] if isinstance(batch, dict) else batch
-    return model(input_ids=ids, labels=ids).loss
+#: The recipe's default ``loss_fn(model, batch)``: ``gp.causal_lm_loss()`` already called, a
+#: :class:`~gradprune.structured.lm_loss.CausalLMLoss` with ``chunk="auto"`` (not a second loss:
+#: ``gradprune.causal_lm_loss(chunk)`` builds one, this is the one the recipe uses). A batch is a
+#: tensor of token ids (the labels) or a mapping with ``input_ids`` and optional
+#: ``attention_mask`` and ``labels``.
+causal_lm_loss = CausalLMLoss("auto")
 
 
 def _device(model: nn.Module) -> torch.device:
