@@ -495,7 +495,7 @@ def fitting_targets(names_shapes: Mapping[str, torch.Size], pattern,
     ``ValueError`` names it.
 
         >>> from gradprune.patterns import get_pattern
-        >>> fitting_targets({"a": torch.Size([8, 4]), "b": torch.Size([0, 4])}, get_pattern("unstructured"))
+        >>> fitting_targets({"a": torch.Size([8, 4]), "b": torch.Size([0, 4])}, get_pattern("1x1"))
         (['a'], {'b': 'has no weights (shape (0, 4)): nothing to prune'})
     """
     import warnings
