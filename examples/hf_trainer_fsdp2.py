@@ -117,3 +117,6 @@ def main() -> dict:
 if __name__ == "__main__":
     main()
     sys.stdout.flush()
+    if dist.is_initialized():  # a clean exit: no gloo threads left running at interpreter teardown
+        dist.barrier()
+        dist.destroy_process_group()
