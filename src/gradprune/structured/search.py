@@ -64,7 +64,7 @@ from .groups import Analysis, _as_args, find_groups
 from .kvcache import KVCache
 from .rules import SearchRules
 from .staged import STAGES, staged_search
-from .scoring import WIDTH_SCORES, activation_scores, gate_statistics, magnitude_scores, width_score
+from .scoring import WIDTH_SCORES, activation_scores, gate_statistics, magnitude_scores, per_kind_scale, width_score
 
 __all__ = ["search", "SearchResult", "METHODS", "parse_constraints", "LatencyProbe", "recalibrate_batchnorm",
            "check_decodes", "make_probes", "latency_table", "latency_lines"]
@@ -1029,7 +1029,13 @@ def _search_widths(model: nn.Module, constraints: dict, data, loss_fn, method: s
                                       loss_fn if callable(loss_fn) else None)
         _break_ties(sens, analysis, ranks, scores)
     else:
-        sens = {gi: _sensitivities(scores[gi], ranks[gi], choices[gi]) for gi in choices}
+        comparable = scores
+        if not spec.calibrated:  # activation / weight norms: each kind of group on its own scale
+            scale = per_kind_scale(analysis, scores, [gi for gi, c in choices.items() if len(c) > 1])
+            summary = {**summary, "kind_scale": scale}
+            comparable = {gi: s.to(torch.float64) / scale.get(analysis.groups[gi].unit, 1.0)
+                          for gi, s in scores.items()}
+        sens = {gi: _sensitivities(comparable[gi], ranks[gi], choices[gi]) for gi in choices}
         _break_ties(sens, analysis, ranks, norms)  # equal scores: cut no further than needed
     for gis in fams.values():  # uniform: a family's width costs the sum over its layers
         total = {w: sum(sens[gi][w] for gi in gis) for w in choices[gis[0]]}
