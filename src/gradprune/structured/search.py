@@ -10,7 +10,10 @@
    width is the sum of the scores of the units it removes. ``fastnas`` instead orders units by L2
    weight norm and measures ``score_func(model) - score_func(model with those units off)`` with one
    evaluation per (group, width).
-3. One global threshold ``t``: each group takes its smallest width whose sensitivity is ``<= t``.
+3. One global threshold ``t``: each group takes its smallest width whose sensitivity is ``<= t``
+   (scores that are not loss-calibrated, ``activation`` and ``magnitude``, are first divided by
+   their kind's scale, :func:`~gradprune.structured.scoring.per_kind_scale`, so heads and neurons
+   are compared within their kind).
    Params and FLOPs only decrease as ``t`` grows, so a binary search finds the smallest ``t`` whose
    subnet meets every constraint. The search runs over the sorted distinct sensitivities, so it is
    exact and scale-free (it stops when the bracket holds two neighbouring candidate thresholds; no
