@@ -51,7 +51,7 @@ from .gates import Gates
 from .groups import Analysis
 
 __all__ = ["GateStatistics", "gate_statistics", "magnitude_scores", "activation_scores",
-           "GRADIENT_SCORES", "WidthScore", "WIDTH_SCORES", "width_score"]
+           "GRADIENT_SCORES", "WidthScore", "WIDTH_SCORES", "width_score", "per_kind_scale"]
 
 GRADIENT_SCORES = ("gradnas", "gradnas_per_sample", "taylor", "michel")
 
@@ -62,12 +62,19 @@ class WidthScore:
     :meth:`GateStatistics.score` kind), ``"activations"`` (:func:`activation_scores`),
     ``"weights"`` (:func:`magnitude_scores`) or ``"measured"`` (fastnas: evaluations of
     ``score_func``); ``formula`` is the unit score (``g_b``: gate gradient of batch ``b``'s loss,
-    ``g_i``: of sample ``i``'s loss, ``x_{t,u}``: unit ``u``'s consumer input at token ``t``)."""
+    ``g_i``: of sample ``i``'s loss, ``x_{t,u}``: unit ``u``'s consumer input at token ``t``).
+
+    ``calibrated``: whether a unit's score is on one scale for every kind of group (a loss
+    sensitivity: gate gradients, or a measured score change), so one global threshold can compare
+    a KV group with an MLP neuron as they are. An uncalibrated score (an activation or weight
+    norm, whose size depends on the kind of unit) is divided by its kind's scale first, see
+    :func:`per_kind_scale`."""
 
     name: str
     source: str
     formula: str
     statistic: str | None = None
+    calibrated: bool = True
 
     @property
     def needs_data(self) -> bool:
@@ -85,8 +92,8 @@ WIDTH_SCORES = {s.name: s for s in (
     WidthScore("michel", "gates", "mean_i |g_i|, L2-normalised within the group (Michel et al., 2019)",
                "michel"),
     WidthScore("activation", "activations", "mean_t ||x_{t,u}||_2 over calibration tokens "
-               "(Minitron's activation importance; a neuron's mean |activation|)"),
-    WidthScore("magnitude", "weights", "L2 (or L1) norm of the unit's producer weights"),
+               "(Minitron's activation importance; a neuron's mean |activation|)", calibrated=False),
+    WidthScore("magnitude", "weights", "L2 (or L1) norm of the unit's producer weights", calibrated=False),
     WidthScore("fastnas", "measured", "score_func(model) - score_func(model without the units)"),
 )}
 
@@ -107,6 +114,32 @@ def width_score(name) -> WidthScore:
     if name not in WIDTH_SCORES:
         raise ValueError(f"method must be one of {', '.join(WIDTH_SCORES)}; got {name!r}")
     return WIDTH_SCORES[name]
+
+
+def per_kind_scale(analysis: Analysis, scores: dict, groups) -> dict:
+    """``{kind: scale}`` that puts uncalibrated scores of different kinds of groups on one scale.
+
+    A group's kind is its :attr:`~gradprune.structured.groups.Group.unit` (``"heads"`` for
+    attention heads / KV groups, ``"channels"`` for neurons and channels). The scale of a kind
+    is the mean, over its groups in ``groups`` (the prunable ones), of a group's total score:
+    dividing by it gives every kind a mean group total of 1, so a global threshold ``t`` removes
+    about the same fraction of each kind's score mass, whatever the raw size of its scores (an
+    activation norm over a KV group's 256 channels against one neuron's ``|activation|``). Ranks
+    within a kind, and the result of a model with one kind, do not change. A kind whose scores
+    are all 0 keeps scale 1.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> from gradprune.structured import find_groups
+        >>> model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+        >>> analysis = find_groups(model, torch.randn(1, 4))
+        >>> per_kind_scale(analysis, {0: torch.arange(6.0)}, [0])
+        {'channels': 15.0}
+    """
+    totals: dict = {}
+    for gi in groups:
+        totals.setdefault(analysis.groups[gi].unit, []).append(float(scores[gi].to(torch.float64).sum()))
+    return {kind: (sum(v) / len(v)) if sum(v) > 0 else 1.0 for kind, v in totals.items()}
 
 
 class GateStatistics:

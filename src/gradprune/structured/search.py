@@ -10,7 +10,10 @@
    width is the sum of the scores of the units it removes. ``fastnas`` instead orders units by L2
    weight norm and measures ``score_func(model) - score_func(model with those units off)`` with one
    evaluation per (group, width).
-3. One global threshold ``t``: each group takes its smallest width whose sensitivity is ``<= t``.
+3. One global threshold ``t``: each group takes its smallest width whose sensitivity is ``<= t``
+   (scores that are not loss-calibrated, ``activation`` and ``magnitude``, are first divided by
+   their kind's scale, :func:`~gradprune.structured.scoring.per_kind_scale`, so heads and neurons
+   are compared within their kind).
    Params and FLOPs only decrease as ``t`` grows, so a binary search finds the smallest ``t`` whose
    subnet meets every constraint. The search runs over the sorted distinct sensitivities, so it is
    exact and scale-free (it stops when the bracket holds two neighbouring candidate thresholds; no
@@ -65,7 +68,7 @@ from .kvcache import KVCache
 from .measured import MEASURED_KEYS, latency_extra, latency_lines  # noqa: F401 (re-exported)
 from .rules import SearchRules
 from .staged import STAGES, staged_search
-from .scoring import WIDTH_SCORES, activation_scores, gate_statistics, magnitude_scores, width_score
+from .scoring import WIDTH_SCORES, activation_scores, gate_statistics, magnitude_scores, per_kind_scale, width_score
 
 __all__ = ["search", "SearchResult", "METHODS", "parse_constraints", "LatencyProbe", "recalibrate_batchnorm",
            "check_decodes", "make_probes", "latency_table", "latency_lines"]
@@ -1003,7 +1006,13 @@ def _search_widths(model: nn.Module, constraints: dict, data, loss_fn, method: s
                                       loss_fn if callable(loss_fn) else None)
         _break_ties(sens, analysis, ranks, scores)
     else:
-        sens = {gi: _sensitivities(scores[gi], ranks[gi], choices[gi]) for gi in choices}
+        comparable = scores
+        if not spec.calibrated:  # activation / weight norms: each kind of group on its own scale
+            scale = per_kind_scale(analysis, scores, [gi for gi, c in choices.items() if len(c) > 1])
+            summary = {**summary, "kind_scale": scale}
+            comparable = {gi: s.to(torch.float64) / scale.get(analysis.groups[gi].unit, 1.0)
+                          for gi, s in scores.items()}
+        sens = {gi: _sensitivities(comparable[gi], ranks[gi], choices[gi]) for gi in choices}
         _break_ties(sens, analysis, ranks, norms)  # equal scores: cut no further than needed
     for gis in fams.values():  # uniform: a family's width costs the sum over its layers
         total = {w: sum(sens[gi][w] for gi in gis) for w in choices[gis[0]]}
