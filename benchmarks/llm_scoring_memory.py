@@ -262,7 +262,8 @@ def scale_row(B: int, dtype_name: str) -> dict:
 
 
 def scale_main(dtypes: list[str]):
-    rows = []
+    prev = OUT / "llm_scoring_memory_1b.json"  # rows of other dtypes from an earlier run are kept
+    rows = [r for r in json.loads(prev.read_text())["rows"] if r["dtype"] not in dtypes] if prev.exists() else []
     for dtype_name in dtypes:
         for B in SCALE_BATCHES:
             rows.append(both_mallocs(["scale", B, dtype_name]))
