@@ -37,6 +37,28 @@ pytestmark = pytest.mark.skipif(not _gloo_available(),
                                 reason="torch.distributed with the gloo backend is not available in this PyTorch build")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+# gloo's worker threads sometimes abort a rank at interpreter or Lightning teardown under load
+# ("terminate called without an active exception", SIGABRT), after the work is done and even after
+# destroy_process_group(); seen about once in 8-10 runs of the example scripts on the loaded 2-core
+# machine. A run that died with exactly this signature is repeated once; any other failure, and the
+# output checks of the caller, are unchanged.
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def run_torchrun(argv, *, attempts: int = 2, **kwargs):
+    """``subprocess.run(argv, capture_output=True, text=True, **kwargs)``, repeated (up to
+    ``attempts`` runs in all) only while a run fails with the gloo teardown abort above."""
+    import subprocess
+
+    for attempt in range(attempts):
+        proc = subprocess.run(argv, capture_output=True, text=True, **kwargs)
+        if proc.returncode == 0 or TEARDOWN_ABORT not in proc.stderr or attempt == attempts - 1:
+            return proc
+        print(f"torchrun run {attempt + 1} ended with the gloo teardown abort; repeating it once")
+    return proc
+
 WORLD = 2
 
 

@@ -305,7 +305,12 @@ def _gradprune(args: list[str], workdir: pathlib.Path, monkeypatch) -> None:
 
 
 def _run(argv: list[str], workdir: pathlib.Path) -> str:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=_env(), cwd=workdir)
+    from test_distributed import run_torchrun  # repeats a run only on gloo's teardown abort
+
+    if os.path.basename(argv[0]) == "torchrun":
+        proc = run_torchrun(argv, timeout=600, env=_env(), cwd=workdir)
+    else:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=_env(), cwd=workdir)
     assert proc.returncode == 0, f"{shlex.join(argv)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
