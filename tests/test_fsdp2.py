@@ -432,21 +432,11 @@ def test_fsdp1_wrappers_are_deprecated(tmp_path):
 
 @pytest.mark.slow
 def test_lightning_callbacks_run_unchanged_under_model_parallel_strategy(tmp_path):
-    import os
-    import shutil
-    import sys
-
-    from test_distributed import ROOT, run_torchrun
+    from test_distributed import ROOT, torchrun_script
 
     pytest.importorskip("lightning")
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    if torchrun is None:
-        pytest.skip("torchrun is not installed next to this Python")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
-    proc = run_torchrun([torchrun, "--standalone", "--nproc_per_node", "2", str(ROOT / "examples" / "lightning_fsdp2.py")],
-                          timeout=400, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Lightning FSDP2 gradual: sparsity 0.50; SNFS: 2 updates, density 0.30" in proc.stdout
+    out = torchrun_script(ROOT / "examples" / "lightning_fsdp2.py", tmp_path)
+    assert "Lightning FSDP2 gradual: sparsity 0.50; SNFS: 2 updates, density 0.30" in out
 
 
 def _replace_rank(rank, world):
@@ -705,23 +695,13 @@ def test_hf_callbacks_save_sharded_masks_with_dcp_and_resume(tmp_path):
 
 @pytest.mark.slow
 def test_hf_trainer_callbacks_run_unchanged_under_accelerate_fsdp2(tmp_path):
-    import os
-    import shutil
-    import sys
-
-    from test_distributed import ROOT, run_torchrun
+    from test_distributed import ROOT, torchrun_script
 
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    if torchrun is None:
-        pytest.skip("torchrun is not installed next to this Python")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
-    proc = run_torchrun([torchrun, "--standalone", "--nproc_per_node", "2", str(ROOT / "examples" / "hf_trainer_fsdp2.py")],
-                          timeout=400, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = torchrun_script(ROOT / "examples" / "hf_trainer_fsdp2.py", tmp_path)
     assert ("HF Trainer FSDP2: sharded True; gradual: sparsity 0.50, state saved True, resumed True at step 8; "
-            "SNFS: 2 updates, density 0.30") in proc.stdout
+            "SNFS: 2 updates, density 0.30") in out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -849,22 +829,11 @@ dist.destroy_process_group()
 
 @pytest.mark.slow
 def test_check_masks_in_sync_compares_replicas_of_a_shard_under_hsdp(tmp_path):
-    import os
-    import shutil
-    import sys
+    from test_distributed import torchrun_script
 
-    from test_distributed import ROOT, run_torchrun
-
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    if torchrun is None:
-        pytest.skip("torchrun is not installed next to this Python")
     script = tmp_path / "hsdp.py"
     script.write_text(_HSDP_SCRIPT, encoding="utf-8")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
-    proc = run_torchrun([torchrun, "--standalone", "--nproc_per_node", "2", str(script)],
-                          timeout=300, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "not detected" not in proc.stdout
+    assert "not detected" not in torchrun_script(script, tmp_path, timeout=300)
     lines = [(tmp_path / f"rank{r}.txt").read_text(encoding="utf-8") for r in range(2)]
     digests = {line.split(" in sync ")[1][:8] for line in lines}
     assert len(digests) == 1  # in sync at first: the same digest on both ranks

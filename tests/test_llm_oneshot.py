@@ -614,3 +614,13 @@ def test_sequential_runs_block_by_block_on_other_decoders(family):
     for n, m in ref.masks.items():
         assert float((m != res.masks[n]).float().mean()) <= 0.001, n
     assert torch.isfinite(loss_fn(model, calib()[0]))
+
+
+def test_an_input_criterion_without_score_one_cannot_be_built():
+    from gradprune.scores.llm import InputCriterion
+
+    class NoScore(InputCriterion):
+        pass
+
+    with pytest.raises(TypeError, match="score_one"):
+        NoScore({"w": torch.zeros(2, 2)})

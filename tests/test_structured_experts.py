@@ -50,6 +50,14 @@ def _numel(m):
     return sum(p.numel() for p in m.parameters())
 
 
+def _assert_reloads(small, ids, tmp_path):
+    """``save_pretrained`` -> plain ``from_pretrained`` gives the same logits."""
+    small.save_pretrained(tmp_path)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, small(ids).logits)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_blocks_recognised_by_structure(family):
     blocks, skipped = find_moe_blocks(_model(family))
@@ -264,10 +272,7 @@ def test_heads_on_moe_families_uniform_round_trip(tmp_path):
         with found.gates():
             gated = model(ids).logits
         torch.testing.assert_close(small(ids).logits, gated, rtol=1e-5, atol=1e-5)
-    small.save_pretrained(tmp_path)
-    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(again(ids).logits, small(ids).logits)
+    _assert_reloads(small, ids, tmp_path)
 
 
 def test_olmoe_heads_normalised_together_are_skipped_not_broken():
@@ -287,10 +292,7 @@ def test_qwen2_moe_shared_expert_width_uses_its_own_config_field(tmp_path):
     shared = small.model.layers[0].mlp.shared_expert.up_proj.out_features
     assert shared < 20 and small.config.shared_expert_intermediate_size == shared
     assert small.config.intermediate_size == 24
-    small.save_pretrained(tmp_path)
-    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(again(ids).logits, small(ids).logits)
+    _assert_reloads(small, ids, tmp_path)
 
 
 @pytest.mark.parametrize("uniform", [True, False])
@@ -403,10 +405,7 @@ def test_qwen2_moe_with_dense_layers_round_trip(tmp_path):
                       uniform=True)
     assert list(found.keep) == ["model.layers.1.mlp", "model.layers.2.mlp"]  # layer 0 is dense
     small = found.export()
-    small.save_pretrained(tmp_path)
-    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(again(ids).logits, small(ids).logits)
+    _assert_reloads(small, ids, tmp_path)
 
 
 def test_blocks_not_understood_are_listed_and_left_whole():
@@ -500,7 +499,4 @@ def test_layers_with_experts(axes, tmp_path):
     assert _numel(small) == found.params <= 0.55 * found.dense_params == 0.55 * _numel(model)
     assert small.config.num_hidden_layers == 3 - len(found.dropped_layers)
     assert small.config.num_local_experts < 4
-    small.save_pretrained(tmp_path)
-    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(again(ids).logits, small(ids).logits)
+    _assert_reloads(small, ids, tmp_path)

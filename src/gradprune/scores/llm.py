@@ -43,6 +43,8 @@ Example:
 """
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 
 import torch.nn.functional as F
@@ -172,11 +174,10 @@ class InputCriterion(Criterion):
                              "calibration batches run through the model")
         return self.sq[name].sqrt()
 
+    @abstractmethod
     def score_one(self, name: str) -> torch.Tensor:
         """The ``[out, in]`` score matrix of parameter ``name``; each registered subclass (wanda,
-        ria, gblm, sparsegpt) defines it."""
-        raise NotImplementedError(f"{type(self).__name__} does not define score_one: subclass "
-                                  "InputCriterion and return the [out, in] score matrix")
+        ria, gblm, sparsegpt) defines it (a subclass without it cannot be instantiated)."""
 
     def score(self, name: str) -> torch.Tensor:
         s = self.score_one(name)

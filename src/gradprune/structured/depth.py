@@ -194,6 +194,27 @@ def _frozen(model: nn.Module):
             p.requires_grad_(f)
 
 
+def scoring_batches(model: nn.Module, data: Iterable, max_batches: int, what: str, method: str,
+                    show_progress: bool | None):
+    """Yield up to ``max_batches`` batches of ``data`` with ``model`` in eval mode and its
+    parameters frozen (both restored after, also on error), with a progress bar; the frame of
+    every axis's score loop (layers, hidden channels, experts). ``ValueError`` once ``data`` is
+    exhausted without a batch."""
+    bar = progress(total=None, desc=f"{what} ({method})", enable=show_progress)
+    n = 0
+    try:
+        with _frozen(model), preserve_modes(model):
+            model.eval()  # deterministic: a loss difference must not be dropout noise
+            for batch in itertools.islice(iter(data), max_batches):
+                n += 1
+                bar.update(1)
+                yield batch
+    finally:
+        bar.close()
+    if n == 0:
+        raise ValueError(f"data yielded no batches: {what} need at least one")
+
+
 def _loss(loss_fn, model, batch) -> torch.Tensor:
     loss = loss_fn(model, batch)
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -234,39 +255,32 @@ def layer_scores(model: nn.Module, data: Iterable, loss_fn: Callable, method: st
     total = torch.zeros(n, dtype=torch.float64)
     count = torch.zeros(n, dtype=torch.float64)
     batches = 0
-    bar = progress(total=None, desc=f"layer scores ({method})", enable=show_progress)
-    with _frozen(model), preserve_modes(model):
-        model.eval()  # deterministic: a loss difference must not be dropout noise
-        for batch in itertools.islice(iter(data), max_batches):
-            batches += 1
-            bar.update(1)
-            if method == "gradnas":
-                g = torch.ones(n, device=p.device, dtype=torch.float32, requires_grad=True)
-                with LayerGates(model, g), (checkpointed_layers(model) if gradient_checkpointing
-                                            else nullcontext()):
-                    loss = _loss(loss_fn, model, batch)
-                    (grad,) = torch.autograd.grad(loss, g)
-                total += grad.detach().double().cpu() ** 2
+    for batch in scoring_batches(model, data, max_batches, "layer scores", method, show_progress):
+        batches += 1
+        if method == "gradnas":
+            g = torch.ones(n, device=p.device, dtype=torch.float32, requires_grad=True)
+            with LayerGates(model, g), (checkpointed_layers(model) if gradient_checkpointing
+                                        else nullcontext()):
+                loss = _loss(loss_fn, model, batch)
+                (grad,) = torch.autograd.grad(loss, g)
+            total += grad.detach().double().cpu() ** 2
+            count += 1
+        elif method == "block_influence":
+            def record(i, x, y):
+                cos = F.cosine_similarity(x.detach().double(), y.detach().double(), dim=-1)
+                total[i] += float((1.0 - cos).sum())
+                count[i] += cos.numel()
+            with torch.no_grad(), LayerGates(model, torch.ones(n, device=p.device), record):
+                _loss(loss_fn, model, batch)
+        else:
+            with torch.no_grad():
+                base = float(_loss(loss_fn, model, batch))
+                for i in range(n):
+                    g = torch.ones(n, device=p.device)
+                    g[i] = 0.0
+                    with LayerGates(model, g):
+                        total[i] += float(_loss(loss_fn, model, batch)) - base
                 count += 1
-            elif method == "block_influence":
-                def record(i, x, y):
-                    cos = F.cosine_similarity(x.detach().double(), y.detach().double(), dim=-1)
-                    total[i] += float((1.0 - cos).sum())
-                    count[i] += cos.numel()
-                with torch.no_grad(), LayerGates(model, torch.ones(n, device=p.device), record):
-                    _loss(loss_fn, model, batch)
-            else:
-                with torch.no_grad():
-                    base = float(_loss(loss_fn, model, batch))
-                    for i in range(n):
-                        g = torch.ones(n, device=p.device)
-                        g[i] = 0.0
-                        with LayerGates(model, g):
-                            total[i] += float(_loss(loss_fn, model, batch)) - base
-                    count += 1
-    bar.close()
-    if batches == 0:
-        raise ValueError("data yielded no batches: layer scores need at least one")
     return total / count.clamp_min(1), batches
 
 

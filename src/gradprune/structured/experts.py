@@ -78,8 +78,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
-import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -89,9 +87,8 @@ from torch import nn
 
 from .._checks import check_bool, check_choice
 from .._modes import preserve_modes
-from .._progress import progress
 from .._report import Report
-from .depth import _frozen, _loss, _weight_sharing_copy, check_axis_inputs, check_score_args
+from .depth import _loss, _weight_sharing_copy, check_axis_inputs, check_score_args, scoring_batches
 from .groups import _as_args
 from .hf import register_block_builder
 from .measured import latency_extra, latency_lines
@@ -583,30 +580,23 @@ def expert_scores(model: nn.Module, blocks: list, data: Iterable, loss_fn: Calla
             total[name].index_add_(0, flat, contrib)
             count[name].index_add_(0, flat, torch.ones_like(contrib))
 
-    bar = progress(total=None, desc=f"expert scores ({method})", enable=show_progress)
-    with _frozen(model), preserve_modes(model):
-        model.eval()
-        for batch in itertools.islice(iter(data), max_batches):
-            batches += 1
-            bar.update(1)
-            if method == "gradnas":
-                values = {b.name: torch.ones(b.n_experts, device=p.device, requires_grad=True) for b in blocks}
-                with ExpertGates(model, blocks, values=values):
-                    loss = _loss(loss_fn, model, batch)
-                    grads = torch.autograd.grad(loss, list(values.values()), allow_unused=True)
-                for b, g in zip(blocks, grads):
-                    if g is not None:
-                        total[b.name] += g.detach().double().cpu() ** 2
-                    count[b.name] += 1
-            elif method == "frequency":
-                with torch.no_grad(), ExpertGates(model, blocks, record=frequency):
-                    _loss(loss_fn, model, batch)
-            else:
-                with torch.no_grad(), ExpertGates(model, blocks, expert_record=reap):
-                    _loss(loss_fn, model, batch)
-    bar.close()
-    if batches == 0:
-        raise ValueError("data yielded no batches: expert scores need at least one")
+    for batch in scoring_batches(model, data, max_batches, "expert scores", method, show_progress):
+        batches += 1
+        if method == "gradnas":
+            values = {b.name: torch.ones(b.n_experts, device=p.device, requires_grad=True) for b in blocks}
+            with ExpertGates(model, blocks, values=values):
+                loss = _loss(loss_fn, model, batch)
+                grads = torch.autograd.grad(loss, list(values.values()), allow_unused=True)
+            for b, g in zip(blocks, grads):
+                if g is not None:
+                    total[b.name] += g.detach().double().cpu() ** 2
+                count[b.name] += 1
+        elif method == "frequency":
+            with torch.no_grad(), ExpertGates(model, blocks, record=frequency):
+                _loss(loss_fn, model, batch)
+        else:
+            with torch.no_grad(), ExpertGates(model, blocks, expert_record=reap):
+                _loss(loss_fn, model, batch)
     return {k: total[k] / count[k].clamp_min(1) for k in total}, batches
 
 

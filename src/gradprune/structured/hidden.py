@@ -87,7 +87,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -97,7 +96,6 @@ from torch import nn
 
 from .._checks import check_choice, check_int
 from .._modes import preserve_modes
-from .._progress import progress
 from .._report import Report
 from .measured import latency_extra, latency_lines
 
@@ -510,7 +508,7 @@ def hidden_scores(model: nn.Module, data: Iterable, loss_fn: Callable, method: s
         >>> s.shape, n
         (torch.Size([8]), 1)
     """
-    from .depth import _frozen, _loss, check_score_args
+    from .depth import _loss, check_score_args, scoring_batches
 
     check_score_args(method, HIDDEN_METHODS, max_batches, loss_fn)
     rmap = rmap or residual_map(model)
@@ -518,36 +516,29 @@ def hidden_scores(model: nn.Module, data: Iterable, loss_fn: Callable, method: s
     p = next(model.parameters())
     total = torch.zeros(h, dtype=torch.float64)
     batches = 0
-    bar = progress(total=None, desc=f"hidden scores ({method})", enable=show_progress)
     modules = dict(model.named_modules())
-    with _frozen(model), preserve_modes(model):
-        model.eval()
-        for batch in itertools.islice(iter(data), max_batches):
-            batches += 1
-            bar.update(1)
-            if method == "gradnas":
-                g = torch.ones(h, device=p.device, dtype=torch.float32, requires_grad=True)
-                with HiddenGates(rmap, g, normalise=False):
-                    loss = _loss(loss_fn, model, batch)
-                    (grad,) = torch.autograd.grad(loss, g)
-                total += grad.detach().double().cpu() ** 2
-            else:
-                acc = torch.zeros(h, dtype=torch.float64)
+    for batch in scoring_batches(model, data, max_batches, "hidden scores", method, show_progress):
+        batches += 1
+        if method == "gradnas":
+            g = torch.ones(h, device=p.device, dtype=torch.float32, requires_grad=True)
+            with HiddenGates(rmap, g, normalise=False):
+                loss = _loss(loss_fn, model, batch)
+                (grad,) = torch.autograd.grad(loss, g)
+            total += grad.detach().double().cpu() ** 2
+        else:
+            acc = torch.zeros(h, dtype=torch.float64)
 
-                def record(mod, args, output):
-                    y = output.detach().abs().double().reshape(-1, h)
-                    acc.add_((y.sum(0) / max(y.shape[0], 1)).cpu())
-                handles = [modules[n].register_forward_hook(record) for n in rmap.norms]
-                try:
-                    with torch.no_grad():
-                        _loss(loss_fn, model, batch)
-                finally:
-                    for hd in handles:
-                        hd.remove()
-                total += acc
-    bar.close()
-    if batches == 0:
-        raise ValueError("data yielded no batches: hidden scores need at least one")
+            def record(mod, args, output):
+                y = output.detach().abs().double().reshape(-1, h)
+                acc.add_((y.sum(0) / max(y.shape[0], 1)).cpu())
+            handles = [modules[n].register_forward_hook(record) for n in rmap.norms]
+            try:
+                with torch.no_grad():
+                    _loss(loss_fn, model, batch)
+            finally:
+                for hd in handles:
+                    hd.remove()
+            total += acc
     return total / batches, batches
 
 
